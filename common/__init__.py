@@ -1,0 +1,1 @@
+"""Code both sides import: data, model, metrics, privacy contract. No Flower imports here."""

@@ -1,0 +1,119 @@
+"""In-memory types every loader returns and every other module consumes.
+
+Users and items are re-indexed to ``0..n-1`` at load time; the original ids are
+kept (``Dataset.user_ids``, ``Catalogue.item_ids``) so that output can be mapped
+back. The catalogue is public and identical at every site; everything else in a
+:class:`Dataset` is private to the site that holds the user.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """The public item catalogue and the public schema of the data.
+
+    Attributes:
+        item_ids: original item id of each item index.
+        item_text: one text per item (title, year, genres ...) or ``None``.
+        rating_levels: the public rating scale in increasing order, e.g.
+            ``(1.0, 2.0, 3.0, 4.0, 5.0)``; ``(1.0,)`` for implicit feedback.
+        user_feature_names: names of the columns of ``Dataset.user_features``.
+    """
+
+    item_ids: tuple[str, ...]
+    item_text: tuple[str, ...] | None
+    rating_levels: tuple[float, ...]
+    user_feature_names: tuple[str, ...] = ()
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def implicit(self) -> bool:
+        """True when every interaction is a plain "user touched item" event."""
+        return len(self.rating_levels) == 1
+
+
+@dataclass(frozen=True)
+class Interactions:
+    """Parallel arrays of (user, item, rating, timestamp), one entry per interaction.
+
+    ``rating`` is 1.0 for implicit feedback; ``timestamp`` is ``None`` when the
+    source has no times (seconds since the epoch otherwise).
+    """
+
+    user: np.ndarray
+    item: np.ndarray
+    rating: np.ndarray
+    timestamp: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.user)
+        lengths = {len(self.item), len(self.rating)}
+        if self.timestamp is not None:
+            lengths.add(len(self.timestamp))
+        if lengths != {n}:
+            raise ValueError(f"Interactions arrays differ in length: {n} and {lengths}")
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    def select(self, mask_or_index: np.ndarray) -> Interactions:
+        """The interactions picked by a boolean mask or an index array."""
+        return Interactions(
+            user=self.user[mask_or_index],
+            item=self.item[mask_or_index],
+            rating=self.rating[mask_or_index],
+            timestamp=None if self.timestamp is None else self.timestamp[mask_or_index],
+        )
+
+    @staticmethod
+    def concat(parts: list[Interactions]) -> Interactions:
+        has_time = all(p.timestamp is not None for p in parts)
+        return Interactions(
+            user=np.concatenate([p.user for p in parts]),
+            item=np.concatenate([p.item for p in parts]),
+            rating=np.concatenate([p.rating for p in parts]),
+            timestamp=np.concatenate([p.timestamp for p in parts]) if has_time else None,
+        )
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One dataset as loaded from disk or generated.
+
+    Attributes:
+        name: short name, e.g. ``"ml-100k"``.
+        catalogue: the public catalogue (see :class:`Catalogue`).
+        user_ids: original user id of each user index.
+        interactions: every interaction (int64 user/item, float32 rating).
+        user_features: float32 ``[num_users, len(catalogue.user_feature_names)]``;
+            shape ``[num_users, 0]`` when the source has no user attributes.
+        user_columns: raw categorical user columns usable for non-IID
+            partitioning, e.g. ``{"occupation": array([...])}``.
+        canonical_split: the source's own (train, test) split when the source
+            defines one (MovieLens ``u1``..``u5``, ``ua``, ``ub``; LightGCN
+            ``train.txt``/``test.txt``), else ``None``.
+    """
+
+    name: str
+    catalogue: Catalogue
+    user_ids: tuple[str, ...]
+    interactions: Interactions
+    user_features: np.ndarray
+    user_columns: dict[str, np.ndarray] = field(default_factory=dict)
+    canonical_split: tuple[Interactions, Interactions] | None = None
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def num_items(self) -> int:
+        return self.catalogue.num_items
