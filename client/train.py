@@ -1,0 +1,133 @@
+"""Local training at one site: Opacus DP-SGD over the site's users.
+
+One sample is one user (``common.ego_graphs``). With ``dp = true`` the data
+loader is Opacus's Poisson sampler with rate ``q = sample-rate`` and exactly
+``1/q`` steps per local epoch; every included user's gradient is clipped to
+``clip-norm`` and Gaussian noise with standard deviation
+``noise-multiplier * clip-norm`` is added to the sum (Opacus ``DPOptimizer``,
+``loss_reduction="sum"``: no division by a data-dependent batch size). The
+site's accountant history is carried over from earlier rounds and returned,
+so epsilon covers every step the site ever took.
+
+Sampling and noise draw from generators seeded with fresh operating-system
+entropy, never from the run's ``seed``: noise an observer could replay would
+void the guarantee. (Opacus's ``secure_mode`` needs ``torchcsprng``, which has
+no build for current PyTorch; see the README's limitations.)
+
+With ``dp = false`` the same model and loss train on shuffled batches of the
+same expected size, for comparison.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
+from torch.utils.data import DataLoader
+
+from common.config import RunConfig
+from common.data.site import SiteData
+from common.ego_graphs import UserEgoGraphs
+from common.model import EgoBatch, EgoGraphRecommender
+from common.privacy import History, accountant_with_history
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """What one round of local training produced besides the updated model.
+
+    Attributes:
+        history: the site's accountant history including this round (DP only).
+        epsilon: epsilon spent so far at ``config.delta`` (DP only).
+        mean_loss: mean per-user training loss of the round (non-DP only: with
+            DP it is an un-noised statistic of private data and is not kept).
+    """
+
+    history: History
+    epsilon: float | None
+    mean_loss: float | None
+
+
+def site_graphs(site: SiteData, config: RunConfig) -> UserEgoGraphs:
+    """The ego graphs of the site's users, built from their training interactions."""
+    features = site.user_features if config.user_features else site.user_features[:, :0]
+    return UserEgoGraphs(
+        site.train, site.user_keys, features, site.catalogue, config.degree_cap, config.seed
+    )
+
+
+def entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator seeded from the operating system's entropy."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+
+
+def train_locally(
+    model: EgoGraphRecommender,
+    graphs: UserEgoGraphs,
+    config: RunConfig,
+    server_round: int,
+    history: History,
+    device: torch.device,
+) -> LocalTraining:
+    """Train ``model`` in place for ``config.local_epochs`` epochs of round ``server_round``."""
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    steps = config.steps_per_epoch
+    if config.dp:
+        loader = DPDataLoader(graphs, sample_rate=1.0 / steps, generator=entropy_generator())
+        # DPDataLoader takes int(1/q) steps, which is 92 for q = 1/93; pin it to 1/q
+        # so the sampler and the accountant both see exactly `steps` steps at rate q.
+        loader.batch_sampler.steps = steps
+        engine = PrivacyEngine(accountant=config.accountant)
+        engine.accountant = accountant_with_history(config.accountant, history)
+        private = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=config.noise_multiplier,
+            max_grad_norm=config.clip_norm,
+            poisson_sampling=False,
+            loss_reduction="sum",
+            grad_sample_mode=config.grad_sample_mode,
+            noise_generator=entropy_generator(device),
+            **({"criterion": PerUserLoss()} if config.grad_sample_mode == "ghost" else {}),
+        )
+        dp_model, optimizer, loader = private[0], private[1], private[-1]
+        criterion = private[2] if config.grad_sample_mode == "ghost" else PerUserLoss()
+    else:
+        batch_size = max(1, round(len(graphs) / steps))
+        loader = DataLoader(graphs, batch_size=batch_size, shuffle=True)
+        dp_model, criterion = model, PerUserLoss()
+
+    total_loss, total_users = 0.0, 0
+    for epoch in range(config.local_epochs):
+        graphs.set_epoch((server_round - 1) * config.local_epochs + epoch)
+        for columns in loader:
+            batch = EgoBatch(*columns).to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(dp_model(batch))
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss.detach()) if not config.dp else 0.0
+            total_users += len(batch.items)
+
+    if not config.dp:
+        return LocalTraining([], None, total_loss / max(total_users, 1))
+    dp_model.remove_hooks() if hasattr(dp_model, "remove_hooks") else None
+    history = [tuple(step) for step in engine.accountant.history]
+    return LocalTraining(history, engine.accountant.get_epsilon(config.delta), None)
+
+
+class PerUserLoss:
+    """The criterion: sums the per-user losses the model returns.
+
+    Opacus's ghost clipping sets ``reduction = "none"`` to get one loss per user.
+    """
+
+    reduction = "sum"
+
+    def __call__(self, per_user_loss: torch.Tensor) -> torch.Tensor:
+        return per_user_loss if self.reduction == "none" else per_user_loss.sum()

@@ -1,0 +1,154 @@
+"""The run configuration: every key of ``[tool.flwr.app.config]``, typed and checked.
+
+The defaults live in one place, ``pyproject.toml``; Flower fuses them with
+``flwr run . -c 'key=value'`` overrides into ``context.run_config``. The server
+reads that once into :class:`RunConfig` and sends it to every site with each
+message, so both sides use the same values. Field ``foo_bar`` is key
+``foo-bar``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.errors import InputError
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One field per configuration key; the README's table explains each."""
+
+    num_server_rounds: int
+    seed: int
+    min_sites: int
+    dataset: str
+    data_path: str
+    item_text_path: str
+    download: bool
+    on_duplicate: str
+    split: str
+    val_fraction: float
+    test_fraction: float
+    partition: str
+    partition_column: str
+    dirichlet_alpha: float
+    synthetic_users: int
+    synthetic_items: int
+    task: str
+    embedding_dim: int
+    degree_cap: int
+    user_features: bool
+    user_bias: bool
+    user_bias_shrinkage: float
+    local_epochs: int
+    sample_rate: float
+    learning_rate: float
+    dp: bool
+    noise_multiplier: float
+    clip_norm: float
+    delta: float
+    accountant: str
+    grad_sample_mode: str
+    top_k: int
+    device: str
+    run_dir: str
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from kebab-case keys; unknown, missing or mistyped keys raise InputError."""
+        fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise InputError(f"unknown configuration key(s) {unknown}; known: {sorted(fields)}")
+        missing = sorted(set(fields) - set(values))
+        if missing:
+            raise InputError(f"missing configuration key(s) {missing}")
+        typed = {}
+        for key, field in fields.items():
+            typed[field.name] = _typed(key, values[key], field.type)
+        config = cls(**typed)
+        config.validate()
+        return config
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        config = dataclasses.replace(self, **changes)
+        config.validate()
+        return config
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Poisson-sampled steps in one local epoch: ``1 / sample-rate``."""
+        return round(1.0 / self.sample_rate)
+
+    def validate(self) -> None:
+        """Check value ranges and choices; the message names the key."""
+        choices = {
+            "task": (self.task, ("rating", "ranking")),
+            "accountant": (self.accountant, ("prv", "rdp")),
+            "grad-sample-mode": (self.grad_sample_mode, ("hooks", "ghost")),
+            "device": (self.device, ("auto", "cpu", "cuda")),
+            "on-duplicate": (self.on_duplicate, ("error", "keep-latest")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise InputError(f"{key}: expected one of {allowed}, got {value!r}")
+        positive = {
+            "num-server-rounds": self.num_server_rounds,
+            "min-sites": self.min_sites,
+            "embedding-dim": self.embedding_dim,
+            "degree-cap": self.degree_cap,
+            "local-epochs": self.local_epochs,
+            "learning-rate": self.learning_rate,
+            "clip-norm": self.clip_norm,
+            "top-k": self.top_k,
+        }
+        for key, value in positive.items():
+            if value <= 0:
+                raise InputError(f"{key}: expected a positive number, got {value}")
+        if self.noise_multiplier < 0:
+            raise InputError(f"noise-multiplier: expected >= 0, got {self.noise_multiplier}")
+        if not 0 < self.delta < 1:
+            raise InputError(f"delta: expected a number in (0, 1), got {self.delta}")
+        if self.user_bias_shrinkage < 0:
+            raise InputError(
+                f"user-bias-shrinkage: expected >= 0, got {self.user_bias_shrinkage}"
+            )
+        steps = 1.0 / self.sample_rate if 0 < self.sample_rate <= 1 else math.nan
+        if not math.isclose(steps, round(steps), rel_tol=0, abs_tol=1e-6):
+            raise InputError(
+                f"sample-rate: expected 1/n for a whole number n of steps per local epoch "
+                f"(e.g. 0.1, 0.05, 0.25), got {self.sample_rate}"
+            )
+        if self.dp and self.noise_multiplier == 0:
+            raise InputError("noise-multiplier: dp = true needs a positive noise multiplier")
+
+
+def _typed(key: str, value: Any, annotation: str) -> Any:
+    expected = {"int": int, "float": float, "bool": bool, "str": str}[annotation]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not expected:
+        raise InputError(f"{key}: expected a {annotation}, got {value!r}")
+    return value
+
+
+def app_defaults(pyproject: Path = PYPROJECT) -> dict[str, Any]:
+    """The defaults of ``[tool.flwr.app.config]`` (for tests and benchmark scripts)."""
+    with open(pyproject, "rb") as f:
+        return tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+
+
+def default_config(**overrides: Any) -> RunConfig:
+    """The app defaults with ``overrides`` (snake_case field names) applied."""
+    return RunConfig.from_mapping(app_defaults()).replace(**overrides)

@@ -1,0 +1,56 @@
+"""One site's view of the data: its users, with local indices, and their splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.data.dataset import Catalogue, Dataset, Interactions
+from common.data.split import Split
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """The private data of one site.
+
+    Attributes:
+        site_id: index of the site.
+        catalogue: the public catalogue (identical at every site).
+        user_keys: global index of each local user (local index = position).
+        user_features: ``[num_users, F]`` attributes of the local users.
+        train, val, test: interactions with ``user`` = local index.
+    """
+
+    site_id: int
+    catalogue: Catalogue
+    user_keys: np.ndarray
+    user_features: np.ndarray
+    train: Interactions
+    val: Interactions
+    test: Interactions
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_keys)
+
+
+def site_view(dataset: Dataset, split: Split, site_of_user: np.ndarray, site_id: int) -> SiteData:
+    """Restrict ``split`` to the users of ``site_id`` and re-index them locally."""
+    user_keys = np.flatnonzero(site_of_user == site_id)
+    local = np.full(dataset.num_users, -1, dtype=np.int64)
+    local[user_keys] = np.arange(len(user_keys))
+
+    def restrict(part: Interactions) -> Interactions:
+        mine = part.select(local[part.user] >= 0)
+        return Interactions(local[mine.user], mine.item, mine.rating, mine.timestamp)
+
+    return SiteData(
+        site_id=site_id,
+        catalogue=dataset.catalogue,
+        user_keys=user_keys,
+        user_features=dataset.user_features[user_keys],
+        train=restrict(split.train),
+        val=restrict(split.val),
+        test=restrict(split.test),
+    )

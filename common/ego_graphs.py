@@ -1,0 +1,113 @@
+"""Users' ego graphs as fixed-size samples: the unit of privacy is one row here.
+
+A sample is one user with that user's own interactions, at most ``degree_cap``
+of them (a uniform subsample without replacement when the user has more), padded
+to exactly ``degree_cap`` so that no tensor shape depends on other users. All
+randomness of a sample (the subsample, the ranking negatives) comes from a
+generator seeded by ``(seed, epoch, user key)``: the user key is the user's
+global index, so a user's sample does not change when other users are added to
+or removed from the site. Negatives are drawn uniformly from the public
+catalogue.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from common.data.dataset import Catalogue, Interactions
+from common.model import EgoBatch
+
+EVALUATION_EPOCH = 2**31 - 1
+"""Epoch key of the fixed subsample used to build a user's context at evaluation."""
+
+
+class UserEgoGraphs(Dataset):
+    """One sample per user: ``(items, levels, ratings, mask, negatives, features)``.
+
+    Args:
+        interactions: the users' training interactions; ``user`` holds local
+            indices ``0..num_users-1``.
+        user_keys: ``[num_users]`` global index of each user, seeds its randomness.
+        user_features: ``[num_users, F]`` float32 attributes.
+        catalogue: the public catalogue (number of items, rating scale).
+        degree_cap: K, the number of edges per sample.
+        seed: base seed of the per-user generators.
+    """
+
+    def __init__(
+        self,
+        interactions: Interactions,
+        user_keys: np.ndarray,
+        user_features: np.ndarray,
+        catalogue: Catalogue,
+        degree_cap: int,
+        seed: int,
+    ) -> None:
+        num_users = len(user_keys)
+        order = np.argsort(interactions.user, kind="stable")
+        counts = np.bincount(interactions.user, minlength=num_users)
+        self.indptr = np.concatenate([[0], np.cumsum(counts)])
+        self.items = interactions.item[order].astype(np.int64)
+        self.ratings = interactions.rating[order].astype(np.float32)
+        levels = np.asarray(catalogue.rating_levels, dtype=np.float32)
+        self.levels = np.searchsorted(levels, self.ratings).astype(np.int64)
+        self.user_keys = np.asarray(user_keys, dtype=np.int64)
+        self.user_features = torch.as_tensor(user_features, dtype=torch.float32)
+        self.num_items = catalogue.num_items
+        self.rating_range = (float(levels[0]), float(levels[-1]))
+        self.degree_cap = degree_cap
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.user_keys)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw fresh subsamples and negatives (same epoch, same draws)."""
+        self.epoch = epoch
+
+    def degree(self, user: int) -> int:
+        return int(self.indptr[user + 1] - self.indptr[user])
+
+    def item_set(self, user: int) -> np.ndarray:
+        """Every item of the user (not capped)."""
+        return self.items[self.indptr[user] : self.indptr[user + 1]]
+
+    def sample(self, user: int, epoch: int) -> tuple[torch.Tensor, ...]:
+        rng = np.random.default_rng((self.seed, epoch, int(self.user_keys[user])))
+        start, end = self.indptr[user], self.indptr[user + 1]
+        k = self.degree_cap
+        edges = np.arange(start, end)
+        if len(edges) > k:
+            edges = rng.choice(edges, size=k, replace=False)
+        n = len(edges)
+        items = np.zeros(k, dtype=np.int64)
+        levels = np.zeros(k, dtype=np.int64)
+        ratings = np.zeros(k, dtype=np.float32)
+        mask = np.zeros(k, dtype=np.float32)
+        items[:n], levels[:n], ratings[:n], mask[:n] = (
+            self.items[edges],
+            self.levels[edges],
+            self.ratings[edges],
+            1.0,
+        )
+        negatives = rng.integers(0, self.num_items, size=k)
+        return (
+            torch.from_numpy(items),
+            torch.from_numpy(levels),
+            torch.from_numpy(ratings),
+            torch.from_numpy(mask),
+            torch.from_numpy(negatives),
+            self.user_features[user],
+        )
+
+    def __getitem__(self, user: int) -> tuple[torch.Tensor, ...]:
+        return self.sample(user, self.epoch)
+
+    def context(self, users: np.ndarray) -> EgoBatch:
+        """The evaluation context of ``users``: a fixed subsample, same for every call."""
+        columns = zip(*(self.sample(int(u), EVALUATION_EPOCH) for u in users), strict=True)
+        return EgoBatch(*(torch.stack(c) for c in columns))
+

@@ -1,0 +1,229 @@
+r"""The recommender: a shared item side and a per-user ego-graph encoder.
+
+Every parameter of :class:`EgoGraphRecommender` is *item side*: it is shared by
+all sites, trained under DP-SGD and aggregated by the server. What is private to
+a user (their interactions, attributes, and the closed-form user bias) enters
+only as input, so a user's representation is a function of that user's own
+data and of shared parameters. This is what makes one user's per-sample
+gradient independent of every other user (see ``docs`` in the README and
+``tests/test_independence.py``).
+
+Notation: :math:`N(u)` is the set of items user :math:`u` interacted with
+(capped at ``degree_cap`` by the data pipeline), :math:`r_{ui}` the rating
+level of the interaction, :math:`x_u` the user's attribute vector.
+
+**Item representation** (shared): :math:`q_i = e_i`, the row of the item
+embedding table.
+
+**Ego-graph convolution** (one GC-MC layer on the star graph of :math:`u`;
+edge type = rating level; the item's degree in the ego graph is 1, so the
+symmetric normalisation :math:`1/\sqrt{d_u d_i}` is the user's own degree):
+
+.. math::
+    h_u = \frac{1}{\sqrt{|N(u)|}} \sum_{i \in N(u)} W_{r_{ui}}\, q_i
+
+A second convolution on a star graph would only send :math:`h_u` back to the
+user; multi-hop signal reaches a user through the item embeddings, which the
+federation trains on every site's users.
+
+**Dense layer** with the user's attributes (GC-MC's side-information path):
+
+.. math::
+    z_u = W_d \big[\operatorname{ReLU}(h_u) \,\|\, \operatorname{ReLU}(W_a x_u)\big]
+
+**Score**: :math:`s_{ui} = z_u^\top q_i + b_i + b_u`, where :math:`b_i` is the
+shared item bias (initialised at the middle of the rating scale, so it also
+carries the global mean) and :math:`b_u` the user bias of the rating task,
+computed by the user's site in closed form from the user's own residuals and
+the released item biases (never a trained parameter):
+
+.. math::
+    b_u = \frac{\sum_{i \in N(u)} (r_{ui} - b_i)}{\lambda + |N(u)|}
+
+**Training targets, leave-one-out.** During training every interaction of the
+user is a target, and its own edge is removed from the ego graph when it is
+scored (:math:`N(u) \setminus \{i\}` in both formulas above), so the model never
+sees the rating it predicts. Rating task: squared error. Ranking task: BPR
+against one negative per positive drawn uniformly from the public catalogue.
+The loss of a user is the mean over that user's targets, so each user is one
+sample for Opacus.
+
+Every layer is called once per forward pass on a batch-first tensor, so the
+module works with Opacus's ``hooks`` and ``ghost`` per-sample gradient modes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from common.config import RunConfig
+from common.data.dataset import Catalogue
+
+ITEM_ROW_PARAMETERS = ("item_embedding.weight", "item_bias.weight")
+"""Parameters with one row per catalogue item (averaged row by row without DP)."""
+
+
+@dataclass
+class EgoBatch:
+    """A batch of users' ego graphs, padded to a fixed ``degree_cap`` K.
+
+    Attributes:
+        items: ``[B, K]`` item index of each edge (0 where padded).
+        levels: ``[B, K]`` rating-level index of each edge.
+        ratings: ``[B, K]`` rating value of each edge (1.0 for implicit data).
+        mask: ``[B, K]`` 1.0 for real edges, 0.0 for padding.
+        negatives: ``[B, K]`` one negative item per edge (ranking task only).
+        features: ``[B, F]`` user attributes (``F`` may be 0).
+    """
+
+    items: Tensor
+    levels: Tensor
+    ratings: Tensor
+    mask: Tensor
+    negatives: Tensor
+    features: Tensor
+
+    def to(self, device: torch.device) -> EgoBatch:
+        return EgoBatch(*(t.to(device) for t in self.as_tuple()))
+
+    def as_tuple(self) -> tuple[Tensor, ...]:
+        return (self.items, self.levels, self.ratings, self.mask, self.negatives, self.features)
+
+
+class EgoGraphRecommender(nn.Module):
+    """See the module docstring for the formulas.
+
+    Args:
+        num_items: size of the public catalogue.
+        rating_levels: the public rating scale (one level for implicit data).
+        dim: embedding and hidden size.
+        num_user_features: length of the user attribute vector (0: none).
+        task: ``"rating"`` (squared error) or ``"ranking"`` (BPR).
+        user_bias_shrinkage: :math:`\\lambda` of the closed-form user bias
+            (rating task); ``None`` turns the user bias off.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        rating_levels: tuple[float, ...],
+        dim: int,
+        num_user_features: int,
+        task: str,
+        user_bias_shrinkage: float | None,
+    ) -> None:
+        super().__init__()
+        if task not in ("rating", "ranking"):
+            raise ValueError(f"task must be 'rating' or 'ranking', got {task!r}")
+        self.task = task
+        self.dim = dim
+        self.num_levels = len(rating_levels)
+        self.user_bias_shrinkage = user_bias_shrinkage if task == "rating" else None
+
+        self.item_embedding = nn.Embedding(num_items, dim)
+        self.item_bias = nn.Embedding(num_items, 1)
+        self.conv = nn.Linear(dim, self.num_levels * dim, bias=False)
+        self.attributes = nn.Linear(num_user_features, dim) if num_user_features else None
+        self.dense = nn.Linear(2 * dim if num_user_features else dim, dim)
+
+        nn.init.normal_(self.item_embedding.weight, std=0.1)
+        middle = (min(rating_levels) + max(rating_levels)) / 2 if task == "rating" else 0.0
+        nn.init.constant_(self.item_bias.weight, middle)
+
+    def _messages(self, q: Tensor, levels: Tensor) -> Tensor:
+        """``W_{r_ui} q_i`` for every edge: one Linear call, then pick the level."""
+        per_level = self.conv(q).unflatten(-1, (self.num_levels, self.dim))
+        index = levels[..., None, None].expand(*levels.shape, 1, self.dim)
+        return per_level.gather(-2, index).squeeze(-2)
+
+    def _user_vector(self, h: Tensor, features: Tensor) -> Tensor:
+        """The dense layer; ``h`` is ``[B, d]`` or ``[B, K, d]``."""
+        h = F.relu(h)
+        if self.attributes is not None:
+            a = F.relu(self.attributes(features))
+            if h.dim() == 3:
+                a = a[:, None, :].expand(-1, h.shape[1], -1)
+            h = torch.cat([h, a], dim=-1)
+        return self.dense(h)
+
+    def forward(self, batch: EgoBatch) -> Tensor:
+        """Per-user training loss, shape ``[B]``: the mean over the user's targets."""
+        score, score_negative = self.leave_one_out_scores(batch)
+        if self.task == "rating":
+            per_target = (score - batch.ratings) ** 2
+        else:
+            per_target = -F.logsigmoid(score - score_negative)
+        mask = batch.mask
+        return (per_target * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def leave_one_out_scores(self, batch: EgoBatch) -> tuple[Tensor, Tensor | None]:
+        """Score of every edge ``(u, i)`` with the edge itself removed from the ego graph.
+
+        Returns ``[B, K]`` scores of the edges' items and, for the ranking task,
+        ``[B, K]`` scores of their paired negatives under the same user vector.
+        """
+        k = batch.items.shape[1]
+        ids = batch.items if self.task == "rating" else torch.cat([batch.items, batch.negatives], 1)
+        q_all = self.item_embedding(ids)
+        b_all = self.item_bias(ids).squeeze(-1)
+        q, b = q_all[:, :k], b_all[:, :k]
+        mask = batch.mask
+
+        messages = self._messages(q, batch.levels) * mask[..., None]
+        rest = mask.sum(1, keepdim=True) - mask  # |N(u) \ {i}| for every target i
+        h = (messages.sum(1, keepdim=True) - messages) / rest.clamp(min=1).sqrt()[..., None]
+        z = self._user_vector(h, batch.features)  # [B, K, d]
+
+        score = (z * q).sum(-1) + b
+        if self.task == "ranking":
+            return score, (z * q_all[:, k:]).sum(-1) + b_all[:, k:]
+        if self.user_bias_shrinkage is not None:
+            residual = (batch.ratings - b.detach()) * mask
+            score = score + (residual.sum(1, keepdim=True) - residual) / (
+                self.user_bias_shrinkage + rest
+            )
+        return score, None
+
+    def user_vectors(self, batch: EgoBatch) -> tuple[Tensor, Tensor]:
+        """``(z_u, b_u)`` from the user's whole ego graph, for scoring unseen items.
+
+        Returns ``z`` of shape ``[B, d]`` and the user bias ``[B]`` (zeros when
+        the task or configuration has none).
+        """
+        q = self.item_embedding(batch.items)
+        mask = batch.mask
+        messages = self._messages(q, batch.levels) * mask[..., None]
+        degree = mask.sum(1)
+        h = messages.sum(1) / degree.clamp(min=1).sqrt()[:, None]
+        z = self._user_vector(h, batch.features)
+        if self.user_bias_shrinkage is None:
+            return z, torch.zeros_like(degree)
+        b = self.item_bias(batch.items).squeeze(-1)
+        residual = ((batch.ratings - b) * mask).sum(1)
+        return z, residual / (self.user_bias_shrinkage + degree)
+
+    def score(self, z: Tensor, user_bias: Tensor, items: Tensor) -> Tensor:
+        """Scores of ``items`` (``[B, T]``) for users ``(z, user_bias)``."""
+        q = self.item_embedding(items)
+        b = self.item_bias(items).squeeze(-1)
+        return (z[:, None, :] * q).sum(-1) + b + user_bias[:, None]
+
+    def score_catalogue(self, z: Tensor) -> Tensor:
+        """Scores of every catalogue item, ``[B, num_items]`` (ranking; no user bias)."""
+        return z @ self.item_embedding.weight.T + self.item_bias.weight.T
+
+
+def build_model(catalogue: Catalogue, config: RunConfig) -> EgoGraphRecommender:
+    """The recommender for ``catalogue`` as configured (weights from ``torch``'s RNG)."""
+    return EgoGraphRecommender(
+        num_items=catalogue.num_items,
+        rating_levels=catalogue.rating_levels,
+        dim=config.embedding_dim,
+        num_user_features=len(catalogue.user_feature_names) if config.user_features else 0,
+        task=config.task,
+        user_bias_shrinkage=config.user_bias_shrinkage if config.user_bias else None,
+    )

@@ -1,0 +1,1 @@
+"""Server side: the Flower ServerApp, item-side aggregation, run outputs."""

@@ -1,0 +1,214 @@
+r"""Item-side federated averaging, with every site update checked before use.
+
+Sites send back the item-side parameters after local training. With DP on,
+every site has the same weight (a count of users or interactions would be
+private):
+
+.. math::
+    \theta \leftarrow \frac{1}{S} \sum_{s=1}^{S} \theta_s
+
+With DP off, each item row is averaged with the sites' interaction counts for
+that item (rows no site touched keep their global value) and every other
+parameter with the sites' user counts:
+
+.. math::
+    e_i \leftarrow \frac{\sum_s c_{si}\, e_{si}}{\sum_s c_{si}}, \qquad
+    W \leftarrow \frac{\sum_s n_s W_s}{\sum_s n_s}
+
+An update with missing or unexpected keys, a wrong shape or dtype, or a NaN or
+infinite value is rejected with a logged reason; the round goes on with the
+other sites.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.common import log
+
+from common.model import ITEM_ROW_PARAMETERS
+from common.privacy import ITEM_COUNTS
+
+
+@dataclass
+class RoundLog:
+    """What happened in one round, per site (keyed by ``site-id``)."""
+
+    train: dict[int, dict[str, float]] = field(default_factory=dict)
+    evaluate: dict[int, dict[str, float]] = field(default_factory=dict)
+    aggregated: dict[str, float] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+
+
+class ItemSideFedAvg(FedAvg):
+    """FedAvg over the item side only, with update validation and a per-round log.
+
+    Args:
+        template: the global item-side arrays; every update must match its keys,
+            shapes and dtypes.
+        dp: equal site weights when True, count weights when False.
+        min_sites: sites to wait for and sample every round.
+    """
+
+    def __init__(self, template: ArrayRecord, dp: bool, min_sites: int) -> None:
+        super().__init__(
+            min_train_nodes=min_sites,
+            min_evaluate_nodes=min_sites,
+            min_available_nodes=min_sites,
+        )
+        self.global_arrays = template
+        self.dp = dp
+        self.log: dict[int, RoundLog] = {}
+
+    def round_log(self, server_round: int) -> RoundLog:
+        return self.log.setdefault(server_round, RoundLog())
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.global_arrays = arrays
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        record = self.round_log(server_round)
+        accepted: list[tuple[dict[str, np.ndarray], MetricRecord]] = []
+        for reply in replies:
+            source = f"node {reply.metadata.src_node_id}"
+            if reply.has_error():
+                record.failed.append(f"{source}: {reply.error.reason}")
+                log(WARNING, "Round %d: %s failed: %s", server_round, source, reply.error.reason)
+                continue
+            arrays, metrics, reason = self.check_update(reply)
+            if reason is not None:
+                site = f"site {int(metrics['site-id'])}" if metrics else source
+                record.rejected[site] = reason
+                log(WARNING, "Round %d: rejected the update of %s: %s", server_round, site, reason)
+                continue
+            record.train[int(metrics["site-id"])] = dict(metrics)
+            accepted.append((arrays, metrics))
+        if not accepted:
+            return None, None
+        self.global_arrays = ArrayRecord({k: Array(v) for k, v in self.average(accepted).items()})
+        return self.global_arrays, mean_metrics(
+            [m for _, m in accepted], weighted=not self.dp, skip=("site-id",)
+        )
+
+    def check_update(
+        self, reply: Message
+    ) -> tuple[dict[str, np.ndarray], MetricRecord | None, str | None]:
+        """The update's arrays and metrics, and the reason to reject it (None: accept)."""
+        content = reply.content
+        metrics = content.metric_records.get("metrics")
+        if set(content.array_records) != {"arrays"} or metrics is None:
+            return {}, None, (
+                "expected one ArrayRecord 'arrays' and one MetricRecord 'metrics', got "
+                f"{sorted(content.array_records)} and {sorted(content.metric_records)}"
+            )
+        if "site-id" not in metrics:
+            return {}, None, "the MetricRecord has no 'site-id'"
+        received = content.array_records["arrays"]
+        expected = set(self.global_arrays) | (set() if self.dp else {ITEM_COUNTS})
+        if set(received) != expected:
+            missing, extra = expected - set(received), set(received) - expected
+            return {}, metrics, f"keys differ: missing {sorted(missing)}, unexpected {sorted(extra)}"
+        arrays = {}
+        for key, array in received.items():
+            reference = (
+                self.global_arrays[key] if key != ITEM_COUNTS else None
+            )
+            value = array.numpy()
+            if reference is not None and (
+                tuple(array.shape) != tuple(reference.shape) or array.dtype != reference.dtype
+            ):
+                return {}, metrics, (
+                    f"'{key}' has shape {tuple(array.shape)} and dtype {array.dtype}, "
+                    f"expected {tuple(reference.shape)} and {reference.dtype}"
+                )
+            if not np.all(np.isfinite(value)):
+                return {}, metrics, f"'{key}' holds NaN or infinite values"
+            arrays[key] = value
+        if not self.dp:
+            reason = _check_counts(arrays[ITEM_COUNTS], self.global_arrays, metrics)
+            if reason is not None:
+                return {}, metrics, reason
+        return arrays, metrics, None
+
+    def average(self, updates: list[tuple[dict[str, np.ndarray], MetricRecord]]) -> dict:
+        """The new global arrays (formulas in the module docstring)."""
+        current = {k: v.numpy() for k, v in self.global_arrays.items()}
+        if self.dp:
+            return {
+                k: np.mean([u[k] for u, _ in updates], axis=0).astype(v.dtype)
+                for k, v in current.items()
+            }
+        users = np.array([float(m["num-examples"]) for _, m in updates])
+        counts = np.stack([u[ITEM_COUNTS] for u, _ in updates])  # [S, num_items]
+        result = {}
+        for key, value in current.items():
+            stacked = np.stack([u[key] for u, _ in updates])
+            if key in ITEM_ROW_PARAMETERS:
+                total = counts.sum(0)
+                weighted = np.einsum("si,si...->i...", counts, stacked)
+                touched = (total > 0).reshape(-1, *([1] * (value.ndim - 1)))
+                result[key] = np.where(
+                    touched, weighted / np.maximum(total, 1).reshape(touched.shape), value
+                ).astype(value.dtype)
+            else:
+                result[key] = np.tensordot(users / users.sum(), stacked, axes=1).astype(
+                    value.dtype
+                )
+        return result
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        record = self.round_log(server_round)
+        collected = []
+        for reply in replies:
+            if reply.has_error():
+                record.failed.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                continue
+            metrics = reply.content.metric_records.get("metrics")
+            if metrics is None or "site-id" not in metrics:
+                continue
+            record.evaluate[int(metrics["site-id"])] = dict(metrics)
+            collected.append(metrics)
+        if not collected:
+            return None
+        aggregated = mean_metrics(collected, weighted=not self.dp, skip=("site-id",))
+        record.aggregated = dict(aggregated)
+        return aggregated
+
+
+def _check_counts(counts: np.ndarray, template: ArrayRecord, metrics: MetricRecord) -> str | None:
+    num_items = template[ITEM_ROW_PARAMETERS[0]].shape[0]
+    if counts.shape != (num_items,) or np.any(counts < 0):
+        return f"'{ITEM_COUNTS}' must be {num_items} non-negative counts, got shape {counts.shape}"
+    if "num-examples" not in metrics or float(metrics["num-examples"]) <= 0:
+        return "dp = false needs a positive 'num-examples' metric"
+    return None
+
+
+def mean_metrics(
+    records: list[MetricRecord], weighted: bool, skip: tuple[str, ...] = ()
+) -> MetricRecord:
+    """Mean of every metric over sites; weighted by ``num-examples`` when ``weighted``."""
+    weights = np.array(
+        [float(r["num-examples"]) if weighted else 1.0 for r in records]
+    )
+    keys = sorted(set().union(*records) - set(skip) - {"num-examples"})
+    out = {}
+    for key in keys:
+        have = [(w, float(r[key])) for w, r in zip(weights, records, strict=True) if key in r]
+        total = sum(w for w, _ in have)
+        out[key] = sum(w * v for w, v in have) / total
+    return MetricRecord(out)

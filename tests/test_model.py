@@ -1,0 +1,97 @@
+"""Model shapes, leave-one-out targets, and DP-SGD in both per-sample modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from client.train import site_graphs, train_locally
+from common.config import default_config
+from common.data import load_site
+from common.model import EgoBatch, build_model
+
+
+def small_config(**changes):
+    return default_config(**({"synthetic_users": 90, "synthetic_items": 50, "degree_cap": 10} | changes))
+
+
+def batch_of(graphs, users):
+    return EgoBatch(*(torch.stack(c) for c in zip(*(graphs[u] for u in users), strict=True)))
+
+
+@pytest.mark.parametrize("task", ["rating", "ranking"])
+@pytest.mark.parametrize("features", [True, False])
+def test_shapes(task, features):
+    config = small_config(task=task, user_features=features)
+    site = load_site(config, 0, 1)
+    model = build_model(site.catalogue, config)
+    graphs = site_graphs(site, config)
+    batch = batch_of(graphs, [0, 1, 2, 3])
+    assert batch.items.shape == (4, 10) and batch.features.shape[0] == 4
+    assert model(batch).shape == (4,)
+    score, negative = model.leave_one_out_scores(batch)
+    assert score.shape == (4, 10)
+    assert (negative is None) == (task == "rating")
+    z, bias = model.user_vectors(batch)
+    assert z.shape == (4, config.embedding_dim) and bias.shape == (4,)
+    assert model.score_catalogue(z).shape == (4, site.catalogue.num_items)
+    assert model.score(z, bias, batch.items).shape == (4, 10)
+
+
+def test_a_target_never_sees_its_own_rating():
+    """Changing the rating of edge j changes every target's score except j's own."""
+    config = small_config()
+    site = load_site(config, 0, 1)
+    torch.manual_seed(0)
+    model = build_model(site.catalogue, config)
+    batch = batch_of(site_graphs(site, config), [5])
+    before, _ = model.leave_one_out_scores(batch)
+    j = 2
+    changed = EgoBatch(*batch.as_tuple())
+    changed.ratings = batch.ratings.clone()
+    changed.ratings[0, j] = 6.0 - batch.ratings[0, j]
+    changed.levels = batch.levels.clone()
+    changed.levels[0, j] = 4 - batch.levels[0, j]
+    after, _ = model.leave_one_out_scores(changed)
+    assert torch.equal(before[0, j], after[0, j])
+    others = [i for i in range(int(batch.mask.sum())) if i != j]
+    assert not torch.allclose(before[0, others], after[0, others])
+
+
+def test_padding_contributes_nothing():
+    config = small_config(degree_cap=200)
+    site = load_site(config, 0, 1)
+    model = build_model(site.catalogue, config)
+    graphs = site_graphs(site, config)
+    batch = batch_of(graphs, [0])
+    n = int(batch.mask.sum())
+    trimmed = EgoBatch(*(t[:, :n] if t.dim() == 2 and t.shape[1] == 200 else t
+                         for t in batch.as_tuple()))
+    torch.testing.assert_close(model(batch), model(trimmed))
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("task", ["rating", "ranking"])
+def test_dp_training_runs_and_accounts_every_step(mode, task):
+    config = small_config(task=task, grad_sample_mode=mode, sample_rate=0.25, local_epochs=2)
+    site = load_site(config, 0, 1)
+    model = build_model(site.catalogue, config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_locally(model, site_graphs(site, config), config, 1, [], torch.device("cpu"))
+    assert result.history == [(config.noise_multiplier, 0.25, 8)]
+    assert result.epsilon > 0 and result.mean_loss is None
+    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # A second round continues the same accountant history.
+    again = train_locally(model, site_graphs(site, config), config, 2, result.history, "cpu")
+    assert again.history == [(config.noise_multiplier, 0.25, 16)]
+    assert again.epsilon > result.epsilon
+
+
+def test_empty_poisson_batches_are_handled():
+    """With 3 users and q = 0.1 most batches are empty; training must still step."""
+    config = default_config(synthetic_users=30, synthetic_items=40, degree_cap=8)
+    site = load_site(config, 0, 10)
+    assert site.num_users == 3
+    model = build_model(site.catalogue, config)
+    result = train_locally(model, site_graphs(site, config), config, 1, [], torch.device("cpu"))
+    assert result.history == [(config.noise_multiplier, 0.1, 10)]

@@ -1,0 +1,114 @@
+"""Aggregation maths and update validation of the item-side strategy."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+
+from common.privacy import ITEM_COUNTS
+from server.strategy import ItemSideFedAvg, mean_metrics
+
+NUM_ITEMS, DIM = 4, 2
+
+
+def global_arrays() -> ArrayRecord:
+    return as_record(
+        {
+            "item_embedding.weight": np.zeros((NUM_ITEMS, DIM), np.float32),
+            "item_bias.weight": np.zeros((NUM_ITEMS, 1), np.float32),
+            "dense.weight": np.zeros((DIM, DIM), np.float32),
+        }
+    )
+
+
+def as_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+def reply_from(node_id: int, arrays: dict[str, np.ndarray], metrics: dict) -> Message:
+    """A reply as the server receives it from ``node_id``."""
+    metadata = Metadata(
+        run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=0,
+        reply_to_message_id="i", group_id="1", created_at=time.time(), ttl=60.0,
+        message_type="train",
+    )  # fmt: skip
+    content = RecordDict({"arrays": as_record(arrays), "metrics": MetricRecord(metrics)})
+    return Message(content, metadata=metadata)
+
+
+def site_update(value: float, counts: list[float] | None = None) -> dict[str, np.ndarray]:
+    arrays = {k: np.full(v.shape, value, np.float32) for k, v in global_arrays().items()}
+    if counts is not None:
+        arrays[ITEM_COUNTS] = np.array(counts, np.float32)
+    return arrays
+
+
+def test_dp_averages_every_array_with_equal_weights():
+    strategy = ItemSideFedAvg(global_arrays(), dp=True, min_sites=2)
+    replies = [
+        reply_from(1, site_update(1.0), {"site-id": 0, "epsilon": 1.0}),
+        reply_from(2, site_update(4.0), {"site-id": 1, "epsilon": 1.0}),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    for value in arrays.values():
+        np.testing.assert_allclose(value.numpy(), 2.5)
+        assert value.dtype == "float32"
+
+
+def test_without_dp_item_rows_are_count_weighted_and_untouched_rows_kept():
+    template = global_arrays()
+    template["item_embedding.weight"] = Array(np.full((NUM_ITEMS, DIM), 7.0, np.float32))
+    strategy = ItemSideFedAvg(template, dp=False, min_sites=2)
+    replies = [
+        reply_from(1, site_update(1.0, [3, 0, 1, 0]), {"site-id": 0, "num-examples": 10}),
+        reply_from(2, site_update(5.0, [1, 2, 0, 0]), {"site-id": 1, "num-examples": 30}),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    rows = arrays["item_embedding.weight"].numpy()[:, 0]
+    np.testing.assert_allclose(rows, [(3 * 1 + 1 * 5) / 4, 5.0, 1.0, 7.0])
+    np.testing.assert_allclose(arrays["dense.weight"].numpy(), (10 * 1 + 30 * 5) / 40)
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ({"item_bias.weight": np.zeros((NUM_ITEMS + 1, 1), np.float32)}, "shape"),
+        ({"item_bias.weight": np.zeros((NUM_ITEMS, 1), np.float64)}, "dtype"),
+        ({"dense.weight": np.full((DIM, DIM), np.nan, np.float32)}, "NaN"),
+        ({"dense.weight": np.full((DIM, DIM), np.inf, np.float32)}, "infinite"),
+        ({"user_embedding.weight": np.zeros((3, DIM), np.float32)}, "unexpected"),
+    ],
+)
+def test_malformed_update_is_rejected_and_round_goes_on(bad, reason):
+    strategy = ItemSideFedAvg(global_arrays(), dp=True, min_sites=2)
+    broken = site_update(100.0) | bad
+    replies = [
+        reply_from(1, site_update(2.0), {"site-id": 0, "epsilon": 1.0}),
+        reply_from(2, broken, {"site-id": 1, "epsilon": 1.0}),
+    ]
+    arrays, _ = strategy.aggregate_train(3, replies)
+    np.testing.assert_allclose(arrays["dense.weight"].numpy(), 2.0)
+    assert list(strategy.log[3].rejected) == ["site 1"]
+    assert reason in strategy.log[3].rejected["site 1"]
+    assert list(strategy.log[3].train) == [0]
+
+
+def test_missing_key_is_rejected():
+    strategy = ItemSideFedAvg(global_arrays(), dp=True, min_sites=1)
+    partial = site_update(1.0)
+    del partial["dense.weight"]
+    arrays, _ = strategy.aggregate_train(1, [reply_from(1, partial, {"site-id": 0})])
+    assert arrays is None
+    assert "missing ['dense.weight']" in strategy.log[1].rejected["site 0"]
+
+
+def test_mean_metrics_weighting():
+    records = [
+        MetricRecord({"site-id": 0, "val-rmse": 1.0, "num-examples": 1}),
+        MetricRecord({"site-id": 1, "val-rmse": 2.0, "num-examples": 3}),
+    ]
+    assert mean_metrics(records, weighted=False, skip=("site-id",))["val-rmse"] == 1.5
+    assert mean_metrics(records, weighted=True, skip=("site-id",))["val-rmse"] == 1.75
