@@ -116,7 +116,9 @@ def reply(
         config, message_type, arrays, metrics, model.state_dict().keys()
     )
     if undeclared:
-        raise RuntimeError(f"refusing to send values missing from the release inventory: {undeclared}")
+        raise RuntimeError(
+            f"refusing to send values missing from the release inventory: {undeclared}"
+        )
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if arrays:
         content["arrays"] = ArrayRecord(arrays)

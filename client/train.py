@@ -21,6 +21,7 @@ same expected size, for comparison.
 from __future__ import annotations
 
 import secrets
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,8 @@ def train_locally(
     device: torch.device,
 ) -> LocalTraining:
     """Train ``model`` in place for ``config.local_epochs`` epochs of round ``server_round``."""
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")  # see module docstring
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus hooks
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     steps = config.steps_per_epoch

@@ -121,9 +121,7 @@ class RunConfig:
         if not 0 < self.delta < 1:
             raise InputError(f"delta: expected a number in (0, 1), got {self.delta}")
         if self.user_bias_shrinkage < 0:
-            raise InputError(
-                f"user-bias-shrinkage: expected >= 0, got {self.user_bias_shrinkage}"
-            )
+            raise InputError(f"user-bias-shrinkage: expected >= 0, got {self.user_bias_shrinkage}")
         steps = 1.0 / self.sample_rate if 0 < self.sample_rate <= 1 else math.nan
         if not math.isclose(steps, round(steps), rel_tol=0, abs_tol=1e-6):
             raise InputError(

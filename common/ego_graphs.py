@@ -110,4 +110,3 @@ class UserEgoGraphs(Dataset):
         """The evaluation context of ``users``: a fixed subsample, same for every call."""
         columns = zip(*(self.sample(int(u), EVALUATION_EPOCH) for u in users), strict=True)
         return EgoBatch(*(torch.stack(c) for c in columns))
-

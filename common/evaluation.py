@@ -87,7 +87,9 @@ def _ranking_metrics(model, graphs, heldout, top_k, exclude, device) -> dict[str
     return {f"recall@{top_k}": float(recall.compute()), f"ndcg@{top_k}": float(ndcg.compute())}
 
 
-def _in_batch(interactions: Interactions, batch_users: np.ndarray) -> tuple[np.ndarray, Interactions]:
+def _in_batch(
+    interactions: Interactions, batch_users: np.ndarray
+) -> tuple[np.ndarray, Interactions]:
     """The interactions of ``batch_users`` (sorted) and each one's row in the batch."""
     mine = interactions.select(np.isin(interactions.user, batch_users))
     return np.searchsorted(batch_users, mine.user), mine

@@ -85,8 +85,10 @@ ITEM_COUNTS = "item-counts"
 
 def metric_names(config: RunConfig) -> tuple[str, ...]:
     """Names of the evaluation metrics of the task, e.g. ``val-rmse``, ``test-ndcg@20``."""
-    base = ("rmse", "mae") if config.task == "rating" else (
-        f"recall@{config.top_k}", f"ndcg@{config.top_k}"
+    base = (
+        ("rmse", "mae")
+        if config.task == "rating"
+        else (f"recall@{config.top_k}", f"ndcg@{config.top_k}")
     )
     return tuple(f"{part}-{name}" for part in ("val", "test") for name in base)
 
@@ -100,12 +102,18 @@ def released_quantities(config: RunConfig) -> list[Release]:
     if config.dp:
         releases += [
             Release(
-                "arrays", ITEM_SIDE, "train", True,
+                "arrays",
+                ITEM_SIDE,
+                "train",
+                True,
                 "result of DP-SGD over the site's users (noised sums of clipped per-user "
                 "gradients, then post-processing)",
             ),
             Release(
-                "metrics", "epsilon", "train", True,
+                "metrics",
+                "epsilon",
+                "train",
+                True,
                 "a function of public configuration only (sigma, q, steps, delta)",
             ),
         ]
@@ -113,7 +121,10 @@ def released_quantities(config: RunConfig) -> list[Release]:
         releases += [
             Release("arrays", ITEM_SIDE, "train", False, "dp = false: trained without noise"),
             Release(
-                "arrays", ITEM_COUNTS, "train", False,
+                "arrays",
+                ITEM_COUNTS,
+                "train",
+                False,
                 "dp = false: exact per-item interaction counts, for count-weighted averaging",
             ),
             Release("metrics", "num-examples", "train", False, "dp = false: exact user count"),
@@ -122,7 +133,10 @@ def released_quantities(config: RunConfig) -> list[Release]:
         ]
     releases += [
         Release(
-            "metrics", name, "evaluate", False,
+            "metrics",
+            name,
+            "evaluate",
+            False,
             "computed on the site's private validation/test interactions without noise",
         )
         for name in metric_names(config)

@@ -40,9 +40,7 @@ class RunDirectory:
         self.config = config
         path.mkdir(parents=True, exist_ok=False)
         write_json(path / "config.json", config.to_mapping())
-        write_json(
-            path / "releases.json", [r.as_dict() for r in released_quantities(config)]
-        )
+        write_json(path / "releases.json", [r.as_dict() for r in released_quantities(config)])
 
     @classmethod
     def create(cls, config: RunConfig) -> RunDirectory:

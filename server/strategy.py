@@ -28,9 +28,9 @@ from logging import WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.common import log
 
 from common.model import ITEM_ROW_PARAMETERS
 from common.privacy import ITEM_COUNTS
@@ -109,9 +109,13 @@ class ItemSideFedAvg(FedAvg):
         content = reply.content
         metrics = content.metric_records.get("metrics")
         if set(content.array_records) != {"arrays"} or metrics is None:
-            return {}, None, (
-                "expected one ArrayRecord 'arrays' and one MetricRecord 'metrics', got "
-                f"{sorted(content.array_records)} and {sorted(content.metric_records)}"
+            return (
+                {},
+                None,
+                (
+                    "expected one ArrayRecord 'arrays' and one MetricRecord 'metrics', got "
+                    f"{sorted(content.array_records)} and {sorted(content.metric_records)}"
+                ),
             )
         if "site-id" not in metrics:
             return {}, None, "the MetricRecord has no 'site-id'"
@@ -119,19 +123,25 @@ class ItemSideFedAvg(FedAvg):
         expected = set(self.global_arrays) | (set() if self.dp else {ITEM_COUNTS})
         if set(received) != expected:
             missing, extra = expected - set(received), set(received) - expected
-            return {}, metrics, f"keys differ: missing {sorted(missing)}, unexpected {sorted(extra)}"
+            return (
+                {},
+                metrics,
+                f"keys differ: missing {sorted(missing)}, unexpected {sorted(extra)}",
+            )
         arrays = {}
         for key, array in received.items():
-            reference = (
-                self.global_arrays[key] if key != ITEM_COUNTS else None
-            )
+            reference = self.global_arrays[key] if key != ITEM_COUNTS else None
             value = array.numpy()
             if reference is not None and (
                 tuple(array.shape) != tuple(reference.shape) or array.dtype != reference.dtype
             ):
-                return {}, metrics, (
-                    f"'{key}' has shape {tuple(array.shape)} and dtype {array.dtype}, "
-                    f"expected {tuple(reference.shape)} and {reference.dtype}"
+                return (
+                    {},
+                    metrics,
+                    (
+                        f"'{key}' has shape {tuple(array.shape)} and dtype {array.dtype}, "
+                        f"expected {tuple(reference.shape)} and {reference.dtype}"
+                    ),
                 )
             if not np.all(np.isfinite(value)):
                 return {}, metrics, f"'{key}' holds NaN or infinite values"
@@ -163,9 +173,7 @@ class ItemSideFedAvg(FedAvg):
                     touched, weighted / np.maximum(total, 1).reshape(touched.shape), value
                 ).astype(value.dtype)
             else:
-                result[key] = np.tensordot(users / users.sum(), stacked, axes=1).astype(
-                    value.dtype
-                )
+                result[key] = np.tensordot(users / users.sum(), stacked, axes=1).astype(value.dtype)
         return result
 
     def aggregate_evaluate(
@@ -202,9 +210,7 @@ def mean_metrics(
     records: list[MetricRecord], weighted: bool, skip: tuple[str, ...] = ()
 ) -> MetricRecord:
     """Mean of every metric over sites; weighted by ``num-examples`` when ``weighted``."""
-    weights = np.array(
-        [float(r["num-examples"]) if weighted else 1.0 for r in records]
-    )
+    weights = np.array([float(r["num-examples"]) if weighted else 1.0 for r in records])
     keys = sorted(set().union(*records) - set(skip) - {"num-examples"})
     out = {}
     for key in keys:

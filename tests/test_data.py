@@ -29,7 +29,9 @@ def test_synthetic_is_deterministic_and_shaped_like_a_catalogue(synthetic):
     assert np.bincount(inter.user).min() >= 10
     popularity = np.sort(np.bincount(inter.item, minlength=120))[::-1]
     assert popularity[:12].sum() > 3 * popularity[-12:].sum()  # a popular head, a long tail
-    assert len(synthetic.catalogue.item_text) == 120 and "Genres:" in synthetic.catalogue.item_text[0]
+    assert (
+        len(synthetic.catalogue.item_text) == 120 and "Genres:" in synthetic.catalogue.item_text[0]
+    )
     assert synthetic.user_features.shape == (300, len(synthetic.catalogue.user_feature_names))
     assert len({(u, i) for u, i in zip(inter.user, inter.item, strict=True)}) == len(inter)
 
@@ -70,7 +72,8 @@ def test_time_split_without_timestamps_is_a_clear_error():
 
 
 @pytest.mark.parametrize(
-    ("scheme", "column"), [("iid", ""), ("dirichlet", ""), ("dirichlet", "region"), ("column", "region")]
+    ("scheme", "column"),
+    [("iid", ""), ("dirichlet", ""), ("dirichlet", "region"), ("column", "region")],
 )
 def test_partition_is_deterministic_and_covers_every_user_once(synthetic, scheme, column):
     site = partition_users(synthetic, 4, scheme=scheme, seed=1, column=column, alpha=1.0)

@@ -12,7 +12,9 @@ from common.model import EgoBatch, build_model
 
 
 def small_config(**changes):
-    return default_config(**({"synthetic_users": 90, "synthetic_items": 50, "degree_cap": 10} | changes))
+    return default_config(
+        **({"synthetic_users": 90, "synthetic_items": 50, "degree_cap": 10} | changes)
+    )
 
 
 def batch_of(graphs, users):
@@ -65,8 +67,9 @@ def test_padding_contributes_nothing():
     graphs = site_graphs(site, config)
     batch = batch_of(graphs, [0])
     n = int(batch.mask.sum())
-    trimmed = EgoBatch(*(t[:, :n] if t.dim() == 2 and t.shape[1] == 200 else t
-                         for t in batch.as_tuple()))
+    trimmed = EgoBatch(
+        *(t[:, :n] if t.dim() == 2 and t.shape[1] == 200 else t for t in batch.as_tuple())
+    )
     torch.testing.assert_close(model(batch), model(trimmed))
 
 

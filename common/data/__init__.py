@@ -10,14 +10,12 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
-
 from common.config import RunConfig
 from common.data.dataset import Catalogue, Dataset, Interactions
 from common.data.download import ensure_raw_files
 from common.data.interactions_file import load_interactions_file
 from common.data.lightgcn import load_lightgcn
-from common.data.movielens import load_movielens_100k, load_movielens_dat
+from common.data.movielens import ML_100K_SPLITS, load_movielens_100k, load_movielens_dat
 from common.data.partition import partition_users
 from common.data.site import SiteData, site_view
 from common.data.split import Split, make_split
@@ -35,7 +33,6 @@ __all__ = [
 ]
 
 DATASETS = ("synthetic", "ml-100k", "movielens-dat", "lightgcn", "csv")
-MOVIELENS_100K_SPLITS = ("u1", "u2", "u3", "u4", "u5", "ua", "ub")
 
 
 def load_dataset(config: RunConfig) -> Dataset:
@@ -73,7 +70,7 @@ def _load(
         raise InputError(f"data-path: dataset = {kind!r} needs the path of its files")
     path = Path(data_path).expanduser()
     if kind == "ml-100k":
-        canonical = split if split in MOVIELENS_100K_SPLITS else None
+        canonical = split if split in ML_100K_SPLITS else None
         root = ensure_raw_files("ml-100k", path, download)
         return load_movielens_100k(root, canonical_split=canonical, on_duplicate=on_duplicate)
     if kind == "movielens-dat":
@@ -81,31 +78,24 @@ def _load(
         return load_movielens_dat(root, on_duplicate=on_duplicate)
     if kind == "lightgcn":
         return load_lightgcn(path, on_duplicate=on_duplicate)
-    return load_interactions_file(
-        path, item_text_path or None, on_duplicate=on_duplicate
-    )
+    return load_interactions_file(path, item_text_path or None, on_duplicate=on_duplicate)
 
 
 def split_dataset(dataset: Dataset, config: RunConfig) -> Split:
     """The train/validation/test split named by ``config.split``."""
-    how = "canonical" if config.split in MOVIELENS_100K_SPLITS else config.split
+    how = "canonical" if config.split in ML_100K_SPLITS else config.split
     return make_split(dataset, how, config.val_fraction, config.test_fraction, config.seed)
 
 
 def load_site(config: RunConfig, site_id: int, num_sites: int) -> SiteData:
     """Site ``site_id`` of ``num_sites`` in simulation (same result in every process)."""
     dataset = load_dataset(config)
-    return site_view(
-        dataset, split_dataset(dataset, config), _partition(config, num_sites), site_id
-    )
-
-
-def _partition(config: RunConfig, num_sites: int) -> np.ndarray:
-    return partition_users(
-        load_dataset(config),
+    site_of_user = partition_users(
+        dataset,
         num_sites,
         scheme=config.partition,
         seed=config.seed,
         column=config.partition_column,
         alpha=config.dirichlet_alpha,
     )
+    return site_view(dataset, split_dataset(dataset, config), site_of_user, site_id)

@@ -46,8 +46,10 @@ def partition_users(
     else:
         if alpha <= 0:
             raise InputError(f"dirichlet-alpha: expected a positive number, got {alpha}")
-        groups = _user_column(dataset, column, scheme) if column else behaviour_clusters(
-            dataset, num_clusters=10, seed=seed
+        groups = (
+            _user_column(dataset, column, scheme)
+            if column
+            else behaviour_clusters(dataset, num_clusters=10, seed=seed)
         )
         site = _dirichlet(groups, num_sites, alpha, rng)
     empty = sorted(set(range(num_sites)) - set(np.unique(site).tolist()))

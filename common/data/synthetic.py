@@ -15,13 +15,13 @@ from __future__ import annotations
 import numpy as np
 
 from common.data.dataset import Catalogue, Dataset, Interactions
+from common.data.movielens import AGE_GROUPS
 
 GENRES = (
     "Action", "Comedy", "Drama", "Documentary", "Romance", "Science Fiction", "Horror",
     "Animation",
 )  # fmt: skip
 REGIONS = ("north", "south", "east", "west", "centre")
-AGE_GROUPS = ("<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
 _ADJECTIVES = (
     "Silent", "Golden", "Last", "Broken", "Hidden", "Midnight", "Electric", "Lost", "Wild",
     "Frozen", "Burning", "Secret", "Distant", "Crimson", "Little", "Final",

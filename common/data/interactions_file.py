@@ -1,0 +1,209 @@
+"""Generic interaction files: CSV or TSV with a header row that names the columns.
+
+Format of the interactions file:
+
+* Delimiter: ``,`` for ``.csv``, a tab for ``.tsv`` and ``.tab``; for any other
+  extension it must be given (``delimiter``, which when given applies to the
+  item-text file too). Fields are parsed by :mod:`csv` (Excel dialect), so a
+  field holding the delimiter, a quote or a line break is written in double
+  quotes, with ``""`` for a quote inside.
+* Header: required. Column names are case-insensitive and trimmed of
+  surrounding spaces: ``user`` and ``item`` are required, ``rating`` and
+  ``timestamp`` optional, and any other column is an error (to catch typos).
+* Values are trimmed of surrounding spaces. User and item ids are non-empty
+  strings, re-indexed in numeric order when all are integers, else in string
+  order.
+* ``rating``: a finite number. Without this column the data is implicit
+  feedback: every rating is 1.0 and the scale is ``(1.0,)``.
+* ``timestamp``: integer seconds since the epoch, or an ISO 8601 date or
+  date-time as read by :meth:`datetime.datetime.fromisoformat` (e.g.
+  ``2024-05-01``, ``2024-05-01T12:30:00``, ``2024-05-01 12:30:00+02:00``);
+  date-times without an offset are taken as UTC and fractions of a second
+  are dropped.
+* Blank lines are passed over. Text is decoded with ``encoding``.
+
+The rating scale (``Catalogue.rating_levels``) is public schema, shared by every
+site: it is ``rating_levels`` when given (every rating must be one of them),
+else the sorted distinct ratings present in the file.
+
+The optional item-text file (same delimiter rules) has the header ``item,text``
+and one row per item: it defines the catalogue, so every item of the
+interactions must be in it, and items without interactions are kept. Without
+it, the catalogue is the set of items in the interactions and has no text.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from common.data._parse import (
+    Table,
+    check_on_duplicate,
+    drop_duplicates,
+    is_integer,
+    make_table,
+    read_text,
+    sorted_ids,
+    table_interactions,
+)
+from common.data.dataset import Catalogue, Dataset
+from common.errors import InputError, file_error
+
+DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
+_TIMESTAMP = "integer seconds since the epoch or an ISO 8601 date/time"
+
+
+def load_interactions_file(
+    path: str | Path,
+    item_text_path: str | Path | None = None,
+    *,
+    delimiter: str | None = None,
+    encoding: str = "utf-8",
+    rating_levels: Sequence[float] | None = None,
+    on_duplicate: str = "error",
+    name: str | None = None,
+) -> Dataset:
+    """Load interactions (and optionally item texts) from CSV/TSV files.
+
+    See the module docstring for the format. ``on_duplicate`` decides what a
+    repeated (user, item) pair does: ``"error"``, or ``"keep-latest"`` which
+    keeps the row with the latest timestamp (ties, or no timestamp column: the
+    later line). ``name`` defaults to the file name without its extension.
+    """
+    path = Path(path)
+    check_on_duplicate(on_duplicate)
+    levels = _levels(rating_levels)
+    table = read_csv(path, ("user", "item"), ("rating", "timestamp"), delimiter, encoding)
+    if "rating" in table.columns:
+        rating = table.floats("rating", "a number")
+        if levels is None:
+            levels = tuple(np.unique(rating).tolist())
+        table.check_in("rating", rating, levels, f"a rating in {levels}")
+    elif levels is None:
+        rating, levels = np.ones(len(table)), (1.0,)
+    else:
+        raise InputError(f"rating_levels: {path} has no rating column to check them against")
+
+    if item_text_path is None:
+        item_ids, item_text, items_from = sorted_ids(table.columns["item"]), None, str(path)
+    else:
+        texts = read_csv(Path(item_text_path), ("item", "text"), (), delimiter, encoding)
+        item_ids, rows = texts.distinct("item")
+        item_text = tuple(texts.columns["text"][row] for row in rows)
+        items_from = str(item_text_path)
+    user_ids = sorted_ids(table.columns["user"])
+    timestamp = _timestamps(table) if "timestamp" in table.columns else None
+    located = table_interactions(
+        table, user_ids, item_ids, rating, timestamp, users_from=str(path), items_from=items_from
+    )
+    (interactions,) = drop_duplicates([located], on_duplicate, user_ids, item_ids)
+    return Dataset(
+        name=name or path.stem,
+        catalogue=Catalogue(item_ids=item_ids, item_text=item_text, rating_levels=levels),
+        user_ids=user_ids,
+        interactions=interactions,
+        user_features=np.zeros((len(user_ids), 0), dtype=np.float32),
+    )
+
+
+def read_csv(
+    path: Path,
+    required: Sequence[str],
+    optional: Sequence[str],
+    delimiter: str | None,
+    encoding: str,
+) -> Table:
+    """Read a delimited file whose header names ``required`` and some of ``optional``.
+
+    A field of a ``required`` column may not be empty.
+    """
+    if delimiter is None:
+        if path.suffix.lower() not in DELIMITERS:
+            raise file_error(
+                path,
+                f"cannot tell the delimiter from the extension {path.suffix!r} "
+                f"(known: {', '.join(DELIMITERS)}); pass delimiter=',' or delimiter='\\t'",
+            )
+        delimiter = DELIMITERS[path.suffix.lower()]
+    text = read_text(path, (encoding,), "Pass encoding= the file's encoding, e.g. 'latin-1'.")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    rows: list[list[str]] = []
+    line: list[int] = []
+    start = 1
+    try:
+        for record in reader:
+            if record and not (len(record) == 1 and record[0].isspace()):
+                rows.append([field.strip() for field in record])
+                line.append(start)
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise file_error(path, f"malformed {delimiter!r}-delimited text: {e}", line=start) from None
+    columns = _header(path, rows[0], line[0], required, optional)
+    table = make_table(path, columns, rows[1:], line[1:], repr(delimiter))
+    for column in required:
+        if "" in table.columns[column]:
+            raise table.error(table.columns[column].index(""), column, "expected a value, got ''")
+    return table
+
+
+def _header(
+    path: Path, names: list[str], line: int, required: Sequence[str], optional: Sequence[str]
+) -> list[str]:
+    """The lower-cased column names of a header row, checked against the allowed ones."""
+    columns = [name.lower() for name in names]
+    expected = f"expected the columns {', '.join(required)}" + (
+        f" and optionally {', '.join(optional)}" if optional else ""
+    )
+    unknown = [name for name in names if name.lower() not in (*required, *optional)]
+    if unknown:
+        raise file_error(
+            path, f"unknown column(s) {unknown}; {expected}", line=line, field=unknown[0]
+        )
+    for index, column in enumerate(columns):
+        if column in columns[:index]:
+            raise file_error(path, "column given twice", line=line, field=names[index])
+    missing = [column for column in required if column not in columns]
+    if missing:
+        raise file_error(path, f"missing from the header; {expected}", line=line, field=missing[0])
+    return columns
+
+
+def _levels(rating_levels: Sequence[float] | None) -> tuple[float, ...] | None:
+    if rating_levels is None:
+        return None
+    levels = tuple(sorted({float(level) for level in rating_levels}))
+    if not levels or not np.isfinite(levels).all():
+        raise InputError(
+            f"rating_levels: expected a non-empty list of finite numbers, got {rating_levels!r}"
+        )
+    return levels
+
+
+def _timestamps(table: Table) -> np.ndarray:
+    values = table.columns["timestamp"]
+    try:
+        return np.array(values, dtype=np.int64)
+    except (ValueError, OverflowError):
+        return np.fromiter(
+            (_seconds(table, row, value) for row, value in enumerate(values)),
+            dtype=np.int64,
+            count=len(values),
+        )
+
+
+def _seconds(table: Table, row: int, value: str) -> int:
+    if is_integer(value):
+        return int(value)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise table.error(row, "timestamp", f"expected {_TIMESTAMP}, got {value!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp())
