@@ -8,6 +8,7 @@ baseline; then every round trains at the sites, aggregates the item side
 
 from __future__ import annotations
 
+from logging import INFO
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import RunConfig
 from common.data import load_dataset
 from common.model import build_model
-from server.run_directory import RunDirectory
+from server.run_directory import RunDirectory, summary
 from server.strategy import ItemSideFedAvg
 
 app = ServerApp()
@@ -36,7 +37,7 @@ def run(grid: Grid, config: RunConfig) -> Path:
     arrays = ArrayRecord(build_model(catalogue, config).state_dict())
     strategy = ItemSideFedAvg(arrays, dp=config.dp, min_sites=config.min_sites)
     out = RunDirectory.create(config)
-    log(20, "Run directory: %s", out.path)
+    log(INFO, "Run directory: %s", out.path)
 
     def message_config() -> ConfigRecord:
         return ConfigRecord(config.to_mapping())
@@ -52,5 +53,5 @@ def run(grid: Grid, config: RunConfig) -> Path:
         evaluate_config=message_config(),
         evaluate_fn=lambda server_round, new_arrays: out.write_round(new_arrays, strategy),
     )
-    log(20, "Run directory: %s", out.path)
+    log(INFO, "Summary:\n%s\nRun directory: %s", summary(strategy, config), out.path)
     return out.path

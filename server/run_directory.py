@@ -28,7 +28,12 @@ import torch
 from flwr.app import ArrayRecord
 
 from common.config import RunConfig
-from common.privacy import NEIGHBOURING_RELATION, PRIVACY_UNIT, released_quantities
+from common.privacy import (
+    NEIGHBOURING_RELATION,
+    PRIVACY_UNIT,
+    metric_names,
+    released_quantities,
+)
 from server.strategy import ItemSideFedAvg
 
 
@@ -64,12 +69,6 @@ class RunDirectory:
 
     def privacy(self, strategy: ItemSideFedAvg) -> dict[str, Any]:
         config = self.config
-        sites: dict[str, dict[str, Any]] = {}
-        for server_round, record in sorted(strategy.log.items()):
-            for site_id, metrics in record.train.items():
-                site = sites.setdefault(str(site_id), {"rounds": [], "epsilon": []})
-                site["rounds"].append(server_round)
-                site["epsilon"].append(metrics.get("epsilon"))
         return {
             "dp": config.dp,
             "privacy-unit": PRIVACY_UNIT,
@@ -80,8 +79,40 @@ class RunDirectory:
             "clip-norm": config.clip_norm if config.dp else None,
             "sample-rate": config.sample_rate,
             "steps-per-round": config.steps_per_epoch * config.local_epochs,
-            "sites": sites,
+            "sites": privacy_by_site(strategy),
         }
+
+
+def privacy_by_site(strategy: ItemSideFedAvg) -> dict[str, dict[str, list]]:
+    """For each site: the rounds it trained in and its epsilon after each."""
+    sites: dict[str, dict[str, list]] = {}
+    for server_round, record in sorted(strategy.log.items()):
+        for site_id, metrics in record.train.items():
+            site = sites.setdefault(str(site_id), {"rounds": [], "epsilon": []})
+            site["rounds"].append(server_round)
+            site["epsilon"].append(metrics.get("epsilon"))
+    return sites
+
+
+def summary(strategy: ItemSideFedAvg, config: RunConfig) -> str:
+    """A table of the aggregated metrics per round and each site's epsilon."""
+    names = metric_names(config)
+    lines = ["round  " + "  ".join(f"{n:>12}" for n in names) + "  sites"]
+    for server_round, record in sorted(strategy.log.items()):
+        values = [record.aggregated.get(n) for n in names]
+        cells = "  ".join("           -" if v is None else f"{v:12.4f}" for v in values)
+        lines.append(f"{server_round:>5}  {cells}  {len(record.train) or len(record.evaluate)}")
+        for site, reason in record.rejected.items():
+            lines.append(f"       rejected {site}: {reason}")
+    if config.dp:
+        lines.append(f"epsilon at delta={config.delta:g} ({config.accountant.upper()} accountant):")
+        for site, entry in sorted(privacy_by_site(strategy).items()):
+            lines.append(
+                f"  site {site}: {entry['epsilon'][-1]:.3f} after rounds {entry['rounds']}"
+            )
+    else:
+        lines.append("dp = false: no privacy guarantee")
+    return "\n".join(lines)
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -98,8 +98,12 @@ class ItemSideFedAvg(FedAvg):
         if not accepted:
             return None, None
         self.global_arrays = ArrayRecord({k: Array(v) for k, v in self.average(accepted).items()})
+        if self.dp:  # the largest epsilon any site has spent
+            return self.global_arrays, MetricRecord(
+                {"max-epsilon": max(float(m["epsilon"]) for _, m in accepted)}
+            )
         return self.global_arrays, mean_metrics(
-            [m for _, m in accepted], weighted=not self.dp, skip=("site-id",)
+            [m for _, m in accepted], weighted=True, skip=("site-id",)
         )
 
     def check_update(
