@@ -4,8 +4,8 @@ It reads the run configuration from the server's message, loads the site's own
 users (``node_config``: ``partition-id`` and ``num-partitions`` in simulation),
 trains or evaluates, and replies with the item side only. Before a reply leaves,
 every key in it is checked against the release inventory
-(``common.privacy.released_quantities``). The site's accountant history stays
-in ``context.state``, which Flower never sends.
+(``common.privacy.released_quantities``). The site's accountant history and its
+private user embeddings stay in ``context.state``, which Flower never sends.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from common.privacy import ITEM_COUNTS, History, undeclared_releases
 
 app = ClientApp()
 
+PRIVATE_EMBEDDINGS = "private-user-embeddings"
+"""Key of the private embedding table in ``context.state`` (never sent)."""
+
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
@@ -34,10 +37,19 @@ def train(msg: Message, context: Context) -> Message:
     site = load_site_from(context, config)
     model = load_global_model(msg, site, config)
     device = select_device(config.device)
+    private = read_private_embeddings(context, site, config)
     result = train_locally(
-        model, site_graphs(site, config), config, server_round, read_history(context), device
+        model,
+        site_graphs(site, config),
+        config,
+        server_round,
+        read_history(context),
+        device,
+        private,
     )
     context.state["privacy"] = ConfigRecord({"history": json.dumps(result.history)})
+    if private is not None:
+        context.state[PRIVATE_EMBEDDINGS] = ArrayRecord({"embedding": private})
     arrays = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     metrics: dict[str, float | int] = {"site-id": site.site_id}
     if config.dp:
@@ -56,10 +68,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     model = load_global_model(msg, site, config).to(select_device(config.device))
     graphs = site_graphs(site, config)
     metrics: dict[str, float | int] = {"site-id": site.site_id}
+    private = read_private_embeddings(context, site, config)
+    device = next(model.parameters()).device
     for part, heldout, exclude in (("val", site.val, None), ("test", site.test, site.val)):
-        values = evaluate_model(
-            model, graphs, heldout, config.top_k, exclude, device=next(model.parameters()).device
-        )
+        values = evaluate_model(model, graphs, heldout, config.top_k, exclude, device, private)
         metrics |= {f"{part}-{name}": value for name, value in values.items()}
     if not config.dp:
         metrics["num-examples"] = site.num_users
@@ -101,6 +113,18 @@ def select_device(name: str) -> torch.device:
 def read_history(context: Context) -> History:
     record = context.state.config_records.get("privacy")
     return [] if record is None else [tuple(s) for s in json.loads(str(record["history"]))]
+
+
+def read_private_embeddings(
+    context: Context, site: SiteData, config: RunConfig
+) -> torch.Tensor | None:
+    """The site's private user embeddings (zeros at first), or None when not configured."""
+    if not config.private_user_embedding:
+        return None
+    record = context.state.array_records.get(PRIVATE_EMBEDDINGS)
+    if record is None:
+        return torch.zeros(site.num_users, config.embedding_dim)
+    return torch.from_numpy(record["embedding"].numpy().copy())
 
 
 def reply(

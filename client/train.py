@@ -35,6 +35,8 @@ from common.ego_graphs import UserEgoGraphs
 from common.model import EgoBatch, EgoGraphRecommender
 from common.privacy import History, accountant_with_history
 
+PRIVATE_FIT_USERS_PER_BATCH = 256
+
 
 @dataclass(frozen=True)
 class LocalTraining:
@@ -56,7 +58,13 @@ def site_graphs(site: SiteData, config: RunConfig) -> UserEgoGraphs:
     """The ego graphs of the site's users, built from their training interactions."""
     features = site.user_features if config.user_features else site.user_features[:, :0]
     return UserEgoGraphs(
-        site.train, site.user_keys, features, site.catalogue, config.degree_cap, config.seed
+        site.train,
+        site.user_keys,
+        features,
+        site.catalogue,
+        config.degree_cap,
+        config.edge_dropout,
+        config.seed,
     )
 
 
@@ -71,13 +79,21 @@ def train_locally(
     config: RunConfig,
     server_round: int,
     history: History,
-    device: torch.device,
+    device: torch.device | str,
+    private: torch.Tensor | None = None,
 ) -> LocalTraining:
-    """Train ``model`` in place for ``config.local_epochs`` epochs of round ``server_round``."""
+    """Train ``model`` in place for ``config.local_epochs`` epochs of round ``server_round``.
+
+    ``private`` is the site's ``[users, d]`` table of private user embeddings
+    (``private-user-embedding = true``); it is an input to DP-SGD and is refit
+    afterwards by :func:`fit_private_embeddings`.
+    """
     warnings.filterwarnings("ignore", message="Secure RNG turned off")  # see module docstring
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus hooks
     model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    optimizer = torch.optim.AdamW(
+        model.parameter_groups(config.weight_decay), lr=config.learning_rate
+    )
     steps = config.steps_per_epoch
     if config.dp:
         loader = DPDataLoader(graphs, sample_rate=1.0 / steps, generator=entropy_generator())
@@ -86,7 +102,7 @@ def train_locally(
         loader.batch_sampler.steps = steps
         engine = PrivacyEngine(accountant=config.accountant)
         engine.accountant = accountant_with_history(config.accountant, history)
-        private = engine.make_private(
+        wrapped = engine.make_private(
             module=model,
             optimizer=optimizer,
             data_loader=loader,
@@ -98,8 +114,8 @@ def train_locally(
             noise_generator=entropy_generator(device),
             **({"criterion": PerUserLoss()} if config.grad_sample_mode == "ghost" else {}),
         )
-        dp_model, optimizer, loader = private[0], private[1], private[-1]
-        criterion = private[2] if config.grad_sample_mode == "ghost" else PerUserLoss()
+        dp_model, optimizer, loader = wrapped[0], wrapped[1], wrapped[-1]
+        criterion = wrapped[2] if config.grad_sample_mode == "ghost" else PerUserLoss()
     else:
         batch_size = max(1, round(len(graphs) / steps))
         loader = DataLoader(graphs, batch_size=batch_size, shuffle=True)
@@ -109,7 +125,7 @@ def train_locally(
     for epoch in range(config.local_epochs):
         graphs.set_epoch((server_round - 1) * config.local_epochs + epoch)
         for columns in loader:
-            batch = EgoBatch(*columns).to(device)
+            batch = EgoBatch(*columns).with_private(private).to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(dp_model(batch))
             loss.backward()
@@ -117,11 +133,46 @@ def train_locally(
             total_loss += float(loss.detach()) if not config.dp else 0.0
             total_users += len(batch.items)
 
+    if config.dp:
+        dp_model.remove_hooks()
+    if private is not None:
+        fit_private_embeddings(model, graphs, private, config, server_round, device)
     if not config.dp:
         return LocalTraining([], None, total_loss / max(total_users, 1))
-    dp_model.remove_hooks() if hasattr(dp_model, "remove_hooks") else None
     history = [tuple(step) for step in engine.accountant.history]
     return LocalTraining(history, engine.accountant.get_epsilon(config.delta), None)
+
+
+def fit_private_embeddings(
+    model: EgoGraphRecommender,
+    graphs: UserEgoGraphs,
+    private: torch.Tensor,
+    config: RunConfig,
+    server_round: int,
+    device: torch.device | str,
+) -> None:
+    """Fit every user's private embedding :math:`p_u` to that user's own loss, in place.
+
+    The item side is frozen; Adam updates each row of ``private`` from its own
+    user's loss only (the rows of users outside a batch get a zero gradient).
+    This runs after DP-SGD and outside it: :math:`p_u` is a function of user
+    ``u``'s data and of the item side the site is about to release, it is never
+    sent, and in the next round it is an input to ``u``'s own per-sample
+    gradient only, so the user-level guarantee is unchanged.
+    """
+    table = private.detach().to(device, copy=True).requires_grad_()
+    optimizer = torch.optim.Adam([table], lr=config.learning_rate)
+    model.requires_grad_(False)
+    loader = DataLoader(graphs, batch_size=PRIVATE_FIT_USERS_PER_BATCH)
+    for epoch in range(config.local_epochs):
+        graphs.set_epoch((server_round - 1) * config.local_epochs + epoch)
+        for columns in loader:
+            batch = EgoBatch(*columns).to(device).with_private(table)
+            optimizer.zero_grad(set_to_none=True)
+            model(batch).sum().backward()
+            optimizer.step()
+    model.requires_grad_(True)
+    private.copy_(table.detach().to(private.device))
 
 
 class PerUserLoss:

@@ -45,12 +45,15 @@ class RunConfig:
     task: str
     embedding_dim: int
     degree_cap: int
+    edge_dropout: float
     user_features: bool
     user_bias: bool
     user_bias_shrinkage: float
+    private_user_embedding: bool
     local_epochs: int
     sample_rate: float
     learning_rate: float
+    weight_decay: float
     dp: bool
     noise_multiplier: float
     clip_norm: float
@@ -116,6 +119,12 @@ class RunConfig:
         for key, value in positive.items():
             if value <= 0:
                 raise InputError(f"{key}: expected a positive number, got {value}")
+        if not 0 <= self.edge_dropout < 1:
+            raise InputError(
+                f"edge-dropout: expected a probability in [0, 1), got {self.edge_dropout}"
+            )
+        if self.weight_decay < 0:
+            raise InputError(f"weight-decay: expected >= 0, got {self.weight_decay}")
         if self.noise_multiplier < 0:
             raise InputError(f"noise-multiplier: expected >= 0, got {self.noise_multiplier}")
         if not 0 < self.delta < 1:

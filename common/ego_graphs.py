@@ -24,7 +24,7 @@ EVALUATION_EPOCH = 2**31 - 1
 
 
 class UserEgoGraphs(Dataset):
-    """One sample per user: ``(items, levels, ratings, mask, negatives, features)``.
+    """One sample per user: the fields of :class:`EgoBatch`.
 
     Args:
         interactions: the users' training interactions; ``user`` holds local
@@ -33,6 +33,8 @@ class UserEgoGraphs(Dataset):
         user_features: ``[num_users, F]`` float32 attributes.
         catalogue: the public catalogue (number of items, rating scale).
         degree_cap: K, the number of edges per sample.
+        edge_dropout: probability that a training edge is left out of the ego
+            graph (it stays a target); 0 at evaluation.
         seed: base seed of the per-user generators.
     """
 
@@ -43,6 +45,7 @@ class UserEgoGraphs(Dataset):
         user_features: np.ndarray,
         catalogue: Catalogue,
         degree_cap: int,
+        edge_dropout: float,
         seed: int,
     ) -> None:
         num_users = len(user_keys)
@@ -58,6 +61,7 @@ class UserEgoGraphs(Dataset):
         self.num_items = catalogue.num_items
         self.rating_range = (float(levels[0]), float(levels[-1]))
         self.degree_cap = degree_cap
+        self.edge_dropout = edge_dropout
         self.seed = seed
         self.epoch = 0
 
@@ -76,6 +80,7 @@ class UserEgoGraphs(Dataset):
         return self.items[self.indptr[user] : self.indptr[user + 1]]
 
     def sample(self, user: int, epoch: int) -> tuple[torch.Tensor, ...]:
+        """User ``user``'s sample in ``epoch`` (the tuple order of :class:`EgoBatch`)."""
         rng = np.random.default_rng((self.seed, epoch, int(self.user_keys[user])))
         start, end = self.indptr[user], self.indptr[user + 1]
         k = self.degree_cap
@@ -94,13 +99,18 @@ class UserEgoGraphs(Dataset):
             1.0,
         )
         negatives = rng.integers(0, self.num_items, size=k)
+        context = mask.copy()
+        if epoch != EVALUATION_EPOCH and self.edge_dropout > 0:
+            context *= rng.random(k) >= self.edge_dropout
         return (
             torch.from_numpy(items),
             torch.from_numpy(levels),
             torch.from_numpy(ratings),
             torch.from_numpy(mask),
+            torch.from_numpy(context),
             torch.from_numpy(negatives),
             self.user_features[user],
+            torch.tensor(user),
         )
 
     def __getitem__(self, user: int) -> tuple[torch.Tensor, ...]:

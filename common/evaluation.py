@@ -35,8 +35,11 @@ def evaluate(
     top_k: int,
     exclude: Interactions | None = None,
     device: torch.device | str = "cpu",
+    private: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Metrics of ``model`` on ``heldout`` (users are local indices of ``graphs``).
+
+    ``private`` is the site's table of private user embeddings, if it has one.
 
     Returns ``{"rmse", "mae"}`` for the rating task and ``{"recall@K", "ndcg@K"}``
     for ranking; empty when ``heldout`` is empty.
@@ -44,21 +47,20 @@ def evaluate(
     if len(heldout) == 0:
         return {}
     model.eval()
+    users = np.unique(heldout.user)
+    user_batches = [users[s : s + USERS_PER_BATCH] for s in range(0, len(users), USERS_PER_BATCH)]
+    contexts = (graphs.context(b).with_private(private).to(device) for b in user_batches)
+    batches = zip(user_batches, contexts, strict=True)
     if model.task == "rating":
-        return _rating_metrics(model, graphs, heldout, device)
-    return _ranking_metrics(model, graphs, heldout, top_k, exclude, device)
+        return _rating_metrics(model, graphs, heldout, batches, device)
+    return _ranking_metrics(model, graphs, heldout, batches, top_k, exclude, device)
 
 
-def _user_batches(users: np.ndarray):
-    for start in range(0, len(users), USERS_PER_BATCH):
-        yield users[start : start + USERS_PER_BATCH]
-
-
-def _rating_metrics(model, graphs, heldout, device) -> dict[str, float]:
+def _rating_metrics(model, graphs, heldout, batches, device) -> dict[str, float]:
     low, high = graphs.rating_range
     squared, absolute = 0.0, 0.0
-    for batch_users in _user_batches(np.unique(heldout.user)):
-        z, bias = model.user_vectors(graphs.context(batch_users).to(device))
+    for batch_users, context in batches:
+        z, bias = model.user_vectors(context)
         rows, mine = _in_batch(heldout, batch_users)
         items = torch.as_tensor(mine.item, device=device)
         rows = torch.as_tensor(rows, device=device)
@@ -69,10 +71,10 @@ def _rating_metrics(model, graphs, heldout, device) -> dict[str, float]:
     return {"rmse": (squared / len(heldout)) ** 0.5, "mae": absolute / len(heldout)}
 
 
-def _ranking_metrics(model, graphs, heldout, top_k, exclude, device) -> dict[str, float]:
+def _ranking_metrics(model, graphs, heldout, batches, top_k, exclude, device) -> dict[str, float]:
     recall, ndcg = LinkPredRecall(top_k).to(device), LinkPredNDCG(top_k).to(device)
-    for batch_users in _user_batches(np.unique(heldout.user)):
-        z, _ = model.user_vectors(graphs.context(batch_users).to(device))
+    for batch_users, context in batches:
+        z, _ = model.user_vectors(context)
         scores = model.score_catalogue(z)
         for row, user in enumerate(batch_users):
             scores[row, torch.as_tensor(graphs.item_set(int(user)), device=device)] = -torch.inf

@@ -26,10 +26,13 @@ A second convolution on a star graph would only send :math:`h_u` back to the
 user; multi-hop signal reaches a user through the item embeddings, which the
 federation trains on every site's users.
 
-**Dense layer** with the user's attributes (GC-MC's side-information path):
+**Dense layer** with the user's attributes (GC-MC's side-information path),
+plus an optional private embedding :math:`p_u` that never leaves the user's
+site and is not trained by DP-SGD (``client.train.fit_private_embeddings``):
 
 .. math::
     z_u = W_d \big[\operatorname{ReLU}(h_u) \,\|\, \operatorname{ReLU}(W_a x_u)\big]
+          \;(+\, p_u)
 
 **Score**: :math:`s_{ui} = z_u^\top q_i + b_i + b_u`, where :math:`b_i` is the
 shared item bias (initialised at the middle of the rating scale, so it also
@@ -45,8 +48,8 @@ user is a target, and its own edge is removed from the ego graph when it is
 scored (:math:`N(u) \setminus \{i\}` in both formulas above), so the model never
 sees the rating it predicts. Rating task: squared error. Ranking task: BPR
 against one negative per positive drawn uniformly from the public catalogue.
-The loss of a user is the mean over that user's targets, so each user is one
-sample for Opacus.
+The loss of a user is the sum over that user's targets divided by the degree
+cap, and each user is one sample for Opacus.
 
 Every layer is called once per forward pass on a batch-first tensor, so the
 module works with Opacus's ``hooks`` and ``ghost`` per-sample gradient modes.
@@ -54,7 +57,7 @@ module works with Opacus's ``hooks`` and ``ghost`` per-sample gradient modes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -75,23 +78,32 @@ class EgoBatch:
         items: ``[B, K]`` item index of each edge (0 where padded).
         levels: ``[B, K]`` rating-level index of each edge.
         ratings: ``[B, K]`` rating value of each edge (1.0 for implicit data).
-        mask: ``[B, K]`` 1.0 for real edges, 0.0 for padding.
+        mask: ``[B, K]`` 1.0 for real edges (the targets), 0.0 for padding.
+        context: ``[B, K]`` 1.0 for the edges that form the ego graph: the real
+            edges minus those removed by edge dropout (training only).
         negatives: ``[B, K]`` one negative item per edge (ranking task only).
         features: ``[B, F]`` user attributes (``F`` may be 0).
+        users: ``[B]`` the users' local indices at their site.
+        private: ``[B, d]`` the users' private embeddings :math:`p_u`, or ``None``.
     """
 
     items: Tensor
     levels: Tensor
     ratings: Tensor
     mask: Tensor
+    context: Tensor
     negatives: Tensor
     features: Tensor
+    users: Tensor
+    private: Tensor | None = None
 
-    def to(self, device: torch.device) -> EgoBatch:
-        return EgoBatch(*(t.to(device) for t in self.as_tuple()))
+    def with_private(self, table: Tensor | None) -> EgoBatch:
+        """This batch with its users' rows of a private embedding table (``None``: none)."""
+        return self if table is None else replace(self, private=table[self.users])
 
-    def as_tuple(self) -> tuple[Tensor, ...]:
-        return (self.items, self.levels, self.ratings, self.mask, self.negatives, self.features)
+    def to(self, device: torch.device | str) -> EgoBatch:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return EgoBatch(**{k: None if v is None else v.to(device) for k, v in moved.items()})
 
 
 class EgoGraphRecommender(nn.Module):
@@ -134,31 +146,50 @@ class EgoGraphRecommender(nn.Module):
         middle = (min(rating_levels) + max(rating_levels)) / 2 if task == "rating" else 0.0
         nn.init.constant_(self.item_bias.weight, middle)
 
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer groups: weight decay on embeddings and weight matrices, not on biases
+        (the item bias carries the global mean and must not be pulled to zero)."""
+        decayed = [
+            p for n, p in self.named_parameters() if n.endswith("weight") and "bias" not in n
+        ]
+        others = [p for n, p in self.named_parameters() if not any(p is d for d in decayed)]
+        return [
+            {"params": decayed, "weight_decay": weight_decay},
+            {"params": others, "weight_decay": 0.0},
+        ]
+
     def _messages(self, q: Tensor, levels: Tensor) -> Tensor:
         """``W_{r_ui} q_i`` for every edge: one Linear call, then pick the level."""
         per_level = self.conv(q).unflatten(-1, (self.num_levels, self.dim))
         index = levels[..., None, None].expand(*levels.shape, 1, self.dim)
         return per_level.gather(-2, index).squeeze(-2)
 
-    def _user_vector(self, h: Tensor, features: Tensor) -> Tensor:
-        """The dense layer; ``h`` is ``[B, d]`` or ``[B, K, d]``."""
+    def _user_vector(self, h: Tensor, batch: EgoBatch) -> Tensor:
+        """The dense layer, plus the private embedding; ``h`` is ``[B, d]`` or ``[B, K, d]``."""
         h = F.relu(h)
         if self.attributes is not None:
-            a = F.relu(self.attributes(features))
+            a = F.relu(self.attributes(batch.features))
             if h.dim() == 3:
                 a = a[:, None, :].expand(-1, h.shape[1], -1)
             h = torch.cat([h, a], dim=-1)
-        return self.dense(h)
+        z = self.dense(h)
+        if batch.private is None:
+            return z
+        return z + (batch.private[:, None, :] if z.dim() == 3 else batch.private)
 
     def forward(self, batch: EgoBatch) -> Tensor:
-        """Per-user training loss, shape ``[B]``: the mean over the user's targets."""
+        """Per-user training loss, shape ``[B]``: the sum over the user's targets / K.
+
+        Dividing by the fixed cap K rather than the user's own count weighs
+        interactions equally up to the cap (as RMSE over interactions does), and
+        keeps every user's loss on one scale.
+        """
         score, score_negative = self.leave_one_out_scores(batch)
         if self.task == "rating":
             per_target = (score - batch.ratings) ** 2
         else:
             per_target = -F.logsigmoid(score - score_negative)
-        mask = batch.mask
-        return (per_target * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return (per_target * batch.mask).sum(1) / batch.mask.shape[1]
 
     def leave_one_out_scores(self, batch: EgoBatch) -> tuple[Tensor, Tensor | None]:
         """Score of every edge ``(u, i)`` with the edge itself removed from the ego graph.
@@ -171,18 +202,18 @@ class EgoGraphRecommender(nn.Module):
         q_all = self.item_embedding(ids)
         b_all = self.item_bias(ids).squeeze(-1)
         q, b = q_all[:, :k], b_all[:, :k]
-        mask = batch.mask
+        context = batch.context
 
-        messages = self._messages(q, batch.levels) * mask[..., None]
-        rest = mask.sum(1, keepdim=True) - mask  # |N(u) \ {i}| for every target i
+        messages = self._messages(q, batch.levels) * context[..., None]
+        rest = context.sum(1, keepdim=True) - context  # |N(u) \ {i}| for every target i
         h = (messages.sum(1, keepdim=True) - messages) / rest.clamp(min=1).sqrt()[..., None]
-        z = self._user_vector(h, batch.features)  # [B, K, d]
+        z = self._user_vector(h, batch)  # [B, K, d]
 
         score = (z * q).sum(-1) + b
         if self.task == "ranking":
             return score, (z * q_all[:, k:]).sum(-1) + b_all[:, k:]
         if self.user_bias_shrinkage is not None:
-            residual = (batch.ratings - b.detach()) * mask
+            residual = (batch.ratings - b.detach()) * context
             score = score + (residual.sum(1, keepdim=True) - residual) / (
                 self.user_bias_shrinkage + rest
             )
@@ -195,15 +226,15 @@ class EgoGraphRecommender(nn.Module):
         the task or configuration has none).
         """
         q = self.item_embedding(batch.items)
-        mask = batch.mask
-        messages = self._messages(q, batch.levels) * mask[..., None]
-        degree = mask.sum(1)
+        context = batch.context
+        messages = self._messages(q, batch.levels) * context[..., None]
+        degree = context.sum(1)
         h = messages.sum(1) / degree.clamp(min=1).sqrt()[:, None]
-        z = self._user_vector(h, batch.features)
+        z = self._user_vector(h, batch)
         if self.user_bias_shrinkage is None:
             return z, torch.zeros_like(degree)
         b = self.item_bias(batch.items).squeeze(-1)
-        residual = ((batch.ratings - b) * mask).sum(1)
+        residual = ((batch.ratings - b) * context).sum(1)
         return z, residual / (self.user_bias_shrinkage + degree)
 
     def score(self, z: Tensor, user_bias: Tensor, items: Tensor) -> Tensor:

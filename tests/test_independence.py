@@ -13,7 +13,7 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-from client.train import site_graphs
+from client.train import fit_private_embeddings, site_graphs
 from common.config import default_config
 from common.data import Interactions, load_site
 from common.data.site import SiteData
@@ -41,11 +41,13 @@ def without_user(site: SiteData, local_user: int) -> SiteData:
     )
 
 
-def per_user_gradients(model, graphs, users: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+def per_user_gradients(
+    model, graphs, users: list[int], private: torch.Tensor | None = None
+) -> dict[int, dict[str, torch.Tensor]]:
     """Opacus per-sample gradients of ``users`` (local indices), keyed by user key."""
     gsm = GradSampleModule(model, loss_reduction="sum")
     columns = zip(*(graphs[u] for u in users), strict=True)
-    batch = EgoBatch(*(torch.stack(c) for c in columns))
+    batch = EgoBatch(*(torch.stack(c) for c in columns)).with_private(private)
     gsm.zero_grad()
     gsm(batch).sum().backward()
     grads = {
@@ -58,9 +60,18 @@ def per_user_gradients(model, graphs, users: list[int]) -> dict[int, dict[str, t
     return grads
 
 
-@pytest.mark.parametrize("task", ["rating", "ranking"])
-def test_removing_a_user_leaves_other_users_gradients_identical(task):
-    config = default_config(task=task, synthetic_users=120, synthetic_items=80, degree_cap=16)
+@pytest.mark.parametrize(
+    ("task", "private"), [("rating", False), ("ranking", False), ("rating", True)]
+)
+def test_removing_a_user_leaves_other_users_gradients_identical(task, private):
+    config = default_config(
+        task=task,
+        synthetic_users=120,
+        synthetic_items=80,
+        degree_cap=16,
+        edge_dropout=0.25,
+        private_user_embedding=private,
+    )
     site = load_site(config, 0, 2)
     removed = 3
     smaller = without_user(site, removed)
@@ -72,10 +83,14 @@ def test_removing_a_user_leaves_other_users_gradients_identical(task):
     graphs_without = site_graphs(smaller, config)
     graphs_without.set_epoch(7)
 
+    # Private embeddings, when configured, are per-user inputs: drop A's row too.
+    table = torch.randn(site.num_users, config.embedding_dim) if private else None
+    table_without = None if table is None else table[np.arange(site.num_users) != removed]
+
     batch = [0, 1, 2, removed, 5, 8, 13, 21]
-    with_a = per_user_gradients(model, graphs, batch)
+    with_a = per_user_gradients(model, graphs, batch, table)
     batch_without = [u if u < removed else u - 1 for u in batch if u != removed]
-    without_a = per_user_gradients(model, graphs_without, batch_without)
+    without_a = per_user_gradients(model, graphs_without, batch_without, table_without)
 
     removed_key = int(site.user_keys[removed])
     assert set(with_a) - set(without_a) == {removed_key}
@@ -104,3 +119,22 @@ def test_per_sample_gradients_equal_one_user_at_a_time_autograd():
             torch.testing.assert_close(
                 opacus_grads[int(graphs.user_keys[u])][name], expected, rtol=1e-5, atol=1e-6
             )
+
+
+def test_private_embeddings_are_fit_from_each_users_own_data_only():
+    """Refitting p_u after removing user A leaves every other user's p_u unchanged."""
+    config = default_config(
+        synthetic_users=120, synthetic_items=80, degree_cap=16, private_user_embedding=True
+    )
+    site = load_site(config, 0, 2)
+    removed = 4
+    torch.manual_seed(0)
+    model = build_model(site.catalogue, config)
+    table = torch.randn(site.num_users, config.embedding_dim) * 0.1
+    table_without = table[np.arange(site.num_users) != removed].clone()
+    fit_private_embeddings(model, site_graphs(site, config), table, config, 1, "cpu")
+    smaller = without_user(site, removed)
+    fit_private_embeddings(model, site_graphs(smaller, config), table_without, config, 1, "cpu")
+    others = np.arange(site.num_users) != removed
+    assert torch.equal(table[others], table_without)
+    assert all(p.requires_grad for p in model.parameters())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -49,11 +51,10 @@ def test_a_target_never_sees_its_own_rating():
     batch = batch_of(site_graphs(site, config), [5])
     before, _ = model.leave_one_out_scores(batch)
     j = 2
-    changed = EgoBatch(*batch.as_tuple())
-    changed.ratings = batch.ratings.clone()
-    changed.ratings[0, j] = 6.0 - batch.ratings[0, j]
-    changed.levels = batch.levels.clone()
-    changed.levels[0, j] = 4 - batch.levels[0, j]
+    ratings, levels = batch.ratings.clone(), batch.levels.clone()
+    ratings[0, j] = 6.0 - ratings[0, j]
+    levels[0, j] = 4 - levels[0, j]
+    changed = dataclasses.replace(batch, ratings=ratings, levels=levels)
     after, _ = model.leave_one_out_scores(changed)
     assert torch.equal(before[0, j], after[0, j])
     others = [i for i in range(int(batch.mask.sum())) if i != j]
@@ -67,10 +68,15 @@ def test_padding_contributes_nothing():
     graphs = site_graphs(site, config)
     batch = batch_of(graphs, [0])
     n = int(batch.mask.sum())
-    trimmed = EgoBatch(
-        *(t[:, :n] if t.dim() == 2 and t.shape[1] == 200 else t for t in batch.as_tuple())
+    trimmed = dataclasses.replace(
+        batch,
+        **{
+            f.name: getattr(batch, f.name)[:, :n]
+            for f in dataclasses.fields(batch)
+            if f.name in ("items", "levels", "ratings", "mask", "context", "negatives")
+        },
     )
-    torch.testing.assert_close(model(batch), model(trimmed))
+    torch.testing.assert_close(model(batch) * 200, model(trimmed) * n)  # loss = sum / K
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
@@ -98,3 +104,15 @@ def test_empty_poisson_batches_are_handled():
     model = build_model(site.catalogue, config)
     result = train_locally(model, site_graphs(site, config), config, 1, [], torch.device("cpu"))
     assert result.history == [(config.noise_multiplier, 0.1, 10)]
+
+
+def test_edge_dropout_removes_context_edges_in_training_only():
+    config = small_config(edge_dropout=0.5, degree_cap=64)
+    site = load_site(config, 0, 1)
+    graphs = site_graphs(site, config)
+    batch = batch_of(graphs, list(range(20)))
+    assert torch.all(batch.context <= batch.mask)
+    kept = batch.context.sum() / batch.mask.sum()
+    assert 0.35 < float(kept) < 0.65
+    context = graphs.context(list(range(20)))
+    assert torch.equal(context.context, context.mask)

@@ -85,7 +85,9 @@ def simulate(config, num_sites: int, record_to: Path) -> Path:
 def dp_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("dp-run")
     (base / "messages").mkdir()
-    config = default_config(num_server_rounds=3, min_sites=3, run_dir=str(base / "runs"))
+    config = default_config(
+        num_server_rounds=3, min_sites=3, run_dir=str(base / "runs"), private_user_embedding=True
+    )
     return config, simulate(config, 3, base / "messages"), base / "messages"
 
 
