@@ -36,6 +36,10 @@ from common.model import ITEM_ROW_PARAMETERS
 from common.privacy import ITEM_COUNTS
 
 
+class RejectedUpdate(ValueError):
+    """A site update the server does not use; the message says why."""
+
+
 @dataclass
 class RoundLog:
     """What happened in one round, per site (keyed by ``site-id``)."""
@@ -70,6 +74,13 @@ class ItemSideFedAvg(FedAvg):
     def round_log(self, server_round: int) -> RoundLog:
         return self.log.setdefault(server_round, RoundLog())
 
+    def record_failure(self, server_round: int, sender: str, reason: str) -> None:
+        """Log a failed site in full; keep its last line in the round log."""
+        log(WARNING, "Round %d: %s failed: %s", server_round, sender, reason)
+        lines = [line.strip() for line in reason.splitlines() if line.strip()]
+        last = lines[-1] if lines else "no reason given"
+        self.round_log(server_round).failed.append(f"{sender}: {last[:300]}")
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -82,16 +93,24 @@ class ItemSideFedAvg(FedAvg):
         record = self.round_log(server_round)
         accepted: list[tuple[dict[str, np.ndarray], MetricRecord]] = []
         for reply in replies:
-            source = f"node {reply.metadata.src_node_id}"
+            sender = f"node {reply.metadata.src_node_id}"
             if reply.has_error():
-                record.failed.append(f"{source}: {reply.error.reason}")
-                log(WARNING, "Round %d: %s failed: %s", server_round, source, reply.error.reason)
+                self.record_failure(server_round, sender, reply.error.reason)
                 continue
-            arrays, metrics, reason = self.check_update(reply)
-            if reason is not None:
-                site = f"site {int(metrics['site-id'])}" if metrics else source
-                record.rejected[site] = reason
-                log(WARNING, "Round %d: rejected the update of %s: %s", server_round, site, reason)
+            metrics = reply.content.metric_records.get("metrics")
+            if metrics is not None and "site-id" in metrics:
+                sender = f"site {int(metrics['site-id'])}"
+            try:
+                arrays = self.read_update(reply)
+            except RejectedUpdate as rejection:
+                record.rejected[sender] = str(rejection)
+                log(
+                    WARNING,
+                    "Round %d: rejected the update of %s: %s",
+                    server_round,
+                    sender,
+                    rejection,
+                )
                 continue
             record.train[int(metrics["site-id"])] = dict(metrics)
             accepted.append((arrays, metrics))
@@ -106,55 +125,46 @@ class ItemSideFedAvg(FedAvg):
             [m for _, m in accepted], weighted=True, skip=("site-id",)
         )
 
-    def check_update(
-        self, reply: Message
-    ) -> tuple[dict[str, np.ndarray], MetricRecord | None, str | None]:
-        """The update's arrays and metrics, and the reason to reject it (None: accept)."""
+    def read_update(self, reply: Message) -> dict[str, np.ndarray]:
+        """The update's arrays, checked; raises :class:`RejectedUpdate` with the reason."""
         content = reply.content
         metrics = content.metric_records.get("metrics")
         if set(content.array_records) != {"arrays"} or metrics is None:
-            return (
-                {},
-                None,
-                (
-                    "expected one ArrayRecord 'arrays' and one MetricRecord 'metrics', got "
-                    f"{sorted(content.array_records)} and {sorted(content.metric_records)}"
-                ),
+            raise RejectedUpdate(
+                "expected one ArrayRecord 'arrays' and one MetricRecord 'metrics', got "
+                f"{sorted(content.array_records)} and {sorted(content.metric_records)}"
             )
         if "site-id" not in metrics:
-            return {}, None, "the MetricRecord has no 'site-id'"
+            raise RejectedUpdate("the MetricRecord has no 'site-id'")
         received = content.array_records["arrays"]
         expected = set(self.global_arrays) | (set() if self.dp else {ITEM_COUNTS})
         if set(received) != expected:
-            missing, extra = expected - set(received), set(received) - expected
-            return (
-                {},
-                metrics,
-                f"keys differ: missing {sorted(missing)}, unexpected {sorted(extra)}",
-            )
+            missing, extra = sorted(expected - set(received)), sorted(set(received) - expected)
+            raise RejectedUpdate(f"keys differ: missing {missing}, unexpected {extra}")
         arrays = {}
         for key, array in received.items():
-            reference = self.global_arrays[key] if key != ITEM_COUNTS else None
-            value = array.numpy()
+            reference = self.global_arrays.get(key)
             if reference is not None and (
                 tuple(array.shape) != tuple(reference.shape) or array.dtype != reference.dtype
             ):
-                return (
-                    {},
-                    metrics,
-                    (
-                        f"'{key}' has shape {tuple(array.shape)} and dtype {array.dtype}, "
-                        f"expected {tuple(reference.shape)} and {reference.dtype}"
-                    ),
+                raise RejectedUpdate(
+                    f"'{key}' has shape {tuple(array.shape)} and dtype {array.dtype}, "
+                    f"expected {tuple(reference.shape)} and {reference.dtype}"
                 )
-            if not np.all(np.isfinite(value)):
-                return {}, metrics, f"'{key}' holds NaN or infinite values"
-            arrays[key] = value
+            arrays[key] = array.numpy()
+            if not np.all(np.isfinite(arrays[key])):
+                raise RejectedUpdate(f"'{key}' holds NaN or infinite values")
         if not self.dp:
-            reason = _check_counts(arrays[ITEM_COUNTS], self.global_arrays, metrics)
-            if reason is not None:
-                return {}, metrics, reason
-        return arrays, metrics, None
+            num_items = self.global_arrays[ITEM_ROW_PARAMETERS[0]].shape[0]
+            counts = arrays[ITEM_COUNTS]
+            if counts.shape != (num_items,) or np.any(counts < 0):
+                raise RejectedUpdate(
+                    f"'{ITEM_COUNTS}' must be {num_items} non-negative counts, "
+                    f"got shape {counts.shape}"
+                )
+            if float(metrics.get("num-examples", 0)) <= 0:
+                raise RejectedUpdate("dp = false needs a positive 'num-examples' metric")
+        return arrays
 
     def average(self, updates: list[tuple[dict[str, np.ndarray], MetricRecord]]) -> dict:
         """The new global arrays (formulas in the module docstring)."""
@@ -187,7 +197,9 @@ class ItemSideFedAvg(FedAvg):
         collected = []
         for reply in replies:
             if reply.has_error():
-                record.failed.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                self.record_failure(
+                    server_round, f"node {reply.metadata.src_node_id}", reply.error.reason
+                )
                 continue
             metrics = reply.content.metric_records.get("metrics")
             if metrics is None or "site-id" not in metrics:
@@ -199,15 +211,6 @@ class ItemSideFedAvg(FedAvg):
         aggregated = mean_metrics(collected, weighted=not self.dp, skip=("site-id",))
         record.aggregated = dict(aggregated)
         return aggregated
-
-
-def _check_counts(counts: np.ndarray, template: ArrayRecord, metrics: MetricRecord) -> str | None:
-    num_items = template[ITEM_ROW_PARAMETERS[0]].shape[0]
-    if counts.shape != (num_items,) or np.any(counts < 0):
-        return f"'{ITEM_COUNTS}' must be {num_items} non-negative counts, got shape {counts.shape}"
-    if "num-examples" not in metrics or float(metrics["num-examples"]) <= 0:
-        return "dp = false needs a positive 'num-examples' metric"
-    return None
 
 
 def mean_metrics(

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
 from common.privacy import ITEM_COUNTS
 from server.strategy import ItemSideFedAvg, mean_metrics
@@ -28,15 +28,18 @@ def as_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
 
-def reply_from(node_id: int, arrays: dict[str, np.ndarray], metrics: dict) -> Message:
-    """A reply as the server receives it from ``node_id``."""
-    metadata = Metadata(
+def metadata_from(node_id: int) -> Metadata:
+    return Metadata(
         run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=0,
         reply_to_message_id="i", group_id="1", created_at=time.time(), ttl=60.0,
         message_type="train",
     )  # fmt: skip
+
+
+def reply_from(node_id: int, arrays: dict[str, np.ndarray], metrics: dict) -> Message:
+    """A reply as the server receives it from ``node_id``."""
     content = RecordDict({"arrays": as_record(arrays), "metrics": MetricRecord(metrics)})
-    return Message(content, metadata=metadata)
+    return Message(content, metadata=metadata_from(node_id))
 
 
 def site_update(value: float, counts: list[float] | None = None) -> dict[str, np.ndarray]:
@@ -94,6 +97,19 @@ def test_malformed_update_is_rejected_and_round_goes_on(bad, reason):
     assert list(strategy.log[3].rejected) == ["site 1"]
     assert reason in strategy.log[3].rejected["site 1"]
     assert list(strategy.log[3].train) == [0]
+
+
+def test_a_failed_site_is_logged_by_its_last_line_and_the_round_goes_on():
+    strategy = ItemSideFedAvg(global_arrays(), dp=True, min_sites=2)
+    failure = Message(
+        Error(code=0, reason="Traceback ...\n  File x\nValueError: bad data\n"),
+        metadata=metadata_from(7),
+    )
+    arrays, _ = strategy.aggregate_train(
+        2, [failure, reply_from(1, site_update(3.0), {"site-id": 0, "epsilon": 1.0})]
+    )
+    np.testing.assert_allclose(arrays["dense.weight"].numpy(), 3.0)
+    assert strategy.log[2].failed == ["node 7: ValueError: bad data"]
 
 
 def test_missing_key_is_rejected():
