@@ -87,8 +87,12 @@ def split_dataset(dataset: Dataset, config: RunConfig) -> Split:
     return make_split(dataset, how, config.val_fraction, config.test_fraction, config.seed)
 
 
+@lru_cache(maxsize=4)
 def load_site(config: RunConfig, site_id: int, num_sites: int) -> SiteData:
-    """Site ``site_id`` of ``num_sites`` in simulation (same result in every process)."""
+    """Site ``site_id`` of ``num_sites`` in simulation (same result in every process).
+
+    Cached: a ClientApp process handles many messages of the same run.
+    """
     dataset = load_dataset(config)
     site_of_user = partition_users(
         dataset,
