@@ -4,56 +4,93 @@ It reads the run configuration from the server's message, loads the site's own
 users (``node_config``: ``partition-id`` and ``num-partitions`` in simulation),
 trains or evaluates, and replies with the item side only. Before a reply leaves,
 every key in it is checked against the release inventory
-(``common.privacy.released_quantities``). The site's accountant history and its
-private user embeddings stay in ``context.state``, which Flower never sends.
+(``common.privacy.released_quantities``).
+
+The site keeps its own privacy ledger and private user embeddings on its disk
+(``client.site_state``). Before training it checks that the round would keep
+it within ``max-epsilon``; if not, it declines and says so. After training it
+records the round in the ledger, then replies.
 """
 
 from __future__ import annotations
 
-import json
+import math
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.site_state import SiteState
 from client.train import site_graphs, train_locally
 from common.config import RunConfig
 from common.data import SiteData, load_site
 from common.errors import InputError
 from common.evaluation import evaluate as evaluate_model
 from common.model import EgoGraphRecommender, build_model
-from common.privacy import ITEM_COUNTS, History, undeclared_releases
+from common.privacy import (
+    ITEM_COUNTS,
+    History,
+    LedgerEntry,
+    epsilon_spent,
+    independent_epsilon,
+    noise_multiplier_for,
+    site_delta,
+    undeclared_releases,
+)
 
 app = ClientApp()
-
-PRIVATE_EMBEDDINGS = "private-user-embeddings"
-"""Key of the private embedding table in ``context.state`` (never sent)."""
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config, server_round = read_config(msg)
+    config, server_round, run_name = read_config(msg)
     site = load_site_from(context, config)
+    state = SiteState.in_simulation(config, site)
     model = load_global_model(msg, site, config)
-    device = select_device(config.device)
-    private = read_private_embeddings(context, site, config)
+    delta = site_delta(config, site.num_users)
+    sigma = noise_multiplier_for(config, delta) if config.dp else 0.0
+    round_steps = (sigma, config.sampling_probability, config.local_epochs * config.steps_per_epoch)
+    ledger, history = state.ledger(), state.history()
+    unbounded = not config.dp or any(e.without_noise for e in ledger)
+    metrics: dict[str, float | int] = {"site-id": site.site_id}
+
+    if (
+        config.dp
+        and config.max_epsilon > 0
+        and (
+            unbounded
+            or epsilon_spent(config.accountant, [*history, round_steps], delta) > config.max_epsilon
+        )
+    ):
+        declined = ledger_entry(config, run_name, server_round, round_steps, delta, history,
+                                trained=False, unbounded=unbounded)  # fmt: skip
+        state.record(declined)
+        return reply(msg, config, "train", model, {}, metrics | declined.metrics())
+
+    private = (
+        state.private_embeddings(site.user_keys, config.embedding_dim)
+        if config.private_user_embedding
+        else None
+    )
     result = train_locally(
         model,
         site_graphs(site, config),
-        config,
+        config.replace(noise_multiplier=sigma) if config.dp else config,
         server_round,
-        read_history(context),
-        device,
+        history,
+        select_device(config.device),
         private,
     )
-    context.state["privacy"] = ConfigRecord({"history": json.dumps(result.history)})
+    entry = ledger_entry(config, run_name, server_round, round_steps, delta, result.history,
+                         trained=True, unbounded=unbounded)  # fmt: skip
+    state.record(entry)  # before the reply leaves: spent budget is never lost
     if private is not None:
-        context.state[PRIVATE_EMBEDDINGS] = ArrayRecord({"embedding": private})
+        state.save_private_embeddings(site.user_keys, private)
+
     arrays = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    metrics: dict[str, float | int] = {"site-id": site.site_id}
     if config.dp:
-        metrics["epsilon"] = result.epsilon
+        metrics |= entry.metrics()
     else:
         counts = np.bincount(site.train.item, minlength=site.catalogue.num_items)
         arrays[ITEM_COUNTS] = torch.as_tensor(counts.astype(np.float32))
@@ -61,15 +98,52 @@ def train(msg: Message, context: Context) -> Message:
     return reply(msg, config, "train", model, arrays, metrics)
 
 
+def ledger_entry(
+    config: RunConfig,
+    run_name: str,
+    server_round: int,
+    round_steps: tuple[float, float, int],
+    delta: float,
+    history: History,
+    trained: bool,
+    unbounded: bool,
+) -> LedgerEntry:
+    """The ledger entry of a round; its epsilon covers ``history`` (all DP rounds so far).
+
+    ``unbounded``: some round of this site trained without noise, so no epsilon
+    bounds what its users revealed.
+    """
+    sigma, rate, steps = round_steps
+    spent, check = (
+        (math.inf, math.inf)
+        if unbounded
+        else (
+            epsilon_spent(config.accountant, history, delta),
+            independent_epsilon(config.accountant, history, delta),
+        )
+    )
+    return LedgerEntry(
+        run=run_name, round=server_round, trained=trained, noise_multiplier=sigma,
+        sample_rate=rate, steps=steps if trained else 0, clip_norm=config.clip_norm,
+        delta=delta, accountant=config.accountant, epsilon=spent, independent_epsilon=check,
+    )  # fmt: skip
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    config, _ = read_config(msg)
+    config, _, _ = read_config(msg)
     site = load_site_from(context, config)
     model = load_global_model(msg, site, config).to(select_device(config.device))
+    private = (
+        SiteState.in_simulation(config, site).private_embeddings(
+            site.user_keys, config.embedding_dim
+        )
+        if config.private_user_embedding
+        else None
+    )
     graphs = site_graphs(site, config)
-    metrics: dict[str, float | int] = {"site-id": site.site_id}
-    private = read_private_embeddings(context, site, config)
     device = next(model.parameters()).device
+    metrics: dict[str, float | int] = {"site-id": site.site_id}
     for part, heldout, exclude in (("val", site.val, None), ("test", site.test, site.val)):
         values = evaluate_model(model, graphs, heldout, config.top_k, exclude, device, private)
         metrics |= {f"{part}-{name}": value for name, value in values.items()}
@@ -78,10 +152,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     return reply(msg, config, "evaluate", model, {}, metrics)
 
 
-def read_config(msg: Message) -> tuple[RunConfig, int]:
+def read_config(msg: Message) -> tuple[RunConfig, int, str]:
+    """The run configuration, the server round and the run's name from a message."""
     values = dict(msg.content["config"])
     server_round = int(values.pop("server-round"))
-    return RunConfig.from_mapping(values), server_round
+    run_name = str(values.pop("run-name"))
+    return RunConfig.from_mapping(values), server_round, run_name
 
 
 def load_site_from(context: Context, config: RunConfig) -> SiteData:
@@ -108,23 +184,6 @@ def select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def read_history(context: Context) -> History:
-    record = context.state.config_records.get("privacy")
-    return [] if record is None else [tuple(s) for s in json.loads(str(record["history"]))]
-
-
-def read_private_embeddings(
-    context: Context, site: SiteData, config: RunConfig
-) -> torch.Tensor | None:
-    """The site's private user embeddings (zeros at first), or None when not configured."""
-    if not config.private_user_embedding:
-        return None
-    record = context.state.array_records.get(PRIVATE_EMBEDDINGS)
-    if record is None:
-        return torch.zeros(site.num_users, config.embedding_dim)
-    return torch.from_numpy(record["embedding"].numpy().copy())
 
 
 def reply(

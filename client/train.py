@@ -44,13 +44,11 @@ class LocalTraining:
 
     Attributes:
         history: the site's accountant history including this round (DP only).
-        epsilon: epsilon spent so far at ``config.delta`` (DP only).
         mean_loss: mean per-user training loss of the round (non-DP only: with
             DP it is an un-noised statistic of private data and is not kept).
     """
 
     history: History
-    epsilon: float | None
     mean_loss: float | None
 
 
@@ -96,7 +94,9 @@ def train_locally(
     )
     steps = config.steps_per_epoch
     if config.dp:
-        loader = DPDataLoader(graphs, sample_rate=1.0 / steps, generator=entropy_generator())
+        loader = DPDataLoader(
+            graphs, sample_rate=config.sampling_probability, generator=entropy_generator()
+        )
         # DPDataLoader takes int(1/q) steps, which is 92 for q = 1/93; pin it to 1/q
         # so the sampler and the accountant both see exactly `steps` steps at rate q.
         loader.batch_sampler.steps = steps
@@ -138,9 +138,8 @@ def train_locally(
     if private is not None:
         fit_private_embeddings(model, graphs, private, config, server_round, device)
     if not config.dp:
-        return LocalTraining([], None, total_loss / max(total_users, 1))
-    history = [tuple(step) for step in engine.accountant.history]
-    return LocalTraining(history, engine.accountant.get_epsilon(config.delta), None)
+        return LocalTraining(history, total_loss / max(total_users, 1))
+    return LocalTraining([tuple(step) for step in engine.accountant.history], None)
 
 
 def fit_private_embeddings(

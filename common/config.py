@@ -56,13 +56,17 @@ class RunConfig:
     weight_decay: float
     dp: bool
     noise_multiplier: float
+    target_epsilon: float
+    max_epsilon: float
     clip_norm: float
-    delta: float
+    delta: float | str
     accountant: str
     grad_sample_mode: str
     top_k: int
     device: str
     run_dir: str
+    site_state_dir: str
+    initial_model: str
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -93,6 +97,11 @@ class RunConfig:
     def steps_per_epoch(self) -> int:
         """Poisson-sampled steps in one local epoch: ``1 / sample-rate``."""
         return round(1.0 / self.sample_rate)
+
+    @property
+    def sampling_probability(self) -> float:
+        """``sample-rate`` exactly ``1 / steps_per_epoch`` (the key is checked to be close)."""
+        return 1.0 / self.steps_per_epoch
 
     def validate(self) -> None:
         """Check value ranges and choices; the message names the key."""
@@ -127,8 +136,14 @@ class RunConfig:
             raise InputError(f"weight-decay: expected >= 0, got {self.weight_decay}")
         if self.noise_multiplier < 0:
             raise InputError(f"noise-multiplier: expected >= 0, got {self.noise_multiplier}")
-        if not 0 < self.delta < 1:
-            raise InputError(f"delta: expected a number in (0, 1), got {self.delta}")
+        if self.delta != "auto" and (isinstance(self.delta, str) or not 0 < self.delta < 1):
+            raise InputError(f'delta: expected "auto" or a number in (0, 1), got {self.delta!r}')
+        for key, value in (
+            ("target-epsilon", self.target_epsilon),
+            ("max-epsilon", self.max_epsilon),
+        ):
+            if value < 0:
+                raise InputError(f"{key}: expected >= 0 (0 turns it off), got {value}")
         if self.user_bias_shrinkage < 0:
             raise InputError(f"user-bias-shrinkage: expected >= 0, got {self.user_bias_shrinkage}")
         steps = 1.0 / self.sample_rate if 0 < self.sample_rate <= 1 else math.nan
@@ -137,17 +152,21 @@ class RunConfig:
                 f"sample-rate: expected 1/n for a whole number n of steps per local epoch "
                 f"(e.g. 0.1, 0.05, 0.25), got {self.sample_rate}"
             )
-        if self.dp and self.noise_multiplier == 0:
-            raise InputError("noise-multiplier: dp = true needs a positive noise multiplier")
+        if self.dp and self.noise_multiplier == 0 and self.target_epsilon == 0:
+            raise InputError(
+                "noise-multiplier: dp = true needs a positive noise multiplier or a target-epsilon"
+            )
 
 
 def _typed(key: str, value: Any, annotation: str) -> Any:
-    expected = {"int": int, "float": float, "bool": bool, "str": str}[annotation]
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if type(value) is not expected:
-        raise InputError(f"{key}: expected a {annotation}, got {value!r}")
-    return value
+    """``value`` as the annotated type (``"float"``, ``"float | str"`` ...); ints pass as floats."""
+    for name in annotation.split(" | "):
+        expected = {"int": int, "float": float, "bool": bool, "str": str}[name]
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if type(value) is expected:
+            return value
+    raise InputError(f"{key}: expected a {annotation.replace(' | ', ' or ')}, got {value!r}")
 
 
 def app_defaults(pyproject: Path = PYPROJECT) -> dict[str, Any]:

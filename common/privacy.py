@@ -1,4 +1,4 @@
-r"""The DP contract in one place: unit, mechanism, accounting, and what is released.
+r"""The DP contract in one place: unit, mechanism, accounting, ledger, releases.
 
 **Privacy unit.** One user together with all of that user's interactions at one
 site. Neighbouring datasets differ by adding or removing one user (and all
@@ -8,30 +8,49 @@ their interactions) at that site.
 each user is included independently with probability :math:`q`
 (``sample-rate``); the gradient of each included user's loss is clipped to
 norm :math:`C` (``clip-norm``); Gaussian noise :math:`\mathcal N(0, \sigma^2
-C^2 I)` (``noise-multiplier`` :math:`\sigma`) is added to the sum. A user's
-gradient depends only on that user's data and on parameters the server has
-already released (``common.model``), so clipping bounds the user's influence.
-:math:`q`, :math:`\sigma`, :math:`C` and the number of steps
-(``local-epochs / q`` per round) are public configuration and do not depend on
-how many users a site has, so the guarantee holds under add/remove-one-user and
-the epsilon itself reveals nothing about a site's data.
+C^2 I)` is added to the sum. A user's gradient depends only on that user's
+data and on parameters the server has already released (``common.model``), so
+clipping bounds the user's influence. :math:`q`, :math:`C` and the number of
+steps (``local-epochs / q`` per round) are public configuration and do not
+depend on how many users a site has, so the guarantee holds under
+add/remove-one-user.
+
+**Noise.** :math:`\sigma` is ``noise-multiplier``, or, with ``target-epsilon``
+set, the smallest :math:`\sigma` (Opacus's search) for which all planned steps
+of the run (``num-server-rounds * local-epochs / q``) stay within
+``target-epsilon`` at the site's :math:`\delta`.
+
+**Delta.** ``delta = "auto"`` gives each site the largest power of ten at most
+:math:`1 / (10 n)` for its :math:`n` users, so :math:`\delta < 1/n`. That value
+reveals the order of magnitude of :math:`n`, and so does everything computed
+from it (epsilon, a planned sigma): :func:`released_quantities` marks them as
+not covered. A fixed ``delta`` keeps them public.
 
 **Accounting.** Every step whose result can reach the server is composed over
-all rounds a site takes part in, with Opacus's PRV accountant (default) or RDP
-accountant. Releasing the item-side parameters after every round, and anything
-computed from them, is post-processing.
+all rounds a site ever trained in (the site's :class:`LedgerEntry` list, kept
+on the site's disk; a round trained with ``dp = false`` makes every later
+epsilon infinite), with Opacus's PRV accountant (default) or RDP accountant;
+Google's ``dp-accounting`` (PLD for PRV, its own RDP for RDP) recomputes the
+same epsilon independently. Releasing the item-side parameters after every
+round, and anything computed from them, is post-processing.
 
 **Releases.** :func:`released_quantities` lists every value a site sends, each
 marked covered by the guarantee or not; the client refuses to send a key that
-is not listed, and the run directory records the list.
+is not listed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
+import dp_accounting
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
 from opacus.accountants import IAccountant, create_accountant
+from opacus.accountants.utils import get_noise_multiplier
 
 from common.config import RunConfig
 
@@ -50,10 +69,120 @@ def accountant_with_history(kind: str, history: History) -> IAccountant:
 
 
 def epsilon_spent(kind: str, history: History, delta: float) -> float:
-    """Epsilon at ``delta`` after every step in ``history`` (0 when empty)."""
+    """Epsilon at ``delta`` after every step in ``history`` (0 when empty), by Opacus."""
     if not history:
         return 0.0
     return float(accountant_with_history(kind, history).get_epsilon(delta))
+
+
+def independent_epsilon(kind: str, history: History, delta: float) -> float:
+    """The same epsilon by Google's ``dp-accounting``: PLD for ``prv``, RDP for ``rdp``.
+
+    Each history entry is a self-composition of a Poisson-subsampled Gaussian
+    mechanism, as in Opacus.
+    """
+    if not history:
+        return 0.0
+    accountant = (
+        pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+        if kind == "prv"
+        else rdp_privacy_accountant.RdpAccountant()
+    )
+    for sigma, rate, steps in history:
+        step = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma))
+        accountant.compose(dp_accounting.SelfComposedDpEvent(step, int(steps)))
+    return float(accountant.get_epsilon(delta))
+
+
+def site_delta(config: RunConfig, num_users: int) -> float:
+    """The site's delta: the configured value, or ``auto`` (see the module docstring)."""
+    if config.delta != "auto":
+        return float(config.delta)
+    return 10.0 ** math.floor(math.log10(1.0 / (10 * max(num_users, 1))))
+
+
+def planned_steps(config: RunConfig) -> int:
+    """DP-SGD steps a site takes if it trains in every round of the run."""
+    return config.num_server_rounds * config.local_epochs * config.steps_per_epoch
+
+
+def noise_multiplier_for(config: RunConfig, delta: float) -> float:
+    """``noise-multiplier``, or the sigma that meets ``target-epsilon`` at ``delta``."""
+    if config.target_epsilon == 0:
+        return config.noise_multiplier
+    return _planned_sigma(
+        config.target_epsilon, delta, config.sampling_probability, planned_steps(config),
+        config.accountant,
+    )  # fmt: skip
+
+
+@lru_cache(maxsize=32)
+def _planned_sigma(epsilon: float, delta: float, rate: float, steps: int, kind: str) -> float:
+    return float(
+        get_noise_multiplier(
+            target_epsilon=epsilon,
+            target_delta=delta,
+            sample_rate=rate,
+            steps=steps,
+            accountant=kind,
+            epsilon_tolerance=0.005,
+        )
+    )
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One round at one site, as its ledger records it.
+
+    Attributes:
+        run: name of the run (its run directory).
+        round: the server round.
+        trained: False when the site declined to train (``max-epsilon``).
+        noise_multiplier, sample_rate, steps, clip_norm: the mechanism of the
+            round (``steps`` is 0 when the site declined).
+        delta: the site's delta.
+        accountant: ``prv`` or ``rdp``.
+        epsilon: epsilon of everything in the ledger up to this entry (Opacus).
+        independent_epsilon: the same by ``dp-accounting``.
+    """
+
+    run: str
+    round: int
+    trained: bool
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    clip_norm: float
+    delta: float
+    accountant: str
+    epsilon: float
+    independent_epsilon: float
+
+    def as_dict(self) -> dict[str, object]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> LedgerEntry:
+        return cls(**{k.replace("-", "_"): v for k, v in values.items()})
+
+    def metrics(self) -> dict[str, float]:
+        """What the site reports of this entry to the server (see ``LEDGER_METRICS``)."""
+        values = self.as_dict()
+        return {k: float(values[k]) for k in LEDGER_METRICS} | {"declined": float(not self.trained)}
+
+    @property
+    def without_noise(self) -> bool:
+        """A round trained with ``dp = false``: no bound on what it revealed."""
+        return self.trained and self.noise_multiplier == 0
+
+
+def ledger_history(entries: Iterable[LedgerEntry]) -> History:
+    """The accountant history of every round a site trained in with DP."""
+    return [
+        (e.noise_multiplier, e.sample_rate, e.steps)
+        for e in entries
+        if e.trained and not e.without_noise
+    ]
 
 
 @dataclass(frozen=True)
@@ -81,6 +210,8 @@ class Release:
 
 ITEM_SIDE = "<item-side parameters>"
 ITEM_COUNTS = "item-counts"
+LEDGER_METRICS = ("epsilon", "independent-epsilon", "delta", "noise-multiplier", "steps")
+"""What a site reports of each round's ledger entry (with ``declined``)."""
 
 
 def metric_names(config: RunConfig) -> tuple[str, ...]:
@@ -100,47 +231,54 @@ def released_quantities(config: RunConfig) -> list[Release]:
         Release("metrics", "site-id", "evaluate", True, "the site's public identity"),
     ]
     if config.dp:
-        releases += [
+        releases.append(
             Release(
-                "arrays",
-                ITEM_SIDE,
-                "train",
-                True,
+                "arrays", ITEM_SIDE, "train", True,
                 "result of DP-SGD over the site's users (noised sums of clipped per-user "
                 "gradients, then post-processing)",
-            ),
-            Release(
-                "metrics",
-                "epsilon",
-                "train",
-                True,
-                "a function of public configuration only (sigma, q, steps, delta)",
-            ),
+            )
+        )  # fmt: skip
+        public = config.delta != "auto"
+        why = (
+            "a function of public configuration and of the rounds the site trained in"
+            if public
+            else 'delta = "auto" is the power of ten at most 1/(10 x users): it, and this '
+            "value computed from it, reveal the order of magnitude of the site's user count"
+        )
+        releases += [
+            Release("metrics", key, "train", public, why)
+            for key in ("epsilon", "independent-epsilon", "delta")
         ]
+        releases += [
+            Release(
+                "metrics", "noise-multiplier", "train", public or config.target_epsilon == 0,
+                "the configured noise multiplier" if config.target_epsilon == 0 else why,
+            ),
+            Release("metrics", "steps", "train", True, "public configuration (1/q per epoch)"),
+            Release(
+                "metrics", "declined", "train", public or config.max_epsilon == 0,
+                "whether the next round would exceed max-epsilon: a function of the values "
+                "above",
+            ),
+        ]  # fmt: skip
     else:
         releases += [
             Release("arrays", ITEM_SIDE, "train", False, "dp = false: trained without noise"),
             Release(
-                "arrays",
-                ITEM_COUNTS,
-                "train",
-                False,
+                "arrays", ITEM_COUNTS, "train", False,
                 "dp = false: exact per-item interaction counts, for count-weighted averaging",
             ),
             Release("metrics", "num-examples", "train", False, "dp = false: exact user count"),
             Release("metrics", "train-loss", "train", False, "dp = false: exact training loss"),
             Release("metrics", "num-examples", "evaluate", False, "dp = false: exact user count"),
-        ]
+        ]  # fmt: skip
     releases += [
         Release(
-            "metrics",
-            name,
-            "evaluate",
-            False,
+            "metrics", name, "evaluate", False,
             "computed on the site's private validation/test interactions without noise",
         )
         for name in metric_names(config)
-    ]
+    ]  # fmt: skip
     return releases
 
 

@@ -18,8 +18,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
 from common.data import load_dataset
+from common.errors import InputError
 from common.model import build_model
-from server.run_directory import RunDirectory, summary
+from server.report import summary, write_report
+from server.run_directory import RunDirectory
 from server.strategy import ItemSideFedAvg
 
 app = ServerApp()
@@ -32,15 +34,17 @@ def main(grid: Grid, context: Context) -> None:
 
 def run(grid: Grid, config: RunConfig) -> Path:
     """Run the federation; returns the run directory."""
-    catalogue = load_dataset(config).catalogue
     torch.manual_seed(config.seed)
-    arrays = ArrayRecord(build_model(catalogue, config).state_dict())
+    model = build_model(load_dataset(config).catalogue, config)
+    if config.initial_model:
+        load_initial_model(model, config.initial_model)
+    arrays = ArrayRecord(model.state_dict())
     strategy = ItemSideFedAvg(arrays, dp=config.dp, min_sites=config.min_sites)
     out = RunDirectory.create(config)
     log(INFO, "Run directory: %s", out.path)
 
     def message_config() -> ConfigRecord:
-        return ConfigRecord(config.to_mapping())
+        return ConfigRecord(config.to_mapping() | {"run-name": out.path.name})
 
     replies = grid.send_and_receive(strategy.configure_evaluate(0, arrays, message_config(), grid))
     strategy.aggregate_evaluate(0, replies)
@@ -53,5 +57,19 @@ def run(grid: Grid, config: RunConfig) -> Path:
         evaluate_config=message_config(),
         evaluate_fn=lambda server_round, new_arrays: out.write_round(new_arrays, strategy),
     )
-    log(INFO, "Summary:\n%s\nRun directory: %s", summary(strategy, config), out.path)
+    report = write_report(out.path)
+    log(INFO, "Summary:\n%s\nRun directory: %s", summary(report), out.path)
     return out.path
+
+
+def load_initial_model(model: torch.nn.Module, path: str) -> None:
+    """Start from the item side an earlier run saved (its ``model.pt``)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise InputError(f"initial-model: {file} is not a file (expected a run's model.pt)")
+    try:
+        model.load_state_dict(torch.load(file))
+    except RuntimeError as error:
+        raise InputError(
+            f"initial-model: {file} does not fit this configuration: {error}"
+        ) from None

@@ -6,8 +6,9 @@
 - ``releases.json``: every value a site sends, and whether DP covers it;
 - ``metrics.json``: per round, each site's training and evaluation metrics,
   the aggregated evaluation metrics, rejected updates and failures;
-- ``privacy.json``: per site, the epsilon spent after each round it trained in,
-  with delta, accountant, privacy unit and mechanism parameters;
+- ``ledger.json``: per site, each round's ledger entry as the site reported
+  it (epsilon after the round, its independent recomputation, delta, noise
+  multiplier, steps, or that it declined), with the privacy unit and mechanism;
 - ``model.pt``: the latest global item-side parameters (``torch.load`` gives a
   state dict for :class:`common.model.EgoGraphRecommender`).
 
@@ -17,8 +18,6 @@ previous round's complete files.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,10 +27,11 @@ import torch
 from flwr.app import ArrayRecord
 
 from common.config import RunConfig
+from common.files import replacing, write_json
 from common.privacy import (
+    LEDGER_METRICS,
     NEIGHBOURING_RELATION,
     PRIVACY_UNIT,
-    metric_names,
     released_quantities,
 )
 from server.strategy import ItemSideFedAvg
@@ -62,60 +62,28 @@ class RunDirectory:
         """Persist the global model and everything logged up to now."""
         rounds = {str(r): asdict(record) for r, record in sorted(strategy.log.items())}
         write_json(self.path / "metrics.json", rounds)
-        write_json(self.path / "privacy.json", self.privacy(strategy))
-        tmp = self.path / "model.pt.tmp"
-        torch.save(arrays.to_torch_state_dict(), tmp)
-        os.replace(tmp, self.path / "model.pt")
+        write_json(self.path / "ledger.json", self.ledger(strategy))
+        with replacing(self.path / "model.pt") as tmp:
+            torch.save(arrays.to_torch_state_dict(), tmp)
 
-    def privacy(self, strategy: ItemSideFedAvg) -> dict[str, Any]:
+    def ledger(self, strategy: ItemSideFedAvg) -> dict[str, Any]:
+        """The server's copy of every site's ledger entries for this run."""
         config = self.config
+        sites: dict[str, list[dict[str, Any]]] = {}
+        for server_round, record in sorted(strategy.log.items()):
+            for declined, reports in ((False, record.train), (True, record.declined)):
+                for site_id, metrics in reports.items():
+                    entry = {"round": server_round, "declined": declined}
+                    entry |= {k: metrics[k] for k in LEDGER_METRICS if k in metrics}
+                    sites.setdefault(str(site_id), []).append(entry)
         return {
             "dp": config.dp,
             "privacy-unit": PRIVACY_UNIT,
             "neighbouring-relation": NEIGHBOURING_RELATION,
-            "accountant": config.accountant if config.dp else None,
-            "delta": config.delta if config.dp else None,
-            "noise-multiplier": config.noise_multiplier if config.dp else 0.0,
-            "clip-norm": config.clip_norm if config.dp else None,
-            "sample-rate": config.sample_rate,
-            "steps-per-round": config.steps_per_epoch * config.local_epochs,
-            "sites": privacy_by_site(strategy),
+            "accountant": config.accountant,
+            "sample-rate": config.sampling_probability,
+            "steps-per-round": config.local_epochs * config.steps_per_epoch,
+            "clip-norm": config.clip_norm,
+            "stopped-after-round": strategy.stopped_after,
+            "sites": {k: sorted(v, key=lambda e: e["round"]) for k, v in sites.items()},
         }
-
-
-def privacy_by_site(strategy: ItemSideFedAvg) -> dict[str, dict[str, list]]:
-    """For each site: the rounds it trained in and its epsilon after each."""
-    sites: dict[str, dict[str, list]] = {}
-    for server_round, record in sorted(strategy.log.items()):
-        for site_id, metrics in record.train.items():
-            site = sites.setdefault(str(site_id), {"rounds": [], "epsilon": []})
-            site["rounds"].append(server_round)
-            site["epsilon"].append(metrics.get("epsilon"))
-    return sites
-
-
-def summary(strategy: ItemSideFedAvg, config: RunConfig) -> str:
-    """A table of the aggregated metrics per round and each site's epsilon."""
-    names = metric_names(config)
-    lines = ["round  " + "  ".join(f"{n:>12}" for n in names) + "  sites"]
-    for server_round, record in sorted(strategy.log.items()):
-        values = [record.aggregated.get(n) for n in names]
-        cells = "  ".join("           -" if v is None else f"{v:12.4f}" for v in values)
-        lines.append(f"{server_round:>5}  {cells}  {len(record.train) or len(record.evaluate)}")
-        for site, reason in record.rejected.items():
-            lines.append(f"       rejected {site}: {reason}")
-    if config.dp:
-        lines.append(f"epsilon at delta={config.delta:g} ({config.accountant.upper()} accountant):")
-        for site, entry in sorted(privacy_by_site(strategy).items()):
-            lines.append(
-                f"  site {site}: {entry['epsilon'][-1]:.3f} after rounds {entry['rounds']}"
-            )
-    else:
-        lines.append("dp = false: no privacy guarantee")
-    return "\n".join(lines)
-
-
-def write_json(path: Path, value: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
-    os.replace(tmp, path)

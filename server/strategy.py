@@ -45,6 +45,7 @@ class RoundLog:
     """What happened in one round, per site (keyed by ``site-id``)."""
 
     train: dict[int, dict[str, float]] = field(default_factory=dict)
+    declined: dict[int, dict[str, float]] = field(default_factory=dict)
     evaluate: dict[int, dict[str, float]] = field(default_factory=dict)
     aggregated: dict[str, float] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
@@ -70,6 +71,7 @@ class ItemSideFedAvg(FedAvg):
         self.global_arrays = template
         self.dp = dp
         self.log: dict[int, RoundLog] = {}
+        self.stopped_after: int | None = None
 
     def round_log(self, server_round: int) -> RoundLog:
         return self.log.setdefault(server_round, RoundLog())
@@ -84,8 +86,17 @@ class ItemSideFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if self.stopped_after is not None:
+            return []
         self.global_arrays = arrays
         return super().configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.stopped_after is not None:
+            return []
+        return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -100,6 +111,10 @@ class ItemSideFedAvg(FedAvg):
             metrics = reply.content.metric_records.get("metrics")
             if metrics is not None and "site-id" in metrics:
                 sender = f"site {int(metrics['site-id'])}"
+                if metrics.get("declined") == 1.0:
+                    record.declined[int(metrics["site-id"])] = dict(metrics)
+                    log(WARNING, "Round %d: %s declined: max-epsilon reached", server_round, sender)
+                    continue
             try:
                 arrays = self.read_update(reply)
             except RejectedUpdate as rejection:
@@ -115,6 +130,13 @@ class ItemSideFedAvg(FedAvg):
             record.train[int(metrics["site-id"])] = dict(metrics)
             accepted.append((arrays, metrics))
         if not accepted:
+            if record.declined and not record.rejected and not record.failed:
+                self.stopped_after = server_round
+                log(
+                    WARNING,
+                    "Round %d: no site can train within max-epsilon; stopping",
+                    server_round,
+                )
             return None, None
         self.global_arrays = ArrayRecord({k: Array(v) for k, v in self.average(accepted).items()})
         if self.dp:  # the largest epsilon any site has spent

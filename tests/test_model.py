@@ -88,12 +88,11 @@ def test_dp_training_runs_and_accounts_every_step(mode, task):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = train_locally(model, site_graphs(site, config), config, 1, [], torch.device("cpu"))
     assert result.history == [(config.noise_multiplier, 0.25, 8)]
-    assert result.epsilon > 0 and result.mean_loss is None
+    assert result.mean_loss is None
     assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     # A second round continues the same accountant history.
     again = train_locally(model, site_graphs(site, config), config, 2, result.history, "cpu")
     assert again.history == [(config.noise_multiplier, 0.25, 16)]
-    assert again.epsilon > result.epsilon
 
 
 def test_empty_poisson_batches_are_handled():

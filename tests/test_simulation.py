@@ -9,76 +9,21 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
-from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
-from flwr.simulation import run_simulation
+from flower_helpers import free_port, simulate, stop_processes_of
 
-import client.app as site_app
 from common.config import default_config
 from common.data import load_site
 from common.model import build_model
 from common.privacy import ITEM_SIDE, released_quantities
-from server.app import run
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def recording_client_app(folder: Path) -> ClientApp:
-    """The project's ClientApp with a mod that writes a summary of every reply."""
-
-    def record(msg, context, call_next):
-        reply = call_next(msg, context)
-        content = reply.content
-        summary = {
-            "type": reply.metadata.message_type,
-            "partition-id": context.node_config["partition-id"],
-            "records": sorted(content.keys()),
-            "arrays": {
-                key: {"shape": list(array.shape), "dtype": array.dtype}
-                for record in content.array_records.values()
-                for key, array in record.items()
-            },
-            "metrics": {
-                key: value
-                for record in content.metric_records.values()
-                for key, value in record.items()
-            },
-            "configs": sorted(content.config_records),
-        }
-        (folder / f"{uuid.uuid4().hex}.json").write_text(json.dumps(summary))
-        return reply
-
-    recording = ClientApp(mods=[record])
-    recording.train()(site_app.train)
-    recording.evaluate()(site_app.evaluate)
-    return recording
-
-
-def simulate(config, num_sites: int, record_to: Path) -> Path:
-    out: list[Path] = []
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid, context):
-        out.append(run(grid, config))
-
-    run_simulation(
-        server_app=server_app,
-        client_app=recording_client_app(record_to),
-        num_supernodes=num_sites,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-    )
-    return out[0]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +31,12 @@ def dp_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("dp-run")
     (base / "messages").mkdir()
     config = default_config(
-        num_server_rounds=3, min_sites=3, run_dir=str(base / "runs"), private_user_embedding=True
+        num_server_rounds=3,
+        min_sites=3,
+        run_dir=str(base / "runs"),
+        site_state_dir=str(base / "sites"),
+        private_user_embedding=True,
+        delta=1e-5,
     )
     return config, simulate(config, 3, base / "messages"), base / "messages"
 
@@ -100,11 +50,13 @@ def test_three_sites_three_rounds_improve_on_round_zero(dp_run):
         assert metrics[server_round]["rejected"] == {} and metrics[server_round]["failed"] == []
     assert metrics["3"]["aggregated"]["val-rmse"] < metrics["0"]["aggregated"]["val-rmse"]
 
-    privacy = json.loads((run_dir / "privacy.json").read_text())
+    ledger = json.loads((run_dir / "ledger.json").read_text())
     for site in ("0", "1", "2"):
-        epsilon = privacy["sites"][site]["epsilon"]
-        assert privacy["sites"][site]["rounds"] == [1, 2, 3]
+        entries = ledger["sites"][site]
+        assert [e["round"] for e in entries] == [1, 2, 3]
+        epsilon = [e["epsilon"] for e in entries]
         assert epsilon == sorted(epsilon) and epsilon[0] > 0
+        assert all(e["delta"] == 1e-5 and not e["declined"] for e in entries)
     assert json.loads((run_dir / "config.json").read_text()) == config.to_mapping()
     assert (run_dir / "model.pt").is_file()
 
@@ -158,7 +110,7 @@ def test_without_dp_counts_are_sent_and_declared_not_covered(tmp_path):
     (tmp_path / "messages").mkdir()
     config = default_config(
         dp=False, num_server_rounds=1, min_sites=2, run_dir=str(tmp_path / "runs"),
-        synthetic_users=120, synthetic_items=60,
+        site_state_dir=str(tmp_path / "sites"), synthetic_users=120, synthetic_items=60,
     )  # fmt: skip
     run_dir = simulate(config, 2, tmp_path / "messages")
     replies = [json.loads(p.read_text()) for p in (tmp_path / "messages").glob("*.json")]
@@ -168,30 +120,6 @@ def test_without_dp_counts_are_sent_and_declared_not_covered(tmp_path):
     assert {"item-counts", "num-examples", "train-loss", ITEM_SIDE} <= not_covered
     releases = json.loads((run_dir / "releases.json").read_text())
     assert {r["key"] for r in releases if not r["covered"]} == not_covered
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_processes_of(flwr_home: Path) -> list[int]:
-    """Stop every process whose command line names ``flwr_home``, and its children."""
-    stopped = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        if str(flwr_home) in " ".join(process.info["cmdline"] or []):
-            family = [process, *process.children(recursive=True)]
-            for member in family:
-                try:
-                    member.send_signal(signal.SIGTERM)
-                    stopped.append(member.pid)
-                except psutil.NoSuchProcess:
-                    pass
-            _, alive = psutil.wait_procs(family, timeout=10)
-            for member in alive:
-                member.kill()
-    return stopped
 
 
 def test_flwr_run_cli_with_isolated_flwr_home(tmp_path):
@@ -206,7 +134,9 @@ def test_flwr_run_cli_with_isolated_flwr_home(tmp_path):
     command = [
         str(Path(sys.executable).with_name("flwr")), "run", str(REPO), "--stream",
         "--federation-config", "num-supernodes=2",
-        "--run-config", f'num-server-rounds=1 synthetic-users=150 run-dir="{runs}"',
+        "--run-config",
+        f'num-server-rounds=1 synthetic-users=150 run-dir="{runs}" '
+        f'site-state-dir="{tmp_path / "sites"}"',
     ]  # fmt: skip
     try:
         finished = subprocess.run(
@@ -225,3 +155,6 @@ def test_flwr_run_cli_with_isolated_flwr_home(tmp_path):
     assert sorted(metrics) == ["0", "1"]
     assert sorted(metrics["1"]["train"]) == ["0", "1"]
     assert np.isfinite(metrics["1"]["aggregated"]["val-rmse"])
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    assert report["mechanism"]["delta"] == "auto" and sorted(report["sites"]) == ["0", "1"]
+    assert (run_dir / "privacy_report.html").is_file()

@@ -1,0 +1,89 @@
+"""Helpers for tests that run Flower: in-process simulation, ports, process cleanup."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import uuid
+from pathlib import Path
+
+import psutil
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+from flwr.simulation import run_simulation
+
+import client.app as site_app
+from server.app import run
+
+
+def recording_client_app(folder: Path) -> ClientApp:
+    """The project's ClientApp with a mod that writes a summary of every reply."""
+
+    def record(msg, context, call_next):
+        reply = call_next(msg, context)
+        content = reply.content
+        summary = {
+            "type": reply.metadata.message_type,
+            "partition-id": context.node_config["partition-id"],
+            "records": sorted(content.keys()),
+            "arrays": {
+                key: {"shape": list(array.shape), "dtype": array.dtype}
+                for record in content.array_records.values()
+                for key, array in record.items()
+            },
+            "metrics": {
+                key: value
+                for record in content.metric_records.values()
+                for key, value in record.items()
+            },
+            "configs": sorted(content.config_records),
+        }
+        (folder / f"{uuid.uuid4().hex}.json").write_text(json.dumps(summary))
+        return reply
+
+    recording = ClientApp(mods=[record])
+    recording.train()(site_app.train)
+    recording.evaluate()(site_app.evaluate)
+    return recording
+
+
+def simulate(config, num_sites: int, record_to: Path) -> Path:
+    out: list[Path] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid, context):
+        out.append(run(grid, config))
+
+    run_simulation(
+        server_app=server_app,
+        client_app=recording_client_app(record_to),
+        num_supernodes=num_sites,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+    return out[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_processes_of(flwr_home: Path) -> list[int]:
+    """Stop every process whose command line names ``flwr_home``, and its children."""
+    stopped = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        if str(flwr_home) in " ".join(process.info["cmdline"] or []):
+            family = [process, *process.children(recursive=True)]
+            for member in family:
+                try:
+                    member.send_signal(signal.SIGTERM)
+                    stopped.append(member.pid)
+                except psutil.NoSuchProcess:
+                    pass
+            _, alive = psutil.wait_procs(family, timeout=10)
+            for member in alive:
+                member.kill()
+    return stopped

@@ -1,0 +1,129 @@
+"""Budget enforcement across runs, the privacy report, and the `fedgraphrec` commands.
+
+One in-process simulation: site 0 starts with budget spent in an earlier run,
+every site may spend at most epsilon 4. Site 0 must decline first, the others
+later, and the server must stop when nobody can train.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+from flower_helpers import simulate
+
+from cli import main as fedgraphrec
+from client.site_state import SiteState
+from common.config import default_config
+from common.data import load_site
+from common.privacy import LedgerEntry, epsilon_spent, independent_epsilon
+from server.report import AGREEMENT_TOLERANCE, SCHEMA
+
+
+@pytest.fixture(scope="module")
+def budget_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("budget")
+    (base / "messages").mkdir()
+    config = default_config(
+        num_server_rounds=4,
+        min_sites=3,
+        max_epsilon=4.0,
+        delta=1e-5,
+        run_dir=str(base / "runs"),
+        site_state_dir=str(base / "sites"),
+        synthetic_users=300,
+    )
+    earlier = [(1.0, config.sampling_probability, 10)]
+    SiteState.in_simulation(config, load_site(config, 0, 3)).record(
+        LedgerEntry(
+            run="an-earlier-run", round=1, trained=True, noise_multiplier=1.0,
+            sample_rate=config.sampling_probability, steps=10, clip_norm=config.clip_norm,
+            delta=1e-5, accountant="prv", epsilon=epsilon_spent("prv", earlier, 1e-5),
+            independent_epsilon=independent_epsilon("prv", earlier, 1e-5),
+        )
+    )  # fmt: skip
+    return config, simulate(config, 3, base / "messages")
+
+
+def test_sites_decline_at_max_epsilon_and_the_server_stops(budget_run):
+    config, run_dir = budget_run
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    declined = {site: [e["round"] for e in entries if e["declined"]]
+                for site, entries in ledger["sites"].items()}  # fmt: skip
+    assert declined == {"0": [2, 3], "1": [3], "2": [3]}
+    assert ledger["stopped-after-round"] == 3
+    for entries in ledger["sites"].values():
+        assert all(e["epsilon"] <= config.max_epsilon for e in entries)
+    # Site 0's first round composes with its earlier run: 20 steps, not 10.
+    assert ledger["sites"]["0"][0]["epsilon"] == pytest.approx(ledger["sites"]["1"][1]["epsilon"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert sorted(metrics["2"]["train"]) == ["1", "2"] and list(metrics["2"]["declined"]) == ["0"]
+    assert "4" not in metrics or not metrics["4"]["train"]
+
+
+def test_the_site_ledger_on_disk_holds_every_run(budget_run):
+    config, run_dir = budget_run
+    entries = SiteState.in_simulation(config, load_site(config, 0, 3)).ledger()
+    assert [(e.run, e.round, e.trained) for e in entries] == [
+        ("an-earlier-run", 1, True),
+        (run_dir.name, 1, True),
+        (run_dir.name, 2, False),
+        (run_dir.name, 3, False),
+    ]
+
+
+def test_privacy_report_json_md_and_html(budget_run):
+    _, run_dir = budget_run
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    assert report["schema"] == SCHEMA and report["dp"] is True
+    assert report["privacy-unit"] == "one user with all their interactions at one site"
+    assert report["stopped-after-round"] == 3
+    site = report["sites"]["0"]
+    assert site["rounds-trained"] == [1] and site["rounds-declined"] == [2, 3]
+    for entry in report["sites"].values():
+        assert entry["relative-gap"] < AGREEMENT_TOLERANCE
+        assert entry["epsilon"] <= 4.0
+    assert report["largest-epsilon"] == max(s["epsilon"] for s in report["sites"].values())
+    assert {r["key"] for r in report["releases"] if not r["covered"]} >= {"val-rmse"}
+    assert report["utility"]["final-round"] == 2 and "val-rmse" in report["utility"]["final"]
+
+    markdown = (run_dir / "privacy_report.md").read_text()
+    for heading in ("## Budget spent per site", "## What each site sent", "## Utility",
+                    "## Assumptions"):  # fmt: skip
+        assert heading in markdown
+    page = (run_dir / "privacy_report.html").read_text()
+    assert not re.search(r"(src|href)=\"(?!data:)", page), "the page must be self-contained"
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 3
+    assert all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
+
+
+def test_report_command_rerenders_from_the_ledger(budget_run, capsys):
+    _, run_dir = budget_run
+    (run_dir / "privacy_report.md").unlink()
+    assert fedgraphrec(["report", str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "check (dp-accounting)" in printed and "stopped after round 3" in printed
+    assert (run_dir / "privacy_report.md").is_file()
+    assert fedgraphrec(["report", str(run_dir / "nope")]) == 2
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is not installed")
+def test_html_report_renders_in_headless_chromium(budget_run, tmp_path):
+    _, run_dir = budget_run
+    screenshot = tmp_path / "report.png"
+    subprocess.run(
+        [
+            "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={screenshot}", "--window-size=1200,2400",
+            (run_dir / "privacy_report.html").as_uri(),
+        ],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert screenshot.stat().st_size > 50_000  # tables and three plots, not a blank page
