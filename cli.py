@@ -4,6 +4,12 @@
   loads a dataset exactly as a run would (same ``-c`` keys and syntax as
   ``flwr run``), reports what it found, and shows how the users would be split
   into sites.
+- ``fedgraphrec partition --dataset ml-100k --data-path /data/ml-100k --sites 3 --out DIR``
+  writes one data folder per site (its users' interactions, the public
+  catalogue, a manifest with counts and checksums) and ``DIR/catalogue`` for
+  the coordinator.
+- ``fedgraphrec certs --out DIR --hosts 127.0.0.1 localhost --sites 3`` makes
+  a CA, the SuperLink's TLS certificate and one SuperNode key pair per site.
 - ``fedgraphrec report RUN_DIR`` re-renders a run's privacy report from its
   ledger and metrics.
 - ``fedgraphrec audit RUN_DIR --sites N`` runs the one-run canary audit of one
@@ -27,9 +33,11 @@ import numpy as np
 from flwr.common.config import parse_config_args
 
 from client.audit import audit_site
+from common.certificates import write_certificates
 from common.config import RunConfig, app_defaults
 from common.data import load_dataset, split_dataset
 from common.data.partition import partition_users
+from common.data.site_folder import write_site_folders
 from common.errors import InputError
 from common.files import write_json
 from server.report import summary, write_report
@@ -74,6 +82,36 @@ def check_data(config: RunConfig, sites: int) -> str:
     return "\n".join(lines)
 
 
+def load_config(args: argparse.Namespace) -> RunConfig:
+    """The app defaults, then ``--dataset``/``--data-path``, then ``-c`` overrides."""
+    named = {
+        key: value
+        for key, value in (("dataset", args.dataset), ("data-path", args.data_path))
+        if value is not None
+    }
+    return RunConfig.from_mapping(app_defaults() | named | parse_overrides(args.run_config))
+
+
+def partition(config: RunConfig, sites: int, out: Path) -> str:
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"--out: {out} is not empty; choose a new folder")
+    dataset = load_dataset(config)
+    site_of_user = partition_users(
+        dataset,
+        sites,
+        config.partition,
+        config.seed,
+        config.partition_column,
+        config.dirichlet_alpha,
+    )
+    folders = write_site_folders(dataset, split_dataset(dataset, config), site_of_user, out)
+    lines = [f"{out / 'catalogue'}: the public catalogue (catalogue-path for the server)"]
+    for folder in folders:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        lines.append(f"{folder}: {manifest['users']} users, {manifest['interactions']}")
+    return "\n".join(lines)
+
+
 def run_directory(path: str) -> Path:
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file() or not (folder / "ledger.json").is_file():
@@ -102,14 +140,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedgraphrec", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check-data", help="load a dataset as a run would and report")
-    check.add_argument(
-        "-c",
-        "--run-config",
-        action="append",
-        default=[],
-        help="overrides of [tool.flwr.app.config], e.g. 'dataset=\"ml-100k\"'",
-    )
+    split = commands.add_parser("partition", help="write one data folder per site")
+    for command in (check, split):
+        command.add_argument("--dataset", help="the dataset key (see the README)")
+        command.add_argument("--data-path", help="the data-path key")
+        command.add_argument(
+            "-c",
+            "--run-config",
+            action="append",
+            default=[],
+            help="other keys of [tool.flwr.app.config], e.g. 'split=\"u1\" seed=3'",
+        )
     check.add_argument("--sites", type=int, default=3, help="number of sites to preview")
+    split.add_argument("--sites", type=int, required=True, help="number of sites")
+    split.add_argument("--out", required=True, help="a new folder for the site folders")
+    certs = commands.add_parser("certs", help="TLS certificates and SuperNode keys")
+    certs.add_argument("--out", required=True, help="folder for the files")
+    certs.add_argument("--hosts", nargs="+", required=True, help="SuperLink names and IPs")
+    certs.add_argument("--sites", type=int, required=True, help="one key pair per site")
+    certs.add_argument("--days", type=int, default=365, help="certificate validity")
     render = commands.add_parser("report", help="re-render a run's privacy report")
     render.add_argument("run_dir")
     audit_parser = commands.add_parser("audit", help="one-run canary audit of one site")
@@ -122,8 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "check-data":
-            config = RunConfig.from_mapping(app_defaults() | parse_overrides(args.run_config))
-            print(check_data(config, args.sites))
+            print(check_data(load_config(args), args.sites))
+        elif args.command == "partition":
+            print(partition(load_config(args), args.sites, Path(args.out).expanduser()))
+        elif args.command == "certs":
+            out = Path(args.out).expanduser()
+            for path in write_certificates(out, args.hosts, args.sites, args.days):
+                print(path)
         elif args.command == "report":
             print(report(run_directory(args.run_dir)))
         else:

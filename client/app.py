@@ -1,10 +1,10 @@
 """The Flower ClientApp: one site.
 
-It reads the run configuration from the server's message, loads the site's own
-users (``node_config``: ``partition-id`` and ``num-partitions`` in simulation),
-trains or evaluates, and replies with the item side only. Before a reply leaves,
-every key in it is checked against the release inventory
-(``common.privacy.released_quantities``).
+It reads the run configuration from the server's message, loads the site's
+own users (``node_config``: ``data-path`` in deployment, ``partition-id`` and
+``num-partitions`` in simulation), trains or evaluates, and replies with the
+item side only. Before a reply leaves, every key in it is checked against the
+release inventory (``common.privacy.released_quantities``).
 
 The site keeps its own privacy ledger and private user embeddings on its disk
 (``client.site_state``). Before training it checks that the round would keep
@@ -15,6 +15,7 @@ records the round in the ledger, then replies.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,10 +26,12 @@ from client.site_state import SiteState
 from client.train import site_graphs, train_locally
 from common.config import RunConfig
 from common.data import SiteData, load_site
+from common.data.site_folder import load_site_folder
 from common.errors import InputError
 from common.evaluation import evaluate as evaluate_model
 from common.model import EgoGraphRecommender, build_model
 from common.privacy import (
+    CATALOGUE_FINGERPRINT,
     ITEM_COUNTS,
     History,
     LedgerEntry,
@@ -45,8 +48,7 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config, server_round, run_name = read_config(msg)
-    site = load_site_from(context, config)
-    state = SiteState.in_simulation(config, site)
+    site, state = load_site_from(context, msg, config)
     model = load_global_model(msg, site, config)
     delta = site_delta(config, site.num_users)
     sigma = noise_multiplier_for(config, delta) if config.dp else 0.0
@@ -132,12 +134,10 @@ def ledger_entry(
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config, _, _ = read_config(msg)
-    site = load_site_from(context, config)
+    site, state = load_site_from(context, msg, config)
     model = load_global_model(msg, site, config).to(select_device(config.device))
     private = (
-        SiteState.in_simulation(config, site).private_embeddings(
-            site.user_keys, config.embedding_dim
-        )
+        state.private_embeddings(site.user_keys, config.embedding_dim)
         if config.private_user_embedding
         else None
     )
@@ -157,20 +157,40 @@ def read_config(msg: Message) -> tuple[RunConfig, int, str]:
     values = dict(msg.content["config"])
     server_round = int(values.pop("server-round"))
     run_name = str(values.pop("run-name"))
+    values.pop(CATALOGUE_FINGERPRINT)
     return RunConfig.from_mapping(values), server_round, run_name
 
 
-def load_site_from(context: Context, config: RunConfig) -> SiteData:
-    """This node's site: ``partition-id`` of ``num-partitions`` in ``node_config``."""
-    for key in ("partition-id", "num-partitions"):
-        if key not in context.node_config:
-            raise InputError(
-                f"node_config has no '{key}'; start the SuperNode with "
-                "--node-config 'partition-id=0 num-partitions=N'"
-            )
-    return load_site(
-        config, int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    )
+def load_site_from(context: Context, msg: Message, config: RunConfig) -> tuple[SiteData, SiteState]:
+    """This node's site and its state folder.
+
+    Deployment: ``node_config["data-path"]`` is the site's data folder
+    (``common.data.site_folder``), state under ``<data-path>/state``.
+    Simulation: site ``partition-id`` of ``num-partitions`` of the configured
+    dataset, state under ``site-state-dir``. Either way the site's catalogue
+    must be the one the server built the model for.
+    """
+    node = context.node_config
+    if "data-path" in node:
+        folder = Path(str(node["data-path"])).expanduser()
+        site, state = load_site_folder(folder), SiteState(folder / "state")
+    elif "partition-id" in node and "num-partitions" in node:
+        site = load_site(config, int(node["partition-id"]), int(node["num-partitions"]))
+        state = SiteState.in_simulation(config, site)
+    else:
+        raise InputError(
+            "node_config: expected data-path (deployment: --node-config "
+            "'data-path=\"/srv/site\"') or partition-id and num-partitions (simulation)"
+        )
+    expected = str(msg.content["config"][CATALOGUE_FINGERPRINT])
+    if site.catalogue.fingerprint() != expected:
+        where = node.get("data-path", "the configured dataset")
+        raise InputError(
+            f"{where}: the site's item catalogue differs from the server's (fingerprint "
+            f"{site.catalogue.fingerprint()[:12]} vs {expected[:12]}); every site needs the "
+            "catalogue the coordinator published"
+        )
+    return site, state
 
 
 def load_global_model(msg: Message, site: SiteData, config: RunConfig) -> EgoGraphRecommender:

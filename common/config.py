@@ -29,8 +29,10 @@ class RunConfig:
     num_server_rounds: int
     seed: int
     min_sites: int
+    round_timeout: float
     dataset: str
     data_path: str
+    catalogue_path: str
     item_text_path: str
     download: bool
     on_duplicate: str
@@ -118,6 +120,7 @@ class RunConfig:
         positive = {
             "num-server-rounds": self.num_server_rounds,
             "min-sites": self.min_sites,
+            "round-timeout": self.round_timeout,
             "embedding-dim": self.embedding_dim,
             "degree-cap": self.degree_cap,
             "local-epochs": self.local_epochs,

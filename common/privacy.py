@@ -208,6 +208,8 @@ class Release:
         return asdict(self)
 
 
+CATALOGUE_FINGERPRINT = "catalogue-fingerprint"
+"""Key of the catalogue's fingerprint in the server's messages (sites check it)."""
 ITEM_SIDE = "<item-side parameters>"
 ITEM_COUNTS = "item-counts"
 LEDGER_METRICS = ("epsilon", "independent-epsilon", "delta", "noise-multiplier", "steps")

@@ -1,9 +1,12 @@
 """The Flower ServerApp: builds the global item side and runs the rounds.
 
-Round 0 evaluates the initial model at every site, so later rounds have a
-baseline; then every round trains at the sites, aggregates the item side
-(``server.strategy``), evaluates, and rewrites the run directory
-(``server.run_directory``).
+The global catalogue comes from ``catalogue-path`` in deployment (the folder
+``fedgraphrec partition`` writes for the coordinator) or from the configured
+dataset in simulation; every message carries its fingerprint so that sites
+can check they hold the same one. Round 0 evaluates the initial model at every
+site, so later rounds have a baseline; then every round trains at the sites,
+aggregates the item side (``server.strategy``), evaluates, and rewrites the run
+directory (``server.run_directory``).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
 from common.data import load_dataset
+from common.data.site_folder import load_catalogue_folder
 from common.errors import InputError
 from common.model import build_model
+from common.privacy import CATALOGUE_FINGERPRINT
 from server.report import summary, write_report
 from server.run_directory import RunDirectory
 from server.strategy import ItemSideFedAvg
@@ -34,8 +39,13 @@ def main(grid: Grid, context: Context) -> None:
 
 def run(grid: Grid, config: RunConfig) -> Path:
     """Run the federation; returns the run directory."""
+    catalogue = (
+        load_catalogue_folder(config.catalogue_path)
+        if config.catalogue_path
+        else load_dataset(config).catalogue
+    )
     torch.manual_seed(config.seed)
-    model = build_model(load_dataset(config).catalogue, config)
+    model = build_model(catalogue, config)
     if config.initial_model:
         load_initial_model(model, config.initial_model)
     arrays = ArrayRecord(model.state_dict())
@@ -44,15 +54,21 @@ def run(grid: Grid, config: RunConfig) -> Path:
     log(INFO, "Run directory: %s", out.path)
 
     def message_config() -> ConfigRecord:
-        return ConfigRecord(config.to_mapping() | {"run-name": out.path.name})
+        return ConfigRecord(
+            config.to_mapping()
+            | {"run-name": out.path.name, CATALOGUE_FINGERPRINT: catalogue.fingerprint()}
+        )
 
-    replies = grid.send_and_receive(strategy.configure_evaluate(0, arrays, message_config(), grid))
+    replies = grid.send_and_receive(
+        strategy.configure_evaluate(0, arrays, message_config(), grid), timeout=config.round_timeout
+    )
     strategy.aggregate_evaluate(0, replies)
     out.write_round(arrays, strategy)
     strategy.start(
         grid=grid,
         initial_arrays=arrays,
         num_rounds=config.num_server_rounds,
+        timeout=config.round_timeout,
         train_config=message_config(),
         evaluate_config=message_config(),
         evaluate_fn=lambda server_round, new_arrays: out.write_round(new_arrays, strategy),

@@ -94,6 +94,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "sites": sites,
         "largest-epsilon": max(finite) if len(finite) == len(sites) and finite else None,
         "stopped-after-round": ledger["stopped-after-round"],
+        "dropouts": _dropouts(rounds),
         "releases": _read(run_dir / "releases.json"),
         "utility": {
             "metrics": list(names),
@@ -104,6 +105,15 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "audit": _read(audit_path) if audit_path.exists() else None,
         "assumptions": list(ASSUMPTIONS),
     }
+
+
+def _dropouts(rounds: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Per site (or node, if it never said which site it is): the rounds it failed in."""
+    dropouts: dict[str, list[dict[str, Any]]] = {}
+    for server_round, entry in sorted(rounds.items(), key=lambda kv: int(kv[0])):
+        for sender, reason in entry["failed"].items():
+            dropouts.setdefault(sender, []).append({"round": int(server_round), "reason": reason})
+    return dropouts
 
 
 def _site_summary(entries: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
@@ -151,7 +161,15 @@ def summary(report: dict[str, Any]) -> str:
             f"stopped after round {report['stopped-after-round']}: "
             "no site could train within max-epsilon"
         )
+    lines += [f"dropped out: {line}" for line in _dropout_lines(report)]
     return "\n".join(lines)
+
+
+def _dropout_lines(report: dict[str, Any]) -> list[str]:
+    return [
+        f"{sender} in round(s) {_rounds([f['round'] for f in failures])}: {failures[-1]['reason']}"
+        for sender, failures in report["dropouts"].items()
+    ]
 
 
 def _sites_table(report: dict[str, Any], plain: bool) -> str:
@@ -182,13 +200,13 @@ def _sites_table(report: dict[str, Any], plain: bool) -> str:
 
 
 def _rounds(rounds: list[int]) -> str:
+    """``-``, ``3``, ``1-5`` or ``[1, 3]``."""
     if not rounds:
         return "-"
-    return (
-        f"{rounds[0]}-{rounds[-1]}"
-        if rounds == list(range(rounds[0], rounds[-1] + 1))
-        else str(rounds)
-    )
+    if len(rounds) == 1:
+        return str(rounds[0])
+    contiguous = rounds == list(range(rounds[0], rounds[-1] + 1))
+    return f"{rounds[0]}-{rounds[-1]}" if contiguous else str(rounds)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -216,6 +234,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report["stopped-after-round"] is not None:
         lines += [f"The run stopped after round {report['stopped-after-round']}: no site could "
                   "train within max-epsilon.", ""]  # fmt: skip
+    if report["dropouts"]:
+        lines += ["## Sites that dropped out", ""]
+        lines += [f"- {line}" for line in _dropout_lines(report)] + [""]
     lines += ["## What each site sent", "", "| message | record | key | covered | why |",
               "|---|---|---|---|---|"]  # fmt: skip
     for r in report["releases"]:
@@ -326,8 +347,10 @@ def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
             axes.plot(*zip(*points, strict=True), styles[i % 4], marker="o", label=f"site {site}")
     axes.set(xlabel="round", ylabel="epsilon (cumulative)", title="Epsilon per site")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if report["sites"]:
+    if axes.get_lines():
         axes.legend()
+    else:
+        axes.text(0.5, 0.5, "no epsilon: dp = false", ha="center", transform=axes.transAxes)
     plots.append(("Epsilon of every site after each round", _png(figure)))
 
     figure = Figure(figsize=(6, 4))

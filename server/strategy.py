@@ -49,7 +49,7 @@ class RoundLog:
     evaluate: dict[int, dict[str, float]] = field(default_factory=dict)
     aggregated: dict[str, float] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
-    failed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 class ItemSideFedAvg(FedAvg):
@@ -72,16 +72,47 @@ class ItemSideFedAvg(FedAvg):
         self.dp = dp
         self.log: dict[int, RoundLog] = {}
         self.stopped_after: int | None = None
+        self.site_of_node: dict[int, int] = {}
+        self.outbox: list[Message] = []
 
     def round_log(self, server_round: int) -> RoundLog:
         return self.log.setdefault(server_round, RoundLog())
 
-    def record_failure(self, server_round: int, sender: str, reason: str) -> None:
+    def sender(self, node_id: int) -> str:
+        """``site <k>`` once the node has said which site it is, else ``node <id>``."""
+        site = self.site_of_node.get(node_id)
+        return f"node {node_id}" if site is None else f"site {site}"
+
+    def received(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The replies, after noting which site each node is, failures, and silent nodes.
+
+        An error reply may come from the SuperLink on a node's behalf (e.g. "node
+        unavailable"); it is attributed to the node the instruction went to.
+        """
+        replies = list(replies)
+        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in self.outbox}
+        origin = {
+            id(r): node_of.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
+            for r in replies
+        }
+        for reply in replies:
+            metrics = None if reply.has_error() else reply.content.metric_records.get("metrics")
+            if metrics is not None and "site-id" in metrics:
+                self.site_of_node[origin[id(reply)]] = int(metrics["site-id"])
+        for reply in replies:
+            if reply.has_error():
+                self.record_failure(server_round, origin[id(reply)], reply.error.reason)
+        awaited = {m.metadata.dst_node_id for m in self.outbox}
+        for node_id in awaited - set(origin.values()):
+            self.record_failure(server_round, node_id, "no reply within round-timeout")
+        return [r for r in replies if not r.has_error()]
+
+    def record_failure(self, server_round: int, node_id: int, reason: str) -> None:
         """Log a failed site in full; keep its last line in the round log."""
+        sender = self.sender(node_id)
         log(WARNING, "Round %d: %s failed: %s", server_round, sender, reason)
         lines = [line.strip() for line in reason.splitlines() if line.strip()]
-        last = lines[-1] if lines else "no reason given"
-        self.round_log(server_round).failed.append(f"{sender}: {last[:300]}")
+        self.round_log(server_round).failed[sender] = (lines[-1] if lines else "no reason")[:300]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -89,32 +120,32 @@ class ItemSideFedAvg(FedAvg):
         if self.stopped_after is not None:
             return []
         self.global_arrays = arrays
-        return super().configure_train(server_round, arrays, config, grid)
+        return self.sent(super().configure_train(server_round, arrays, config, grid))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if self.stopped_after is not None:
             return []
-        return super().configure_evaluate(server_round, arrays, config, grid)
+        return self.sent(super().configure_evaluate(server_round, arrays, config, grid))
+
+    def sent(self, messages: Iterable[Message]) -> list[Message]:
+        """Remember the instructions of this round (the grid gives them ids when it sends)."""
+        self.outbox = list(messages)
+        return self.outbox
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         record = self.round_log(server_round)
         accepted: list[tuple[dict[str, np.ndarray], MetricRecord]] = []
-        for reply in replies:
-            sender = f"node {reply.metadata.src_node_id}"
-            if reply.has_error():
-                self.record_failure(server_round, sender, reply.error.reason)
-                continue
+        for reply in self.received(server_round, replies):
+            sender = self.sender(reply.metadata.src_node_id)
             metrics = reply.content.metric_records.get("metrics")
-            if metrics is not None and "site-id" in metrics:
-                sender = f"site {int(metrics['site-id'])}"
-                if metrics.get("declined") == 1.0:
-                    record.declined[int(metrics["site-id"])] = dict(metrics)
-                    log(WARNING, "Round %d: %s declined: max-epsilon reached", server_round, sender)
-                    continue
+            if metrics is not None and metrics.get("declined") == 1.0 and "site-id" in metrics:
+                record.declined[int(metrics["site-id"])] = dict(metrics)
+                log(WARNING, "Round %d: %s declined: max-epsilon reached", server_round, sender)
+                continue
             try:
                 arrays = self.read_update(reply)
             except RejectedUpdate as rejection:
@@ -217,12 +248,7 @@ class ItemSideFedAvg(FedAvg):
     ) -> MetricRecord | None:
         record = self.round_log(server_round)
         collected = []
-        for reply in replies:
-            if reply.has_error():
-                self.record_failure(
-                    server_round, f"node {reply.metadata.src_node_id}", reply.error.reason
-                )
-                continue
+        for reply in self.received(server_round, replies):
             metrics = reply.content.metric_records.get("metrics")
             if metrics is None or "site-id" not in metrics:
                 continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import time
 import uuid
 from pathlib import Path
 
@@ -71,19 +72,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stop_processes_of(flwr_home: Path) -> list[int]:
-    """Stop every process whose command line names ``flwr_home``, and its children."""
+def stop_process_tree(pid: int, sig: int = signal.SIGTERM) -> list[int]:
+    """Send ``sig`` to a process and all its descendants; kill what outlives 10 s."""
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    stopped = []
+    for member in family:
+        try:
+            member.send_signal(sig)
+            stopped.append(member.pid)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(family, timeout=10)
+    for member in alive:
+        member.kill()
+    return stopped
+
+
+def stop_processes_of(marker: str | Path) -> list[int]:
+    """Stop every process whose command line contains ``marker`` (e.g. a FLWR_HOME)."""
     stopped = []
     for process in psutil.process_iter(["pid", "cmdline"]):
-        if str(flwr_home) in " ".join(process.info["cmdline"] or []):
-            family = [process, *process.children(recursive=True)]
-            for member in family:
-                try:
-                    member.send_signal(signal.SIGTERM)
-                    stopped.append(member.pid)
-                except psutil.NoSuchProcess:
-                    pass
-            _, alive = psutil.wait_procs(family, timeout=10)
-            for member in alive:
-                member.kill()
+        if str(marker) in " ".join(process.info["cmdline"] or []):
+            stopped += stop_process_tree(process.info["pid"])
     return stopped
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 1.0) -> None:
+    """Poll ``condition()`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)

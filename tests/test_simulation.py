@@ -47,7 +47,7 @@ def test_three_sites_three_rounds_improve_on_round_zero(dp_run):
     assert sorted(metrics) == ["0", "1", "2", "3"]
     for server_round in ("1", "2", "3"):
         assert sorted(metrics[server_round]["train"]) == ["0", "1", "2"]
-        assert metrics[server_round]["rejected"] == {} and metrics[server_round]["failed"] == []
+        assert metrics[server_round]["rejected"] == {} and metrics[server_round]["failed"] == {}
     assert metrics["3"]["aggregated"]["val-rmse"] < metrics["0"]["aggregated"]["val-rmse"]
 
     ledger = json.loads((run_dir / "ledger.json").read_text())

@@ -28,18 +28,20 @@ def as_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
 
-def metadata_from(node_id: int) -> Metadata:
+def metadata_from(
+    node_id: int, dst_node_id: int = 0, message_id: str = "", reply_to: str = "i"
+) -> Metadata:
     return Metadata(
-        run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=0,
-        reply_to_message_id="i", group_id="1", created_at=time.time(), ttl=60.0,
-        message_type="train",
+        run_id=1, message_id=message_id or f"m{node_id}", src_node_id=node_id,
+        dst_node_id=dst_node_id, reply_to_message_id=reply_to, group_id="1",
+        created_at=time.time(), ttl=60.0, message_type="train",
     )  # fmt: skip
 
 
 def reply_from(node_id: int, arrays: dict[str, np.ndarray], metrics: dict) -> Message:
-    """A reply as the server receives it from ``node_id``."""
+    """A reply as the server receives it from ``node_id`` (to its instruction, if any)."""
     content = RecordDict({"arrays": as_record(arrays), "metrics": MetricRecord(metrics)})
-    return Message(content, metadata=metadata_from(node_id))
+    return Message(content, metadata=metadata_from(node_id, reply_to=f"to-{node_id}"))
 
 
 def site_update(value: float, counts: list[float] | None = None) -> dict[str, np.ndarray]:
@@ -109,7 +111,34 @@ def test_a_failed_site_is_logged_by_its_last_line_and_the_round_goes_on():
         2, [failure, reply_from(1, site_update(3.0), {"site-id": 0, "epsilon": 1.0})]
     )
     np.testing.assert_allclose(arrays["dense.weight"].numpy(), 3.0)
-    assert strategy.log[2].failed == ["node 7: ValueError: bad data"]
+    assert strategy.log[2].failed == {"node 7": "ValueError: bad data"}
+
+
+def instruction_to(node_id: int) -> Message:
+    """An instruction to ``node_id`` as the grid leaves it after sending (with an id)."""
+    return Message(RecordDict(), metadata=metadata_from(0, node_id, f"to-{node_id}", ""))
+
+
+def test_silent_and_unavailable_sites_are_named_by_the_site_they_said_they_were():
+    strategy = ItemSideFedAvg(global_arrays(), dp=True, min_sites=2)
+    nodes = (1, 2, 3)
+    strategy.sent([instruction_to(n) for n in nodes])
+    strategy.aggregate_train(
+        1,
+        [reply_from(n, site_update(1.0), {"site-id": n + 10, "epsilon": 1.0}) for n in nodes],
+    )
+    strategy.sent([instruction_to(n) for n in nodes])
+    unavailable = Message(  # made by the SuperLink: its own node id, a reply to node 3's message
+        Error(code=0, reason="Node Unavailable"),
+        metadata=metadata_from(1, reply_to="to-3"),
+    )
+    strategy.aggregate_train(
+        2, [reply_from(1, site_update(1.0), {"site-id": 11, "epsilon": 1.0}), unavailable]
+    )
+    assert strategy.log[2].failed == {
+        "site 12": "no reply within round-timeout",
+        "site 13": "Node Unavailable",
+    }
 
 
 def test_missing_key_is_rejected():

@@ -8,6 +8,8 @@ back. The catalogue is public and identical at every site; everything else in a
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +40,11 @@ class Catalogue:
     def implicit(self) -> bool:
         """True when every interaction is a plain "user touched item" event."""
         return len(self.rating_levels) == 1
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the catalogue's content: sites check they share the server's catalogue."""
+        content = [self.item_ids, self.item_text, self.rating_levels, self.user_feature_names]
+        return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,7 @@ def load_interactions_file(
         item_text = tuple(texts.columns["text"][row] for row in rows)
         items_from = str(item_text_path)
     user_ids = sorted_ids(table.columns["user"])
-    timestamp = _timestamps(table) if "timestamp" in table.columns else None
+    timestamp = parse_timestamps(table) if "timestamp" in table.columns else None
     located = table_interactions(
         table, user_ids, item_ids, rating, timestamp, users_from=str(path), items_from=items_from
     )
@@ -185,7 +185,8 @@ def _levels(rating_levels: Sequence[float] | None) -> tuple[float, ...] | None:
     return levels
 
 
-def _timestamps(table: Table) -> np.ndarray:
+def parse_timestamps(table: Table) -> np.ndarray:
+    """The ``timestamp`` column as integer seconds (see the module docstring)."""
     values = table.columns["timestamp"]
     try:
         return np.array(values, dtype=np.int64)

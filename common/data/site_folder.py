@@ -1,0 +1,230 @@
+"""A site's data folder for deployment: what ``fedgraphrec partition`` writes, a SuperNode reads.
+
+Layout (all text files UTF-8 CSV with a header row, original ids)::
+
+    <site folder>/
+      manifest.json              site id, number of sites, dataset, counts, and the
+                                 SHA-256 of every file below
+      catalogue/items.csv        item[,text]: the public catalogue, every item
+      catalogue/catalogue.json   {"rating-levels": [...], "user-feature-names": [...]}
+      train.csv                  user,item,rating[,timestamp]: the site's users only
+      val.csv, test.csv          the same columns; optional
+      users.csv                  user,<one column per user-feature name>; present
+                                 when the catalogue names user features
+      state/                     written by the site at run time (ledger, private
+                                 embeddings); not part of the manifest
+
+``fedgraphrec partition`` also writes ``<out>/catalogue/`` for the coordinator:
+the server builds the global model from it (``catalogue-path``) and every site
+checks that its own catalogue is the same (:meth:`Catalogue.fingerprint`).
+
+A site that prepares its own folder writes the same files; the manifest's
+checksums catch a file changed or truncated after it was written. A site's
+users are keyed for their randomness by a hash of their original id, so a
+user's samples do not depend on the other users at the site.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from common.data._parse import drop_duplicates, sorted_ids, table_interactions
+from common.data.dataset import Catalogue, Dataset, Interactions
+from common.data.interactions_file import parse_timestamps, read_csv
+from common.data.site import SiteData
+from common.data.split import Split
+from common.errors import file_error
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+
+
+def write_site_folders(
+    dataset: Dataset, split: Split, site_of_user: np.ndarray, out: Path
+) -> list[Path]:
+    """Write ``<out>/catalogue`` and one ``<out>/site-<k>`` folder per site."""
+    catalogue = dataset.catalogue
+    _write_catalogue(catalogue, out / "catalogue")
+    num_sites = int(site_of_user.max()) + 1
+    folders = []
+    for site in range(num_sites):
+        folder = out / f"site-{site}"
+        _write_catalogue(catalogue, folder / "catalogue")
+        mine = site_of_user == site
+        counts = {}
+        for name, part in zip(SPLITS, (split.train, split.val, split.test), strict=True):
+            rows = part.select(mine[part.user])
+            counts[name] = len(rows)
+            if len(rows) or name == "train":
+                _write_interactions(folder / f"{name}.csv", rows, dataset)
+        if catalogue.user_feature_names:
+            _write_users(folder / "users.csv", dataset, np.flatnonzero(mine))
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        manifest = {
+            "site-id": site,
+            "num-sites": num_sites,
+            "dataset": dataset.name,
+            "users": int(mine.sum()),
+            "interactions": counts,
+            "items": catalogue.num_items,
+            "catalogue-fingerprint": catalogue.fingerprint(),
+            "sha256": {name: _sha256(folder / name) for name in files},
+        }
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        folders.append(folder)
+    return folders
+
+
+def _write_catalogue(catalogue: Catalogue, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "items.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        if catalogue.item_text is None:
+            writer.writerow(["item"])
+            writer.writerows([i] for i in catalogue.item_ids)
+        else:
+            writer.writerow(["item", "text"])
+            writer.writerows(zip(catalogue.item_ids, catalogue.item_text, strict=True))
+    description = {
+        "rating-levels": list(catalogue.rating_levels),
+        "user-feature-names": list(catalogue.user_feature_names),
+    }
+    (folder / "catalogue.json").write_text(json.dumps(description, indent=2))
+
+
+def _write_interactions(path: Path, rows: Interactions, dataset: Dataset) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        header = ["user", "item", "rating"] + (["timestamp"] if rows.timestamp is not None else [])
+        writer.writerow(header)
+        for k in range(len(rows)):
+            row = [dataset.user_ids[rows.user[k]], dataset.catalogue.item_ids[rows.item[k]]]
+            row.append(repr(float(rows.rating[k])))
+            if rows.timestamp is not None:
+                row.append(int(rows.timestamp[k]))
+            writer.writerow(row)
+
+
+def _write_users(path: Path, dataset: Dataset, users: np.ndarray) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["user", *dataset.catalogue.user_feature_names])
+        for u in users:
+            writer.writerow(
+                [dataset.user_ids[u], *(repr(float(v)) for v in dataset.user_features[u])]
+            )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_catalogue_folder(folder: str | Path) -> Catalogue:
+    """The catalogue in ``folder`` (``items.csv`` and ``catalogue.json``)."""
+    folder = Path(folder).expanduser()
+    description_path = folder / "catalogue.json"
+    if not description_path.is_file():
+        raise file_error(folder, "not a catalogue folder (expected catalogue.json and items.csv)")
+    try:
+        description = json.loads(description_path.read_text(encoding="utf-8"))
+        levels = tuple(float(v) for v in description["rating-levels"])
+        names = tuple(str(v) for v in description["user-feature-names"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise file_error(
+            description_path,
+            f"expected JSON with 'rating-levels' (numbers) and 'user-feature-names' ({error})",
+        ) from None
+    items = read_csv(folder / "items.csv", ("item",), ("text",), None, "utf-8")
+    item_ids, rows = items.distinct("item")
+    text = tuple(items.columns["text"][r] for r in rows) if "text" in items.columns else None
+    return Catalogue(item_ids, text, levels, names)
+
+
+def load_site_folder(folder: str | Path) -> SiteData:
+    """The site in ``folder`` (layout in the module docstring), checked against its manifest."""
+    folder = Path(folder).expanduser()
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise file_error(
+            folder,
+            f"not a site folder: expected {MANIFEST}, catalogue/, train.csv "
+            "(write one with `fedgraphrec partition`)",
+        )
+    manifest = _read_manifest(manifest_path)
+    for name, digest in manifest["sha256"].items():
+        path = folder / name
+        if not path.is_file():
+            raise file_error(path, f"listed in {MANIFEST} but missing")
+        if _sha256(path) != digest:
+            raise file_error(path, f"differs from the SHA-256 in {MANIFEST}: changed since written")
+    catalogue = load_catalogue_folder(folder / "catalogue")
+    tables = {
+        name: read_csv(folder / f"{name}.csv", ("user", "item", "rating"), ("timestamp",), None,
+                       "utf-8")
+        for name in SPLITS
+        if name == "train" or (folder / f"{name}.csv").exists()
+    }  # fmt: skip
+    users_path = folder / "users.csv"
+    features_table = (
+        read_csv(users_path, ("user", *catalogue.user_feature_names), (), None, "utf-8")
+        if catalogue.user_feature_names
+        else None
+    )
+    user_ids = sorted_ids(
+        {u for t in tables.values() for u in t.columns["user"]}
+        | set(features_table.columns["user"] if features_table else ())
+    )
+    located = []
+    for table in tables.values():
+        rating = table.floats("rating", "a number")
+        table.check_in(
+            "rating", rating, catalogue.rating_levels, f"one of {catalogue.rating_levels}"
+        )
+        timestamp = parse_timestamps(table) if "timestamp" in table.columns else None
+        located.append(
+            table_interactions(
+                table, user_ids, catalogue.item_ids, rating, timestamp,
+                users_from=str(table.path), items_from=str(folder / "catalogue" / "items.csv"),
+            )
+        )  # fmt: skip
+    parts = dict(zip(tables, drop_duplicates(located, "error", user_ids, catalogue.item_ids),
+                     strict=True))  # fmt: skip
+    empty = Interactions(*(np.zeros(0, t) for t in (np.int64, np.int64, np.float32)))
+    features = np.zeros((len(user_ids), len(catalogue.user_feature_names)), np.float32)
+    if features_table is not None:
+        features_table.distinct("user")  # a user listed twice is an error
+        order = features_table.codes("user", user_ids, str(users_path))
+        for column, name in enumerate(catalogue.user_feature_names):
+            features[order, column] = features_table.floats(name, "a number")
+        missing = set(user_ids) - set(features_table.columns["user"])
+        if missing:
+            raise file_error(users_path, f"no features for user(s) {sorted(missing)[:5]}")
+    return SiteData(
+        site_id=int(manifest["site-id"]),
+        catalogue=catalogue,
+        user_keys=np.array([_user_key(u) for u in user_ids], dtype=np.int64),
+        user_features=features,
+        train=parts["train"],
+        val=parts.get("val", empty),
+        test=parts.get("test", empty),
+    )
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        int(manifest["site-id"])
+        dict(manifest["sha256"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise file_error(path, f"expected JSON with 'site-id' and 'sha256' ({error})") from None
+    return manifest
+
+
+def _user_key(user_id: str) -> int:
+    """A stable 63-bit key of an original user id (seeds the user's own randomness)."""
+    return int.from_bytes(hashlib.sha256(user_id.encode()).digest()[:8], "big") >> 1

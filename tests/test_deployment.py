@@ -1,0 +1,206 @@
+"""Deployment with real processes on loopback: one SuperLink (TLS, node authentication)
+and one SuperNode per site, each with its own data folder.
+
+Ports are chosen free at run time; every process the tests start is stopped by
+PID at the end (the whole process tree, and anything else naming the test's
+folder). The tests run in file order and share the federation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from flower_helpers import free_port, stop_process_tree, stop_processes_of, wait_for
+
+from cli import main as fedgraphrec
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SITES = 3
+
+
+class Federation:
+    """The processes and folders of one loopback deployment."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.home = base / "flwr-home"
+        self.certs = base / "certs"
+        self.data = base / "data"
+        self.port = free_port()
+        self.env = os.environ | {
+            "FLWR_HOME": str(self.home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        }
+        self.nodes: dict[int, subprocess.Popen] = {}
+
+    def start(self, command: list[str], log: str) -> subprocess.Popen:
+        with open(self.base / f"{log}.log", "ab") as out:
+            return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env)
+
+    def log(self, name: str) -> str:
+        return (self.base / f"{name}.log").read_text(errors="replace")
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "flwr"), *args], env=self.env, capture_output=True, text=True,
+            timeout=timeout, cwd=self.base,
+        )  # fmt: skip
+
+    def supernode(self, key: str, *, data: int, secure: bool = True) -> list[str]:
+        tls = (
+            ["--root-certificates", str(self.certs / "ca.crt")]
+            if secure
+            else ["--insecure", "--max-retries", "2"]
+        )
+        auth = ["--auth-supernode-private-key", str(self.certs / "sites" / key)] if secure else []
+        return [
+            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+            "--port", str(free_port()), *tls, *auth,
+            "--node-config", f'data-path="{self.data / f"site-{data}"}"',
+        ]  # fmt: skip
+
+    def start_site(self, site: int) -> None:
+        self.nodes[site] = self.start(self.supernode(f"site-{site}", data=site), f"site-{site}")
+
+    def online(self) -> int:
+        listing = self.flwr("supernode", "list", "deploy", "--format", "json").stdout
+        nodes = json.loads(listing[listing.index("{") :])["nodes"]
+        return sum(1 for n in nodes if n["status"] == "online")
+
+    def run(self, rounds: int, min_sites: int, runs: str, **popen) -> subprocess.Popen:
+        config = (
+            f"num-server-rounds={rounds} min-sites={min_sites} round-timeout=300.0 "
+            f'catalogue-path="{self.data / "catalogue"}" run-dir="{self.base / runs}"'
+        )
+        command = [str(BIN / "flwr"), "run", str(REPO), "deploy", "--stream",
+                   "--run-config", config]  # fmt: skip
+        with open(self.base / f"{runs}.log", "wb") as out:
+            return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                    env=self.env, cwd=self.base)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    fed = Federation(tmp_path_factory.mktemp("deploy"))
+    assert fedgraphrec(["partition", "--sites", str(SITES), "--out", str(fed.data),
+                        "-c", "synthetic-users=180 synthetic-items=120"]) == 0  # fmt: skip
+    assert fedgraphrec(["certs", "--out", str(fed.certs), "--hosts", "127.0.0.1", "localhost",
+                        "--sites", str(SITES + 1)]) == 0  # fmt: skip
+    fed.home.mkdir()
+    (fed.home / "config.toml").write_text(
+        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n'
+        f'address = "127.0.0.1:{fed.port}"\nroot-certificates = "{fed.certs / "ca.crt"}"\n'
+    )
+    try:
+        fed.superlink = fed.start(
+            [
+                str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(fed.port),
+                "--database", str(fed.base / "superlink.db"),
+                "--disable-runtime-dependency-installation",
+                "--ssl-ca-certfile", str(fed.certs / "ca.crt"),
+                "--ssl-certfile", str(fed.certs / "server.pem"),
+                "--ssl-keyfile", str(fed.certs / "server.key"),
+                "--enable-supernode-auth",
+            ],
+            "superlink",
+        )  # fmt: skip
+        wait_for(lambda: "Uvicorn running" in fed.log("superlink"), 60, "the SuperLink")
+        for site in range(SITES):  # site-3's key is never registered
+            pub = fed.certs / "sites" / f"site-{site}.pub"
+            registered = fed.flwr("supernode", "register", str(pub), "deploy")
+            assert registered.returncode == 0, registered.stdout + registered.stderr
+        for site in range(SITES):
+            fed.start_site(site)
+        wait_for(lambda: fed.online() == SITES, 90, "three SuperNodes online", every=3)
+        yield fed
+    finally:
+        for process in [getattr(fed, "superlink", None), *fed.nodes.values()]:
+            if process is not None:
+                stop_process_tree(process.pid)
+        stop_processes_of(fed.base)
+
+
+def only_run(folder: Path) -> Path:
+    (run_dir,) = folder.iterdir()
+    return run_dir
+
+
+def ledger_of(fed: Federation, site: int) -> list[dict]:
+    return json.loads((fed.data / f"site-{site}" / "state" / "ledger.json").read_text())["entries"]
+
+
+def test_tls_and_node_auth_run_completes_and_writes_the_report(federation):
+    fed = federation
+    finished = fed.run(2, SITES, "runs-a")
+    assert finished.wait(timeout=400) == 0, fed.log("runs-a")[-3000:]
+    run_dir = only_run(fed.base / "runs-a")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert sorted(metrics) == ["0", "1", "2"]
+    for server_round in ("1", "2"):
+        assert sorted(metrics[server_round]["train"]) == ["0", "1", "2"]
+        assert metrics[server_round]["failed"] == {}
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    assert sorted(report["sites"]) == ["0", "1", "2"]
+    assert all(s["rounds-trained"] == [1, 2] for s in report["sites"].values())
+    for site in range(SITES):  # each site's ledger lives in its own data folder
+        assert [e["round"] for e in ledger_of(fed, site)] == [1, 2]
+
+
+def test_a_supernode_with_an_unregistered_key_is_rejected(federation):
+    fed = federation
+    stranger = fed.start(fed.supernode("site-3", data=0), "stranger")
+    assert stranger.wait(timeout=90) != 0
+    assert "Failed to activate SuperNode" in fed.log("stranger")
+    assert fed.online() == SITES
+
+
+def test_a_plain_text_supernode_is_refused(federation):
+    fed = federation
+    plain = fed.start(fed.supernode("site-0", data=0, secure=False), "plain")
+    assert plain.wait(timeout=90) != 0
+    assert "Failed to initialize the connection to the SuperLink" in fed.log("plain")
+    assert fed.online() == SITES
+
+
+def test_killing_a_supernode_mid_run_lets_the_others_finish(federation):
+    fed = federation
+    running = fed.run(3, 2, "runs-b")
+
+    def round_one_evaluated() -> bool:
+        folders = list((fed.base / "runs-b").glob("*/metrics.json"))
+        return bool(folders) and bool(
+            json.loads(folders[0].read_text()).get("1", {}).get("evaluate")
+        )
+
+    wait_for(round_one_evaluated, 300, "round 1 of the second run", every=2)
+    stop_process_tree(fed.nodes.pop(2).pid, signal.SIGKILL)
+    assert running.wait(timeout=500) == 0, fed.log("runs-b")[-3000:]
+    run_dir = only_run(fed.base / "runs-b")
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    assert list(report["dropouts"]) == ["site 2"]
+    assert report["dropouts"]["site 2"][0]["round"] == 2
+    assert report["sites"]["2"]["rounds-trained"] == [1]
+    assert report["sites"]["0"]["rounds-trained"] == [1, 2, 3]
+    assert "dropped out: site 2" in fed.log("runs-b")
+    # Sites 0 and 1 kept counting from the first run: five rounds in their ledgers.
+    epsilon = [e["epsilon"] for e in ledger_of(fed, 0)]
+    assert len(epsilon) == 5 and epsilon == sorted(epsilon)
+
+
+def test_a_restarted_supernode_keeps_its_spent_budget(federation):
+    fed = federation
+    before = ledger_of(fed, 2)
+    fed.start_site(2)
+    wait_for(lambda: fed.online() == SITES, 120, "site 2 back online", every=3)
+    finished = fed.run(1, SITES, "runs-c")
+    assert finished.wait(timeout=400) == 0, fed.log("runs-c")[-3000:]
+    after = ledger_of(fed, 2)
+    assert after[: len(before)] == before
+    assert after[-1]["epsilon"] > before[-1]["epsilon"]

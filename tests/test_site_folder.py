@@ -1,0 +1,129 @@
+"""Site data folders (`fedgraphrec partition`), the deployment loader and `fedgraphrec certs`."""
+
+from __future__ import annotations
+
+import ipaddress
+import stat
+import time
+
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import (
+    load_ssh_private_key,
+    load_ssh_public_key,
+)
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+
+from cli import main as fedgraphrec
+from client.app import load_site_from
+from common.config import default_config
+from common.data import load_dataset, load_site
+from common.data.site_folder import load_catalogue_folder, load_site_folder
+from common.errors import InputError
+from common.privacy import CATALOGUE_FINGERPRINT
+
+OVERRIDES = "synthetic-users=90 synthetic-items=40"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    out = tmp_path_factory.mktemp("partition") / "sites"
+    assert fedgraphrec(["partition", "--sites", "3", "--out", str(out), "-c", OVERRIDES]) == 0
+    return out
+
+
+def train_by_original_id(site, original_id_of_local_user):
+    return sorted(
+        (original_id_of_local_user[u], int(i), float(r))
+        for u, i, r in zip(site.train.user, site.train.item, site.train.rating, strict=True)
+    )
+
+
+def test_a_site_folder_holds_exactly_the_sites_users(folders):
+    config = default_config(synthetic_users=90, synthetic_items=40)
+    dataset = load_dataset(config)
+    for site_id in range(3):
+        simulated = load_site(config, site_id, 3)
+        deployed = load_site_folder(folders / f"site-{site_id}")
+        assert deployed.site_id == site_id and deployed.num_users == simulated.num_users
+        simulated_ids = [dataset.user_ids[k] for k in simulated.user_keys]
+        deployed_ids = sorted(simulated_ids, key=int)  # the folder re-indexes by original id
+        assert train_by_original_id(deployed, deployed_ids) == train_by_original_id(
+            simulated, simulated_ids
+        )
+        assert len(deployed.val) == len(simulated.val) and len(deployed.test) == len(simulated.test)
+        np.testing.assert_array_equal(
+            np.sort(deployed.user_features, axis=0), np.sort(simulated.user_features, axis=0)
+        )
+    catalogue = load_catalogue_folder(folders / "catalogue")
+    assert catalogue.fingerprint() == dataset.catalogue.fingerprint()
+
+
+def test_a_changed_file_fails_its_checksum(folders, tmp_path):
+    copy = tmp_path / "site"
+    copy.mkdir()
+    for path in (folders / "site-0").rglob("*"):
+        target = copy / path.relative_to(folders / "site-0")
+        if path.is_dir():
+            target.mkdir(exist_ok=True)
+        else:
+            target.write_bytes(path.read_bytes())
+    with open(copy / "train.csv", "a") as f:
+        f.write("0,0,5.0,0\n")
+    with pytest.raises(InputError, match=r"train.csv: differs from the SHA-256 in manifest.json"):
+        load_site_folder(copy)
+
+
+def test_a_missing_data_path_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match=r"not a site folder: expected manifest\.json"):
+        load_site_folder(tmp_path / "nowhere")
+
+
+def message_with(fingerprint: str) -> Message:
+    metadata = Metadata(
+        run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+        group_id="1", created_at=time.time(), ttl=60.0, message_type="train",
+    )  # fmt: skip
+    return Message(RecordDict({"config": ConfigRecord({CATALOGUE_FINGERPRINT: fingerprint})}),
+                   metadata=metadata)  # fmt: skip
+
+
+def context_with(node_config: dict) -> Context:
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def test_a_site_checks_it_holds_the_servers_catalogue(folders):
+    config = default_config()
+    node = context_with({"data-path": str(folders / "site-1")})
+    right = load_catalogue_folder(folders / "catalogue").fingerprint()
+    site, state = load_site_from(node, message_with(right), config)
+    assert site.site_id == 1 and state.folder == folders / "site-1" / "state"
+    with pytest.raises(InputError, match="catalogue differs from the server's"):
+        load_site_from(node, message_with("0" * 64), config)
+    with pytest.raises(InputError, match="node_config: expected data-path"):
+        load_site_from(context_with({}), message_with(right), config)
+
+
+def test_partition_refuses_a_folder_in_use(folders, capsys):
+    assert fedgraphrec(["partition", "--sites", "2", "--out", str(folders)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_certificates_for_tls_and_node_authentication(tmp_path):
+    out = tmp_path / "certs"
+    hosts = ["127.0.0.1", "localhost", "coordinator.example.org"]
+    assert fedgraphrec(["certs", "--out", str(out), "--hosts", *hosts, "--sites", "2"]) == 0
+    for private in ("ca.key", "server.key", "sites/site-0", "sites/site-1"):
+        assert stat.S_IMODE((out / private).stat().st_mode) == 0o600
+    ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((out / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    assert names.get_values_for_type(x509.DNSName) == hosts[1:]
+    key = load_ssh_private_key((out / "sites" / "site-0").read_bytes(), None)
+    public = load_ssh_public_key((out / "sites" / "site-0.pub").read_bytes())
+    assert isinstance(key.curve, ec.SECP384R1) and key.public_key() == public
+    assert fedgraphrec(["certs", "--out", str(out), "--hosts", "localhost", "--sites", "1"]) == 2
