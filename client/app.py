@@ -15,6 +15,7 @@ records the round in the ledger, then replies.
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +24,13 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site_state import SiteState
-from client.train import site_graphs, train_locally
+from client.train import site_graphs, site_model, train_locally
 from common.config import RunConfig
 from common.data import SiteData, load_site
 from common.data.site_folder import load_site_folder
 from common.errors import InputError
 from common.evaluation import evaluate as evaluate_model
-from common.model import EgoGraphRecommender, build_model
+from common.model import EgoGraphRecommender
 from common.privacy import (
     CATALOGUE_FINGERPRINT,
     ITEM_COUNTS,
@@ -147,6 +148,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     for part, heldout, exclude in (("val", site.val, None), ("test", site.test, site.val)):
         values = evaluate_model(model, graphs, heldout, config.top_k, exclude, device, private)
         metrics |= {f"{part}-{name}": value for name, value in values.items()}
+    if len(site.cold_items):
+        cold = partial(evaluate_model, model, graphs, site.cold, config.top_k, None, device,
+                       private, site.cold_items)  # fmt: skip
+        metrics |= {f"cold-{name}": value for name, value in cold().items()}
+        if model.item_text_projection is not None:
+            with model.text_disabled():
+                metrics |= {f"cold-{name}-without-text": value for name, value in cold().items()}
     if not config.dp:
         metrics["num-examples"] = site.num_users
     return reply(msg, config, "evaluate", model, {}, metrics)
@@ -194,7 +202,8 @@ def load_site_from(context: Context, msg: Message, config: RunConfig) -> tuple[S
 
 
 def load_global_model(msg: Message, site: SiteData, config: RunConfig) -> EgoGraphRecommender:
-    model = build_model(site.catalogue, config)
+    """The global item side from the message, with the catalogue's text vectors."""
+    model = site_model(site.catalogue, config, select_device(config.device))
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model
 

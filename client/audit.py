@@ -4,9 +4,9 @@ Steinke, Nasr and Jagielski, "Privacy Auditing with One (1) Training Run"
 (NeurIPS 2023):
 
 1. Add :math:`m` synthetic *canary users* to the site. Each has exactly one
-   interaction, with its own canary item appended to the catalogue, at the top
-   of the rating scale. Each canary is included independently with probability
-   1/2.
+   interaction, with its own canary item appended to the catalogue (no text),
+   at the top of the rating scale. Each canary is included independently with
+   probability 1/2.
 2. Train the site exactly as a run would (same mechanism, noise multiplier,
    sampling rate, clip norm, steps, rounds).
 3. Score every canary by how far its item's bias moved (up, the direction of
@@ -33,10 +33,9 @@ import numpy as np
 import torch
 from scipy import stats
 
-from client.train import site_graphs, train_locally
+from client.train import site_graphs, site_model, train_locally
 from common.config import RunConfig
 from common.data import Interactions, SiteData, load_site
-from common.model import build_model
 from common.privacy import epsilon_spent, noise_multiplier_for, site_delta
 
 
@@ -120,7 +119,9 @@ def audit_site(
     trained_config = config.replace(noise_multiplier=sigma) if config.dp else config
 
     torch.manual_seed(config.seed)
-    model = build_model(site.catalogue, config)
+    model = site_model(site.catalogue, config)
+    if model.item_text_projection is not None:  # canary items carry no text: only their id
+        model.item_text[first:] = 0.0
     before = model.item_bias.weight.detach()[first:, 0].clone()
     graphs = site_graphs(site, config)
     history = []

@@ -30,10 +30,12 @@ from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader
 
 from common.config import RunConfig
+from common.data.dataset import Catalogue
 from common.data.site import SiteData
 from common.ego_graphs import UserEgoGraphs
-from common.model import EgoBatch, EgoGraphRecommender
+from common.model import EgoBatch, EgoGraphRecommender, build_model
 from common.privacy import History, accountant_with_history
+from common.text import item_text_vectors
 
 PRIVATE_FIT_USERS_PER_BATCH = 256
 
@@ -64,6 +66,13 @@ def site_graphs(site: SiteData, config: RunConfig) -> UserEgoGraphs:
         config.edge_dropout,
         config.seed,
     )
+
+
+def site_model(
+    catalogue: Catalogue, config: RunConfig, device: torch.device | str = "cpu"
+) -> EgoGraphRecommender:
+    """The model as a site uses it: with the catalogue's text vectors when item text is on."""
+    return build_model(catalogue, config, item_text_vectors(catalogue, config, device))
 
 
 def entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:

@@ -39,6 +39,7 @@ class RunConfig:
     split: str
     val_fraction: float
     test_fraction: float
+    cold_item_fraction: float
     partition: str
     partition_column: str
     dirichlet_alpha: float
@@ -52,6 +53,9 @@ class RunConfig:
     user_bias: bool
     user_bias_shrinkage: float
     private_user_embedding: bool
+    item_text: bool
+    text_model: str
+    text_cache_dir: str
     local_epochs: int
     sample_rate: float
     learning_rate: float
@@ -131,6 +135,10 @@ class RunConfig:
         for key, value in positive.items():
             if value <= 0:
                 raise InputError(f"{key}: expected a positive number, got {value}")
+        if not 0 <= self.cold_item_fraction < 1:
+            raise InputError(
+                f"cold-item-fraction: expected a fraction in [0, 1), got {self.cold_item_fraction}"
+            )
         if not 0 <= self.edge_dropout < 1:
             raise InputError(
                 f"edge-dropout: expected a probability in [0, 1), got {self.edge_dropout}"

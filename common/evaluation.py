@@ -3,7 +3,8 @@
 - Rating task: RMSE and MAE over every held-out interaction. Predictions are
   limited to the public rating scale (a prediction of 5.3 on a 1-5 scale counts
   as 5), as is usual for MovieLens results.
-- Ranking task: Recall@K and NDCG@K over the full catalogue, the user's
+- Ranking task: Recall@K and NDCG@K over the full catalogue (or over given
+  candidates: cold-start items are ranked among themselves), the user's
   training items (and any other known items, e.g. validation items when
   scoring test) excluded from the ranking; averaged over users with at least
   one held-out item. PyG's ``LinkPredRecall`` / ``LinkPredNDCG`` compute them
@@ -36,10 +37,13 @@ def evaluate(
     exclude: Interactions | None = None,
     device: torch.device | str = "cpu",
     private: torch.Tensor | None = None,
+    candidates: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Metrics of ``model`` on ``heldout`` (users are local indices of ``graphs``).
 
     ``private`` is the site's table of private user embeddings, if it has one.
+    ``candidates`` limits the ranking to those items (cold-start evaluation
+    ranks the held-out items among themselves).
 
     Returns ``{"rmse", "mae"}`` for the rating task and ``{"recall@K", "ndcg@K"}``
     for ranking; empty when ``heldout`` is empty.
@@ -53,7 +57,7 @@ def evaluate(
     batches = zip(user_batches, contexts, strict=True)
     if model.task == "rating":
         return _rating_metrics(model, graphs, heldout, batches, device)
-    return _ranking_metrics(model, graphs, heldout, batches, top_k, exclude, device)
+    return _ranking_metrics(model, graphs, heldout, batches, top_k, exclude, device, candidates)
 
 
 def _rating_metrics(model, graphs, heldout, batches, device) -> dict[str, float]:
@@ -71,11 +75,19 @@ def _rating_metrics(model, graphs, heldout, batches, device) -> dict[str, float]
     return {"rmse": (squared / len(heldout)) ** 0.5, "mae": absolute / len(heldout)}
 
 
-def _ranking_metrics(model, graphs, heldout, batches, top_k, exclude, device) -> dict[str, float]:
+def _ranking_metrics(
+    model, graphs, heldout, batches, top_k, exclude, device, candidates
+) -> dict[str, float]:
     recall, ndcg = LinkPredRecall(top_k).to(device), LinkPredNDCG(top_k).to(device)
+    outside = None
+    if candidates is not None:
+        outside = torch.ones(model.item_embedding.num_embeddings, dtype=torch.bool, device=device)
+        outside[torch.as_tensor(candidates, device=device)] = False
     for batch_users, context in batches:
         z, _ = model.user_vectors(context)
         scores = model.score_catalogue(z)
+        if outside is not None:
+            scores[:, outside] = -torch.inf
         for row, user in enumerate(batch_users):
             scores[row, torch.as_tensor(graphs.item_set(int(user)), device=device)] = -torch.inf
         if exclude is not None:

@@ -12,8 +12,17 @@ Notation: :math:`N(u)` is the set of items user :math:`u` interacted with
 (capped at ``degree_cap`` by the data pipeline), :math:`r_{ui}` the rating
 level of the interaction, :math:`x_u` the user's attribute vector.
 
-**Item representation** (shared): :math:`q_i = e_i`, the row of the item
-embedding table.
+**Item representation** (shared): the row of the item embedding table plus,
+when the catalogue has text and ``item-text`` is on, a learned projection of
+the item's text vector :math:`t_i` (``common.text``; public, fixed):
+
+.. math::
+    q_i = e_i + P\, t_i, \qquad b_i = b^{\text{id}}_i + w^\top t_i
+
+:math:`P` and :math:`w` are one linear layer, shared and trained under DP like
+the rest. An item nobody has interacted with still gets :math:`P t_i` and
+:math:`w^\top t_i` from its text: that is what makes cold-start items
+recommendable.
 
 **Ego-graph convolution** (one GC-MC layer on the star graph of :math:`u`;
 edge type = rating level; the item's degree in the ego graph is 1, so the
@@ -57,14 +66,18 @@ module works with Opacus's ``hooks`` and ``ghost`` per-sample gradient modes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.config import RunConfig
 from common.data.dataset import Catalogue
+from common.text import text_dimension
 
 ITEM_ROW_PARAMETERS = ("item_embedding.weight", "item_bias.weight")
 """Parameters with one row per catalogue item (averaged row by row without DP)."""
@@ -127,6 +140,7 @@ class EgoGraphRecommender(nn.Module):
         num_user_features: int,
         task: str,
         user_bias_shrinkage: float | None,
+        text_dim: int = 0,
     ) -> None:
         super().__init__()
         if task not in ("rating", "ranking"):
@@ -141,10 +155,34 @@ class EgoGraphRecommender(nn.Module):
         self.conv = nn.Linear(dim, self.num_levels * dim, bias=False)
         self.attributes = nn.Linear(num_user_features, dim) if num_user_features else None
         self.dense = nn.Linear(2 * dim if num_user_features else dim, dim)
+        self.item_text_projection = nn.Linear(text_dim, dim + 1, bias=False) if text_dim else None
+        self.use_text = text_dim > 0
 
         nn.init.normal_(self.item_embedding.weight, std=0.1)
         middle = (min(rating_levels) + max(rating_levels)) / 2 if task == "rating" else 0.0
         nn.init.constant_(self.item_bias.weight, middle)
+
+    def set_item_text(self, vectors: Tensor) -> None:
+        """The public text vectors ``[num_items, text_dim]`` (a buffer: never sent)."""
+        self.register_buffer("item_text", vectors.to(self.item_embedding.weight), persistent=False)
+
+    @contextmanager
+    def text_disabled(self) -> Iterator[None]:
+        """Score without the text term, e.g. to see what text adds for cold items."""
+        self.use_text = False
+        try:
+            yield
+        finally:
+            self.use_text = self.item_text_projection is not None
+
+    def item_vectors(self, items: Tensor) -> tuple[Tensor, Tensor]:
+        """``(q_i, b_i)`` of ``items`` (any shape): one call of each item-side layer."""
+        q = self.item_embedding(items)
+        b = self.item_bias(items).squeeze(-1)
+        if self.item_text_projection is None or not self.use_text:
+            return q, b
+        text = self.item_text_projection(self.item_text[items])
+        return q + text[..., :-1], b + text[..., -1]
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer groups: weight decay on embeddings and weight matrices, not on biases
@@ -199,8 +237,7 @@ class EgoGraphRecommender(nn.Module):
         """
         k = batch.items.shape[1]
         ids = batch.items if self.task == "rating" else torch.cat([batch.items, batch.negatives], 1)
-        q_all = self.item_embedding(ids)
-        b_all = self.item_bias(ids).squeeze(-1)
+        q_all, b_all = self.item_vectors(ids)
         q, b = q_all[:, :k], b_all[:, :k]
         context = batch.context
 
@@ -225,7 +262,7 @@ class EgoGraphRecommender(nn.Module):
         Returns ``z`` of shape ``[B, d]`` and the user bias ``[B]`` (zeros when
         the task or configuration has none).
         """
-        q = self.item_embedding(batch.items)
+        q, b = self.item_vectors(batch.items)
         context = batch.context
         messages = self._messages(q, batch.levels) * context[..., None]
         degree = context.sum(1)
@@ -233,28 +270,39 @@ class EgoGraphRecommender(nn.Module):
         z = self._user_vector(h, batch)
         if self.user_bias_shrinkage is None:
             return z, torch.zeros_like(degree)
-        b = self.item_bias(batch.items).squeeze(-1)
         residual = ((batch.ratings - b) * context).sum(1)
         return z, residual / (self.user_bias_shrinkage + degree)
 
     def score(self, z: Tensor, user_bias: Tensor, items: Tensor) -> Tensor:
         """Scores of ``items`` (``[B, T]``) for users ``(z, user_bias)``."""
-        q = self.item_embedding(items)
-        b = self.item_bias(items).squeeze(-1)
+        q, b = self.item_vectors(items)
         return (z[:, None, :] * q).sum(-1) + b + user_bias[:, None]
 
     def score_catalogue(self, z: Tensor) -> Tensor:
         """Scores of every catalogue item, ``[B, num_items]`` (ranking; no user bias)."""
-        return z @ self.item_embedding.weight.T + self.item_bias.weight.T
+        q, b = self.item_vectors(torch.arange(self.item_embedding.num_embeddings, device=z.device))
+        return z @ q.T + b
 
 
-def build_model(catalogue: Catalogue, config: RunConfig) -> EgoGraphRecommender:
-    """The recommender for ``catalogue`` as configured (weights from ``torch``'s RNG)."""
-    return EgoGraphRecommender(
+def build_model(
+    catalogue: Catalogue, config: RunConfig, text_vectors: np.ndarray | None = None
+) -> EgoGraphRecommender:
+    """The recommender for ``catalogue`` as configured (weights from ``torch``'s RNG).
+
+    With item text on, whoever scores items passes the catalogue's text vectors
+    (``common.text.item_text_vectors``); the server, which only averages
+    parameters, need not.
+    """
+    uses_text = config.item_text and catalogue.item_text is not None
+    model = EgoGraphRecommender(
         num_items=catalogue.num_items,
         rating_levels=catalogue.rating_levels,
         dim=config.embedding_dim,
         num_user_features=len(catalogue.user_feature_names) if config.user_features else 0,
         task=config.task,
         user_bias_shrinkage=config.user_bias_shrinkage if config.user_bias else None,
+        text_dim=text_dimension(config.text_model) if uses_text else 0,
     )
+    if uses_text and text_vectors is not None:
+        model.set_item_text(torch.from_numpy(text_vectors))
+    return model

@@ -217,13 +217,19 @@ LEDGER_METRICS = ("epsilon", "independent-epsilon", "delta", "noise-multiplier",
 
 
 def metric_names(config: RunConfig) -> tuple[str, ...]:
-    """Names of the evaluation metrics of the task, e.g. ``val-rmse``, ``test-ndcg@20``."""
+    """Names of the evaluation metrics of the task, e.g. ``val-rmse``, ``test-ndcg@20``,
+    and with cold-start items ``cold-rmse`` (and ``cold-rmse-without-text``)."""
     base = (
         ("rmse", "mae")
         if config.task == "rating"
         else (f"recall@{config.top_k}", f"ndcg@{config.top_k}")
     )
-    return tuple(f"{part}-{name}" for part in ("val", "test") for name in base)
+    names = [f"{part}-{name}" for part in ("val", "test") for name in base]
+    if config.cold_item_fraction > 0:
+        names += [f"cold-{name}" for name in base]
+        if config.item_text:
+            names += [f"cold-{name}-without-text" for name in base]
+    return tuple(names)
 
 
 def released_quantities(config: RunConfig) -> list[Release]:

@@ -13,11 +13,11 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-from client.train import fit_private_embeddings, site_graphs
+from client.train import fit_private_embeddings, site_graphs, site_model
 from common.config import default_config
 from common.data import Interactions, load_site
 from common.data.site import SiteData
-from common.model import EgoBatch, build_model
+from common.model import EgoBatch
 
 
 def without_user(site: SiteData, local_user: int) -> SiteData:
@@ -38,6 +38,8 @@ def without_user(site: SiteData, local_user: int) -> SiteData:
         drop(site.train),
         drop(site.val),
         drop(site.test),
+        drop(site.cold),
+        site.cold_items,
     )
 
 
@@ -76,7 +78,7 @@ def test_removing_a_user_leaves_other_users_gradients_identical(task, private):
     removed = 3
     smaller = without_user(site, removed)
     torch.manual_seed(0)
-    model = build_model(site.catalogue, config)
+    model = site_model(site.catalogue, config)
 
     graphs = site_graphs(site, config)
     graphs.set_epoch(7)
@@ -106,7 +108,7 @@ def test_per_sample_gradients_equal_one_user_at_a_time_autograd():
     config = default_config(synthetic_users=60, synthetic_items=50, degree_cap=12)
     site = load_site(config, 0, 1)
     torch.manual_seed(1)
-    model = build_model(site.catalogue, config)
+    model = site_model(site.catalogue, config)
     graphs = site_graphs(site, config)
     users = [0, 4, 9]
     opacus_grads = per_user_gradients(model, graphs, users)
@@ -129,7 +131,7 @@ def test_private_embeddings_are_fit_from_each_users_own_data_only():
     site = load_site(config, 0, 2)
     removed = 4
     torch.manual_seed(0)
-    model = build_model(site.catalogue, config)
+    model = site_model(site.catalogue, config)
     table = torch.randn(site.num_users, config.embedding_dim) * 0.1
     table_without = table[np.arange(site.num_users) != removed].clone()
     fit_private_embeddings(model, site_graphs(site, config), table, config, 1, "cpu")

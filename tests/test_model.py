@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from client.train import site_graphs, train_locally
+from client.train import site_graphs, site_model, train_locally
 from common.config import default_config
 from common.data import load_site
-from common.model import EgoBatch, build_model
+from common.model import EgoBatch
 
 
 def small_config(**changes):
@@ -28,7 +28,7 @@ def batch_of(graphs, users):
 def test_shapes(task, features):
     config = small_config(task=task, user_features=features)
     site = load_site(config, 0, 1)
-    model = build_model(site.catalogue, config)
+    model = site_model(site.catalogue, config)
     graphs = site_graphs(site, config)
     batch = batch_of(graphs, [0, 1, 2, 3])
     assert batch.items.shape == (4, 10) and batch.features.shape[0] == 4
@@ -47,7 +47,7 @@ def test_a_target_never_sees_its_own_rating():
     config = small_config()
     site = load_site(config, 0, 1)
     torch.manual_seed(0)
-    model = build_model(site.catalogue, config)
+    model = site_model(site.catalogue, config)
     batch = batch_of(site_graphs(site, config), [5])
     before, _ = model.leave_one_out_scores(batch)
     j = 2
@@ -64,7 +64,7 @@ def test_a_target_never_sees_its_own_rating():
 def test_padding_contributes_nothing():
     config = small_config(degree_cap=200)
     site = load_site(config, 0, 1)
-    model = build_model(site.catalogue, config)
+    model = site_model(site.catalogue, config)
     graphs = site_graphs(site, config)
     batch = batch_of(graphs, [0])
     n = int(batch.mask.sum())
@@ -84,7 +84,7 @@ def test_padding_contributes_nothing():
 def test_dp_training_runs_and_accounts_every_step(mode, task):
     config = small_config(task=task, grad_sample_mode=mode, sample_rate=0.25, local_epochs=2)
     site = load_site(config, 0, 1)
-    model = build_model(site.catalogue, config)
+    model = site_model(site.catalogue, config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = train_locally(model, site_graphs(site, config), config, 1, [], torch.device("cpu"))
     assert result.history == [(config.noise_multiplier, 0.25, 8)]
@@ -100,7 +100,7 @@ def test_empty_poisson_batches_are_handled():
     config = default_config(synthetic_users=30, synthetic_items=40, degree_cap=8)
     site = load_site(config, 0, 10)
     assert site.num_users == 3
-    model = build_model(site.catalogue, config)
+    model = site_model(site.catalogue, config)
     result = train_locally(model, site_graphs(site, config), config, 1, [], torch.device("cpu"))
     assert result.history == [(config.noise_multiplier, 0.1, 10)]
 

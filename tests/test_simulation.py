@@ -37,6 +37,7 @@ def dp_run(tmp_path_factory):
         site_state_dir=str(base / "sites"),
         private_user_embedding=True,
         delta=1e-5,
+        cold_item_fraction=0.1,
     )
     return config, simulate(config, 3, base / "messages"), base / "messages"
 
@@ -49,6 +50,7 @@ def test_three_sites_three_rounds_improve_on_round_zero(dp_run):
         assert sorted(metrics[server_round]["train"]) == ["0", "1", "2"]
         assert metrics[server_round]["rejected"] == {} and metrics[server_round]["failed"] == {}
     assert metrics["3"]["aggregated"]["val-rmse"] < metrics["0"]["aggregated"]["val-rmse"]
+    assert {"cold-rmse", "cold-rmse-without-text"} <= set(metrics["3"]["aggregated"])
 
     ledger = json.loads((run_dir / "ledger.json").read_text())
     for site in ("0", "1", "2"):

@@ -84,7 +84,14 @@ def _load(
 def split_dataset(dataset: Dataset, config: RunConfig) -> Split:
     """The train/validation/test split named by ``config.split``."""
     how = "canonical" if config.split in ML_100K_SPLITS else config.split
-    return make_split(dataset, how, config.val_fraction, config.test_fraction, config.seed)
+    return make_split(
+        dataset,
+        how,
+        config.val_fraction,
+        config.test_fraction,
+        config.seed,
+        config.cold_item_fraction,
+    )
 
 
 @lru_cache(maxsize=4)

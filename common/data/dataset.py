@@ -81,6 +81,10 @@ class Interactions:
         )
 
     @staticmethod
+    def empty() -> Interactions:
+        return Interactions(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+    @staticmethod
     def concat(parts: list[Interactions]) -> Interactions:
         has_time = all(p.timestamp is not None for p in parts)
         return Interactions(

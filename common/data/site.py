@@ -20,6 +20,8 @@ class SiteData:
         user_keys: global index of each local user (local index = position).
         user_features: ``[num_users, F]`` attributes of the local users.
         train, val, test: interactions with ``user`` = local index.
+        cold: the site's interactions with held-out cold-start items.
+        cold_items: the held-out items (public; empty without cold-start).
     """
 
     site_id: int
@@ -29,6 +31,8 @@ class SiteData:
     train: Interactions
     val: Interactions
     test: Interactions
+    cold: Interactions
+    cold_items: np.ndarray
 
     @property
     def num_users(self) -> int:
@@ -53,4 +57,6 @@ def site_view(dataset: Dataset, split: Split, site_of_user: np.ndarray, site_id:
         train=restrict(split.train),
         val=restrict(split.val),
         test=restrict(split.test),
+        cold=restrict(split.cold),
+        cold_items=split.cold_items,
     )

@@ -9,6 +9,8 @@ Layout (all text files UTF-8 CSV with a header row, original ids)::
       catalogue/catalogue.json   {"rating-levels": [...], "user-feature-names": [...]}
       train.csv                  user,item,rating[,timestamp]: the site's users only
       val.csv, test.csv          the same columns; optional
+      cold.csv                   the same columns: interactions with the run's held-out
+                                 cold-start items (listed in the manifest); optional
       users.csv                  user,<one column per user-feature name>; present
                                  when the catalogue names user features
       state/                     written by the site at run time (ledger, private
@@ -40,7 +42,7 @@ from common.data.site import SiteData
 from common.data.split import Split
 from common.errors import file_error
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "cold")
 MANIFEST = "manifest.json"
 
 
@@ -57,7 +59,8 @@ def write_site_folders(
         _write_catalogue(catalogue, folder / "catalogue")
         mine = site_of_user == site
         counts = {}
-        for name, part in zip(SPLITS, (split.train, split.val, split.test), strict=True):
+        parts = (split.train, split.val, split.test, split.cold)
+        for name, part in zip(SPLITS, parts, strict=True):
             rows = part.select(mine[part.user])
             counts[name] = len(rows)
             if len(rows) or name == "train":
@@ -72,6 +75,7 @@ def write_site_folders(
             "users": int(mine.sum()),
             "interactions": counts,
             "items": catalogue.num_items,
+            "cold-items": [catalogue.item_ids[i] for i in split.cold_items],
             "catalogue-fingerprint": catalogue.fingerprint(),
             "sha256": {name: _sha256(folder / name) for name in files},
         }
@@ -194,7 +198,6 @@ def load_site_folder(folder: str | Path) -> SiteData:
         )  # fmt: skip
     parts = dict(zip(tables, drop_duplicates(located, "error", user_ids, catalogue.item_ids),
                      strict=True))  # fmt: skip
-    empty = Interactions(*(np.zeros(0, t) for t in (np.int64, np.int64, np.float32)))
     features = np.zeros((len(user_ids), len(catalogue.user_feature_names)), np.float32)
     if features_table is not None:
         features_table.distinct("user")  # a user listed twice is an error
@@ -210,8 +213,12 @@ def load_site_folder(folder: str | Path) -> SiteData:
         user_keys=np.array([_user_key(u) for u in user_ids], dtype=np.int64),
         user_features=features,
         train=parts["train"],
-        val=parts.get("val", empty),
-        test=parts.get("test", empty),
+        val=parts.get("val", Interactions.empty()),
+        test=parts.get("test", Interactions.empty()),
+        cold=parts.get("cold", Interactions.empty()),
+        cold_items=np.array(
+            [catalogue.item_ids.index(i) for i in manifest.get("cold-items", [])], dtype=np.int64
+        ),
     )
 
 
