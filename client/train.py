@@ -95,38 +95,16 @@ def train_locally(
     (``private-user-embedding = true``); it is an input to DP-SGD and is refit
     afterwards by :func:`fit_private_embeddings`.
     """
-    warnings.filterwarnings("ignore", message="Secure RNG turned off")  # see module docstring
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus hooks
     model.to(device).train()
     optimizer = torch.optim.AdamW(
         model.parameter_groups(config.weight_decay), lr=config.learning_rate
     )
-    steps = config.steps_per_epoch
     if config.dp:
-        loader = DPDataLoader(
-            graphs, sample_rate=config.sampling_probability, generator=entropy_generator()
+        dp_model, optimizer, loader, criterion, engine = make_private(
+            model, optimizer, graphs, config, config.steps_per_epoch, history, device
         )
-        # DPDataLoader takes int(1/q) steps, which is 92 for q = 1/93; pin it to 1/q
-        # so the sampler and the accountant both see exactly `steps` steps at rate q.
-        loader.batch_sampler.steps = steps
-        engine = PrivacyEngine(accountant=config.accountant)
-        engine.accountant = accountant_with_history(config.accountant, history)
-        wrapped = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=config.noise_multiplier,
-            max_grad_norm=config.clip_norm,
-            poisson_sampling=False,
-            loss_reduction="sum",
-            grad_sample_mode=config.grad_sample_mode,
-            noise_generator=entropy_generator(device),
-            **({"criterion": PerUserLoss()} if config.grad_sample_mode == "ghost" else {}),
-        )
-        dp_model, optimizer, loader = wrapped[0], wrapped[1], wrapped[-1]
-        criterion = wrapped[2] if config.grad_sample_mode == "ghost" else PerUserLoss()
     else:
-        batch_size = max(1, round(len(graphs) / steps))
+        batch_size = max(1, round(len(graphs) / config.steps_per_epoch))
         loader = DataLoader(graphs, batch_size=batch_size, shuffle=True)
         dp_model, criterion = model, PerUserLoss()
 
@@ -181,6 +159,75 @@ def fit_private_embeddings(
             optimizer.step()
     model.requires_grad_(True)
     private.copy_(table.detach().to(private.device))
+
+
+def make_private(
+    model: EgoGraphRecommender,
+    optimizer: torch.optim.Optimizer,
+    graphs: UserEgoGraphs,
+    config: RunConfig,
+    steps: int,
+    history: History,
+    device: torch.device | str,
+) -> tuple:
+    """Opacus's pieces for ``steps`` Poisson-sampled steps: ``(module, optimizer, loader,
+    criterion, engine)``, the engine's accountant continuing from ``history``."""
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")  # see module docstring
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus hooks
+    loader = DPDataLoader(
+        graphs, sample_rate=config.sampling_probability, generator=entropy_generator()
+    )
+    # DPDataLoader takes int(1/q) steps, which is 92 for q = 1/93; pin it to `steps`
+    # so the sampler and the accountant both see exactly `steps` steps at rate q.
+    loader.batch_sampler.steps = steps
+    engine = PrivacyEngine(accountant=config.accountant)
+    engine.accountant = accountant_with_history(config.accountant, history)
+    ghost = config.grad_sample_mode == "ghost"
+    wrapped = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=config.noise_multiplier,
+        max_grad_norm=config.clip_norm,
+        poisson_sampling=False,
+        loss_reduction="sum",
+        grad_sample_mode=config.grad_sample_mode,
+        noise_generator=entropy_generator(device),
+        **({"criterion": PerUserLoss()} if ghost else {}),
+    )
+    criterion = wrapped[2] if ghost else PerUserLoss()
+    return wrapped[0], wrapped[1], wrapped[-1], criterion, engine
+
+
+def noisy_gradient_sum(
+    model: EgoGraphRecommender,
+    graphs: UserEgoGraphs,
+    config: RunConfig,
+    server_round: int,
+    device: torch.device | str,
+    private: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """One DP-SGD step's noised sum, without applying it (secure aggregation).
+
+    Poisson-samples the site's users at rate ``q``, clips each sampled user's
+    gradient to ``clip-norm`` and adds Gaussian noise with standard deviation
+    ``noise-multiplier * clip-norm`` (the caller passes the site's share of the
+    noise), all by Opacus's ``DPOptimizer.pre_step``. Returns the result per
+    parameter; the server sums these over sites and takes the optimizer step.
+    """
+    model.to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # never stepped
+    dp_model, optimizer, loader, criterion, _ = make_private(
+        model, optimizer, graphs, config, 1, [], device
+    )
+    graphs.set_epoch(server_round - 1)
+    (columns,) = list(loader)
+    batch = EgoBatch(*columns).with_private(private).to(device)
+    optimizer.zero_grad(set_to_none=True)
+    criterion(dp_model(batch)).backward()
+    optimizer.pre_step()
+    dp_model.remove_hooks()
+    return {name: p.grad.detach().cpu().clone() for name, p in model.named_parameters()}
 
 
 class PerUserLoss:

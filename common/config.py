@@ -68,6 +68,10 @@ class RunConfig:
     delta: float | str
     accountant: str
     grad_sample_mode: str
+    secure_aggregation: bool
+    secagg_min_sites: int
+    secagg_clipping_range: float
+    secagg_quantization_range: int
     top_k: int
     device: str
     run_dir: str
@@ -105,6 +109,11 @@ class RunConfig:
         return round(1.0 / self.sample_rate)
 
     @property
+    def steps_per_round(self) -> int:
+        """DP-SGD steps a site takes per round: one under secure aggregation."""
+        return 1 if self.secure_aggregation else self.local_epochs * self.steps_per_epoch
+
+    @property
     def sampling_probability(self) -> float:
         """``sample-rate`` exactly ``1 / steps_per_epoch`` (the key is checked to be close)."""
         return 1.0 / self.steps_per_epoch
@@ -125,6 +134,9 @@ class RunConfig:
             "num-server-rounds": self.num_server_rounds,
             "min-sites": self.min_sites,
             "round-timeout": self.round_timeout,
+            "secagg-min-sites": self.secagg_min_sites,
+            "secagg-clipping-range": self.secagg_clipping_range,
+            "secagg-quantization-range": self.secagg_quantization_range,
             "embedding-dim": self.embedding_dim,
             "degree-cap": self.degree_cap,
             "local-epochs": self.local_epochs,
@@ -162,6 +174,13 @@ class RunConfig:
             raise InputError(
                 f"sample-rate: expected 1/n for a whole number n of steps per local epoch "
                 f"(e.g. 0.1, 0.05, 0.25), got {self.sample_rate}"
+            )
+        if self.secure_aggregation and not self.dp:
+            raise InputError("secure-aggregation: needs dp = true (it sums noised gradients)")
+        if self.secure_aggregation and self.secagg_min_sites < 2:
+            raise InputError(
+                f"secagg-min-sites: expected at least 2 sites per secure sum, "
+                f"got {self.secagg_min_sites}"
             )
         if self.dp and self.noise_multiplier == 0 and self.target_epsilon == 0:
             raise InputError(

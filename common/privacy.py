@@ -103,7 +103,7 @@ def site_delta(config: RunConfig, num_users: int) -> float:
 
 def planned_steps(config: RunConfig) -> int:
     """DP-SGD steps a site takes if it trains in every round of the run."""
-    return config.num_server_rounds * config.local_epochs * config.steps_per_epoch
+    return config.num_server_rounds * config.steps_per_round
 
 
 def noise_multiplier_for(config: RunConfig, delta: float) -> float:
@@ -144,6 +144,12 @@ class LedgerEntry:
         accountant: ``prv`` or ``rdp``.
         epsilon: epsilon of everything in the ledger up to this entry (Opacus).
         independent_epsilon: the same by ``dp-accounting``.
+        noise_share: the noise multiplier of the site's own message: under secure
+            aggregation the site adds only its share, ``noise_multiplier /
+            sqrt(secagg-min-sites)``; otherwise equal to ``noise_multiplier``.
+        single_message_epsilon: epsilon against a party that sees this site's
+            message alone (the composition over ``noise_share``); equal to
+            ``epsilon`` without secure aggregation.
     """
 
     run: str
@@ -157,6 +163,8 @@ class LedgerEntry:
     accountant: str
     epsilon: float
     independent_epsilon: float
+    noise_share: float
+    single_message_epsilon: float
 
     def as_dict(self) -> dict[str, object]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
@@ -176,10 +184,11 @@ class LedgerEntry:
         return self.trained and self.noise_multiplier == 0
 
 
-def ledger_history(entries: Iterable[LedgerEntry]) -> History:
-    """The accountant history of every round a site trained in with DP."""
+def ledger_history(entries: Iterable[LedgerEntry], single_message: bool = False) -> History:
+    """The accountant history of every round a site trained in with DP: as the server
+    sees it, or (``single_message``) as one site's message alone shows it."""
     return [
-        (e.noise_multiplier, e.sample_rate, e.steps)
+        (e.noise_share if single_message else e.noise_multiplier, e.sample_rate, e.steps)
         for e in entries
         if e.trained and not e.without_noise
     ]
@@ -212,7 +221,11 @@ CATALOGUE_FINGERPRINT = "catalogue-fingerprint"
 """Key of the catalogue's fingerprint in the server's messages (sites check it)."""
 ITEM_SIDE = "<item-side parameters>"
 ITEM_COUNTS = "item-counts"
-LEDGER_METRICS = ("epsilon", "independent-epsilon", "delta", "noise-multiplier", "steps")
+MASKED_SUM = "<masked noised gradient sum>"
+LEDGER_METRICS = (
+    "epsilon", "independent-epsilon", "single-message-epsilon", "delta", "noise-multiplier",
+    "steps",
+)  # fmt: skip
 """What a site reports of each round's ledger entry (with ``declined``)."""
 
 
@@ -238,38 +251,7 @@ def released_quantities(config: RunConfig) -> list[Release]:
         Release("metrics", "site-id", "train", True, "the site's public identity"),
         Release("metrics", "site-id", "evaluate", True, "the site's public identity"),
     ]
-    if config.dp:
-        releases.append(
-            Release(
-                "arrays", ITEM_SIDE, "train", True,
-                "result of DP-SGD over the site's users (noised sums of clipped per-user "
-                "gradients, then post-processing)",
-            )
-        )  # fmt: skip
-        public = config.delta != "auto"
-        why = (
-            "a function of public configuration and of the rounds the site trained in"
-            if public
-            else 'delta = "auto" is the power of ten at most 1/(10 x users): it, and this '
-            "value computed from it, reveal the order of magnitude of the site's user count"
-        )
-        releases += [
-            Release("metrics", key, "train", public, why)
-            for key in ("epsilon", "independent-epsilon", "delta")
-        ]
-        releases += [
-            Release(
-                "metrics", "noise-multiplier", "train", public or config.target_epsilon == 0,
-                "the configured noise multiplier" if config.target_epsilon == 0 else why,
-            ),
-            Release("metrics", "steps", "train", True, "public configuration (1/q per epoch)"),
-            Release(
-                "metrics", "declined", "train", public or config.max_epsilon == 0,
-                "whether the next round would exceed max-epsilon: a function of the values "
-                "above",
-            ),
-        ]  # fmt: skip
-    else:
+    if not config.dp:
         releases += [
             Release("arrays", ITEM_SIDE, "train", False, "dp = false: trained without noise"),
             Release(
@@ -280,6 +262,28 @@ def released_quantities(config: RunConfig) -> list[Release]:
             Release("metrics", "train-loss", "train", False, "dp = false: exact training loss"),
             Release("metrics", "num-examples", "evaluate", False, "dp = false: exact user count"),
         ]  # fmt: skip
+    elif config.secure_aggregation:
+        releases += [
+            Release(
+                "secagg", MASKED_SUM, "train", True,
+                "SecAgg+ masks it: the server learns only the sum over at least "
+                "secagg-min-sites sites, whose noise has standard deviation at least "
+                "noise-multiplier x clip-norm (epsilon); the site's own message carries its "
+                "share (single-message-epsilon)",
+            ),
+            Release("metrics", "num-examples", "train", True, "the constant public weight 1"),
+            Release("metrics", "num-examples", "evaluate", True, "the constant 1"),
+        ]  # fmt: skip
+    else:
+        releases.append(
+            Release(
+                "arrays", ITEM_SIDE, "train", True,
+                "result of DP-SGD over the site's users (noised sums of clipped per-user "
+                "gradients, then post-processing)",
+            )
+        )  # fmt: skip
+    if config.dp:
+        releases += _ledger_releases(config)
     releases += [
         Release(
             "metrics", name, "evaluate", False,
@@ -288,6 +292,32 @@ def released_quantities(config: RunConfig) -> list[Release]:
         for name in metric_names(config)
     ]  # fmt: skip
     return releases
+
+
+def _ledger_releases(config: RunConfig) -> list[Release]:
+    """The ledger values a DP site reports each round."""
+    public = config.delta != "auto"
+    why = (
+        "a function of public configuration and of the rounds the site trained in"
+        if public
+        else 'delta = "auto" is the power of ten at most 1/(10 x users): it, and this '
+        "value computed from it, reveal the order of magnitude of the site's user count"
+    )
+    return [
+        *(
+            Release("metrics", key, "train", public, why)
+            for key in ("epsilon", "independent-epsilon", "single-message-epsilon", "delta")
+        ),
+        Release(
+            "metrics", "noise-multiplier", "train", public or config.target_epsilon == 0,
+            "the configured noise multiplier" if config.target_epsilon == 0 else why,
+        ),
+        Release("metrics", "steps", "train", True, "public configuration (1/q per epoch)"),
+        Release(
+            "metrics", "declined", "train", public or config.max_epsilon == 0,
+            "whether the next round would exceed max-epsilon: a function of the values above",
+        ),
+    ]  # fmt: skip
 
 
 def undeclared_releases(

@@ -6,7 +6,8 @@ dataset in simulation; every message carries its fingerprint so that sites
 can check they hold the same one. Round 0 evaluates the initial model at every
 site, so later rounds have a baseline; then every round trains at the sites,
 aggregates the item side (``server.strategy``), evaluates, and rewrites the run
-directory (``server.run_directory``).
+directory (``server.run_directory``). With ``secure-aggregation = true`` the
+rounds after round 0 run through SecAgg+ instead (``server.secure_aggregation``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from common.model import build_model
 from common.privacy import CATALOGUE_FINGERPRINT
 from server.report import summary, write_report
 from server.run_directory import RunDirectory
+from server.secure_aggregation import run_secure_aggregation
 from server.strategy import ItemSideFedAvg
 
 app = ServerApp()
@@ -34,11 +36,15 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run(grid, RunConfig.from_mapping(context.run_config))
+    run(grid, RunConfig.from_mapping(context.run_config), context)
 
 
-def run(grid: Grid, config: RunConfig) -> Path:
-    """Run the federation; returns the run directory."""
+def run(grid: Grid, config: RunConfig, context: Context | None = None) -> Path:
+    """Run the federation; returns the run directory.
+
+    ``context`` is the ServerApp's context; only secure aggregation (Flower's
+    legacy workflow) needs it.
+    """
     catalogue = (
         load_catalogue_folder(config.catalogue_path)
         if config.catalogue_path
@@ -52,27 +58,31 @@ def run(grid: Grid, config: RunConfig) -> Path:
     strategy = ItemSideFedAvg(arrays, dp=config.dp, min_sites=config.min_sites)
     out = RunDirectory.create(config)
     log(INFO, "Run directory: %s", out.path)
-
-    def message_config() -> ConfigRecord:
-        return ConfigRecord(
-            config.to_mapping()
-            | {"run-name": out.path.name, CATALOGUE_FINGERPRINT: catalogue.fingerprint()}
-        )
+    instruction = config.to_mapping() | {
+        "run-name": out.path.name,
+        CATALOGUE_FINGERPRINT: catalogue.fingerprint(),
+    }
 
     replies = grid.send_and_receive(
-        strategy.configure_evaluate(0, arrays, message_config(), grid), timeout=config.round_timeout
+        strategy.configure_evaluate(0, arrays, ConfigRecord(instruction), grid),
+        timeout=config.round_timeout,
     )
     strategy.aggregate_evaluate(0, replies)
     out.write_round(arrays, strategy)
-    strategy.start(
-        grid=grid,
-        initial_arrays=arrays,
-        num_rounds=config.num_server_rounds,
-        timeout=config.round_timeout,
-        train_config=message_config(),
-        evaluate_config=message_config(),
-        evaluate_fn=lambda server_round, new_arrays: out.write_round(new_arrays, strategy),
-    )
+    if config.secure_aggregation:
+        run_secure_aggregation(
+            grid, context, config, model, instruction, out, strategy.log, strategy.site_of_node
+        )
+    else:
+        strategy.start(
+            grid=grid,
+            initial_arrays=arrays,
+            num_rounds=config.num_server_rounds,
+            timeout=config.round_timeout,
+            train_config=ConfigRecord(instruction),
+            evaluate_config=ConfigRecord(instruction),
+            evaluate_fn=lambda server_round, new_arrays: out.write_round(new_arrays, strategy),
+        )
     report = write_report(out.path)
     log(INFO, "Summary:\n%s\nRun directory: %s", summary(report), out.path)
     return out.path

@@ -76,10 +76,9 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "privacy-unit": ledger["privacy-unit"],
         "neighbouring-relation": ledger["neighbouring-relation"],
         "mechanism": {
-            "algorithm": "DP-SGD (Opacus): Poisson sampling of users, per-user clipping, "
-            "Gaussian noise on the sum"
-            if config.dp
-            else "none (dp = false)",
+            "algorithm": _algorithm(config),
+            "secure-aggregation": config.secure_aggregation,
+            "secagg-min-sites": config.secagg_min_sites if config.secure_aggregation else None,
             "sample-rate": ledger["sample-rate"],
             "steps-per-round": ledger["steps-per-round"],
             "clip-norm": ledger["clip-norm"] if config.dp else None,
@@ -107,6 +106,23 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def _algorithm(config: RunConfig) -> str:
+    if not config.dp:
+        return "none (dp = false)"
+    if not config.secure_aggregation:
+        return (
+            "DP-SGD (Opacus) at each site: Poisson sampling of users, per-user clipping, "
+            "Gaussian noise on the sum"
+        )
+    return (
+        "DP-SGD with distributed noise under SecAgg+: each round every site sends one "
+        "step's clipped per-user gradient sum with noise of sigma*C/sqrt(T); the server "
+        f"sees only the sum over at least T = {config.secagg_min_sites} sites. Headline "
+        "epsilon: against an honest-but-curious server colluding with no site. "
+        "Single-message epsilon: against a party that sees one site's message alone"
+    )
+
+
 def _dropouts(rounds: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """Per site (or node, if it never said which site it is): the rounds it failed in."""
     dropouts: dict[str, list[dict[str, Any]]] = {}
@@ -130,6 +146,7 @@ def _site_summary(entries: list[dict[str, Any]], config: RunConfig) -> dict[str,
         "epsilon": epsilon if bounded else None,
         "independent-epsilon": check if bounded else None,
         "relative-gap": abs(epsilon - check) / epsilon if bounded and epsilon > 0 else None,
+        "single-message-epsilon": last.get("single-message-epsilon") if bounded else None,
         "guarantee": "(epsilon, delta)-DP" if bounded else "none: trained without noise",
         "epsilon-by-round": [
             {"round": e["round"], "epsilon": e.get("epsilon"), "declined": e["declined"]}
@@ -173,9 +190,13 @@ def _dropout_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _sites_table(report: dict[str, Any], plain: bool) -> str:
-    header = ["site", "epsilon", "check (dp-accounting)", "delta", "sigma", "trained", "declined"]
+    secure = report["mechanism"]["secure-aggregation"]
+    header = ["site", "epsilon (headline)" if secure else "epsilon", "check (dp-accounting)"]
+    header += ["single-message epsilon"] if secure else []
+    header += ["delta", "sigma", "trained", "declined"]
     rows = []
     for site, entry in sorted(report["sites"].items(), key=lambda kv: int(kv[0])):
+        single = [_number(entry["single-message-epsilon"], 0).strip()] if secure else []
         rows.append(
             [
                 site,
@@ -183,6 +204,7 @@ def _sites_table(report: dict[str, Any], plain: bool) -> str:
                 "-"
                 if entry["independent-epsilon"] is None
                 else f"{entry['independent-epsilon']:.3f}",
+                *single,
                 "-" if entry["delta"] is None else f"{entry['delta']:g}",
                 "-" if not entry["noise-multiplier"] else f"{entry['noise-multiplier']:.3f}",
                 _rounds(entry["rounds-trained"]),

@@ -22,6 +22,7 @@ other sites.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import WARNING
@@ -48,6 +49,8 @@ class RoundLog:
     declined: dict[int, dict[str, float]] = field(default_factory=dict)
     evaluate: dict[int, dict[str, float]] = field(default_factory=dict)
     aggregated: dict[str, float] = field(default_factory=dict)
+    finished_at: float | None = None
+    discarded: bool = False
     rejected: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
 
@@ -111,8 +114,7 @@ class ItemSideFedAvg(FedAvg):
         """Log a failed site in full; keep its last line in the round log."""
         sender = self.sender(node_id)
         log(WARNING, "Round %d: %s failed: %s", server_round, sender, reason)
-        lines = [line.strip() for line in reason.splitlines() if line.strip()]
-        self.round_log(server_round).failed[sender] = (lines[-1] if lines else "no reason")[:300]
+        self.round_log(server_round).failed[sender] = last_line(reason)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -258,7 +260,14 @@ class ItemSideFedAvg(FedAvg):
             return None
         aggregated = mean_metrics(collected, weighted=not self.dp, skip=("site-id",))
         record.aggregated = dict(aggregated)
+        record.finished_at = time.time()
         return aggregated
+
+
+def last_line(reason: str) -> str:
+    """The line of an error report that says what went wrong (its last), shortened."""
+    lines = [line.strip() for line in reason.replace("\\n", "\n").splitlines() if line.strip()]
+    return (lines[-1] if lines else "no reason given")[:300]
 
 
 def mean_metrics(

@@ -55,7 +55,7 @@ def simulate(config, num_sites: int, record_to: Path) -> Path:
 
     @server_app.main()
     def main(grid, context):
-        out.append(run(grid, config))
+        out.append(run(grid, config, context))
 
     run_simulation(
         server_app=server_app,
