@@ -43,11 +43,13 @@ site and is not trained by DP-SGD (``client.train.fit_private_embeddings``):
     z_u = W_d \big[\operatorname{ReLU}(h_u) \,\|\, \operatorname{ReLU}(W_a x_u)\big]
           \;(+\, p_u)
 
-**Score**: :math:`s_{ui} = z_u^\top q_i + b_i + b_u`, where :math:`b_i` is the
-shared item bias (initialised at the middle of the rating scale, so it also
-carries the global mean) and :math:`b_u` the user bias of the rating task,
-computed by the user's site in closed form from the user's own residuals and
-the released item biases (never a trained parameter):
+**Score**: :math:`s_{ui} = z_u^\top q_i + b_i + b_u`. For the rating task
+:math:`b_i = \mu + b^{\text{id}}_i (+ w^\top t_i)` holds a shared global bias
+:math:`\mu` (initialised at the middle of the rating scale: one coordinate
+that every user's gradient reaches, so DP noise hurts it least) and the item's
+own offset; :math:`b_u` is the user bias, computed by the user's site in
+closed form from the user's own residuals and the released item biases (never
+a trained parameter):
 
 .. math::
     b_u = \frac{\sum_{i \in N(u)} (r_{ui} - b_i)}{\lambda + |N(u)|}
@@ -159,8 +161,12 @@ class EgoGraphRecommender(nn.Module):
         self.use_text = text_dim > 0
 
         nn.init.normal_(self.item_embedding.weight, std=0.1)
-        middle = (min(rating_levels) + max(rating_levels)) / 2 if task == "rating" else 0.0
-        nn.init.constant_(self.item_bias.weight, middle)
+        nn.init.zeros_(self.item_bias.weight)
+        self.global_bias = nn.Embedding(1, 1) if task == "rating" else None
+        if self.global_bias is not None:
+            nn.init.constant_(
+                self.global_bias.weight, (min(rating_levels) + max(rating_levels)) / 2
+            )
 
     def set_item_text(self, vectors: Tensor) -> None:
         """The public text vectors ``[num_items, text_dim]`` (a buffer: never sent)."""
@@ -179,16 +185,21 @@ class EgoGraphRecommender(nn.Module):
         """``(q_i, b_i)`` of ``items`` (any shape): one call of each item-side layer."""
         q = self.item_embedding(items)
         b = self.item_bias(items).squeeze(-1)
+        if self.global_bias is not None:
+            b = b + self.global_bias(torch.zeros_like(items)).squeeze(-1)
         if self.item_text_projection is None or not self.use_text:
             return q, b
         text = self.item_text_projection(self.item_text[items])
         return q + text[..., :-1], b + text[..., -1]
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
-        """Optimizer groups: weight decay on embeddings and weight matrices, not on biases
-        (the item bias carries the global mean and must not be pulled to zero)."""
+        """Optimizer groups: weight decay on the embedding tables (item offsets included:
+        it pulls items with little signal back from DP noise) and weight matrices; none
+        on the global bias, which carries the mean rating, nor on layer biases."""
         decayed = [
-            p for n, p in self.named_parameters() if n.endswith("weight") and "bias" not in n
+            p
+            for n, p in self.named_parameters()
+            if n.endswith("weight") and not n.startswith("global_bias")
         ]
         others = [p for n, p in self.named_parameters() if not any(p is d for d in decayed)]
         return [

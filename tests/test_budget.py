@@ -43,7 +43,8 @@ def budget_run(tmp_path_factory):
             run="an-earlier-run", round=1, trained=True, noise_multiplier=1.0,
             sample_rate=config.sampling_probability, steps=10, clip_norm=config.clip_norm,
             delta=1e-5, accountant="prv", epsilon=epsilon_spent("prv", earlier, 1e-5),
-            independent_epsilon=independent_epsilon("prv", earlier, 1e-5),
+            independent_epsilon=independent_epsilon("prv", earlier, 1e-5), noise_share=1.0,
+            single_message_epsilon=epsilon_spent("prv", earlier, 1e-5),
         )
     )  # fmt: skip
     return config, simulate(config, 3, base / "messages")

@@ -68,7 +68,7 @@ def entry(round_, trained=True, sigma=1.0) -> LedgerEntry:
     return LedgerEntry(
         run="r", round=round_, trained=trained, noise_multiplier=sigma, sample_rate=0.1,
         steps=10 if trained else 0, clip_norm=0.1, delta=1e-5, accountant="prv",
-        epsilon=1.0, independent_epsilon=1.0,
+        epsilon=1.0, independent_epsilon=1.0, noise_share=sigma, single_message_epsilon=1.0,
     )  # fmt: skip
 
 
@@ -115,6 +115,7 @@ def test_ledger_metrics_are_what_a_site_reports():
     metrics = entry(4, trained=False).metrics()
     assert metrics["declined"] == 1.0 and metrics["steps"] == 0.0
     assert set(metrics) == {
-        "epsilon", "independent-epsilon", "delta", "noise-multiplier", "steps", "declined"
+        "epsilon", "independent-epsilon", "single-message-epsilon", "delta", "noise-multiplier",
+        "steps", "declined",
     }  # fmt: skip
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import stat
-import time
 
 import numpy as np
 import pytest
@@ -14,10 +13,9 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_private_key,
     load_ssh_public_key,
 )
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from cli import main as fedgraphrec
-from client.app import load_site_from
+from client.site_round import SiteRound
 from common.config import default_config
 from common.data import load_dataset, load_site
 from common.data.site_folder import load_catalogue_folder, load_site_folder
@@ -81,29 +79,22 @@ def test_a_missing_data_path_is_a_clear_error(tmp_path):
         load_site_folder(tmp_path / "nowhere")
 
 
-def message_with(fingerprint: str) -> Message:
-    metadata = Metadata(
-        run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="",
-        group_id="1", created_at=time.time(), ttl=60.0, message_type="train",
-    )  # fmt: skip
-    return Message(RecordDict({"config": ConfigRecord({CATALOGUE_FINGERPRINT: fingerprint})}),
-                   metadata=metadata)  # fmt: skip
-
-
-def context_with(node_config: dict) -> Context:
-    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+def instruction(fingerprint: str) -> dict:
+    return default_config().to_mapping() | {
+        "server-round": 1, "run-name": "r", CATALOGUE_FINGERPRINT: fingerprint
+    }  # fmt: skip
 
 
 def test_a_site_checks_it_holds_the_servers_catalogue(folders):
-    config = default_config()
-    node = context_with({"data-path": str(folders / "site-1")})
+    node = {"data-path": str(folders / "site-1")}
     right = load_catalogue_folder(folders / "catalogue").fingerprint()
-    site, state = load_site_from(node, message_with(right), config)
-    assert site.site_id == 1 and state.folder == folders / "site-1" / "state"
+    site_round = SiteRound.open(node, instruction(right))
+    assert site_round.site.site_id == 1
+    assert site_round.state.folder == folders / "site-1" / "state"
     with pytest.raises(InputError, match="catalogue differs from the server's"):
-        load_site_from(node, message_with("0" * 64), config)
+        SiteRound.open(node, instruction("0" * 64))
     with pytest.raises(InputError, match="node_config: expected data-path"):
-        load_site_from(context_with({}), message_with(right), config)
+        SiteRound.open({}, instruction(right))
 
 
 def test_partition_refuses_a_folder_in_use(folders, capsys):
