@@ -177,7 +177,9 @@ class SiteRound:
             independent_epsilon=independent_epsilon(config.accountant, history, self.delta),
             single_message_epsilon=epsilon_spent(
                 config.accountant, ledger_history(entries, single_message=True), self.delta
-            ),
+            )
+            if config.secure_aggregation
+            else epsilon_spent(config.accountant, history, self.delta),
         )
 
     def record(self, trained: bool) -> LedgerEntry:

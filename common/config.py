@@ -36,6 +36,7 @@ class RunConfig:
     item_text_path: str
     download: bool
     on_duplicate: str
+    implicit: bool
     split: str
     val_fraction: float
     test_fraction: float

@@ -68,11 +68,28 @@ def accountant_with_history(kind: str, history: History) -> IAccountant:
     return accountant
 
 
+def grouped(history: History) -> tuple[tuple[float, float, int], ...]:
+    """``history`` with the steps of equal ``(sigma, rate)`` added up.
+
+    Composition does not depend on order, so this is the same mechanism; it keeps
+    the accountants' work constant however many rounds a site has logged.
+    """
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, rate, count in history:
+        steps[(float(sigma), float(rate))] = steps.get((float(sigma), float(rate)), 0) + int(count)
+    return tuple(sorted((sigma, rate, count) for (sigma, rate), count in steps.items()))
+
+
 def epsilon_spent(kind: str, history: History, delta: float) -> float:
     """Epsilon at ``delta`` after every step in ``history`` (0 when empty), by Opacus."""
+    return _opacus_epsilon(kind, grouped(history), delta)
+
+
+@lru_cache(maxsize=256)
+def _opacus_epsilon(kind: str, history: tuple, delta: float) -> float:
     if not history:
         return 0.0
-    return float(accountant_with_history(kind, history).get_epsilon(delta))
+    return float(accountant_with_history(kind, list(history)).get_epsilon(delta))
 
 
 def independent_epsilon(kind: str, history: History, delta: float) -> float:
@@ -81,6 +98,11 @@ def independent_epsilon(kind: str, history: History, delta: float) -> float:
     Each history entry is a self-composition of a Poisson-subsampled Gaussian
     mechanism, as in Opacus.
     """
+    return _google_epsilon(kind, grouped(history), delta)
+
+
+@lru_cache(maxsize=256)
+def _google_epsilon(kind: str, history: tuple, delta: float) -> float:
     if not history:
         return 0.0
     accountant = (

@@ -7,8 +7,11 @@ derives the same split and partition from the shared configuration and seed.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 from pathlib import Path
+
+import numpy as np
 
 from common.config import RunConfig
 from common.data.dataset import Catalogue, Dataset, Interactions
@@ -36,8 +39,9 @@ DATASETS = ("synthetic", "ml-100k", "movielens-dat", "lightgcn", "csv")
 
 
 def load_dataset(config: RunConfig) -> Dataset:
-    """The dataset named by ``config.dataset``, read from ``config.data_path``."""
-    return _load(
+    """The dataset named by ``config.dataset``, read from ``config.data_path``; with
+    ``implicit = true`` every interaction becomes plain implicit feedback."""
+    dataset = _load(
         config.dataset,
         config.data_path,
         config.item_text_path,
@@ -47,6 +51,23 @@ def load_dataset(config: RunConfig) -> Dataset:
         config.synthetic_users,
         config.synthetic_items,
         config.seed,
+    )
+    return as_implicit(dataset) if config.implicit else dataset
+
+
+def as_implicit(dataset: Dataset) -> Dataset:
+    """Every interaction as implicit feedback: rating 1.0, one rating level."""
+
+    def drop_ratings(part: Interactions) -> Interactions:
+        return Interactions(part.user, part.item, np.ones(len(part), np.float32), part.timestamp)
+
+    return dataclasses.replace(
+        dataset,
+        catalogue=dataclasses.replace(dataset.catalogue, rating_levels=(1.0,)),
+        interactions=drop_ratings(dataset.interactions),
+        canonical_split=None
+        if dataset.canonical_split is None
+        else tuple(drop_ratings(p) for p in dataset.canonical_split),
     )
 
 

@@ -1,0 +1,106 @@
+"""Shared pieces of the benchmark scripts: federations in process, central scoring, results.
+
+Benchmarks are not tests: they take minutes, use the real data under
+``../shared/datasets`` (or ``FEDGRAPHREC_DATA``), and write their results as
+JSON and PNG into ``simulations/results/``. Every script prints the command
+that reproduces it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.serverapp import ServerApp
+from flwr.simulation import run_simulation
+from matplotlib.figure import Figure
+
+from client.app import app as client_app
+from client.train import site_graphs, site_model
+from common.config import RunConfig, default_config
+from common.data import load_site
+from common.evaluation import evaluate
+from server.app import run
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "simulations" / "results"
+DATA = Path(os.environ.get("FEDGRAPHREC_DATA", REPO.parent / "shared" / "datasets"))
+
+
+def data_config(dataset: str, **changes: Any) -> RunConfig:
+    """The app defaults for MovieLens-100K (``ml-100k``) or Gowalla (``gowalla``)."""
+    if dataset == "ml-100k":
+        base = {"dataset": "ml-100k", "data_path": str(DATA / "ml-100k")}
+    else:
+        base = {"dataset": "lightgcn", "data_path": str(DATA / "gowalla"), "split": "canonical"}
+    return default_config(**(base | changes))
+
+
+def federate(config: RunConfig, sites: int, cpus_per_site: float = 1.0) -> Path:
+    """Run the federation in Flower's simulation engine; returns the run directory.
+
+    Runs and site ledgers go to a fresh folder: each benchmark run starts with
+    an empty privacy budget and leaves the user's own ledgers alone.
+    """
+    scratch = Path(tempfile.mkdtemp(prefix="fedgraphrec-bench-"))
+    config = config.replace(run_dir=str(scratch / "runs"), site_state_dir=str(scratch / "sites"))
+    out: list[Path] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid, context):
+        out.append(run(grid, config, context))
+
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=sites,
+        backend_config={"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0}},
+    )
+    return out[0]
+
+
+def score(config: RunConfig, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Test metrics of a global model over every user at once (all test interactions)."""
+    everyone = load_site(config, 0, 1)
+    model = site_model(everyone.catalogue, config)
+    model.load_state_dict(state_dict)
+    graphs = site_graphs(everyone, config)
+    return evaluate(model, graphs, everyone.test, config.top_k, exclude=everyone.val)
+
+
+def score_run(run_dir: Path, config: RunConfig) -> dict[str, Any]:
+    """Central test metrics of a run's final model, its epsilons and its round times."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    finished = [m["finished_at"] for _, m in sorted(metrics.items(), key=lambda kv: int(kv[0]))
+                if m.get("finished_at")]  # fmt: skip
+    last = [entries[-1] for entries in ledger["sites"].values()]
+    return {
+        "test": score(config, torch.load(run_dir / "model.pt")),
+        "epsilon": max((e["epsilon"] for e in last), default=None),
+        "single-message-epsilon": max(
+            (e.get("single-message-epsilon", 0) for e in last), default=None
+        ),
+        "seconds-per-round": (finished[-1] - finished[0]) / (len(finished) - 1)
+        if len(finished) > 1
+        else None,
+        "run-dir": str(run_dir),
+    }
+
+
+def write_results(name: str, results: dict[str, Any], figure: Figure | None = None) -> Path:
+    """``simulations/results/<name>.json`` (and ``.png``)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = {"generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | results
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(results, indent=2))
+    if figure is not None:
+        figure.tight_layout()
+        figure.savefig(RESULTS / f"{name}.png", dpi=110)
+    return path
