@@ -87,14 +87,22 @@ class SecureSiteClient(NumPyClient):
         private = site_round.private_embeddings()
         if private is not None:  # fit to the released item side first, then use it
             fit_private_embeddings(
-                model, site_round.graphs, private, site_round.config, site_round.server_round,
+                model,
+                site_round.graphs,
+                private,
+                site_round.config,
+                site_round.server_round,
                 site_round.device,
-            )  # fmt: skip
+            )
             site_round.state.save_private_embeddings(site_round.site.user_keys, private)
         gradients = noisy_gradient_sum(
-            model, site_round.graphs, site_round.training_config, site_round.server_round,
-            site_round.device, private,
-        )  # fmt: skip
+            model,
+            site_round.graphs,
+            site_round.training_config,
+            site_round.server_round,
+            site_round.device,
+            private,
+        )
         bound = site_round.config.secagg_clipping_range
         largest = max(float(g.abs().max()) for g in gradients.values())
         if largest > bound:

@@ -160,13 +160,20 @@ class SiteRound:
         """The ledger entry of this round, trained or declined (not yet recorded)."""
         config = self.config
         round_entry = LedgerEntry(
-            run=self.run_name, round=self.server_round, trained=trained,
-            noise_multiplier=self.noise_multiplier, sample_rate=config.sampling_probability,
-            steps=config.steps_per_round if trained else 0, clip_norm=config.clip_norm,
-            delta=self.delta, accountant=config.accountant, epsilon=math.inf,
-            independent_epsilon=math.inf, noise_share=self.noise_share,
+            run=self.run_name,
+            round=self.server_round,
+            trained=trained,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=config.sampling_probability,
+            steps=config.steps_per_round if trained else 0,
+            clip_norm=config.clip_norm,
+            delta=self.delta,
+            accountant=config.accountant,
+            epsilon=math.inf,
+            independent_epsilon=math.inf,
+            noise_share=self.noise_share,
             single_message_epsilon=math.inf,
-        )  # fmt: skip
+        )
         if self.unbounded:
             return round_entry
         entries = [*self.ledger, round_entry]
@@ -202,9 +209,13 @@ class SiteRound:
         """Validation and test metrics, and the cold-start metrics with and without text."""
         site, config = self.site, self.config
         run = partial(
-            evaluate, model, self.graphs, top_k=config.top_k, device=self.device,
+            evaluate,
+            model,
+            self.graphs,
+            top_k=config.top_k,
+            device=self.device,
             private=self.private_embeddings(),
-        )  # fmt: skip
+        )
         metrics = {f"val-{k}": v for k, v in run(site.val).items()}
         metrics |= {f"test-{k}": v for k, v in run(site.test, exclude=site.val).items()}
         if len(site.cold_items):

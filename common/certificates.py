@@ -51,14 +51,17 @@ def write_certificates(out: Path, hosts: list[str], sites: int, days: int = 365)
     server = (
         _builder(
             x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]),
-            ca_name, server_key.public_key(), now, days,
+            ca_name,
+            server_key.public_key(),
+            now,
+            days,
         )
         .add_extension(x509.SubjectAlternativeName([_alt_name(h) for h in hosts]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(cert_sign=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA384())
-    )  # fmt: skip
+    )
     written = [
         _write(out / "ca.crt", ca.public_bytes(serialization.Encoding.PEM)),
         _write_private(out / "ca.key", _pem(ca_key)),
@@ -102,10 +105,16 @@ def _builder(subject, issuer, public_key, now, days) -> x509.CertificateBuilder:
 
 def _key_usage(cert_sign: bool) -> x509.KeyUsage:
     return x509.KeyUsage(
-        digital_signature=True, content_commitment=False, key_encipherment=False,
-        data_encipherment=False, key_agreement=not cert_sign, key_cert_sign=cert_sign,
-        crl_sign=cert_sign, encipher_only=False, decipher_only=False,
-    )  # fmt: skip
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=not cert_sign,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def _alt_name(host: str) -> x509.GeneralName:

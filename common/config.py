@@ -74,6 +74,7 @@ class RunConfig:
     secagg_clipping_range: float
     secagg_quantization_range: int
     top_k: int
+    evaluate_every: int
     device: str
     run_dir: str
     site_state_dir: str
@@ -108,6 +109,13 @@ class RunConfig:
     def steps_per_epoch(self) -> int:
         """Poisson-sampled steps in one local epoch: ``1 / sample-rate``."""
         return round(1.0 / self.sample_rate)
+
+    def evaluates_in(self, server_round: int) -> bool:
+        """Whether round ``server_round`` ends with a federated evaluation."""
+        return server_round % self.evaluate_every == 0 or server_round in (
+            0,
+            self.num_server_rounds,
+        )
 
     @property
     def steps_per_round(self) -> int:
@@ -144,6 +152,7 @@ class RunConfig:
             "learning-rate": self.learning_rate,
             "clip-norm": self.clip_norm,
             "top-k": self.top_k,
+            "evaluate-every": self.evaluate_every,
         }
         for key, value in positive.items():
             if value <= 0:

@@ -17,13 +17,15 @@ A user's representation is built from their training ego graph only
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch_geometric.metrics import LinkPredNDCG, LinkPredRecall
 
 from common.data.dataset import Interactions
 from common.ego_graphs import UserEgoGraphs
-from common.model import EgoGraphRecommender
+from common.model import EgoBatch, EgoGraphRecommender
 
 USERS_PER_BATCH = 256
 
@@ -51,20 +53,29 @@ def evaluate(
     if len(heldout) == 0:
         return {}
     model.eval()
-    users = np.unique(heldout.user)
-    user_batches = [users[s : s + USERS_PER_BATCH] for s in range(0, len(users), USERS_PER_BATCH)]
-    contexts = (graphs.context(b).with_private(private).to(device) for b in user_batches)
-    batches = zip(user_batches, contexts, strict=True)
+
+    def context(users: np.ndarray) -> EgoBatch:
+        return graphs.context(users).with_private(private).to(device)
+
     if model.task == "rating":
-        return _rating_metrics(model, graphs, heldout, batches, device)
-    return _ranking_metrics(model, graphs, heldout, batches, top_k, exclude, device, candidates)
+        return _rating_metrics(model, graphs, heldout, context, device)
+
+    def scores(users: np.ndarray) -> torch.Tensor:
+        return model.score_catalogue(model.user_vectors(context(users))[0])
+
+    return ranking_metrics(scores, graphs.item_set, heldout, top_k, exclude, candidates)
 
 
-def _rating_metrics(model, graphs, heldout, batches, device) -> dict[str, float]:
+def _batches(users: np.ndarray):
+    for start in range(0, len(users), USERS_PER_BATCH):
+        yield users[start : start + USERS_PER_BATCH]
+
+
+def _rating_metrics(model, graphs, heldout, context, device) -> dict[str, float]:
     low, high = graphs.rating_range
     squared, absolute = 0.0, 0.0
-    for batch_users, context in batches:
-        z, bias = model.user_vectors(context)
+    for batch_users in _batches(np.unique(heldout.user)):
+        z, bias = model.user_vectors(context(batch_users))
         rows, mine = _in_batch(heldout, batch_users)
         items = torch.as_tensor(mine.item, device=device)
         rows = torch.as_tensor(rows, device=device)
@@ -75,30 +86,58 @@ def _rating_metrics(model, graphs, heldout, batches, device) -> dict[str, float]
     return {"rmse": (squared / len(heldout)) ** 0.5, "mae": absolute / len(heldout)}
 
 
-def _ranking_metrics(
-    model, graphs, heldout, batches, top_k, exclude, device, candidates
+@torch.no_grad()
+def ranking_metrics(
+    scores: Callable[[np.ndarray], torch.Tensor],
+    seen: Callable[[int], np.ndarray],
+    heldout: Interactions,
+    top_k: int,
+    exclude: Interactions | None = None,
+    candidates: np.ndarray | None = None,
 ) -> dict[str, float]:
-    recall, ndcg = LinkPredRecall(top_k).to(device), LinkPredNDCG(top_k).to(device)
-    outside = None
-    if candidates is not None:
-        outside = torch.ones(model.item_embedding.num_embeddings, dtype=torch.bool, device=device)
-        outside[torch.as_tensor(candidates, device=device)] = False
-    for batch_users, context in batches:
-        z, _ = model.user_vectors(context)
-        scores = model.score_catalogue(z)
-        if outside is not None:
-            scores[:, outside] = -torch.inf
-        for row, user in enumerate(batch_users):
-            scores[row, torch.as_tensor(graphs.item_set(int(user)), device=device)] = -torch.inf
+    """Recall@K and NDCG@K of any scorer: ``scores(users)`` gives ``[B, num_items]``,
+    ``seen(user)`` the items to leave out (the user's training items)."""
+    recall, ndcg = LinkPredRecall(top_k), LinkPredNDCG(top_k)
+    for batch_users in _batches(np.unique(heldout.user)):
+        values = _leave_out(scores(batch_users).cpu(), batch_users, seen)
+        if candidates is not None:
+            outside = torch.ones(values.shape[1], dtype=torch.bool)
+            outside[torch.as_tensor(candidates)] = False
+            values[:, outside] = -torch.inf
         if exclude is not None:
             rows, mine = _in_batch(exclude, batch_users)
-            scores[torch.as_tensor(rows), torch.as_tensor(mine.item)] = -torch.inf
-        top = scores.topk(min(top_k, scores.shape[1]), dim=1).indices
+            values[torch.as_tensor(rows), torch.as_tensor(mine.item)] = -torch.inf
+        top = values.topk(min(top_k, values.shape[1]), dim=1).indices
         rows, mine = _in_batch(heldout, batch_users)
-        label_index = torch.stack([torch.as_tensor(rows), torch.as_tensor(mine.item)]).to(device)
+        label_index = torch.stack([torch.as_tensor(rows), torch.as_tensor(mine.item)])
         recall.update(top, label_index)
         ndcg.update(top, label_index)
     return {f"recall@{top_k}": float(recall.compute()), f"ndcg@{top_k}": float(ndcg.compute())}
+
+
+@torch.no_grad()
+def recommend(
+    model: EgoGraphRecommender,
+    graphs: UserEgoGraphs,
+    users: np.ndarray,
+    k: int,
+    private: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The top-``k`` items of the full catalogue for each of ``users`` (local indices),
+    their own training items left out: ``[len(users), k]`` item indices."""
+    model.eval()
+    z, _ = model.user_vectors(graphs.context(users).with_private(private).to(device))
+    return _leave_out(model.score_catalogue(z), users, graphs.item_set).topk(k, dim=1).indices
+
+
+def _leave_out(
+    scores: torch.Tensor, users: np.ndarray, seen: Callable[[int], np.ndarray]
+) -> torch.Tensor:
+    """``scores`` with each user's seen items at minus infinity (in place)."""
+    for row, user in enumerate(users):
+        scores[row, torch.as_tensor(seen(int(user)), device=scores.device)] = -torch.inf
+    return scores
 
 
 def _in_batch(

@@ -133,9 +133,12 @@ def noise_multiplier_for(config: RunConfig, delta: float) -> float:
     if config.target_epsilon == 0:
         return config.noise_multiplier
     return _planned_sigma(
-        config.target_epsilon, delta, config.sampling_probability, planned_steps(config),
+        config.target_epsilon,
+        delta,
+        config.sampling_probability,
+        planned_steps(config),
         config.accountant,
-    )  # fmt: skip
+    )
 
 
 @lru_cache(maxsize=32)
@@ -245,9 +248,13 @@ ITEM_SIDE = "<item-side parameters>"
 ITEM_COUNTS = "item-counts"
 MASKED_SUM = "<masked noised gradient sum>"
 LEDGER_METRICS = (
-    "epsilon", "independent-epsilon", "single-message-epsilon", "delta", "noise-multiplier",
+    "epsilon",
+    "independent-epsilon",
+    "single-message-epsilon",
+    "delta",
+    "noise-multiplier",
     "steps",
-)  # fmt: skip
+)
 """What a site reports of each round's ledger entry (with ``declined``)."""
 
 
@@ -277,17 +284,23 @@ def released_quantities(config: RunConfig) -> list[Release]:
         releases += [
             Release("arrays", ITEM_SIDE, "train", False, "dp = false: trained without noise"),
             Release(
-                "arrays", ITEM_COUNTS, "train", False,
+                "arrays",
+                ITEM_COUNTS,
+                "train",
+                False,
                 "dp = false: exact per-item interaction counts, for count-weighted averaging",
             ),
             Release("metrics", "num-examples", "train", False, "dp = false: exact user count"),
             Release("metrics", "train-loss", "train", False, "dp = false: exact training loss"),
             Release("metrics", "num-examples", "evaluate", False, "dp = false: exact user count"),
-        ]  # fmt: skip
+        ]
     elif config.secure_aggregation:
         releases += [
             Release(
-                "secagg", MASKED_SUM, "train", True,
+                "secagg",
+                MASKED_SUM,
+                "train",
+                True,
                 "SecAgg+ masks it: the server learns only the sum over at least "
                 "secagg-min-sites sites, whose noise has standard deviation at least "
                 "noise-multiplier x clip-norm (epsilon); the site's own message carries its "
@@ -295,24 +308,30 @@ def released_quantities(config: RunConfig) -> list[Release]:
             ),
             Release("metrics", "num-examples", "train", True, "the constant public weight 1"),
             Release("metrics", "num-examples", "evaluate", True, "the constant 1"),
-        ]  # fmt: skip
+        ]
     else:
         releases.append(
             Release(
-                "arrays", ITEM_SIDE, "train", True,
+                "arrays",
+                ITEM_SIDE,
+                "train",
+                True,
                 "result of DP-SGD over the site's users (noised sums of clipped per-user "
                 "gradients, then post-processing)",
             )
-        )  # fmt: skip
+        )
     if config.dp:
         releases += _ledger_releases(config)
     releases += [
         Release(
-            "metrics", name, "evaluate", False,
+            "metrics",
+            name,
+            "evaluate",
+            False,
             "computed on the site's private validation/test interactions without noise",
         )
         for name in metric_names(config)
-    ]  # fmt: skip
+    ]
     return releases
 
 
@@ -331,15 +350,21 @@ def _ledger_releases(config: RunConfig) -> list[Release]:
             for key in ("epsilon", "independent-epsilon", "single-message-epsilon", "delta")
         ),
         Release(
-            "metrics", "noise-multiplier", "train", public or config.target_epsilon == 0,
+            "metrics",
+            "noise-multiplier",
+            "train",
+            public or config.target_epsilon == 0,
             "the configured noise multiplier" if config.target_epsilon == 0 else why,
         ),
         Release("metrics", "steps", "train", True, "public configuration (1/q per epoch)"),
         Release(
-            "metrics", "declined", "train", public or config.max_epsilon == 0,
+            "metrics",
+            "declined",
+            "train",
+            public or config.max_epsilon == 0,
             "whether the next round would exceed max-epsilon: a function of the values above",
         ),
-    ]  # fmt: skip
+    ]
 
 
 def undeclared_releases(

@@ -12,6 +12,7 @@ rounds after round 0 run through SecAgg+ instead (``server.secure_aggregation``)
 
 from __future__ import annotations
 
+import time
 from logging import INFO
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def run(grid: Grid, config: RunConfig, context: Context | None = None) -> Path:
     if config.initial_model:
         load_initial_model(model, config.initial_model)
     arrays = ArrayRecord(model.state_dict())
-    strategy = ItemSideFedAvg(arrays, dp=config.dp, min_sites=config.min_sites)
+    strategy = ItemSideFedAvg(arrays, config.dp, config.min_sites, config.evaluates_in)
     out = RunDirectory.create(config)
     log(INFO, "Run directory: %s", out.path)
     instruction = config.to_mapping() | {
@@ -81,11 +82,21 @@ def run(grid: Grid, config: RunConfig, context: Context | None = None) -> Path:
             timeout=config.round_timeout,
             train_config=ConfigRecord(instruction),
             evaluate_config=ConfigRecord(instruction),
-            evaluate_fn=lambda server_round, new_arrays: out.write_round(new_arrays, strategy),
+            evaluate_fn=lambda server_round, new_arrays: end_of_round(
+                server_round, new_arrays, strategy, out
+            ),
         )
     report = write_report(out.path)
     log(INFO, "Summary:\n%s\nRun directory: %s", summary(report), out.path)
     return out.path
+
+
+def end_of_round(
+    server_round: int, arrays: ArrayRecord, strategy: ItemSideFedAvg, out: RunDirectory
+) -> None:
+    """Flower calls this after every round (as its evaluate_fn): note the time, persist."""
+    strategy.round_log(server_round).finished_at = time.time()
+    out.write_round(arrays, strategy)
 
 
 def load_initial_model(model: torch.nn.Module, path: str) -> None:

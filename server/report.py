@@ -254,13 +254,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     if report["stopped-after-round"] is not None:
-        lines += [f"The run stopped after round {report['stopped-after-round']}: no site could "
-                  "train within max-epsilon.", ""]  # fmt: skip
+        lines += [
+            f"The run stopped after round {report['stopped-after-round']}: no site could "
+            "train within max-epsilon.",
+            "",
+        ]
     if report["dropouts"]:
         lines += ["## Sites that dropped out", ""]
         lines += [f"- {line}" for line in _dropout_lines(report)] + [""]
-    lines += ["## What each site sent", "", "| message | record | key | covered | why |",
-              "|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "## What each site sent",
+        "",
+        "| message | record | key | covered | why |",
+        "|---|---|---|---|---|",
+    ]
     for r in report["releases"]:
         covered = "yes" if r["covered"] else "**no**"
         lines.append(f"| {r['message']} | {r['record']} | `{r['key']}` | {covered} | {r['why']} |")
@@ -286,9 +293,10 @@ def _utility_table(report: dict[str, Any]) -> str:
     lines = ["| round | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for server_round, values in report["utility"]["by-round"].items():
         lines.append(
-            f"| {server_round} | " + " | ".join(_number(values.get(n), 0).strip() for n in names)
+            f"| {server_round} | "
+            + " | ".join(_number(values.get(n), 0).strip() for n in names)
             + " |"
-        )  # fmt: skip
+        )
     return "\n".join(lines)
 
 
@@ -332,10 +340,12 @@ def _markdown_to_html(markdown: str) -> str:
         if table:
             head, *rows = table
             out.append(
-                "<table><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>"
+                "<table><tr>"
+                + "".join(f"<th>{c}</th>" for c in head)
+                + "</tr>"
                 + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
                 + "</table>"
-            )  # fmt: skip
+            )
             table = []
         if line.startswith("# "):
             out.append(f"<h1>{_inline(line[2:])}</h1>")
@@ -363,8 +373,11 @@ def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
     axes = figure.subplots()
     styles = ("-", "--", ":", "-.")
     for i, (site, entry) in enumerate(sorted(report["sites"].items(), key=lambda kv: int(kv[0]))):
-        points = [(e["round"], e["epsilon"]) for e in entry["epsilon-by-round"]
-                  if e["epsilon"] is not None and math.isfinite(e["epsilon"])]  # fmt: skip
+        points = [
+            (e["round"], e["epsilon"])
+            for e in entry["epsilon-by-round"]
+            if e["epsilon"] is not None and math.isfinite(e["epsilon"])
+        ]
         if points:
             axes.plot(*zip(*points, strict=True), styles[i % 4], marker="o", label=f"site {site}")
     axes.set(xlabel="round", ylabel="epsilon (cumulative)", title="Epsilon per site")

@@ -94,6 +94,7 @@ class SecureSumStrategy(FedAvg):
             initial_parameters=ndarrays_to_parameters(self_arrays(model)),
         )
         self.model = model
+        self.config = config
         self.optimizer = torch.optim.AdamW(
             model.parameter_groups(config.weight_decay), lr=config.learning_rate
         )
@@ -149,7 +150,10 @@ class SecureSumStrategy(FedAvg):
             )
 
     def evaluate(self, server_round: int, parameters):
-        """Called after every round's fit: notes a round that released nothing."""
+        """Called after every round's fit: notes a round that released nothing, and
+        rewrites the run directory."""
+        self.round_log(server_round).finished_at = time.time()
+        self.out.write_round(ArrayRecord(self.model.state_dict()), self)
         if server_round > 0 and server_round not in self.summed_rounds:
             self.round_log(server_round).discarded = True
             log(
@@ -159,6 +163,11 @@ class SecureSumStrategy(FedAvg):
                 server_round,
             )
         return None
+
+    def configure_evaluate(self, server_round: int, parameters, client_manager: ClientManager):
+        if not self.config.evaluates_in(server_round):
+            return []
+        return super().configure_evaluate(server_round, parameters, client_manager)
 
     def aggregate_evaluate(
         self,
@@ -172,9 +181,10 @@ class SecureSumStrategy(FedAvg):
             record.evaluate[int(res.metrics["site-id"])] = dict(res.metrics)
         if results:
             aggregated = mean_metrics(
-                [MetricRecord(res.metrics) for _, res in results], weighted=False,
+                [MetricRecord(res.metrics) for _, res in results],
+                weighted=False,
                 skip=("site-id",),
-            )  # fmt: skip
+            )
             record.aggregated = dict(aggregated)
         record.finished_at = time.time()
         self.out.write_round(ArrayRecord(self.model.state_dict()), self)

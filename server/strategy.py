@@ -22,7 +22,6 @@ other sites.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import WARNING
@@ -63,9 +62,12 @@ class ItemSideFedAvg(FedAvg):
             shapes and dtypes.
         dp: equal site weights when True, count weights when False.
         min_sites: sites to wait for and sample every round.
+        evaluates_in: whether a round ends with a federated evaluation.
     """
 
-    def __init__(self, template: ArrayRecord, dp: bool, min_sites: int) -> None:
+    def __init__(
+        self, template: ArrayRecord, dp: bool, min_sites: int, evaluates_in=lambda r: True
+    ) -> None:
         super().__init__(
             min_train_nodes=min_sites,
             min_evaluate_nodes=min_sites,
@@ -73,6 +75,7 @@ class ItemSideFedAvg(FedAvg):
         )
         self.global_arrays = template
         self.dp = dp
+        self.evaluates_in = evaluates_in
         self.log: dict[int, RoundLog] = {}
         self.stopped_after: int | None = None
         self.site_of_node: dict[int, int] = {}
@@ -127,7 +130,7 @@ class ItemSideFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if self.stopped_after is not None:
+        if self.stopped_after is not None or not self.evaluates_in(server_round):
             return []
         return self.sent(super().configure_evaluate(server_round, arrays, config, grid))
 
@@ -260,7 +263,6 @@ class ItemSideFedAvg(FedAvg):
             return None
         aggregated = mean_metrics(collected, weighted=not self.dp, skip=("site-id",))
         record.aggregated = dict(aggregated)
-        record.finished_at = time.time()
         return aggregated
 
 

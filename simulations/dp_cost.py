@@ -25,8 +25,11 @@ from client.train import site_graphs, site_model, train_locally
 from common.data import load_site
 from simulations.harness import data_config, write_results
 
-MODES = {"plain": {"dp": False}, "dp-hooks": {"grad_sample_mode": "hooks"},
-         "dp-ghost": {"grad_sample_mode": "ghost"}}  # fmt: skip
+MODES = {
+    "plain": {"dp": False},
+    "dp-hooks": {"grad_sample_mode": "hooks"},
+    "dp-ghost": {"grad_sample_mode": "ghost"},
+}
 
 
 class PeakMemory:

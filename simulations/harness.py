@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 from matplotlib.figure import Figure
@@ -26,6 +28,7 @@ from common.config import RunConfig, default_config
 from common.data import load_site
 from common.evaluation import evaluate
 from server.app import run
+from server.run_directory import RunDirectory
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "simulations" / "results"
@@ -41,14 +44,30 @@ def data_config(dataset: str, **changes: Any) -> RunConfig:
     return default_config(**(base | changes))
 
 
-def federate(config: RunConfig, sites: int, cpus_per_site: float = 1.0) -> Path:
+def federate(
+    config: RunConfig,
+    sites: int,
+    cpus_per_site: float = 1.0,
+    keep_models: bool = False,
+    app: ClientApp = client_app,
+) -> Path:
     """Run the federation in Flower's simulation engine; returns the run directory.
 
     Runs and site ledgers go to a fresh folder: each benchmark run starts with
-    an empty privacy budget and leaves the user's own ledgers alone.
+    an empty privacy budget and leaves the user's own ledgers alone. With
+    ``keep_models`` every round's global model stays as ``model-<round>.pt``
+    (for choosing a round by validation without DP).
     """
     scratch = Path(tempfile.mkdtemp(prefix="fedgraphrec-bench-"))
     config = config.replace(run_dir=str(scratch / "runs"), site_state_dir=str(scratch / "sites"))
+    if keep_models:
+        write_round = RunDirectory.write_round
+
+        def write_and_keep(self, arrays, strategy):
+            write_round(self, arrays, strategy)
+            shutil.copy(self.path / "model.pt", self.path / f"model-{max(strategy.log)}.pt")
+
+        RunDirectory.write_round = write_and_keep
     out: list[Path] = []
     server_app = ServerApp()
 
@@ -56,30 +75,54 @@ def federate(config: RunConfig, sites: int, cpus_per_site: float = 1.0) -> Path:
     def main(grid, context):
         out.append(run(grid, config, context))
 
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=sites,
-        backend_config={"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0}},
-    )
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=app,
+            num_supernodes=sites,
+            backend_config={"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0}},
+        )
+    finally:
+        if keep_models:
+            RunDirectory.write_round = write_round
     return out[0]
 
 
-def score(config: RunConfig, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Test metrics of a global model over every user at once (all test interactions)."""
+def score(
+    config: RunConfig, state_dict: dict[str, torch.Tensor], part: str = "test"
+) -> dict[str, float]:
+    """Metrics of a global model over every user at once: all ``test`` (or ``val``)
+    interactions, as a centralized evaluation would count them."""
     everyone = load_site(config, 0, 1)
     model = site_model(everyone.catalogue, config)
     model.load_state_dict(state_dict)
     graphs = site_graphs(everyone, config)
+    if part == "val":
+        return evaluate(model, graphs, everyone.val, config.top_k)
     return evaluate(model, graphs, everyone.test, config.top_k, exclude=everyone.val)
+
+
+def best_round(run_dir: Path, config: RunConfig, metric: str) -> dict[str, Any]:
+    """The kept model with the best validation ``metric`` (non-DP runs only: choosing
+    by private validation data would spend budget), and its test metrics."""
+    lower = metric in ("rmse", "mae")
+    scored = []
+    for path in run_dir.glob("model-*.pt"):
+        state = torch.load(path)
+        scored.append((score(config, state, "val")[metric], int(path.stem[6:]), state))
+    value, server_round, state = (min if lower else max)(scored, key=lambda t: t[0])
+    return {"round": server_round, f"val-{metric}": value, "test": score(config, state)}
 
 
 def score_run(run_dir: Path, config: RunConfig) -> dict[str, Any]:
     """Central test metrics of a run's final model, its epsilons and its round times."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     ledger = json.loads((run_dir / "ledger.json").read_text())
-    finished = [m["finished_at"] for _, m in sorted(metrics.items(), key=lambda kv: int(kv[0]))
-                if m.get("finished_at")]  # fmt: skip
+    finished = [
+        m["finished_at"]
+        for _, m in sorted(metrics.items(), key=lambda kv: int(kv[0]))
+        if m.get("finished_at")
+    ]
     last = [entries[-1] for entries in ledger["sites"].values()]
     return {
         "test": score(config, torch.load(run_dir / "model.pt")),

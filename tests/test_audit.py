@@ -54,13 +54,18 @@ def test_audit_command_adds_the_bound_to_the_report(tmp_path, capsys):
     (run_dir / "ledger.json").write_text(
         json.dumps(
             {
-                "dp": True, "privacy-unit": "one user with all their interactions at one site",
-                "neighbouring-relation": "add or remove one user", "accountant": "prv",
-                "sample-rate": 0.1, "steps-per-round": 10, "clip-norm": 0.1,
-                "stopped-after-round": None, "sites": {},
+                "dp": True,
+                "privacy-unit": "one user with all their interactions at one site",
+                "neighbouring-relation": "add or remove one user",
+                "accountant": "prv",
+                "sample-rate": 0.1,
+                "steps-per-round": 10,
+                "clip-norm": 0.1,
+                "stopped-after-round": None,
+                "sites": {},
             }
         )
-    )  # fmt: skip
+    )
     (run_dir / "metrics.json").write_text(json.dumps({}))
     (run_dir / "releases.json").write_text(json.dumps([]))
     args = ["audit", str(run_dir), "--sites", "2", "--canaries", "100", "--guesses", "20"]

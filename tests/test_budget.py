@@ -40,21 +40,31 @@ def budget_run(tmp_path_factory):
     earlier = [(1.0, config.sampling_probability, 10)]
     SiteState.in_simulation(config, load_site(config, 0, 3)).record(
         LedgerEntry(
-            run="an-earlier-run", round=1, trained=True, noise_multiplier=1.0,
-            sample_rate=config.sampling_probability, steps=10, clip_norm=config.clip_norm,
-            delta=1e-5, accountant="prv", epsilon=epsilon_spent("prv", earlier, 1e-5),
-            independent_epsilon=independent_epsilon("prv", earlier, 1e-5), noise_share=1.0,
+            run="an-earlier-run",
+            round=1,
+            trained=True,
+            noise_multiplier=1.0,
+            sample_rate=config.sampling_probability,
+            steps=10,
+            clip_norm=config.clip_norm,
+            delta=1e-5,
+            accountant="prv",
+            epsilon=epsilon_spent("prv", earlier, 1e-5),
+            independent_epsilon=independent_epsilon("prv", earlier, 1e-5),
+            noise_share=1.0,
             single_message_epsilon=epsilon_spent("prv", earlier, 1e-5),
         )
-    )  # fmt: skip
+    )
     return config, simulate(config, 3, base / "messages")
 
 
 def test_sites_decline_at_max_epsilon_and_the_server_stops(budget_run):
     config, run_dir = budget_run
     ledger = json.loads((run_dir / "ledger.json").read_text())
-    declined = {site: [e["round"] for e in entries if e["declined"]]
-                for site, entries in ledger["sites"].items()}  # fmt: skip
+    declined = {
+        site: [e["round"] for e in entries if e["declined"]]
+        for site, entries in ledger["sites"].items()
+    }
     assert declined == {"0": [2, 3], "1": [3], "2": [3]}
     assert ledger["stopped-after-round"] == 3
     for entries in ledger["sites"].values():
@@ -93,8 +103,12 @@ def test_privacy_report_json_md_and_html(budget_run):
     assert report["utility"]["final-round"] == 2 and "val-rmse" in report["utility"]["final"]
 
     markdown = (run_dir / "privacy_report.md").read_text()
-    for heading in ("## Budget spent per site", "## What each site sent", "## Utility",
-                    "## Assumptions"):  # fmt: skip
+    for heading in (
+        "## Budget spent per site",
+        "## What each site sent",
+        "## Utility",
+        "## Assumptions",
+    ):
         assert heading in markdown
     page = (run_dir / "privacy_report.html").read_text()
     assert not re.search(r"(src|href)=\"(?!data:)", page), "the page must be self-contained"
@@ -119,12 +133,22 @@ def test_html_report_renders_in_headless_chromium(budget_run, tmp_path):
     screenshot = tmp_path / "report.png"
     subprocess.run(
         [
-            "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-            "--no-first-run", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-            f"--screenshot={screenshot}", "--window-size=1200,2400",
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={screenshot}",
+            "--window-size=1200,2400",
             (run_dir / "privacy_report.html").as_uri(),
         ],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     assert screenshot.stat().st_size > 50_000  # tables and three plots, not a blank page

@@ -49,9 +49,13 @@ class Federation:
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [str(BIN / "flwr"), *args], env=self.env, capture_output=True, text=True,
-            timeout=timeout, cwd=self.base,
-        )  # fmt: skip
+            [str(BIN / "flwr"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.base,
+        )
 
     def supernode(self, key: str, *, data: int, secure: bool = True) -> list[str]:
         tls = (
@@ -61,10 +65,16 @@ class Federation:
         )
         auth = ["--auth-supernode-private-key", str(self.certs / "sites" / key)] if secure else []
         return [
-            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
-            "--port", str(free_port()), *tls, *auth,
-            "--node-config", f'data-path="{self.data / f"site-{data}"}"',
-        ]  # fmt: skip
+            str(BIN / "flower-supernode"),
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--port",
+            str(free_port()),
+            *tls,
+            *auth,
+            "--node-config",
+            f'data-path="{self.data / f"site-{data}"}"',
+        ]
 
     def start_site(self, site: int) -> None:
         self.nodes[site] = self.start(self.supernode(f"site-{site}", data=site), f"site-{site}")
@@ -79,20 +89,53 @@ class Federation:
             f"num-server-rounds={rounds} min-sites={min_sites} round-timeout=300.0 "
             f'catalogue-path="{self.data / "catalogue"}" run-dir="{self.base / runs}"'
         )
-        command = [str(BIN / "flwr"), "run", str(REPO), "deploy", "--stream",
-                   "--run-config", config]  # fmt: skip
+        command = [
+            str(BIN / "flwr"),
+            "run",
+            str(REPO),
+            "deploy",
+            "--stream",
+            "--run-config",
+            config,
+        ]
         with open(self.base / f"{runs}.log", "wb") as out:
-            return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                    env=self.env, cwd=self.base)  # fmt: skip
+            return subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.base
+            )
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     fed = Federation(tmp_path_factory.mktemp("deploy"))
-    assert fedgraphrec(["partition", "--sites", str(SITES), "--out", str(fed.data),
-                        "-c", "synthetic-users=180 synthetic-items=120"]) == 0  # fmt: skip
-    assert fedgraphrec(["certs", "--out", str(fed.certs), "--hosts", "127.0.0.1", "localhost",
-                        "--sites", str(SITES + 1)]) == 0  # fmt: skip
+    assert (
+        fedgraphrec(
+            [
+                "partition",
+                "--sites",
+                str(SITES),
+                "--out",
+                str(fed.data),
+                "-c",
+                "synthetic-users=180 synthetic-items=120",
+            ]
+        )
+        == 0
+    )
+    assert (
+        fedgraphrec(
+            [
+                "certs",
+                "--out",
+                str(fed.certs),
+                "--hosts",
+                "127.0.0.1",
+                "localhost",
+                "--sites",
+                str(SITES + 1),
+            ]
+        )
+        == 0
+    )
     fed.home.mkdir()
     (fed.home / "config.toml").write_text(
         f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n'
@@ -101,16 +144,24 @@ def federation(tmp_path_factory):
     try:
         fed.superlink = fed.start(
             [
-                str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(fed.port),
-                "--database", str(fed.base / "superlink.db"),
+                str(BIN / "flower-superlink"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(fed.port),
+                "--database",
+                str(fed.base / "superlink.db"),
                 "--disable-runtime-dependency-installation",
-                "--ssl-ca-certfile", str(fed.certs / "ca.crt"),
-                "--ssl-certfile", str(fed.certs / "server.pem"),
-                "--ssl-keyfile", str(fed.certs / "server.key"),
+                "--ssl-ca-certfile",
+                str(fed.certs / "ca.crt"),
+                "--ssl-certfile",
+                str(fed.certs / "server.pem"),
+                "--ssl-keyfile",
+                str(fed.certs / "server.key"),
                 "--enable-supernode-auth",
             ],
             "superlink",
-        )  # fmt: skip
+        )
         wait_for(lambda: "Uvicorn running" in fed.log("superlink"), 60, "the SuperLink")
         for site in range(SITES):  # site-3's key is never registered
             pub = fed.certs / "sites" / f"site-{site}.pub"

@@ -86,8 +86,11 @@ def test_movielens_100k_happy_path(ml100k: Path) -> None:
     assert i.rating.tolist() == [5.0, 3.0, 4.0]
     assert i.timestamp.tolist() == [100, 200, 300]
     assert (i.user.dtype, i.item.dtype, i.rating.dtype, i.timestamp.dtype) == (
-        np.int64, np.int64, np.float32, np.int64,
-    )  # fmt: skip
+        np.int64,
+        np.int64,
+        np.float32,
+        np.int64,
+    )
     assert data.canonical_split is None
 
 
@@ -95,9 +98,16 @@ def test_movielens_100k_user_features(ml100k: Path) -> None:
     data = load_movielens_100k(ml100k)
     names = data.catalogue.user_feature_names
     assert names[:9] == (
-        "age:<18", "age:18-24", "age:25-34", "age:35-44", "age:45-49", "age:50-55", "age:56+",
-        "gender:F", "gender:M",
-    )  # fmt: skip
+        "age:<18",
+        "age:18-24",
+        "age:25-34",
+        "age:35-44",
+        "age:45-49",
+        "age:50-55",
+        "age:56+",
+        "gender:F",
+        "gender:M",
+    )
     assert len(names) == 9 + 21 and "occupation:technician" in names
     assert data.user_features.shape == (3, 30) and data.user_features.dtype == np.float32
     assert data.user_features.sum(axis=1).tolist() == [3.0, 3.0, 3.0]
@@ -181,9 +191,13 @@ def test_duplicates_keep_latest(ml100k: Path, caplog: pytest.LogCaptureFixture) 
         data = load_movielens_100k(ml100k, on_duplicate="keep-latest")
     assert "u.data" in caplog.text and "replaced 2 duplicate" in caplog.text
     kept = sorted(
-        zip(data.interactions.user.tolist(), data.interactions.item.tolist(),
-            data.interactions.rating.tolist(), strict=True)
-    )  # fmt: skip
+        zip(
+            data.interactions.user.tolist(),
+            data.interactions.item.tolist(),
+            data.interactions.rating.tolist(),
+            strict=True,
+        )
+    )
     assert kept == [(0, 0, 4.0), (0, 2, 2.0), (1, 0, 3.0)]
 
 
@@ -243,8 +257,10 @@ def test_movielens_1m(tmp_path: Path) -> None:
     names = data.catalogue.user_feature_names
     assert len(names) == 7 + 2 + 21 and data.user_features.shape == (2, 30)
     assert {names[j] for j in np.flatnonzero(data.user_features[1])} == {
-        "age:<18", "gender:F", "occupation:K-12 student",
-    }  # fmt: skip
+        "age:<18",
+        "gender:F",
+        "occupation:K-12 student",
+    }
 
 
 def test_movielens_10m(tmp_path: Path) -> None:
@@ -361,11 +377,14 @@ def test_lightgcn_duplicates(lightgcn: Path, caplog: pytest.LogCaptureFixture) -
 
 
 def test_interactions_csv(tmp_path: Path) -> None:
-    write(tmp_path / "ratings.csv",
-          ' User ,Item,RATING,timestamp\nalice,"Heat, 1995",4,100\n'
-          "bob,Up,2.5,2024-05-01T00:00:01Z\r\n\nalice,Up,1,2024-05-01\n")  # fmt: skip
-    write(tmp_path / "items.csv",
-          'item,text\nUp,"A house, balloons."\n"Heat, 1995",Crime\nCold,x\n')  # fmt: skip
+    write(
+        tmp_path / "ratings.csv",
+        ' User ,Item,RATING,timestamp\nalice,"Heat, 1995",4,100\n'
+        "bob,Up,2.5,2024-05-01T00:00:01Z\r\n\nalice,Up,1,2024-05-01\n",
+    )
+    write(
+        tmp_path / "items.csv", 'item,text\nUp,"A house, balloons."\n"Heat, 1995",Crime\nCold,x\n'
+    )
     data = load_interactions_file(tmp_path / "ratings.csv", tmp_path / "items.csv")
     assert data.name == "ratings"
     assert data.user_ids == ("alice", "bob")

@@ -66,10 +66,20 @@ def test_without_target_the_configured_sigma_is_used():
 
 def entry(round_, trained=True, sigma=1.0) -> LedgerEntry:
     return LedgerEntry(
-        run="r", round=round_, trained=trained, noise_multiplier=sigma, sample_rate=0.1,
-        steps=10 if trained else 0, clip_norm=0.1, delta=1e-5, accountant="prv",
-        epsilon=1.0, independent_epsilon=1.0, noise_share=sigma, single_message_epsilon=1.0,
-    )  # fmt: skip
+        run="r",
+        round=round_,
+        trained=trained,
+        noise_multiplier=sigma,
+        sample_rate=0.1,
+        steps=10 if trained else 0,
+        clip_norm=0.1,
+        delta=1e-5,
+        accountant="prv",
+        epsilon=1.0,
+        independent_epsilon=1.0,
+        noise_share=sigma,
+        single_message_epsilon=1.0,
+    )
 
 
 def test_site_ledger_persists_appends_and_survives_a_new_process(tmp_path):
@@ -115,7 +125,12 @@ def test_ledger_metrics_are_what_a_site_reports():
     metrics = entry(4, trained=False).metrics()
     assert metrics["declined"] == 1.0 and metrics["steps"] == 0.0
     assert set(metrics) == {
-        "epsilon", "independent-epsilon", "single-message-epsilon", "delta", "noise-multiplier",
-        "steps", "declined",
-    }  # fmt: skip
+        "epsilon",
+        "independent-epsilon",
+        "single-message-epsilon",
+        "delta",
+        "noise-multiplier",
+        "steps",
+        "declined",
+    }
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())

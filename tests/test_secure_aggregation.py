@@ -78,17 +78,26 @@ class RecordingGrid:
 def simulate_secure(base: Path, rounds: int, fail=frozenset(), monkeypatch=None) -> dict:
     (base / "plain").mkdir(parents=True)
     config = default_config(
-        secure_aggregation=True, secagg_min_sites=THRESHOLD, min_sites=SITES, sample_rate=0.5,
-        num_server_rounds=rounds, synthetic_users=200, synthetic_items=60, delta=1e-5,
-        run_dir=str(base / "runs"), site_state_dir=str(base / "sites"),
-    )  # fmt: skip
+        secure_aggregation=True,
+        secagg_min_sites=THRESHOLD,
+        min_sites=SITES,
+        sample_rate=0.5,
+        num_server_rounds=rounds,
+        synthetic_users=200,
+        synthetic_items=60,
+        delta=1e-5,
+        run_dir=str(base / "runs"),
+        site_state_dir=str(base / "sites"),
+    )
     masked: list[np.ndarray] = []
     sums: dict[int, np.ndarray] = {}
     step = secure.SecureSumStrategy.aggregate_fit
 
     def recording_step(self, server_round, results, failures):
-        averages = [np.concatenate([a.ravel() for a in parameters_to_ndarrays(r.parameters)])
-                    for _, r in results]  # fmt: skip
+        averages = [
+            np.concatenate([a.ravel() for a in parameters_to_ndarrays(r.parameters)])
+            for _, r in results
+        ]
         assert all(np.array_equal(a, averages[0]) for a in averages), "one sum, nothing else"
         sums[server_round] = averages[0] * len(results)
         return step(self, server_round, results, failures)

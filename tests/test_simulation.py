@@ -111,9 +111,14 @@ def test_epsilon_sent_is_a_function_of_public_configuration_only(dp_run):
 def test_without_dp_counts_are_sent_and_declared_not_covered(tmp_path):
     (tmp_path / "messages").mkdir()
     config = default_config(
-        dp=False, num_server_rounds=1, min_sites=2, run_dir=str(tmp_path / "runs"),
-        site_state_dir=str(tmp_path / "sites"), synthetic_users=120, synthetic_items=60,
-    )  # fmt: skip
+        dp=False,
+        num_server_rounds=1,
+        min_sites=2,
+        run_dir=str(tmp_path / "runs"),
+        site_state_dir=str(tmp_path / "sites"),
+        synthetic_users=120,
+        synthetic_items=60,
+    )
     run_dir = simulate(config, 2, tmp_path / "messages")
     replies = [json.loads(p.read_text()) for p in (tmp_path / "messages").glob("*.json")]
     train = [r for r in replies if r["type"] == "train"]
@@ -134,12 +139,16 @@ def test_flwr_run_cli_with_isolated_flwr_home(tmp_path):
     }
     runs = tmp_path / "runs"
     command = [
-        str(Path(sys.executable).with_name("flwr")), "run", str(REPO), "--stream",
-        "--federation-config", "num-supernodes=2",
+        str(Path(sys.executable).with_name("flwr")),
+        "run",
+        str(REPO),
+        "--stream",
+        "--federation-config",
+        "num-supernodes=2",
         "--run-config",
         f'num-server-rounds=1 synthetic-users=150 run-dir="{runs}" '
         f'site-state-dir="{tmp_path / "sites"}"',
-    ]  # fmt: skip
+    ]
     try:
         finished = subprocess.run(
             command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path

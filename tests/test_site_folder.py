@@ -81,8 +81,10 @@ def test_a_missing_data_path_is_a_clear_error(tmp_path):
 
 def instruction(fingerprint: str) -> dict:
     return default_config().to_mapping() | {
-        "server-round": 1, "run-name": "r", CATALOGUE_FINGERPRINT: fingerprint
-    }  # fmt: skip
+        "server-round": 1,
+        "run-name": "r",
+        CATALOGUE_FINGERPRINT: fingerprint,
+    }
 
 
 def test_a_site_checks_it_holds_the_servers_catalogue(folders):

@@ -32,10 +32,16 @@ def metadata_from(
     node_id: int, dst_node_id: int = 0, message_id: str = "", reply_to: str = "i"
 ) -> Metadata:
     return Metadata(
-        run_id=1, message_id=message_id or f"m{node_id}", src_node_id=node_id,
-        dst_node_id=dst_node_id, reply_to_message_id=reply_to, group_id="1",
-        created_at=time.time(), ttl=60.0, message_type="train",
-    )  # fmt: skip
+        run_id=1,
+        message_id=message_id or f"m{node_id}",
+        src_node_id=node_id,
+        dst_node_id=dst_node_id,
+        reply_to_message_id=reply_to,
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
 
 
 def reply_from(node_id: int, arrays: dict[str, np.ndarray], metrics: dict) -> Message:

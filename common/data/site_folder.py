@@ -168,11 +168,12 @@ def load_site_folder(folder: str | Path) -> SiteData:
             raise file_error(path, f"differs from the SHA-256 in {MANIFEST}: changed since written")
     catalogue = load_catalogue_folder(folder / "catalogue")
     tables = {
-        name: read_csv(folder / f"{name}.csv", ("user", "item", "rating"), ("timestamp",), None,
-                       "utf-8")
+        name: read_csv(
+            folder / f"{name}.csv", ("user", "item", "rating"), ("timestamp",), None, "utf-8"
+        )
         for name in SPLITS
         if name == "train" or (folder / f"{name}.csv").exists()
-    }  # fmt: skip
+    }
     users_path = folder / "users.csv"
     features_table = (
         read_csv(users_path, ("user", *catalogue.user_feature_names), (), None, "utf-8")
@@ -192,12 +193,18 @@ def load_site_folder(folder: str | Path) -> SiteData:
         timestamp = parse_timestamps(table) if "timestamp" in table.columns else None
         located.append(
             table_interactions(
-                table, user_ids, catalogue.item_ids, rating, timestamp,
-                users_from=str(table.path), items_from=str(folder / "catalogue" / "items.csv"),
+                table,
+                user_ids,
+                catalogue.item_ids,
+                rating,
+                timestamp,
+                users_from=str(table.path),
+                items_from=str(folder / "catalogue" / "items.csv"),
             )
-        )  # fmt: skip
-    parts = dict(zip(tables, drop_duplicates(located, "error", user_ids, catalogue.item_ids),
-                     strict=True))  # fmt: skip
+        )
+    parts = dict(
+        zip(tables, drop_duplicates(located, "error", user_ids, catalogue.item_ids), strict=True)
+    )
     features = np.zeros((len(user_ids), len(catalogue.user_feature_names)), np.float32)
     if features_table is not None:
         features_table.distinct("user")  # a user listed twice is an error

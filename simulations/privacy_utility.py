@@ -1,0 +1,82 @@
+"""Privacy-utility curves for both datasets in one plot, from the quality benchmarks.
+
+Reads ``results/rating_quality.json`` (MovieLens-100K u1, test RMSE against
+epsilon, secure aggregation off and on) and ``results/ranking_quality.json``
+(MovieLens-100K implicit: test NDCG@20 against epsilon; Gowalla: test
+Recall@20 at epsilon 2 and 8 within the equal budget) and draws them side by
+side with each dataset's non-private reference. Run the two quality scripts
+first.
+
+    python -m simulations.privacy_utility
+"""
+
+from __future__ import annotations
+
+import json
+
+from matplotlib.figure import Figure
+
+from simulations.harness import RESULTS, write_results
+
+
+def main() -> None:
+    rating = json.loads((RESULTS / "rating_quality.json").read_text())
+    ranking = json.loads((RESULTS / "ranking_quality.json").read_text())
+    figure = Figure(figsize=(12, 3.8))
+    axes = figure.subplots(1, 3)
+    points: dict = {}
+
+    dp = rating["federated, DP (10 sites)"]
+    for name, marker in (("secure aggregation off", "o"), ("secure aggregation on", "s")):
+        eps = sorted(float(e) for e in dp[name])
+        values = [dp[name][str(e)]["test-rmse-mean"] for e in eps]
+        axes[0].plot(eps, values, marker=marker, label=name)
+        points[f"ml-100k rating, {name}"] = dict(zip(map(str, eps), values, strict=True))
+    axes[0].axhline(
+        rating["federated, no DP"]["test"]["rmse"],
+        linestyle="--",
+        color="grey",
+        label="federated, no DP",
+    )
+    axes[0].set(
+        xscale="log",
+        xlabel="epsilon",
+        ylabel="test RMSE (lower is better)",
+        title="MovieLens-100K u1, rating",
+    )
+
+    dp = ranking["ml-100k"]["ours, federated, DP (10 sites)"]
+    for name, marker in (("secure aggregation off", "o"), ("secure aggregation on", "s")):
+        eps = sorted(float(e) for e in dp[name])
+        values = [dp[name][str(e)]["ndcg@20-mean"] for e in eps]
+        axes[1].plot(eps, values, marker=marker, label=name)
+        points[f"ml-100k ranking, {name}"] = dict(zip(map(str, eps), values, strict=True))
+    axes[1].axhline(
+        ranking["ml-100k"]["ours, federated, no DP"]["test"]["ndcg@20"],
+        linestyle="--",
+        color="grey",
+        label="federated, no DP",
+    )
+    axes[1].set(
+        xscale="log", xlabel="epsilon", ylabel="test NDCG@20", title="MovieLens-100K, implicit"
+    )
+
+    gowalla = ranking["gowalla"]
+    eps = [2.0, 8.0]
+    values = [gowalla[f"ours, DP epsilon {e:g} (secure sum)"]["recall@20"] for e in eps]
+    axes[2].plot(eps, values, marker="s", label="secure aggregation on")
+    points["gowalla ranking, secure aggregation on"] = dict(zip(map(str, eps), values, strict=True))
+    axes[2].axhline(
+        gowalla["ours, centralized, no DP"][-1]["recall@20"],
+        linestyle="--",
+        color="grey",
+        label="centralized, no DP (same budget)",
+    )
+    axes[2].set(xscale="log", xlabel="epsilon", ylabel="test Recall@20", title="Gowalla")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    print(write_results("privacy_utility", {"points": points}, figure))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Scale: 10, 100 and 1,000 simulated sites on this machine's two cores.
+
+The built-in synthetic data with 6,000 users (600, 60 or 6 per site), DP on,
+3 rounds, every site training and evaluating every round, one ClientApp at a
+time (2 CPUs per site), so that client compute adds up to wall time. Measured:
+wall time per round (rounds 2 and 3), peak resident memory of the whole
+process tree (the simulation, Ray and its workers; sampled every 0.5 s), the
+sum of the sites' compute (a client mod times every call), and Flower's
+overhead: round wall time minus the sites' compute, as a share of the wall
+time.
+
+    python -m simulations.scale [--sites 10 100 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+from flwr.clientapp import ClientApp
+from matplotlib.figure import Figure
+
+import client.app as site_app
+from client.secure_aggregation import secure_aggregation_mod
+from common.config import default_config
+from simulations.harness import federate, write_results
+
+USERS, ROUNDS = 6000, 3
+
+
+def timed_client_app(log: Path) -> ClientApp:
+    """The site app with a mod that appends ``round seconds`` of every call to ``log``."""
+
+    def timing(msg, context, call_next):
+        start = time.perf_counter()
+        reply = call_next(msg, context)
+        with open(log, "a") as f:
+            f.write(f"{msg.metadata.group_id} {time.perf_counter() - start}\\n")
+        return reply
+
+    app = ClientApp(mods=[timing, secure_aggregation_mod])
+    app.train()(site_app.train)
+    app.evaluate()(site_app.evaluate)
+    return app
+
+
+class TreeMemory:
+    """Peak resident memory of this process and all its descendants, in MB."""
+
+    def __enter__(self) -> TreeMemory:
+        self.peak, self.running = 0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        root = psutil.Process()
+        while self.running:
+            total = 0
+            for process in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    total += process.memory_info().rss
+            self.peak = max(self.peak, total)
+            time.sleep(0.5)
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        self.thread.join()
+        self.megabytes = self.peak / 2**20
+
+
+def measure(sites: int) -> dict[str, float]:
+    log = Path(tempfile.mkdtemp()) / "calls.txt"
+    config = default_config(synthetic_users=USERS, num_server_rounds=ROUNDS, min_sites=sites)
+    with TreeMemory() as memory:
+        run_dir = federate(config, sites, cpus_per_site=2.0, app=timed_client_app(log))
+    rounds = json.loads((run_dir / "metrics.json").read_text())
+    finished = {int(r): m["finished_at"] for r, m in rounds.items() if m.get("finished_at")}
+    compute: dict[int, float] = {}
+    for line in log.read_text().split("\\n"):
+        if line:
+            server_round, seconds = line.split()
+            compute[int(server_round)] = compute.get(int(server_round), 0.0) + float(seconds)
+    walls = {r: finished[r] - finished[r - 1] for r in range(2, ROUNDS + 1)}
+    overhead = [(walls[r] - compute[r]) / walls[r] for r in walls]
+    return {
+        "sites": sites,
+        "users-per-site": USERS // sites,
+        "seconds-per-round": sum(walls.values()) / len(walls),
+        "site-compute-seconds-per-round": sum(compute[r] for r in walls) / len(walls),
+        "flower-overhead-share": sum(overhead) / len(overhead),
+        "peak-memory-mb": memory.megabytes,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, nargs="+", default=[10, 100, 1000])
+    args = parser.parse_args()
+    results = []
+    for sites in args.sites:
+        results.append(measure(sites))
+        print(results[-1], flush=True)
+    figure = Figure(figsize=(6, 3.5))
+    left = figure.subplots()
+    counts = [r["sites"] for r in results]
+    left.plot(counts, [r["seconds-per-round"] for r in results], "o-", label="s per round")
+    left.plot(
+        counts,
+        [r["site-compute-seconds-per-round"] for r in results],
+        "s--",
+        label="sites' compute per round",
+    )
+    left.set(xscale="log", xlabel="sites", ylabel="seconds", title="Simulation at scale")
+    right = left.twinx()
+    right.plot(
+        counts,
+        [r["flower-overhead-share"] * 100 for r in results],
+        "^:",
+        color="C3",
+        label="overhead %",
+    )
+    right.set_ylabel("Flower overhead, % of round")
+    left.legend(loc="upper left", fontsize=7)
+    right.legend(loc="lower right", fontsize=7)
+    print(write_results("scale", {"rounds": ROUNDS, "users": USERS, "runs": results}, figure))
+
+
+if __name__ == "__main__":
+    main()
