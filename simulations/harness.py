@@ -23,10 +23,11 @@ from flwr.simulation import run_simulation
 from matplotlib.figure import Figure
 
 from client.app import app as client_app
-from client.train import site_graphs, site_model
+from client.train import site_graphs, site_model, train_locally
 from common.config import RunConfig, default_config
 from common.data import load_site
 from common.evaluation import evaluate
+from common.privacy import noise_multiplier_for
 from server.app import run
 from server.run_directory import RunDirectory
 
@@ -86,6 +87,27 @@ def federate(
         if keep_models:
             RunDirectory.write_round = write_round
     return out[0]
+
+
+def secure_sum_equivalent(config: RunConfig, epsilon: float, steps: int) -> dict[str, Any]:
+    """What secure aggregation computes, without the federation: ``steps`` DP-SGD steps,
+    each one Poisson batch over every user at ``sample-rate``, with the sigma that
+    ``target-epsilon = epsilon`` plans for ``steps`` rounds, and one Adam state for the
+    whole run (as the server keeps). Returns the final model's test metrics."""
+    planned = config.replace(
+        target_epsilon=epsilon, secure_aggregation=True, num_server_rounds=steps
+    )
+    sigma = noise_multiplier_for(planned, config.delta)
+    central = config.replace(
+        noise_multiplier=sigma,
+        target_epsilon=0.0,
+        local_epochs=steps // config.steps_per_epoch,
+    )
+    site = load_site(central, 0, 1)
+    torch.manual_seed(config.seed)
+    model = site_model(site.catalogue, central)
+    train_locally(model, site_graphs(site, central), central, 1, [], "cpu")
+    return score(central, model.state_dict()) | {"sigma": sigma, "steps": steps}
 
 
 def score(

@@ -48,8 +48,15 @@ from client.train import site_graphs, site_model, train_locally
 from common.config import RunConfig
 from common.data import SiteData, load_site
 from common.evaluation import evaluate, ranking_metrics
-from common.privacy import noise_multiplier_for
-from simulations.harness import best_round, data_config, federate, score, score_run, write_results
+from simulations.harness import (
+    best_round,
+    data_config,
+    federate,
+    score,
+    score_run,
+    secure_sum_equivalent,
+    write_results,
+)
 
 K = 20
 PUBLISHED_GOWALLA = {"recall@20": 0.1830, "ndcg@20": 0.1554}
@@ -197,23 +204,6 @@ def central_by_validation(config: RunConfig, site: SiteData, epochs: int) -> dic
         if best is None or val > best[0]:
             best = (val, epoch, {k: v.clone() for k, v in model.state_dict().items()})
     return {"epoch": best[1], "val": best[0], "test": score(config, best[2])}
-
-
-def secure_sum_equivalent(config: RunConfig, epsilon: float, steps: int) -> dict:
-    """What secure aggregation computes: ``steps`` Poisson steps over all users."""
-    planned = config.replace(
-        target_epsilon=epsilon, secure_aggregation=True, num_server_rounds=steps
-    )
-    sigma = noise_multiplier_for(planned, config.delta)
-    central = config.replace(noise_multiplier=sigma, target_epsilon=0.0, local_epochs=1)
-    site = load_site(central, 0, 1)
-    torch.manual_seed(config.seed)
-    model = site_model(site.catalogue, central)
-    graphs = site_graphs(site, central)
-    history: list = []
-    for epoch in range(1, steps // central.steps_per_epoch + 1):
-        history = train_locally(model, graphs, central, epoch, history, "cpu").history
-    return score(central, model.state_dict())
 
 
 def gowalla(budget_minutes: float) -> dict:

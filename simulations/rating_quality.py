@@ -12,10 +12,11 @@ Test RMSE over all 20,000 u1.test ratings (users 1-462, predictions limited to
   50 DP-SGD steps at sampling rate 0.5, sigma planned by ``target-epsilon``):
   secure aggregation off (each site protects its own users; Flower, 10 sites),
   and on (the server sees only the sum). The "on" points are computed with the
-  mechanism the secure sum computes, centralized DP-SGD with the same sampling
-  rate, steps and sigma (50 steps of one Poisson batch over all users); the
-  real SecAgg+ run at epsilon 8 (``simulations/secure_aggregation.py``) is shown
-  next to it as a check.
+  mechanism the secure sum computes, without the federation: 50 DP-SGD steps of
+  one Poisson batch over all users with the same rate and sigma, one Adam state
+  throughout (``harness.secure_sum_equivalent``); the real SecAgg+ run at
+  epsilon 8 (``simulations/secure_aggregation.py``) is shown next to it as a
+  check.
 
 Validation is 10% of u1.base per user (by seed). Non-DP runs pick their
 epoch or round by validation RMSE. DP runs report their last round, with one
@@ -43,7 +44,6 @@ from client.train import site_graphs, site_model, train_locally
 from common.config import RunConfig
 from common.data import load_dataset, load_site
 from common.evaluation import evaluate
-from common.privacy import noise_multiplier_for
 from simulations.harness import (
     RESULTS,
     best_round,
@@ -51,6 +51,7 @@ from simulations.harness import (
     federate,
     score,
     score_run,
+    secure_sum_equivalent,
     write_results,
 )
 
@@ -98,42 +99,20 @@ def bias_baselines(config: RunConfig, shrinkage: float = 5.0) -> dict[str, float
     }
 
 
-def centralized(config: RunConfig, epochs: int, dp: bool = False) -> dict:
-    """The model on every user in one process; non-DP: the epoch with the best validation
-    RMSE; DP: the last epoch (``epochs`` epochs at the configured sampling rate)."""
+def centralized(config: RunConfig, epochs: int) -> dict:
+    """The model on every user in one process, no DP: the epoch with the best validation
+    RMSE, and its test metrics."""
     site = load_site(config, 0, 1)
     torch.manual_seed(config.seed)
     model = site_model(site.catalogue, config)
     graphs = site_graphs(site, config)
-    best, history = None, []
+    best = None
     for epoch in range(1, epochs + 1):
-        history = train_locally(model, graphs, config, epoch, history, "cpu").history
-        if not dp:
-            val = evaluate(model, graphs, site.val, config.top_k)["rmse"]
-            if best is None or val < best[0]:
-                best = (val, epoch, {k: v.clone() for k, v in model.state_dict().items()})
-    if dp:
-        return {"test": score(config, model.state_dict()), "steps": epochs * config.steps_per_epoch}
+        train_locally(model, graphs, config, epoch, [], "cpu")
+        val = evaluate(model, graphs, site.val, config.top_k)["rmse"]
+        if best is None or val < best[0]:
+            best = (val, epoch, {k: v.clone() for k, v in model.state_dict().items()})
     return {"epoch": best[1], "val-rmse": best[0], "test": score(config, best[2])}
-
-
-def secure_sum_equivalent(epsilon: float, seed: int) -> dict:
-    """What secure aggregation computes: 50 Poisson steps over all users, sigma for epsilon."""
-    config = data_config(
-        "ml-100k",
-        split="u1",
-        seed=seed,
-        **DP_SETTING,
-        target_epsilon=epsilon,
-        secure_aggregation=True,
-        num_server_rounds=50,
-    )
-    sigma = noise_multiplier_for(config, config.delta)
-    steps = config.steps_per_epoch
-    central = config.replace(
-        secure_aggregation=False, noise_multiplier=sigma, target_epsilon=0.0, local_epochs=1
-    )
-    return centralized(central, 50 // steps, dp=True) | {"sigma": sigma}
 
 
 def main() -> None:
@@ -165,7 +144,7 @@ def main() -> None:
                 local_epochs=1,
             )
             off.append(score_run(federate(config, SITES), config))
-            on.append(secure_sum_equivalent(epsilon, seed))
+            on.append(secure_sum_equivalent(config.replace(local_epochs=1), epsilon, 50))
             print(epsilon, seed, off[-1]["test"], on[-1]["test"], flush=True)
         for name, runs in (("secure aggregation off", off), ("secure aggregation on", on)):
             rmse = [r["test"]["rmse"] for r in runs]
