@@ -35,8 +35,7 @@ from flwr.common.config import parse_config_args
 from client.audit import audit_site
 from common.certificates import write_certificates
 from common.config import RunConfig, app_defaults
-from common.data import load_dataset, split_dataset
-from common.data.partition import partition_users
+from common.data import load_dataset, partition_sites, split_dataset
 from common.data.site_folder import write_site_folders
 from common.errors import InputError
 from common.files import write_json
@@ -57,14 +56,7 @@ def check_data(config: RunConfig, sites: int) -> str:
     split = split_dataset(dataset, config)
     catalogue = dataset.catalogue
     degree = np.bincount(dataset.interactions.user, minlength=dataset.num_users)
-    site_of_user = partition_users(
-        dataset,
-        sites,
-        config.partition,
-        config.seed,
-        config.partition_column,
-        config.dirichlet_alpha,
-    )
+    site_of_user = partition_sites(dataset, config, sites)
     lines = [
         f"dataset       {dataset.name}",
         f"users         {dataset.num_users}",
@@ -96,14 +88,7 @@ def partition(config: RunConfig, sites: int, out: Path) -> str:
     if out.exists() and any(out.iterdir()):
         raise InputError(f"--out: {out} is not empty; choose a new folder")
     dataset = load_dataset(config)
-    site_of_user = partition_users(
-        dataset,
-        sites,
-        config.partition,
-        config.seed,
-        config.partition_column,
-        config.dirichlet_alpha,
-    )
+    site_of_user = partition_sites(dataset, config, sites)
     folders = write_site_folders(dataset, split_dataset(dataset, config), site_of_user, out)
     lines = [f"{out / 'catalogue'}: the public catalogue (catalogue-path for the server)"]
     for folder in folders:

@@ -122,7 +122,13 @@ def load_site(config: RunConfig, site_id: int, num_sites: int) -> SiteData:
     Cached: a ClientApp process handles many messages of the same run.
     """
     dataset = load_dataset(config)
-    site_of_user = partition_users(
+    site_of_user = partition_sites(dataset, config, num_sites)
+    return site_view(dataset, split_dataset(dataset, config), site_of_user, site_id)
+
+
+def partition_sites(dataset: Dataset, config: RunConfig, num_sites: int) -> np.ndarray:
+    """The site of every user, by the configured ``partition`` scheme."""
+    return partition_users(
         dataset,
         num_sites,
         scheme=config.partition,
@@ -130,4 +136,3 @@ def load_site(config: RunConfig, site_id: int, num_sites: int) -> SiteData:
         column=config.partition_column,
         alpha=config.dirichlet_alpha,
     )
-    return site_view(dataset, split_dataset(dataset, config), site_of_user, site_id)

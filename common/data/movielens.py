@@ -144,20 +144,7 @@ def load_movielens_100k(
         train, test = drop_duplicates(parts, on_duplicate, users.ids, movies.ids)
         split = (train, test)
 
-    return Dataset(
-        name="ml-100k",
-        catalogue=Catalogue(
-            item_ids=movies.ids,
-            item_text=movies.text,
-            rating_levels=STARS,
-            user_feature_names=users.feature_names,
-        ),
-        user_ids=users.ids,
-        interactions=full,
-        user_features=users.features,
-        user_columns=users.columns,
-        canonical_split=split,
-    )
+    return _dataset("ml-100k", movies, users, STARS, full, split)
 
 
 def load_movielens_dat(root: str | Path, on_duplicate: str = "error") -> Dataset:
@@ -197,8 +184,19 @@ def load_movielens_dat(root: str | Path, on_duplicate: str = "error") -> Dataset
     (interactions,) = drop_duplicates(
         [_located(ratings, rating, users, movies)], on_duplicate, users.ids, movies.ids
     )
+    return _dataset("ml-10m" if half_stars else "ml-1m", movies, users, levels, interactions)
+
+
+def _dataset(
+    name: str,
+    movies: _Movies,
+    users: _Users,
+    levels: tuple[float, ...],
+    interactions: Interactions,
+    split: tuple[Interactions, Interactions] | None = None,
+) -> Dataset:
     return Dataset(
-        name="ml-10m" if half_stars else "ml-1m",
+        name=name,
         catalogue=Catalogue(
             item_ids=movies.ids,
             item_text=movies.text,
@@ -209,6 +207,7 @@ def load_movielens_dat(root: str | Path, on_duplicate: str = "error") -> Dataset
         interactions=interactions,
         user_features=users.features,
         user_columns=users.columns,
+        canonical_split=split,
     )
 
 
