@@ -91,7 +91,7 @@ class SecureSumStrategy(FedAvg):
             min_available_clients=config.min_sites,
             on_fit_config_fn=with_round,
             on_evaluate_config_fn=with_round,
-            initial_parameters=ndarrays_to_parameters(self_arrays(model)),
+            initial_parameters=ndarrays_to_parameters(item_side_arrays(model)),
         )
         self.model = model
         self.config = config
@@ -137,7 +137,7 @@ class SecureSumStrategy(FedAvg):
         self.optimizer.step()
         largest = max(float(fit.metrics["epsilon"]) for _, fit in results)
         log(INFO, "Round %d: stepped with the secure sum of %d sites", server_round, len(results))
-        return ndarrays_to_parameters(self_arrays(self.model)), {"max-epsilon": largest}
+        return ndarrays_to_parameters(item_side_arrays(self.model)), {"max-epsilon": largest}
 
     def _record_dropouts(self, record: RoundLog, survivors: set[int], failures: list) -> None:
         """Sites sampled but not in the sum (SecAgg+ does not say which failure was whose)."""
@@ -191,7 +191,7 @@ class SecureSumStrategy(FedAvg):
         return 0.0, record.aggregated
 
 
-def self_arrays(model: EgoGraphRecommender) -> list[np.ndarray]:
+def item_side_arrays(model: EgoGraphRecommender) -> list[np.ndarray]:
     """The item side as arrays in state-dict order (the legacy API's parameters)."""
     return [v.detach().cpu().numpy() for v in model.state_dict().values()]
 

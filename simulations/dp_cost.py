@@ -1,21 +1,24 @@
 """The cost of DP: local epoch time and peak memory, DP-SGD over plain training.
 
 One site's share of the data (site 0 of 10, ``partition = iid``), one local
-epoch (``1 / sample-rate`` = 10 steps), the app's default model. Measured in
-one process, side by side: plain training, then DP-SGD with Opacus's per-sample
-gradients by hooks, then by ghost clipping. Time is the median of three epochs
-after one warm-up epoch; memory is the peak resident memory above the level
-before the epoch (sampled every 5 ms). Catalogues: MovieLens-100K (1,682
-items) and Gowalla (40,981 items).
+epoch (``1 / sample-rate`` = 10 steps), the app's default model: plain
+training, DP-SGD with Opacus's per-sample gradients by hooks, and by ghost
+clipping, one after another, each in a fresh process started the same way (so
+that one mode's freed memory cannot hide the next one's). Time is the median of
+three epochs after one warm-up epoch; memory is the peak resident memory during
+the four epochs above the level just before them (sampled every 5 ms).
+Catalogues: MovieLens-100K (1,682 items) and Gowalla (40,981 items).
 
     python -m simulations.dp_cost
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import psutil
 import torch
@@ -55,34 +58,37 @@ class PeakMemory:
 
 
 def measure(dataset: str, mode: dict, epochs: int = 3) -> dict[str, float]:
+    torch.set_num_threads(2)
     config = data_config(dataset, **mode)
     site = load_site(config, 0, 10)
     torch.manual_seed(0)
     model = site_model(site.catalogue, config)
     graphs = site_graphs(site, config)
     history: list = []
-    seconds, megabytes = [], []
-    for epoch in range(epochs + 1):
-        with PeakMemory() as memory:
+    seconds = []
+    with PeakMemory() as memory:
+        for epoch in range(epochs + 1):
             start = time.perf_counter()
             history = train_locally(model, graphs, config, epoch + 1, history, "cpu").history
-            elapsed = time.perf_counter() - start
-        if epoch:  # the first epoch warms up
-            seconds.append(elapsed)
-            megabytes.append(memory.megabytes)
+            if epoch:  # the first epoch warms up
+                seconds.append(time.perf_counter() - start)
     return {
         "users": site.num_users,
         "items": site.catalogue.num_items,
         "seconds-per-epoch": statistics.median(seconds),
-        "peak-mb": max(megabytes),
+        "peak-mb": memory.megabytes,
     }
 
 
+def in_fresh_process(dataset: str, mode: dict) -> dict[str, float]:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measure, dataset, mode).result()
+
+
 def main() -> None:
-    torch.set_num_threads(2)
     results = {}
     for dataset in ("ml-100k", "gowalla"):
-        results[dataset] = {name: measure(dataset, mode) for name, mode in MODES.items()}
+        results[dataset] = {name: in_fresh_process(dataset, m) for name, m in MODES.items()}
         plain = results[dataset]["plain"]
         for name in ("dp-hooks", "dp-ghost"):
             entry = results[dataset][name]

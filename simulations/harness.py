@@ -93,7 +93,7 @@ def secure_sum_equivalent(config: RunConfig, epsilon: float, steps: int) -> dict
     """What secure aggregation computes, without the federation: ``steps`` DP-SGD steps,
     each one Poisson batch over every user at ``sample-rate``, with the sigma that
     ``target-epsilon = epsilon`` plans for ``steps`` rounds, and one Adam state for the
-    whole run (as the server keeps). Returns the final model's test metrics."""
+    whole run (as the server keeps). Returns the final model's test metrics and sigma."""
     planned = config.replace(
         target_epsilon=epsilon, secure_aggregation=True, num_server_rounds=steps
     )
@@ -107,7 +107,7 @@ def secure_sum_equivalent(config: RunConfig, epsilon: float, steps: int) -> dict
     torch.manual_seed(config.seed)
     model = site_model(site.catalogue, central)
     train_locally(model, site_graphs(site, central), central, 1, [], "cpu")
-    return score(central, model.state_dict()) | {"sigma": sigma, "steps": steps}
+    return {"test": score(central, model.state_dict()), "sigma": sigma, "steps": steps}
 
 
 def score(

@@ -26,12 +26,14 @@ def main() -> None:
     axes = figure.subplots(1, 3)
     points: dict = {}
 
-    dp = rating["federated, DP (10 sites)"]
-    for name, marker in (("secure aggregation off", "o"), ("secure aggregation on", "s")):
-        eps = sorted(float(e) for e in dp[name])
-        values = [dp[name][str(e)]["test-rmse-mean"] for e in eps]
-        axes[0].plot(eps, values, marker=marker, label=name)
-        points[f"ml-100k rating, {name}"] = dict(zip(map(str, eps), values, strict=True))
+    def curves(ax, dp: dict, key: str, name: str) -> None:
+        for setting, marker in (("secure aggregation off", "o"), ("secure aggregation on", "s")):
+            eps = sorted(float(e) for e in dp[setting])
+            values = [dp[setting][str(e)][key] for e in eps]
+            ax.plot(eps, values, marker=marker, label=setting)
+            points[f"{name}, {setting}"] = dict(zip(map(str, eps), values, strict=True))
+
+    curves(axes[0], rating["federated, DP (10 sites)"], "test-rmse-mean", "ml-100k rating")
     axes[0].axhline(
         rating["federated, no DP"]["test"]["rmse"],
         linestyle="--",
@@ -44,15 +46,10 @@ def main() -> None:
         ylabel="test RMSE (lower is better)",
         title="MovieLens-100K u1, rating",
     )
-
-    dp = ranking["ml-100k"]["ours, federated, DP (10 sites)"]
-    for name, marker in (("secure aggregation off", "o"), ("secure aggregation on", "s")):
-        eps = sorted(float(e) for e in dp[name])
-        values = [dp[name][str(e)]["ndcg@20-mean"] for e in eps]
-        axes[1].plot(eps, values, marker=marker, label=name)
-        points[f"ml-100k ranking, {name}"] = dict(zip(map(str, eps), values, strict=True))
+    movielens = ranking["ml-100k"]
+    curves(axes[1], movielens["ours, federated, DP (10 sites)"], "ndcg@20-mean", "ml-100k ranking")
     axes[1].axhline(
-        ranking["ml-100k"]["ours, federated, no DP"]["test"]["ndcg@20"],
+        movielens["ours, federated, no DP"]["test"]["ndcg@20"],
         linestyle="--",
         color="grey",
         label="federated, no DP",
@@ -63,7 +60,7 @@ def main() -> None:
 
     gowalla = ranking["gowalla"]
     eps = [2.0, 8.0]
-    values = [gowalla[f"ours, DP epsilon {e:g} (secure sum)"]["recall@20"] for e in eps]
+    values = [gowalla[f"ours, DP epsilon {e:g} (secure sum)"]["test"]["recall@20"] for e in eps]
     axes[2].plot(eps, values, marker="s", label="secure aggregation on")
     points["gowalla ranking, secure aggregation on"] = dict(zip(map(str, eps), values, strict=True))
     axes[2].axhline(

@@ -178,7 +178,9 @@ def movielens(seeds: int) -> dict:
                 local_epochs=1,
             )
             off.append(score_run(federate(config, SITES), config)["test"])
-            on.append(secure_sum_equivalent(base.replace(seed=seed, **dp_setting), epsilon, 50))
+            on.append(
+                secure_sum_equivalent(base.replace(seed=seed, **dp_setting), epsilon, 50)["test"]
+            )
         for name, runs in (("secure aggregation off", off), ("secure aggregation on", on)):
             values = [r[f"ndcg@{K}"] for r in runs]
             curves[name][str(epsilon)] = {

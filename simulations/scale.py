@@ -40,8 +40,9 @@ def timed_client_app(log: Path) -> ClientApp:
     def timing(msg, context, call_next):
         start = time.perf_counter()
         reply = call_next(msg, context)
+        server_round = msg.content.config_records["config"]["server-round"]
         with open(log, "a") as f:
-            f.write(f"{msg.metadata.group_id} {time.perf_counter() - start}\\n")
+            f.write(f"{server_round} {time.perf_counter() - start}\n")
         return reply
 
     app = ClientApp(mods=[timing, secure_aggregation_mod])
@@ -83,7 +84,7 @@ def measure(sites: int) -> dict[str, float]:
     rounds = json.loads((run_dir / "metrics.json").read_text())
     finished = {int(r): m["finished_at"] for r, m in rounds.items() if m.get("finished_at")}
     compute: dict[int, float] = {}
-    for line in log.read_text().split("\\n"):
+    for line in log.read_text().split("\n"):
         if line:
             server_round, seconds = line.split()
             compute[int(server_round)] = compute.get(int(server_round), 0.0) + float(seconds)

@@ -54,7 +54,7 @@ def main() -> None:
     print(results)
     figure = Figure(figsize=(5, 3.5))
     axes = figure.subplots()
-    names = [f"{d}\\n{r['items']} items" for d, r in results.items()]
+    names = [f"{d}\n{r['items']} items" for d, r in results.items()]
     for offset, key in enumerate(("p50-ms", "p99-ms")):
         axes.bar(
             [i + 0.35 * offset for i in range(len(results))],
