@@ -123,7 +123,7 @@ class ItemSideFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if self.stopped_after is not None:
-            return []
+            return self.sent([])
         self.global_arrays = arrays
         return self.sent(super().configure_train(server_round, arrays, config, grid))
 
@@ -131,7 +131,7 @@ class ItemSideFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if self.stopped_after is not None or not self.evaluates_in(server_round):
-            return []
+            return self.sent([])  # nothing awaited: no site can be silent this round
         return self.sent(super().configure_evaluate(server_round, arrays, config, grid))
 
     def sent(self, messages: Iterable[Message]) -> list[Message]:

@@ -147,6 +147,19 @@ def test_silent_and_unavailable_sites_are_named_by_the_site_they_said_they_were(
     }
 
 
+def test_a_round_without_evaluation_awaits_no_site():
+    strategy = ItemSideFedAvg(
+        global_arrays(), dp=True, min_sites=2, evaluates_in=lambda r: r % 2 == 0
+    )
+    strategy.sent([instruction_to(n) for n in (1, 2)])
+    strategy.aggregate_train(
+        1, [reply_from(n, site_update(1.0), {"site-id": n, "epsilon": 1.0}) for n in (1, 2)]
+    )
+    assert strategy.configure_evaluate(1, global_arrays(), None, None) == []
+    strategy.aggregate_evaluate(1, [])
+    assert strategy.log[1].failed == {}
+
+
 def test_missing_key_is_rejected():
     strategy = ItemSideFedAvg(global_arrays(), dp=True, min_sites=1)
     partial = site_update(1.0)
