@@ -71,6 +71,8 @@ def main() -> None:
     )
     axes[2].set(xscale="log", xlabel="epsilon", ylabel="test Recall@20", title="Gowalla")
     for ax in axes:
+        ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+        ax.minorticks_off()
         ax.legend(fontsize=7)
     print(write_results("privacy_utility", {"points": points}, figure))
 
