@@ -100,14 +100,8 @@ def measure(sites: int) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sites", type=int, nargs="+", default=[10, 100, 1000])
-    args = parser.parse_args()
-    results = []
-    for sites in args.sites:
-        results.append(measure(sites))
-        print(results[-1], flush=True)
+def figure_of(results: list[dict]) -> Figure:
+    """Round wall time and sites' compute (log scale) and Flower's overhead against sites."""
     figure = Figure(figsize=(6, 3.5))
     left = figure.subplots()
     counts = [r["sites"] for r in results]
@@ -118,7 +112,9 @@ def main() -> None:
         "s--",
         label="sites' compute per round",
     )
-    left.set(xscale="log", xlabel="sites", ylabel="seconds", title="Simulation at scale")
+    left.set(
+        xscale="log", yscale="log", xlabel="sites", ylabel="seconds", title="Simulation at scale"
+    )
     right = left.twinx()
     right.plot(
         counts,
@@ -127,10 +123,26 @@ def main() -> None:
         color="C3",
         label="overhead %",
     )
-    right.set_ylabel("Flower overhead, % of round")
+    right.axhline(20, color="C3", linewidth=0.8, label="target at 10 sites: < 20 %")
+    right.set(ylabel="Flower overhead, % of round", ylim=(0, 25))
     left.legend(loc="upper left", fontsize=7)
     right.legend(loc="lower right", fontsize=7)
-    print(write_results("scale", {"rounds": ROUNDS, "users": USERS, "runs": results}, figure))
+    return figure
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, nargs="+", default=[10, 100, 1000])
+    args = parser.parse_args()
+    results = []
+    for sites in args.sites:
+        results.append(measure(sites))
+        print(results[-1], flush=True)
+    print(
+        write_results(
+            "scale", {"rounds": ROUNDS, "users": USERS, "runs": results}, figure_of(results)
+        )
+    )
 
 
 if __name__ == "__main__":
