@@ -3,9 +3,9 @@
 Reads ``results/rating_quality.json`` (MovieLens-100K u1, test RMSE against
 epsilon, secure aggregation off and on) and ``results/ranking_quality.json``
 (MovieLens-100K implicit: test NDCG@20 against epsilon; Gowalla: test
-Recall@20 at epsilon 2 and 8 within the equal budget) and draws them side by
-side with each dataset's non-private reference. Run the two quality scripts
-first.
+Recall@20 at epsilon 2 and 8 with the secure sum, at 8 with per-site noise)
+and draws them side by side with each dataset's non-private reference. Run
+the two quality scripts first.
 
     python -m simulations.privacy_utility
 """
@@ -17,6 +17,7 @@ import json
 from matplotlib.figure import Figure
 
 from simulations.harness import RESULTS, write_results
+from simulations.ranking_quality import GOWALLA_PER_SITE_DP
 
 
 def main() -> None:
@@ -61,7 +62,10 @@ def main() -> None:
     gowalla = ranking["gowalla"]
     eps = [2.0, 8.0]
     values = [gowalla[f"ours, DP epsilon {e:g} (secure sum)"]["test"]["recall@20"] for e in eps]
+    per_site = gowalla[GOWALLA_PER_SITE_DP]["test"]["recall@20"]
+    axes[2].plot([8.0], [per_site], "o", label="secure aggregation off")
     axes[2].plot(eps, values, marker="s", label="secure aggregation on")
+    points["gowalla ranking, secure aggregation off"] = {"8.0": per_site}
     points["gowalla ranking, secure aggregation on"] = dict(zip(map(str, eps), values, strict=True))
     axes[2].axhline(
         gowalla["ours, centralized, no DP"][-1]["recall@20"],
