@@ -74,7 +74,7 @@ class SiteRound:
             site = load_site(
                 config, int(node_config["partition-id"]), int(node_config["num-partitions"])
             )
-            state = SiteState.in_simulation(config, site)
+            state = SiteState.in_simulation(config.site_state_dir, site)
         else:
             raise InputError(
                 "node_config: expected data-path (deployment: --node-config "

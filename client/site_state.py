@@ -11,12 +11,15 @@ Both live in one folder on the site's own disk and never leave it:
 
 Files are replaced atomically (write, then rename).
 
+Files are private to the site's operator (mode 0600, like keys).
+
 In simulation the folder is ``<site-state-dir>/site<id>-<fingerprint>``: the
-fingerprint hashes the dataset and the site's users, so a rerun on the same
-users continues the same ledger (delete the folder to start a fresh budget on
-synthetic data). A different partition gives other users to a site and a new
-ledger, so in simulation a user's budget is only tracked while they stay at
-one site.
+fingerprint hashes the catalogue's item ids and the site's user keys, and
+nothing else (not the seed, the data path or the rating scale), so every later
+run on the same users continues the same ledger (delete the folder to start a
+fresh budget on synthetic data). A different partition gives other users to a
+site and a new ledger, so in simulation a user's budget is only tracked while
+they stay at one site.
 """
 
 from __future__ import annotations
@@ -28,11 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.config import RunConfig
 from common.data.site import SiteData
 from common.errors import InputError
-from common.files import replacing, write_json
-from common.privacy import NEIGHBOURING_RELATION, PRIVACY_UNIT, History, LedgerEntry, ledger_history
+from common.files import PRIVATE, replacing, write_json
+from common.privacy import NEIGHBOURING_RELATION, PRIVACY_UNIT, LedgerEntry
 
 
 class SiteState:
@@ -40,15 +42,12 @@ class SiteState:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     @classmethod
-    def in_simulation(cls, config: RunConfig, site: SiteData) -> SiteState:
-        digest = hashlib.sha256(
-            f"{config.dataset}|{config.data_path}|{config.seed}".encode() + site.user_keys.tobytes()
-        ).hexdigest()[:12]
-        root = Path(config.site_state_dir).expanduser()
-        return cls(root / f"site{site.site_id}-{digest}")
+    def in_simulation(cls, root: str | Path, site: SiteData) -> SiteState:
+        """The state folder of a simulated site under ``root`` (``site-state-dir``)."""
+        return cls(Path(root).expanduser() / f"site{site.site_id}-{users_fingerprint(site)}")
 
     @property
     def ledger_path(self) -> Path:
@@ -60,9 +59,6 @@ class SiteState:
         content = json.loads(self.ledger_path.read_text())
         return [LedgerEntry.from_dict(e) for e in content["entries"]]
 
-    def history(self) -> History:
-        return ledger_history(self.ledger())
-
     def record(self, entry: LedgerEntry) -> None:
         """Append ``entry`` to the ledger, atomically."""
         write_json(
@@ -72,6 +68,7 @@ class SiteState:
                 "neighbouring-relation": NEIGHBOURING_RELATION,
                 "entries": [e.as_dict() for e in [*self.ledger(), entry]],
             },
+            mode=PRIVATE,
         )
 
     @property
@@ -96,7 +93,15 @@ class SiteState:
         return table
 
     def save_private_embeddings(self, user_keys: np.ndarray, table: torch.Tensor) -> None:
-        with replacing(self.private_path) as tmp:
+        with replacing(self.private_path, PRIVATE) as tmp:
             torch.save(
                 {"user-keys": torch.as_tensor(user_keys), "embedding": table.detach().cpu()}, tmp
             )
+
+
+def users_fingerprint(site: SiteData) -> str:
+    """Who the site's users are: a hash of the catalogue's item ids (which dataset) and of
+    the site's sorted user keys (which people in it), and of nothing else."""
+    digest = hashlib.sha256(json.dumps(list(site.catalogue.item_ids)).encode())
+    digest.update(np.sort(np.asarray(site.user_keys, dtype=np.int64)).tobytes())
+    return digest.hexdigest()[:12]

@@ -38,7 +38,7 @@ def budget_run(tmp_path_factory):
         synthetic_users=300,
     )
     earlier = [(1.0, config.sampling_probability, 10)]
-    SiteState.in_simulation(config, load_site(config, 0, 3)).record(
+    SiteState.in_simulation(config.site_state_dir, load_site(config, 0, 3)).record(
         LedgerEntry(
             run="an-earlier-run",
             round=1,
@@ -78,7 +78,7 @@ def test_sites_decline_at_max_epsilon_and_the_server_stops(budget_run):
 
 def test_the_site_ledger_on_disk_holds_every_run(budget_run):
     config, run_dir = budget_run
-    entries = SiteState.in_simulation(config, load_site(config, 0, 3)).ledger()
+    entries = SiteState.in_simulation(config.site_state_dir, load_site(config, 0, 3)).ledger()
     assert [(e.run, e.round, e.trained) for e in entries] == [
         ("an-earlier-run", 1, True),
         (run_dir.name, 1, True),

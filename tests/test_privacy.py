@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch
 
 from client.site_state import SiteState
 from common.config import default_config
+from common.data import load_site
 from common.privacy import (
     LedgerEntry,
     epsilon_spent,
@@ -89,7 +92,7 @@ def test_site_ledger_persists_appends_and_survives_a_new_process(tmp_path):
     state.record(entry(3))
     again = SiteState(tmp_path / "site")  # as a restarted SuperNode would see it
     assert [e.round for e in again.ledger()] == [1, 2, 3]
-    assert again.history() == [(1.0, 0.1, 10), (1.0, 0.1, 10)]
+    assert ledger_history(again.ledger()) == [(1.0, 0.1, 10), (1.0, 0.1, 10)]
     content = json.loads((tmp_path / "site" / "ledger.json").read_text())
     assert content["privacy-unit"].startswith("one user")
     assert not list((tmp_path / "site").glob("*.tmp"))
@@ -134,3 +137,26 @@ def test_ledger_metrics_are_what_a_site_reports():
         "declined",
     }
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
+
+
+ML_100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k"
+
+
+@pytest.mark.skipif(not ML_100K.is_dir(), reason=f"MovieLens-100K not found at {ML_100K}")
+def test_the_same_users_keep_one_ledger_whatever_the_seed_or_path_spelling(tmp_path):
+    """The ledger folder depends on who the users are, not on how the run was configured."""
+    folders = set()
+    for seed, path in ((0, f"{ML_100K}"), (1, f"{ML_100K}/"), (0, f"{ML_100K.parent}//ml-100k")):
+        config = default_config(dataset="ml-100k", data_path=path, seed=seed, implicit=seed == 1)
+        folders.add(SiteState.in_simulation(tmp_path, load_site(config, 0, 1)).folder)
+    assert len(folders) == 1
+
+
+def test_site_state_files_are_private_to_the_operator(tmp_path):
+    state = SiteState(tmp_path / "site")
+    state.record(entry(1))
+    state.record(entry(2))
+    state.save_private_embeddings(np.array([1, 2]), torch.zeros(2, 3))
+    for path in (state.ledger_path, state.private_path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE(state.folder.stat().st_mode) == 0o700
