@@ -37,7 +37,10 @@ from common.model import EgoBatch, EgoGraphRecommender, build_model
 from common.privacy import History, accountant_with_history
 from common.text import item_text_vectors
 
-PRIVATE_FIT_USERS_PER_BATCH = 256
+PRIVATE_FIT_STEPS = 10
+"""Adam steps of the private-embedding refit per round (public, the same for every user)."""
+USERS_PER_CHUNK = 256
+"""Users per forward pass when the refit accumulates the whole table's gradient."""
 
 
 @dataclass(frozen=True)
@@ -139,24 +142,29 @@ def fit_private_embeddings(
 ) -> None:
     """Fit every user's private embedding :math:`p_u` to that user's own loss, in place.
 
-    The item side is frozen; Adam updates each row of ``private`` from its own
-    user's loss only (the rows of users outside a batch get a zero gradient).
-    This runs after DP-SGD and outside it: :math:`p_u` is a function of user
-    ``u``'s data and of the item side the site is about to release, it is never
-    sent, and in the next round it is an input to ``u``'s own per-sample
-    gradient only, so the user-level guarantee is unchanged.
+    The item side is frozen. Each of ``PRIVATE_FIT_STEPS`` steps is one Adam
+    step on the whole table, with the gradient of every user's loss
+    accumulated over all users (in chunks of ``USERS_PER_CHUNK`` to bound
+    memory). Row :math:`u` of the gradient is the gradient of user :math:`u`'s
+    own loss, and Adam's moments and bias correction are per element with a
+    step count that is the same public constant for everyone, so
+    :math:`p_u` is a function of user :math:`u`'s data and of the item side
+    alone: no state is shared across users, whatever chunk a user falls in.
+
+    This runs after DP-SGD and outside it: :math:`p_u` is never sent, and in
+    the next round it is an input to ``u``'s own per-sample gradient only, so
+    the user-level guarantee is unchanged.
     """
     table = private.detach().to(device, copy=True).requires_grad_()
     optimizer = torch.optim.Adam([table], lr=config.learning_rate)
+    graphs.set_epoch(server_round - 1)
+    chunks = [EgoBatch(*columns).to(device) for columns in DataLoader(graphs, USERS_PER_CHUNK)]
     model.requires_grad_(False)
-    loader = DataLoader(graphs, batch_size=PRIVATE_FIT_USERS_PER_BATCH)
-    for epoch in range(config.local_epochs):
-        graphs.set_epoch((server_round - 1) * config.local_epochs + epoch)
-        for columns in loader:
-            batch = EgoBatch(*columns).to(device).with_private(table)
-            optimizer.zero_grad(set_to_none=True)
-            model(batch).sum().backward()
-            optimizer.step()
+    for _ in range(PRIVATE_FIT_STEPS):
+        optimizer.zero_grad(set_to_none=True)
+        for chunk in chunks:
+            model(chunk.with_private(table)).sum().backward()
+        optimizer.step()
     model.requires_grad_(True)
     private.copy_(table.detach().to(private.device))
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-from client.train import fit_private_embeddings, site_graphs, site_model
+from client.train import USERS_PER_CHUNK, fit_private_embeddings, site_graphs, site_model
 from common.config import default_config
 from common.data import Interactions, load_site
 from common.data.site import SiteData
@@ -124,11 +124,13 @@ def test_per_sample_gradients_equal_one_user_at_a_time_autograd():
 
 
 def test_private_embeddings_are_fit_from_each_users_own_data_only():
-    """Refitting p_u after removing user A leaves every other user's p_u unchanged."""
+    """Refitting p_u after removing user A leaves every other user's p_u unchanged, with more
+    users than one chunk of the refit, so that A's removal moves others across chunks."""
     config = default_config(
-        synthetic_users=120, synthetic_items=80, degree_cap=16, private_user_embedding=True
+        synthetic_users=700, synthetic_items=80, degree_cap=16, private_user_embedding=True
     )
-    site = load_site(config, 0, 2)
+    site = load_site(config, 0, 1)
+    assert site.num_users > 2 * USERS_PER_CHUNK
     removed = 4
     torch.manual_seed(0)
     model = site_model(site.catalogue, config)
