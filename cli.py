@@ -12,9 +12,9 @@
   a CA, the SuperLink's TLS certificate and one SuperNode key pair per site.
 - ``fedgraphrec report RUN_DIR`` re-renders a run's privacy report from its
   ledger and metrics.
-- ``fedgraphrec audit RUN_DIR --sites N`` runs the one-run canary audit of one
-  site under the run's configuration and adds the empirical lower bound to the
-  report.
+- ``fedgraphrec audit RUN_DIR`` runs the one-run canary audit of the run's
+  mechanism (on synthetic users: no site's data, no budget) and adds the
+  empirical lower bound to the report.
 
 Bad input ends with a message naming the file, line, field or key, and exit
 status 2.
@@ -32,14 +32,15 @@ import click
 import numpy as np
 from flwr.common.config import parse_config_args
 
-from client.audit import audit_site
+from client.audit import audit_mechanism
 from common.certificates import write_certificates
 from common.config import RunConfig, app_defaults
 from common.data import load_dataset, partition_sites, split_dataset
-from common.data.site_folder import write_site_folders
+from common.data.site_folder import load_catalogue_folder, write_site_folders
 from common.errors import InputError
 from common.files import write_json
-from server.report import summary, write_report
+from server.report import write_report
+from server.report_render import summary
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -108,17 +109,30 @@ def report(folder: Path) -> str:
     return summary(write_report(folder)) + f"\nWrote {folder}/privacy_report.{{json,md,html}}"
 
 
-def audit(folder: Path, sites: int, site: int, canaries: int, guesses: int, seed: int) -> str:
+def audit(folder: Path, canaries: int, guesses: int, users: int, seed: int) -> str:
     config = RunConfig.from_mapping(json.loads((folder / "config.json").read_text()))
-    result = audit_site(config, sites, site, canaries, guesses, seed)
+    catalogue = (
+        load_catalogue_folder(config.catalogue_path)
+        if config.catalogue_path
+        else load_dataset(config).catalogue
+    )
+    result = audit_mechanism(config, catalogue, canaries, guesses, seed, users)
     write_json(folder / "audit.json", result)
     accountant = result["accountant-epsilon"]
     bound = "none, dp = false" if accountant is None else f"{accountant:.3f}"
-    return (
+    lines = [
         f"{result['correct']} of {result['guesses']} guesses correct with {canaries} canaries: "
         f"empirical epsilon >= {result['epsilon-lower-bound']:.3f} at {1 - result['p-value']:.0%} "
-        f"confidence (accountant: {bound})\n" + report(folder)
-    )
+        f"confidence (accountant: {bound}; the most these guesses can show: "
+        f"{result['epsilon-ceiling']:.3f})"
+    ]
+    if result["ceiling-below-claim"]:
+        lines.append(
+            f"WARNING: with {result['guesses']} guesses the audit cannot show more than "
+            f"{result['epsilon-ceiling']:.3f}, below the claimed {accountant:.3f}: it could not "
+            "refute the claim whatever happened; use more --canaries and --guesses"
+        )
+    return "\n".join(lines) + "\n" + report(folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,12 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     certs.add_argument("--days", type=int, default=365, help="certificate validity")
     render = commands.add_parser("report", help="re-render a run's privacy report")
     render.add_argument("run_dir")
-    audit_parser = commands.add_parser("audit", help="one-run canary audit of one site")
+    audit_parser = commands.add_parser("audit", help="one-run canary audit of the mechanism")
     audit_parser.add_argument("run_dir")
-    audit_parser.add_argument("--sites", type=int, required=True, help="sites in the run")
-    audit_parser.add_argument("--site", type=int, default=0, help="the site to audit")
-    audit_parser.add_argument("--canaries", type=int, default=500)
-    audit_parser.add_argument("--guesses", type=int, default=100, help="guesses each way")
+    audit_parser.add_argument("--canaries", type=int, default=4000, help="gradient canaries")
+    audit_parser.add_argument("--guesses", type=int, default=1000, help="guesses each way")
+    audit_parser.add_argument("--users", type=int, default=200, help="synthetic users")
     audit_parser.add_argument("--seed", type=int, default=0, help="seed of canary inclusion")
     args = parser.parse_args(argv)
     try:
@@ -167,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             print(report(run_directory(args.run_dir)))
         else:
             folder = run_directory(args.run_dir)
-            print(audit(folder, args.sites, args.site, args.canaries, args.guesses, args.seed))
+            print(audit(folder, args.canaries, args.guesses, args.users, args.seed))
     except InputError as error:
         print(f"fedgraphrec: {error}", file=sys.stderr)
         return 2

@@ -2,17 +2,28 @@
 
 The Message API (``client.app``) and the legacy API that secure aggregation
 needs (``client.secure_aggregation``) both open a :class:`SiteRound` from the
-server's configuration and the node's ``node_config``; it loads the site's
-data and state, plans the round's noise, decides whether the site must
-decline (``max-epsilon``), records the round in the site's ledger and
-evaluates the model.
+server's instruction and the node's ``node_config`` and call one of its three
+round sequences:
+
+- :meth:`SiteRound.train`: local DP-SGD, then the item side;
+- :meth:`SiteRound.secure_share`: one step's clipped gradient sum as a share of
+  the secure sum (``common.distributed_noise``);
+- :meth:`SiteRound.evaluate`: validation, test and cold-start metrics.
+
+Training and sharing follow one sequence: if the round would take the site
+past ``max-epsilon`` it declines (its reply says ``declined``, and under secure
+aggregation its share is noise alone, so the sum keeps all its noise and the
+site's users are not touched); otherwise it trains, then records the round in
+its ledger *before* anything leaves (spent budget stays spent, whatever
+happens next), then replies. Every reply is checked against the release
+inventory (``common.privacy.released_quantities``) before it is returned.
 """
 
 from __future__ import annotations
 
-import math
+import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
@@ -21,27 +32,58 @@ import numpy as np
 import torch
 
 from client.site_state import SiteState
-from client.train import site_graphs, site_model
+from client.train import (
+    clipped_gradient_sum,
+    fit_private_embeddings,
+    site_graphs,
+    site_model,
+    train_locally,
+)
 from common.config import RunConfig
 from common.data import SiteData, load_site
 from common.data.site_folder import load_site_folder
+from common.distributed_noise import encode, round_seed
 from common.ego_graphs import UserEgoGraphs
 from common.errors import InputError
 from common.evaluation import evaluate
-from common.model import EgoGraphRecommender
+from common.model import EgoGraphRecommender, build_model, item_side_size
 from common.privacy import (
-    CATALOGUE_FINGERPRINT,
-    History,
     LedgerEntry,
-    epsilon_spent,
-    independent_epsilon,
-    ledger_history,
-    noise_multiplier_for,
-    site_delta,
+    Mechanism,
+    ledger_entry,
+    site_mechanism,
+    undeclared_releases,
+)
+from common.protocol import (
+    CATALOGUE_FINGERPRINT,
+    INSTRUCTION_KEYS,
+    ITEM_COUNTS,
+    NUM_EXAMPLES,
+    RUN_NAME,
+    SERVER_ROUND,
+    SITE_ID,
+    TRAIN_LOSS,
 )
 
-INSTRUCTION_KEYS = ("server-round", "run-name", CATALOGUE_FINGERPRINT)
-"""What the server adds to the run configuration in every instruction."""
+PUBLIC_WEIGHT = 1
+"""Every site's weight in the secure sum, and the example count it reports."""
+
+
+@dataclass(frozen=True)
+class SiteReply:
+    """A reply's content, checked against the release inventory."""
+
+    metrics: dict[str, float | int]
+    arrays: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SecureSumSettings:
+    """What SecAgg+ told this site about the sum of this round (its setup stage)."""
+
+    reconstruction_threshold: int
+    clipping_range: float
+    quantization_range: int
 
 
 @dataclass
@@ -65,7 +107,7 @@ class SiteRound:
         must be the one the server built the model for.
         """
         values = dict(values)
-        server_round, run_name, expected = (values.pop(k) for k in INSTRUCTION_KEYS)
+        instruction = {key: values.pop(key) for key in INSTRUCTION_KEYS}
         config = RunConfig.from_mapping(values)
         if "data-path" in node_config:
             folder = Path(str(node_config["data-path"])).expanduser()
@@ -80,14 +122,15 @@ class SiteRound:
                 "node_config: expected data-path (deployment: --node-config "
                 "'data-path=\"/srv/site\"') or partition-id and num-partitions (simulation)"
             )
-        if site.catalogue.fingerprint() != str(expected):
+        expected = str(instruction[CATALOGUE_FINGERPRINT])
+        if site.catalogue.fingerprint() != expected:
             where = node_config.get("data-path", "the configured dataset")
             raise InputError(
                 f"{where}: the site's item catalogue differs from the server's (fingerprint "
-                f"{site.catalogue.fingerprint()[:12]} vs {str(expected)[:12]}); every site "
+                f"{site.catalogue.fingerprint()[:12]} vs {expected[:12]}); every site "
                 "needs the catalogue the coordinator published"
             )
-        return cls(config, int(server_round), str(run_name), site, state)
+        return cls(config, int(instruction[SERVER_ROUND]), str(instruction[RUN_NAME]), site, state)
 
     @cached_property
     def device(self) -> torch.device:
@@ -96,6 +139,22 @@ class SiteRound:
         if name == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(name)
+
+    @cached_property
+    def mechanism(self) -> Mechanism:
+        return site_mechanism(self.config, item_side_size(self.site.catalogue, self.config))
+
+    @cached_property
+    def item_side_keys(self) -> set[str]:
+        return set(build_model(self.site.catalogue, self.config).state_dict())
+
+    @cached_property
+    def graphs(self) -> UserEgoGraphs:
+        return site_graphs(self.site, self.config)
+
+    @cached_property
+    def ledger(self) -> list[LedgerEntry]:
+        return self.state.ledger()
 
     def model(
         self, parameters: Mapping[str, torch.Tensor] | list[np.ndarray]
@@ -111,101 +170,85 @@ class SiteRound:
         model.load_state_dict(parameters)
         return model.to(self.device)
 
-    @cached_property
-    def graphs(self) -> UserEgoGraphs:
-        return site_graphs(self.site, self.config)
-
-    @cached_property
-    def delta(self) -> float:
-        return site_delta(self.config, self.site.num_users)
-
-    @cached_property
-    def noise_multiplier(self) -> float:
-        """Sigma of what the server sees: of each step, or of the secure sum."""
-        return noise_multiplier_for(self.config, self.delta) if self.config.dp else 0.0
-
-    @property
-    def noise_share(self) -> float:
-        """Sigma this site adds: its share under secure aggregation, else all of it."""
-        if self.config.secure_aggregation:
-            return self.noise_multiplier / math.sqrt(self.config.secagg_min_sites)
-        return self.noise_multiplier
-
-    @cached_property
-    def ledger(self) -> list[LedgerEntry]:
-        return self.state.ledger()
-
-    @property
-    def unbounded(self) -> bool:
-        """No epsilon holds: this round or an earlier one trains without noise."""
-        return not self.config.dp or any(e.without_noise for e in self.ledger)
-
-    @property
-    def training_config(self) -> RunConfig:
-        """The configuration with the noise multiplier this site applies."""
-        if not self.config.dp:
-            return self.config
-        return self.config.replace(noise_multiplier=self.noise_share)
-
-    def declines(self) -> bool:
-        """Whether this round would take the site past ``max-epsilon``."""
-        if not self.config.dp or self.config.max_epsilon == 0:
-            return False
-        if self.unbounded:
-            return True
-        after = self.entry(trained=True)
-        return after.epsilon > self.config.max_epsilon
-
-    def entry(self, trained: bool) -> LedgerEntry:
-        """The ledger entry of this round, trained or declined (not yet recorded)."""
-        config = self.config
-        round_entry = LedgerEntry(
-            run=self.run_name,
-            round=self.server_round,
-            trained=trained,
-            noise_multiplier=self.noise_multiplier,
-            sample_rate=config.sampling_probability,
-            steps=config.steps_per_round if trained else 0,
-            clip_norm=config.clip_norm,
-            delta=self.delta,
-            accountant=config.accountant,
-            epsilon=math.inf,
-            independent_epsilon=math.inf,
-            noise_share=self.noise_share,
-            single_message_epsilon=math.inf,
+    def train(self, model: EgoGraphRecommender) -> SiteReply:
+        """Local training (Message API): the item side, or a decline."""
+        if self.declines():
+            return self.checked("train", self.record(trained=False).metrics())
+        private = self.private_embeddings()
+        result = train_locally(
+            model,
+            self.graphs,
+            self.config,
+            mechanism=self.mechanism,
+            server_round=self.server_round,
+            device=self.device,
+            private=private,
         )
-        if self.unbounded:
-            return round_entry
-        entries = [*self.ledger, round_entry]
-        history: History = ledger_history(entries)
-        return LedgerEntry(
-            **{k: v for k, v in vars(round_entry).items() if not k.endswith("epsilon")},
-            epsilon=epsilon_spent(config.accountant, history, self.delta),
-            independent_epsilon=independent_epsilon(config.accountant, history, self.delta),
-            single_message_epsilon=epsilon_spent(
-                config.accountant, ledger_history(entries, single_message=True), self.delta
+        entry = self.record(trained=True)
+        if private is not None:
+            self.state.save_private_embeddings(self.site.user_keys, private)
+        arrays = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if self.config.dp:
+            return self.checked("train", entry.metrics(), arrays)
+        arrays[ITEM_COUNTS] = torch.as_tensor(item_counts(self.site))
+        metrics = {NUM_EXAMPLES: self.site.num_users, TRAIN_LOSS: result.mean_loss}
+        return self.checked("train", metrics, arrays)
+
+    def secure_share(
+        self, model: EgoGraphRecommender, settings: SecureSumSettings
+    ) -> tuple[np.ndarray, SiteReply]:
+        """This site's integer share of the round's secure sum, and its metrics.
+
+        First checks that SecAgg+ reconstructs this round only from at least the
+        ``secagg-min-sites`` sites that the noise share assumes, and passes the
+        integers unchanged; nothing private has been computed at that point.
+        """
+        code = self.mechanism.code
+        expected = (self.config.secagg_min_sites, code.modulus / 2, code.modulus)
+        actual = (
+            settings.reconstruction_threshold,
+            settings.clipping_range,
+            settings.quantization_range,
+        )
+        if actual[0] < expected[0] or actual[1:] != expected[1:]:
+            raise InputError(
+                f"secure aggregation: SecAgg+ reconstructs from {actual[0]} sites with range "
+                f"{actual[1]} and {actual[2]} levels, but this site's noise share needs at "
+                f"least secagg-min-sites = {expected[0]} sites, range {expected[1]} and "
+                f"{expected[2]} levels; refusing to send"
             )
-            if config.secure_aggregation
-            else epsilon_spent(config.accountant, history, self.delta),
-        )
+        if self.declines():
+            gradient = np.zeros(code.dimension)  # the share is noise alone
+            entry = self.record(trained=False)
+        else:
+            private = self.private_embeddings()
+            if private is not None:  # fit to the released item side first, then use it
+                fit_private_embeddings(
+                    model,
+                    self.graphs,
+                    private,
+                    learning_rate=self.config.learning_rate,
+                    server_round=self.server_round,
+                    device=self.device,
+                )
+                self.state.save_private_embeddings(self.site.user_keys, private)
+            sums = clipped_gradient_sum(
+                model,
+                self.graphs,
+                mechanism=self.mechanism,
+                grad_sample_mode=self.config.grad_sample_mode,
+                server_round=self.server_round,
+                device=self.device,
+                private=private,
+            )
+            gradient = torch.cat([sums[k].flatten() for k in model.state_dict()]).double().numpy()
+            entry = self.record(trained=True)
+        seed = round_seed(self.run_name, self.server_round)
+        share = encode(gradient, code, seed, np.random.default_rng(secrets.randbits(128)))
+        metrics = entry.metrics() | {NUM_EXAMPLES: PUBLIC_WEIGHT}
+        return share.astype(np.float64), self.checked("train", metrics)
 
-    def record(self, trained: bool) -> LedgerEntry:
-        """Append this round to the site's ledger (before any reply leaves)."""
-        entry = self.entry(trained)
-        self.state.record(entry)
-        return entry
-
-    @property
-    def history(self) -> History:
-        """The accountant history of the site's earlier rounds, as its own noise shows it."""
-        return ledger_history(self.ledger, single_message=True)
-
-    def private_embeddings(self) -> torch.Tensor | None:
-        if not self.config.private_user_embedding:
-            return None
-        return self.state.private_embeddings(self.site.user_keys, self.config.embedding_dim)
-
-    def evaluate(self, model: EgoGraphRecommender) -> dict[str, float]:
+    def evaluate(self, model: EgoGraphRecommender) -> SiteReply:
         """Validation and test metrics, and the cold-start metrics with and without text."""
         site, config = self.site, self.config
         run = partial(
@@ -216,7 +259,7 @@ class SiteRound:
             device=self.device,
             private=self.private_embeddings(),
         )
-        metrics = {f"val-{k}": v for k, v in run(site.val).items()}
+        metrics: dict[str, float | int] = {f"val-{k}": v for k, v in run(site.val).items()}
         metrics |= {f"test-{k}": v for k, v in run(site.test, exclude=site.val).items()}
         if len(site.cold_items):
             cold = partial(run, site.cold, candidates=site.cold_items)
@@ -224,7 +267,50 @@ class SiteRound:
             if model.item_text_projection is not None:
                 with model.text_disabled():
                     metrics |= {f"cold-{k}-without-text": v for k, v in cold().items()}
-        return metrics
+        if not config.dp:
+            metrics[NUM_EXAMPLES] = site.num_users
+        elif config.secure_aggregation:
+            metrics[NUM_EXAMPLES] = PUBLIC_WEIGHT
+        return self.checked("evaluate", metrics)
+
+    def declines(self) -> bool:
+        """Whether this round would take the site past ``max-epsilon``."""
+        if not self.config.dp or self.config.max_epsilon is None:
+            return False
+        return self.entry(trained=True).epsilon > self.config.max_epsilon
+
+    def entry(self, trained: bool) -> LedgerEntry:
+        """The ledger entry of this round, trained or declined (not yet recorded)."""
+        return ledger_entry(self.mechanism, self.ledger, self.run_name, self.server_round, trained)
+
+    def record(self, trained: bool) -> LedgerEntry:
+        """Append this round to the site's ledger (before any reply leaves)."""
+        entry = self.entry(trained)
+        self.state.record(entry)
+        return entry
+
+    def private_embeddings(self) -> torch.Tensor | None:
+        if not self.config.private_user_embedding:
+            return None
+        return self.state.private_embeddings(self.site.user_keys, self.config.embedding_dim)
+
+    def checked(
+        self,
+        message: str,
+        metrics: dict[str, float | int],
+        arrays: dict[str, torch.Tensor] | None = None,
+    ) -> SiteReply:
+        """The reply, with the site's id, after checking every key against the release
+        inventory: a key the inventory does not list is never sent."""
+        reply = SiteReply({SITE_ID: self.site.site_id} | metrics, arrays or {})
+        undeclared = undeclared_releases(
+            self.config, message, reply.arrays, reply.metrics, self.item_side_keys
+        )
+        if undeclared:
+            raise RuntimeError(
+                f"refusing to send values missing from the release inventory: {undeclared}"
+            )
+        return reply
 
 
 def item_counts(site: SiteData) -> np.ndarray:

@@ -6,8 +6,8 @@ loader is Opacus's Poisson sampler with rate ``q = sample-rate`` and exactly
 ``clip-norm`` and Gaussian noise with standard deviation
 ``noise-multiplier * clip-norm`` is added to the sum (Opacus ``DPOptimizer``,
 ``loss_reduction="sum"``: no division by a data-dependent batch size). The
-site's accountant history is carried over from earlier rounds and returned,
-so epsilon covers every step the site ever took.
+noise multiplier, rate and clip norm come from the site's mechanism
+(``common.privacy.site_mechanism``); the site's ledger accounts the steps.
 
 Sampling and noise draw from generators seeded with fresh operating-system
 entropy, never from the run's ``seed``: noise an observer could replay would
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
 from common.config import RunConfig
@@ -34,7 +35,7 @@ from common.data.dataset import Catalogue
 from common.data.site import SiteData
 from common.ego_graphs import UserEgoGraphs
 from common.model import EgoBatch, EgoGraphRecommender, build_model
-from common.privacy import History, accountant_with_history
+from common.privacy import Mechanism
 from common.text import item_text_vectors
 
 PRIVATE_FIT_STEPS = 10
@@ -45,16 +46,26 @@ USERS_PER_CHUNK = 256
 
 @dataclass(frozen=True)
 class LocalTraining:
-    """What one round of local training produced besides the updated model.
+    """What one round of local training did besides updating the model.
 
     Attributes:
-        history: the site's accountant history including this round (DP only).
+        steps: optimizer steps taken (with DP, exactly the mechanism's steps).
         mean_loss: mean per-user training loss of the round (non-DP only: with
             DP it is an un-noised statistic of private data and is not kept).
     """
 
-    history: History
+    steps: int
     mean_loss: float | None
+
+
+@dataclass(frozen=True)
+class PrivateTraining:
+    """Opacus's pieces for a run of Poisson-sampled DP-SGD steps (:func:`make_private`)."""
+
+    module: torch.nn.Module
+    optimizer: DPOptimizer
+    loader: DataLoader
+    criterion: PerUserLoss
 
 
 def site_graphs(site: SiteData, config: RunConfig) -> UserEgoGraphs:
@@ -87,13 +98,17 @@ def train_locally(
     model: EgoGraphRecommender,
     graphs: UserEgoGraphs,
     config: RunConfig,
+    *,
+    mechanism: Mechanism,
     server_round: int,
-    history: History,
     device: torch.device | str,
     private: torch.Tensor | None = None,
 ) -> LocalTraining:
     """Train ``model`` in place for ``config.local_epochs`` epochs of round ``server_round``.
 
+    With a noisy ``mechanism`` every step is Opacus DP-SGD with its sampling rate,
+    clip norm and the noise this site adds (``mechanism.noise_share``); without
+    noise (``dp = false``) shuffled batches of the same expected size.
     ``private`` is the site's ``[users, d]`` table of private user embeddings
     (``private-user-embedding = true``); it is an input to DP-SGD and is refit
     afterwards by :func:`fit_private_embeddings`.
@@ -102,41 +117,58 @@ def train_locally(
     optimizer = torch.optim.AdamW(
         model.parameter_groups(config.weight_decay), lr=config.learning_rate
     )
-    if config.dp:
-        dp_model, optimizer, loader, criterion, engine = make_private(
-            model, optimizer, graphs, config, config.steps_per_epoch, history, device
+    if mechanism.noisy:
+        private_training = make_private(
+            model,
+            optimizer,
+            graphs,
+            mechanism=mechanism,
+            steps=config.steps_per_epoch,
+            grad_sample_mode=config.grad_sample_mode,
+            device=device,
         )
+        module, optimizer = private_training.module, private_training.optimizer
+        loader, criterion = private_training.loader, private_training.criterion
     else:
         batch_size = max(1, round(len(graphs) / config.steps_per_epoch))
         loader = DataLoader(graphs, batch_size=batch_size, shuffle=True)
-        dp_model, criterion = model, PerUserLoss()
+        module, criterion = model, PerUserLoss()
 
-    total_loss, total_users = 0.0, 0
+    total_loss, total_users, steps = 0.0, 0, 0
     for epoch in range(config.local_epochs):
         graphs.set_epoch((server_round - 1) * config.local_epochs + epoch)
         for columns in loader:
             batch = EgoBatch(*columns).with_private(private).to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = criterion(dp_model(batch))
+            loss = criterion(module(batch))
             loss.backward()
             optimizer.step()
-            total_loss += float(loss.detach()) if not config.dp else 0.0
-            total_users += len(batch.items)
+            steps += 1
+            if not mechanism.noisy:
+                total_loss += float(loss.detach())
+                total_users += len(batch.items)
 
-    if config.dp:
-        dp_model.remove_hooks()
+    if mechanism.noisy:
+        module.remove_hooks()
     if private is not None:
-        fit_private_embeddings(model, graphs, private, config, server_round, device)
-    if not config.dp:
-        return LocalTraining(history, total_loss / max(total_users, 1))
-    return LocalTraining([tuple(step) for step in engine.accountant.history], None)
+        fit_private_embeddings(
+            model,
+            graphs,
+            private,
+            learning_rate=config.learning_rate,
+            server_round=server_round,
+            device=device,
+        )
+    mean_loss = None if mechanism.noisy else total_loss / max(total_users, 1)
+    return LocalTraining(steps, mean_loss)
 
 
 def fit_private_embeddings(
     model: EgoGraphRecommender,
     graphs: UserEgoGraphs,
     private: torch.Tensor,
-    config: RunConfig,
+    *,
+    learning_rate: float,
     server_round: int,
     device: torch.device | str,
 ) -> None:
@@ -156,7 +188,7 @@ def fit_private_embeddings(
     the user-level guarantee is unchanged.
     """
     table = private.detach().to(device, copy=True).requires_grad_()
-    optimizer = torch.optim.Adam([table], lr=config.learning_rate)
+    optimizer = torch.optim.Adam([table], lr=learning_rate)
     graphs.set_epoch(server_round - 1)
     chunks = [EgoBatch(*columns).to(device) for columns in DataLoader(graphs, USERS_PER_CHUNK)]
     model.requires_grad_(False)
@@ -173,68 +205,79 @@ def make_private(
     model: EgoGraphRecommender,
     optimizer: torch.optim.Optimizer,
     graphs: UserEgoGraphs,
-    config: RunConfig,
+    *,
+    mechanism: Mechanism,
     steps: int,
-    history: History,
+    grad_sample_mode: str,
     device: torch.device | str,
-) -> tuple:
-    """Opacus's pieces for ``steps`` Poisson-sampled steps: ``(module, optimizer, loader,
-    criterion, engine)``, the engine's accountant continuing from ``history``."""
+    noise_multiplier: float | None = None,
+) -> PrivateTraining:
+    """Opacus's pieces for ``steps`` Poisson-sampled steps at the mechanism's rate and clip
+    norm, adding noise ``noise_multiplier`` (default: the site's ``mechanism.noise_share``).
+
+    Opacus's own accountant is not used: the site's ledger accounts every release
+    (``common.privacy.ledger_entry``).
+    """
     warnings.filterwarnings("ignore", message="Secure RNG turned off")  # see module docstring
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus hooks
-    loader = DPDataLoader(
-        graphs, sample_rate=config.sampling_probability, generator=entropy_generator()
-    )
+    loader = DPDataLoader(graphs, sample_rate=mechanism.sample_rate, generator=entropy_generator())
     # DPDataLoader takes int(1/q) steps, which is 92 for q = 1/93; pin it to `steps`
-    # so the sampler and the accountant both see exactly `steps` steps at rate q.
+    # so that the sampler takes exactly the steps the ledger accounts.
     loader.batch_sampler.steps = steps
-    engine = PrivacyEngine(accountant=config.accountant)
-    engine.accountant = accountant_with_history(config.accountant, history)
-    ghost = config.grad_sample_mode == "ghost"
-    wrapped = engine.make_private(
+    ghost = grad_sample_mode == "ghost"
+    wrapped = PrivacyEngine().make_private(
         module=model,
         optimizer=optimizer,
         data_loader=loader,
-        noise_multiplier=config.noise_multiplier,
-        max_grad_norm=config.clip_norm,
+        noise_multiplier=mechanism.noise_share if noise_multiplier is None else noise_multiplier,
+        max_grad_norm=mechanism.clip_norm,
         poisson_sampling=False,
         loss_reduction="sum",
-        grad_sample_mode=config.grad_sample_mode,
+        grad_sample_mode=grad_sample_mode,
         noise_generator=entropy_generator(device),
         **({"criterion": PerUserLoss()} if ghost else {}),
     )
     criterion = wrapped[2] if ghost else PerUserLoss()
-    return wrapped[0], wrapped[1], wrapped[-1], criterion, engine
+    return PrivateTraining(wrapped[0], wrapped[1], wrapped[-1], criterion)
 
 
-def noisy_gradient_sum(
+def clipped_gradient_sum(
     model: EgoGraphRecommender,
     graphs: UserEgoGraphs,
-    config: RunConfig,
+    *,
+    mechanism: Mechanism,
+    grad_sample_mode: str,
     server_round: int,
     device: torch.device | str,
     private: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One DP-SGD step's noised sum, without applying it (secure aggregation).
+    """One DP-SGD step's sum of clipped per-user gradients, without noise and unapplied.
 
-    Poisson-samples the site's users at rate ``q``, clips each sampled user's
-    gradient to ``clip-norm`` and adds Gaussian noise with standard deviation
-    ``noise-multiplier * clip-norm`` (the caller passes the site's share of the
-    noise), all by Opacus's ``DPOptimizer.pre_step``. Returns the result per
-    parameter; the server sums these over sites and takes the optimizer step.
+    Poisson-samples the site's users at the mechanism's rate and clips each
+    sampled user's gradient to its clip norm (Opacus's ``DPOptimizer.pre_step``
+    with noise multiplier 0). The caller adds the noise: under secure
+    aggregation, the site's integer share (``common.distributed_noise``).
+    Returns the sum per parameter.
     """
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # never stepped
-    dp_model, optimizer, loader, criterion, _ = make_private(
-        model, optimizer, graphs, config, 1, [], device
+    private_training = make_private(
+        model,
+        optimizer,
+        graphs,
+        mechanism=mechanism,
+        steps=1,
+        grad_sample_mode=grad_sample_mode,
+        device=device,
+        noise_multiplier=0.0,
     )
     graphs.set_epoch(server_round - 1)
-    (columns,) = list(loader)
+    (columns,) = list(private_training.loader)
     batch = EgoBatch(*columns).with_private(private).to(device)
-    optimizer.zero_grad(set_to_none=True)
-    criterion(dp_model(batch)).backward()
-    optimizer.pre_step()
-    dp_model.remove_hooks()
+    private_training.optimizer.zero_grad(set_to_none=True)
+    private_training.criterion(private_training.module(batch)).backward()
+    private_training.optimizer.pre_step()
+    private_training.module.remove_hooks()
     return {name: p.grad.detach().cpu().clone() for name, p in model.named_parameters()}
 
 

@@ -5,6 +5,11 @@ The defaults live in one place, ``pyproject.toml``; Flower fuses them with
 reads that once into :class:`RunConfig` and sends it to every site with each
 message, so both sides use the same values. Field ``foo_bar`` is key
 ``foo-bar``.
+
+TOML has no null, so two spellings stand for "none" there and become explicit
+here: ``target-epsilon = 0`` and ``max-epsilon = 0`` (off) are ``None``, and
+``delta = "auto"`` is resolved to the number it stands for
+(:func:`auto_delta`).
 """
 
 from __future__ import annotations
@@ -63,16 +68,16 @@ class RunConfig:
     weight_decay: float
     dp: bool
     noise_multiplier: float
-    target_epsilon: float
-    max_epsilon: float
+    target_epsilon: float | None
+    max_epsilon: float | None
     clip_norm: float
-    delta: float | str
+    delta: float
+    max_users_per_site: int
     accountant: str
     grad_sample_mode: str
     secure_aggregation: bool
     secagg_min_sites: int
-    secagg_clipping_range: float
-    secagg_quantization_range: int
+    secagg_bits: int
     top_k: int
     evaluate_every: int
     device: str
@@ -92,13 +97,27 @@ class RunConfig:
             raise InputError(f"missing configuration key(s) {missing}")
         typed = {}
         for key, field in fields.items():
-            typed[field.name] = _typed(key, values[key], field.type)
+            value = values[key]
+            if key in OFF_WHEN_ZERO and value == 0 and not isinstance(value, bool):
+                typed[field.name] = None
+            elif key == "delta" and value == "auto":
+                typed[field.name] = AUTO_DELTA
+            else:
+                typed[field.name] = _typed(key, value, field.type.removesuffix(" | None"))
+        if typed["delta"] is AUTO_DELTA:
+            typed["delta"] = auto_delta(
+                _typed("max-users-per-site", values["max-users-per-site"], "int")
+            )
         config = cls(**typed)
         config.validate()
         return config
 
     def to_mapping(self) -> dict[str, Any]:
-        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+        """The configuration as ``[tool.flwr.app.config]`` keys (``None`` written as 0)."""
+        return {
+            k.replace("_", "-"): 0.0 if v is None else v
+            for k, v in dataclasses.asdict(self).items()
+        }
 
     def replace(self, **changes: Any) -> RunConfig:
         config = dataclasses.replace(self, **changes)
@@ -144,8 +163,7 @@ class RunConfig:
             "min-sites": self.min_sites,
             "round-timeout": self.round_timeout,
             "secagg-min-sites": self.secagg_min_sites,
-            "secagg-clipping-range": self.secagg_clipping_range,
-            "secagg-quantization-range": self.secagg_quantization_range,
+            "max-users-per-site": self.max_users_per_site,
             "embedding-dim": self.embedding_dim,
             "degree-cap": self.degree_cap,
             "local-epochs": self.local_epochs,
@@ -169,14 +187,19 @@ class RunConfig:
             raise InputError(f"weight-decay: expected >= 0, got {self.weight_decay}")
         if self.noise_multiplier < 0:
             raise InputError(f"noise-multiplier: expected >= 0, got {self.noise_multiplier}")
-        if self.delta != "auto" and (isinstance(self.delta, str) or not 0 < self.delta < 1):
+        if not 0 < self.delta < 1:
             raise InputError(f'delta: expected "auto" or a number in (0, 1), got {self.delta!r}')
         for key, value in (
             ("target-epsilon", self.target_epsilon),
             ("max-epsilon", self.max_epsilon),
         ):
-            if value < 0:
+            if value is not None and value < 0:
                 raise InputError(f"{key}: expected >= 0 (0 turns it off), got {value}")
+        if not MIN_SECAGG_BITS <= self.secagg_bits <= MAX_SECAGG_BITS:
+            raise InputError(
+                f"secagg-bits: expected {MIN_SECAGG_BITS} to {MAX_SECAGG_BITS} (the secure sum "
+                f"is computed modulo 2^bits), got {self.secagg_bits}"
+            )
         if self.user_bias_shrinkage < 0:
             raise InputError(f"user-bias-shrinkage: expected >= 0, got {self.user_bias_shrinkage}")
         steps = 1.0 / self.sample_rate if 0 < self.sample_rate <= 1 else math.nan
@@ -192,10 +215,23 @@ class RunConfig:
                 f"secagg-min-sites: expected at least 2 sites per secure sum, "
                 f"got {self.secagg_min_sites}"
             )
-        if self.dp and self.noise_multiplier == 0 and self.target_epsilon == 0:
+        if self.dp and self.noise_multiplier == 0 and self.target_epsilon is None:
             raise InputError(
                 "noise-multiplier: dp = true needs a positive noise multiplier or a target-epsilon"
             )
+
+
+OFF_WHEN_ZERO = ("target-epsilon", "max-epsilon")
+"""Keys that 0 turns off in TOML; ``None`` in :class:`RunConfig`."""
+AUTO_DELTA = object()
+MIN_SECAGG_BITS, MAX_SECAGG_BITS = 16, 30
+"""SecAgg+ holds each site's integers as int32 and the sites' count times 2^bits in 2^32."""
+
+
+def auto_delta(max_users_per_site: int) -> float:
+    """``delta = "auto"``: the largest power of ten at most ``1 / (10 n)`` for the public
+    bound ``n`` on the users of any site, so that delta stays below one over the users."""
+    return 10.0 ** math.floor(math.log10(1.0 / (10 * max(max_users_per_site, 1))))
 
 
 def _typed(key: str, value: Any, annotation: str) -> Any:
@@ -216,5 +252,7 @@ def app_defaults(pyproject: Path = PYPROJECT) -> dict[str, Any]:
 
 
 def default_config(**overrides: Any) -> RunConfig:
-    """The app defaults with ``overrides`` (snake_case field names) applied."""
-    return RunConfig.from_mapping(app_defaults()).replace(**overrides)
+    """The app defaults with ``overrides`` (snake_case field names, values as in TOML)."""
+    return RunConfig.from_mapping(
+        app_defaults() | {k.replace("_", "-"): v for k, v in overrides.items()}
+    )

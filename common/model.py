@@ -168,6 +168,11 @@ class EgoGraphRecommender(nn.Module):
                 self.global_bias.weight, (min(rating_levels) + max(rating_levels)) / 2
             )
 
+    @property
+    def size(self) -> int:
+        """How many numbers the item side (the whole state dict) holds."""
+        return sum(v.numel() for v in self.state_dict().values())
+
     def set_item_text(self, vectors: Tensor) -> None:
         """The public text vectors ``[num_items, text_dim]`` (a buffer: never sent)."""
         self.register_buffer("item_text", vectors.to(self.item_embedding.weight), persistent=False)
@@ -317,3 +322,8 @@ def build_model(
     if uses_text and text_vectors is not None:
         model.set_item_text(torch.from_numpy(text_vectors))
     return model
+
+
+def item_side_size(catalogue: Catalogue, config: RunConfig) -> int:
+    """How many numbers the item side holds (the length of a site's secure-sum vector)."""
+    return build_model(catalogue, config).size

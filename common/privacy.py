@@ -1,158 +1,165 @@
-r"""The DP contract in one place: unit, mechanism, accounting, ledger, releases.
+r"""The privacy contract, stated once: unit, mechanism, ledger, releases, assumptions.
 
 **Privacy unit.** One user together with all of that user's interactions at one
 site. Neighbouring datasets differ by adding or removing one user (and all
 their interactions) at that site.
 
-**Mechanism.** Each site runs DP-SGD (Opacus) over its own users: at every step
-each user is included independently with probability :math:`q`
-(``sample-rate``); the gradient of each included user's loss is clipped to
-norm :math:`C` (``clip-norm``); Gaussian noise :math:`\mathcal N(0, \sigma^2
-C^2 I)` is added to the sum. A user's gradient depends only on that user's
-data and on parameters the server has already released (``common.model``), so
-clipping bounds the user's influence. :math:`q`, :math:`C` and the number of
-steps (``local-epochs / q`` per round) are public configuration and do not
-depend on how many users a site has, so the guarantee holds under
-add/remove-one-user.
+**Mechanism** (:func:`site_mechanism`). Each site runs DP-SGD (Opacus) over
+its own users: at every step each user is included independently with
+probability :math:`q` (``sample-rate``); the gradient of each included user's
+loss is clipped to norm :math:`C` (``clip-norm``); Gaussian noise
+:math:`\mathcal N(0, \sigma^2 C^2 I)` is added to the sum. A user's gradient
+depends only on that user's data and on parameters the server has already
+released (``common.model``), so clipping bounds the user's influence.
 
-**Noise.** :math:`\sigma` is ``noise-multiplier``, or, with ``target-epsilon``
-set, the smallest :math:`\sigma` (Opacus's search) for which all planned steps
-of the run (``num-server-rounds * local-epochs / q``) stay within
-``target-epsilon`` at the site's :math:`\delta`.
+- Without secure aggregation every site adds all of :math:`\sigma` itself and
+  releases its item side after ``local-epochs / q`` steps.
+- With secure aggregation (``secure-aggregation = true``) every round is one
+  step whose noised sum the site encodes as integers with its share
+  :math:`\sigma / \sqrt T` of the noise, :math:`T` = ``secagg-min-sites``, as a
+  distributed discrete Gaussian (``common.distributed_noise``); SecAgg+ releases
+  only the sum over at least :math:`T` sites, which carries all of
+  :math:`\sigma`.
 
-**Delta.** ``delta = "auto"`` gives each site the largest power of ten at most
-:math:`1 / (10 n)` for its :math:`n` users, so :math:`\delta < 1/n`. That value
-reveals the order of magnitude of :math:`n`, and so does everything computed
-from it (epsilon, a planned sigma): :func:`released_quantities` marks them as
-not covered. A fixed ``delta`` keeps them public.
+Everything the mechanism uses is public configuration: :math:`q`, :math:`C`,
+the steps, :math:`\sigma` (``noise-multiplier``, or planned from
+``target-epsilon`` over every step of the run) and :math:`\delta` (a number,
+or ``"auto"``: the largest power of ten at most :math:`1/(10 n)` for the
+public bound :math:`n` = ``max-users-per-site``). None of it depends on how
+many users a site has, so the guarantee holds under add/remove-one-user, and
+the epsilon, delta and sigma a site reports reveal nothing about its data.
 
-**Accounting.** Every step whose result can reach the server is composed over
-all rounds a site ever trained in (the site's :class:`LedgerEntry` list, kept
-on the site's disk; a round trained with ``dp = false`` makes every later
-epsilon infinite), with Opacus's PRV accountant (default) or RDP accountant;
-Google's ``dp-accounting`` (PLD for PRV, its own RDP for RDP) recomputes the
-same epsilon independently. Releasing the item-side parameters after every
-round, and anything computed from them, is post-processing.
+**Accounting** (``common.accounting``). Every release whose result can reach
+the server is composed over all rounds a site ever trained in: the site's
+:class:`LedgerEntry` list, kept on the site's disk. A round trained with
+``dp = false`` makes every later epsilon infinite. Releasing the item-side
+parameters after every round, and anything computed from them, is
+post-processing.
 
-**Releases.** :func:`released_quantities` lists every value a site sends, each
-marked covered by the guarantee or not; the client refuses to send a key that
-is not listed.
+**Releases** (:func:`released_quantities`). Every value a site sends, each
+marked covered by the guarantee or not; the site refuses to send a key that is
+not listed. **Assumptions** (:func:`assumptions`): what the guarantee rests on,
+as the privacy report states it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
-from functools import lru_cache
+from dataclasses import asdict, dataclass, fields
 
-import dp_accounting
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
-from opacus.accountants import IAccountant, create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-
+from common.accounting import Event, epsilon, independent_epsilon, noise_multiplier_for
 from common.config import RunConfig
+from common.distributed_noise import IntegerCode
+from common.protocol import (
+    DECLINED,
+    ITEM_COUNTS,
+    ITEM_SIDE,
+    NUM_EXAMPLES,
+    SECURE_SUM_SHARE,
+    SITE_ID,
+    TRAIN_LOSS,
+)
 
 PRIVACY_UNIT = "one user with all their interactions at one site"
 NEIGHBOURING_RELATION = "add or remove one user (with all their interactions) at one site"
 
-History = list[tuple[float, float, int]]
-"""Opacus accountant history: ``(noise_multiplier, sample_rate, steps)`` entries."""
 
+@dataclass(frozen=True)
+class Mechanism:
+    """What a site's DP-SGD releases, fixed by public configuration alone.
 
-def accountant_with_history(kind: str, history: History) -> IAccountant:
-    """A fresh Opacus accountant (``"prv"`` or ``"rdp"``) that has already seen ``history``."""
-    accountant = create_accountant(kind)
-    accountant.history = [tuple(step) for step in history]
-    return accountant
-
-
-def grouped(history: History) -> tuple[tuple[float, float, int], ...]:
-    """``history`` with the steps of equal ``(sigma, rate)`` added up.
-
-    Composition does not depend on order, so this is the same mechanism; it keeps
-    the accountants' work constant however many rounds a site has logged.
+    Attributes:
+        noise_multiplier: :math:`\\sigma` of what the server sees: every step's
+            noised sum, or the secure sum (0 with ``dp = false``).
+        noise_share: :math:`\\sigma` the site adds itself: :math:`\\sigma /
+            \\sqrt T` under secure aggregation, else :math:`\\sigma`.
+        sample_rate: :math:`q`.
+        steps_per_round: DP-SGD steps per round (1 under secure aggregation).
+        steps_planned: steps over the whole run, if the site trains every round.
+        clip_norm: :math:`C`.
+        delta: :math:`\\delta`.
+        accountant: ``"prv"`` or ``"rdp"``.
+        code: the integer code of the secure sum (secure aggregation only).
     """
-    steps: dict[tuple[float, float], int] = {}
-    for sigma, rate, count in history:
-        steps[(float(sigma), float(rate))] = steps.get((float(sigma), float(rate)), 0) + int(count)
-    return tuple(sorted((sigma, rate, count) for (sigma, rate), count in steps.items()))
 
+    noise_multiplier: float
+    noise_share: float
+    sample_rate: float
+    steps_per_round: int
+    steps_planned: int
+    clip_norm: float
+    delta: float
+    accountant: str
+    code: IntegerCode | None = None
 
-def epsilon_spent(kind: str, history: History, delta: float) -> float:
-    """Epsilon at ``delta`` after every step in ``history`` (0 when empty), by Opacus."""
-    return _opacus_epsilon(kind, grouped(history), delta)
+    @property
+    def noisy(self) -> bool:
+        return self.noise_multiplier > 0
 
-
-@lru_cache(maxsize=256)
-def _opacus_epsilon(kind: str, history: tuple, delta: float) -> float:
-    if not history:
-        return 0.0
-    return float(accountant_with_history(kind, list(history)).get_epsilon(delta))
-
-
-def independent_epsilon(kind: str, history: History, delta: float) -> float:
-    """The same epsilon by Google's ``dp-accounting``: PLD for ``prv``, RDP for ``rdp``.
-
-    Each history entry is a self-composition of a Poisson-subsampled Gaussian
-    mechanism, as in Opacus.
-    """
-    return _google_epsilon(kind, grouped(history), delta)
-
-
-@lru_cache(maxsize=256)
-def _google_epsilon(kind: str, history: tuple, delta: float) -> float:
-    if not history:
-        return 0.0
-    accountant = (
-        pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
-        if kind == "prv"
-        else rdp_privacy_accountant.RdpAccountant()
-    )
-    for sigma, rate, steps in history:
-        step = dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma))
-        accountant.compose(dp_accounting.SelfComposedDpEvent(step, int(steps)))
-    return float(accountant.get_epsilon(delta))
-
-
-def site_delta(config: RunConfig, num_users: int) -> float:
-    """The site's delta: the configured value, or ``auto`` (see the module docstring)."""
-    if config.delta != "auto":
-        return float(config.delta)
-    return 10.0 ** math.floor(math.log10(1.0 / (10 * max(num_users, 1))))
-
-
-def planned_steps(config: RunConfig) -> int:
-    """DP-SGD steps a site takes if it trains in every round of the run."""
-    return config.num_server_rounds * config.steps_per_round
-
-
-def noise_multiplier_for(config: RunConfig, delta: float) -> float:
-    """``noise-multiplier``, or the sigma that meets ``target-epsilon`` at ``delta``."""
-    if config.target_epsilon == 0:
-        return config.noise_multiplier
-    return _planned_sigma(
-        config.target_epsilon,
-        delta,
-        config.sampling_probability,
-        planned_steps(config),
-        config.accountant,
-    )
-
-
-@lru_cache(maxsize=32)
-def _planned_sigma(epsilon: float, delta: float, rate: float, steps: int, kind: str) -> float:
-    return float(
-        get_noise_multiplier(
-            target_epsilon=epsilon,
-            target_delta=delta,
-            sample_rate=rate,
-            steps=steps,
-            accountant=kind,
-            epsilon_tolerance=0.005,
+    def event(self, steps: int) -> Event:
+        """``steps`` steps as the server sees them (through the secure sum, if any)."""
+        if self.code is None:
+            return Event(self.noise_multiplier, self.sample_rate, steps)
+        return Event(
+            self.code.accounted_noise_multiplier,
+            self.sample_rate,
+            steps,
+            discrete=True,
+            tau=self.code.tau,
+            dimension=self.code.padded,
         )
-    )
+
+    def single_message_event(self, steps: int) -> Event:
+        """``steps`` steps as one site's message alone shows them (its own noise share)."""
+        if self.code is None:
+            return Event(self.noise_share, self.sample_rate, steps)
+        z = self.code.share_std / self.code.sensitivity
+        return Event(z, self.sample_rate, steps, discrete=True, dimension=self.code.padded)
+
+
+def site_mechanism(config: RunConfig, dimension: int) -> Mechanism:
+    """The mechanism of every site under ``config``; ``dimension`` is the number of
+    item-side parameters (it sizes the secure sum's integer code)."""
+    steps = config.num_server_rounds * config.steps_per_round
+    common = {
+        "sample_rate": config.sampling_probability,
+        "steps_per_round": config.steps_per_round,
+        "steps_planned": steps,
+        "clip_norm": config.clip_norm,
+        "delta": config.delta,
+        "accountant": config.accountant,
+    }
+    if not config.dp:
+        return Mechanism(noise_multiplier=0.0, noise_share=0.0, **common)
+    if not config.secure_aggregation:
+        sigma = config.noise_multiplier
+        if config.target_epsilon is not None:
+            sigma = noise_multiplier_for(
+                config.target_epsilon,
+                config.delta,
+                config.accountant,
+                Event(0.0, config.sampling_probability, steps),
+            )
+        return Mechanism(noise_multiplier=sigma, noise_share=sigma, **common)
+
+    def code(sigma: float) -> IntegerCode:
+        return IntegerCode(
+            dimension, config.clip_norm, config.secagg_bits, sigma, config.secagg_min_sites
+        )
+
+    sigma = config.noise_multiplier
+    if config.target_epsilon is not None:
+        unit = code(1.0)  # the rounding's share of the sensitivity does not depend on sigma
+        z = noise_multiplier_for(
+            config.target_epsilon,
+            config.delta,
+            config.accountant,
+            Event(0.0, config.sampling_probability, steps, discrete=True, dimension=unit.padded),
+        )
+        sigma = z / unit.accounted_noise_multiplier
+    share = sigma / math.sqrt(config.secagg_min_sites)
+    return Mechanism(noise_multiplier=sigma, noise_share=share, code=code(sigma), **common)
 
 
 @dataclass(frozen=True)
@@ -163,18 +170,17 @@ class LedgerEntry:
         run: name of the run (its run directory).
         round: the server round.
         trained: False when the site declined to train (``max-epsilon``).
-        noise_multiplier, sample_rate, steps, clip_norm: the mechanism of the
-            round (``steps`` is 0 when the site declined).
-        delta: the site's delta.
-        accountant: ``prv`` or ``rdp``.
-        epsilon: epsilon of everything in the ledger up to this entry (Opacus).
-        independent_epsilon: the same by ``dp-accounting``.
-        noise_share: the noise multiplier of the site's own message: under secure
-            aggregation the site adds only its share, ``noise_multiplier /
-            sqrt(secagg-min-sites)``; otherwise equal to ``noise_multiplier``.
+        noise_multiplier, noise_share, sample_rate, steps, clip_norm, delta,
+            accountant: the mechanism of the round (:class:`Mechanism`;
+            ``steps`` is 0 when the site declined).
+        epsilon: epsilon of everything in the ledger up to this entry.
+        independent_epsilon: its recomputation by ``dp-accounting``.
         single_message_epsilon: epsilon against a party that sees this site's
-            message alone (the composition over ``noise_share``); equal to
-            ``epsilon`` without secure aggregation.
+            messages alone (its own noise share); equal to ``epsilon``
+            without secure aggregation.
+        discrete, accounted_noise_multiplier, single_message_noise_multiplier,
+            tau, dimension: the accountant's view of the round
+            (``common.accounting.Event``), for both epsilons.
     """
 
     run: str
@@ -190,33 +196,109 @@ class LedgerEntry:
     independent_epsilon: float
     noise_share: float
     single_message_epsilon: float
+    discrete: bool
+    accounted_noise_multiplier: float
+    single_message_noise_multiplier: float
+    tau: float
+    dimension: int
 
     def as_dict(self) -> dict[str, object]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, values: dict[str, object]) -> LedgerEntry:
-        return cls(**{k.replace("-", "_"): v for k, v in values.items()})
+        """Read an entry; entries written before the accountant's fields existed were
+        continuous Gaussian rounds and read as such."""
+        given = {k.replace("-", "_"): v for k, v in values.items()}
+        given.setdefault("discrete", False)
+        given.setdefault("accounted_noise_multiplier", given["noise_multiplier"])
+        given.setdefault("single_message_noise_multiplier", given["noise_share"])
+        given.setdefault("tau", 0.0)
+        given.setdefault("dimension", 0)
+        return cls(**{f.name: given[f.name] for f in fields(cls)})
 
     def metrics(self) -> dict[str, float]:
-        """What the site reports of this entry to the server (see ``LEDGER_METRICS``)."""
+        """What the site reports of this entry to the server (see :data:`LEDGER_METRICS`)."""
         values = self.as_dict()
-        return {k: float(values[k]) for k in LEDGER_METRICS} | {"declined": float(not self.trained)}
+        return {k: float(values[k]) for k in LEDGER_METRICS} | {DECLINED: float(not self.trained)}
 
     @property
     def without_noise(self) -> bool:
         """A round trained with ``dp = false``: no bound on what it revealed."""
         return self.trained and self.noise_multiplier == 0
 
+    def event(self, single_message: bool = False) -> Event:
+        """The round as the accountant sees it: through the server's eyes, or (with
+        ``single_message``) as this site's messages alone show it."""
+        return Event(
+            self.single_message_noise_multiplier
+            if single_message
+            else self.accounted_noise_multiplier,
+            self.sample_rate,
+            self.steps,
+            discrete=self.discrete,
+            tau=0.0 if single_message else self.tau,
+            dimension=self.dimension,
+        )
 
-def ledger_history(entries: Iterable[LedgerEntry], single_message: bool = False) -> History:
-    """The accountant history of every round a site trained in with DP: as the server
-    sees it, or (``single_message``) as one site's message alone shows it."""
-    return [
-        (e.noise_share if single_message else e.noise_multiplier, e.sample_rate, e.steps)
-        for e in entries
-        if e.trained and not e.without_noise
-    ]
+
+LEDGER_METRICS = (
+    "epsilon",
+    "independent-epsilon",
+    "single-message-epsilon",
+    "delta",
+    "noise-multiplier",
+    "steps",
+)
+"""What a site reports of each round's ledger entry (with ``declined``)."""
+
+
+def ledger_events(entries: Iterable[LedgerEntry], single_message: bool = False) -> list[Event]:
+    """The accountant's events of every round a site trained in with DP."""
+    return [e.event(single_message) for e in entries if e.trained and not e.without_noise]
+
+
+def ledger_entry(
+    mechanism: Mechanism, earlier: list[LedgerEntry], run: str, server_round: int, trained: bool
+) -> LedgerEntry:
+    """The entry of round ``server_round`` after the site's ``earlier`` entries: its
+    mechanism and the epsilons of the whole ledger with it (infinite once any round,
+    this one included, trained without noise)."""
+    steps = mechanism.steps_per_round if trained else 0
+    event, single = mechanism.event(steps), mechanism.single_message_event(steps)
+    entry = LedgerEntry(
+        run=run,
+        round=server_round,
+        trained=trained,
+        noise_multiplier=mechanism.noise_multiplier,
+        sample_rate=mechanism.sample_rate,
+        steps=steps,
+        clip_norm=mechanism.clip_norm,
+        delta=mechanism.delta,
+        accountant=mechanism.accountant,
+        epsilon=math.inf,
+        independent_epsilon=math.inf,
+        noise_share=mechanism.noise_share,
+        single_message_epsilon=math.inf,
+        discrete=event.discrete,
+        accounted_noise_multiplier=event.noise_multiplier,
+        single_message_noise_multiplier=single.noise_multiplier,
+        tau=event.tau,
+        dimension=event.dimension,
+    )
+    entries = [*earlier, entry]
+    if any(e.without_noise for e in entries):
+        return entry
+    events, singles = ledger_events(entries), ledger_events(entries, single_message=True)
+    delta, kind = mechanism.delta, mechanism.accountant
+    return LedgerEntry(
+        **{
+            **asdict(entry),
+            "epsilon": epsilon(events, delta, kind),
+            "independent_epsilon": independent_epsilon(events, delta, kind),
+            "single_message_epsilon": epsilon(singles, delta, kind),
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -224,7 +306,7 @@ class Release:
     """One value a site sends to the server.
 
     Attributes:
-        record: ``"arrays"`` or ``"metrics"`` (the record of the reply message).
+        record: ``"arrays"``, ``"metrics"`` or ``"secagg"`` (inside SecAgg+).
         key: the key in that record; ``"<item-side parameters>"`` stands for
             every shared parameter of the model.
         message: ``"train"`` or ``"evaluate"`` reply.
@@ -240,22 +322,6 @@ class Release:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
-
-
-CATALOGUE_FINGERPRINT = "catalogue-fingerprint"
-"""Key of the catalogue's fingerprint in the server's messages (sites check it)."""
-ITEM_SIDE = "<item-side parameters>"
-ITEM_COUNTS = "item-counts"
-MASKED_SUM = "<masked noised gradient sum>"
-LEDGER_METRICS = (
-    "epsilon",
-    "independent-epsilon",
-    "single-message-epsilon",
-    "delta",
-    "noise-multiplier",
-    "steps",
-)
-"""What a site reports of each round's ledger entry (with ``declined``)."""
 
 
 def metric_names(config: RunConfig) -> tuple[str, ...]:
@@ -276,9 +342,10 @@ def metric_names(config: RunConfig) -> tuple[str, ...]:
 
 def released_quantities(config: RunConfig) -> list[Release]:
     """Every value a site sends under ``config``, with its privacy status."""
+    identity = "the site's public identity"
     releases = [
-        Release("metrics", "site-id", "train", True, "the site's public identity"),
-        Release("metrics", "site-id", "evaluate", True, "the site's public identity"),
+        Release("metrics", SITE_ID, "train", True, identity),
+        Release("metrics", SITE_ID, "evaluate", True, identity),
     ]
     if not config.dp:
         releases += [
@@ -290,24 +357,24 @@ def released_quantities(config: RunConfig) -> list[Release]:
                 False,
                 "dp = false: exact per-item interaction counts, for count-weighted averaging",
             ),
-            Release("metrics", "num-examples", "train", False, "dp = false: exact user count"),
-            Release("metrics", "train-loss", "train", False, "dp = false: exact training loss"),
-            Release("metrics", "num-examples", "evaluate", False, "dp = false: exact user count"),
+            Release("metrics", NUM_EXAMPLES, "train", False, "dp = false: exact user count"),
+            Release("metrics", TRAIN_LOSS, "train", False, "dp = false: exact training loss"),
+            Release("metrics", NUM_EXAMPLES, "evaluate", False, "dp = false: exact user count"),
         ]
     elif config.secure_aggregation:
         releases += [
             Release(
                 "secagg",
-                MASKED_SUM,
+                SECURE_SUM_SHARE,
                 "train",
                 True,
-                "SecAgg+ masks it: the server learns only the sum over at least "
-                "secagg-min-sites sites, whose noise has standard deviation at least "
-                "noise-multiplier x clip-norm (epsilon); the site's own message carries its "
-                "share (single-message-epsilon)",
+                "integers masked by SecAgg+: the server learns only the sum over at least "
+                "secagg-min-sites sites, whose discrete Gaussian noise has standard deviation "
+                "noise-multiplier x clip-norm (epsilon); the site's own share carries noise "
+                "noise-multiplier / sqrt(secagg-min-sites) (single-message-epsilon)",
             ),
-            Release("metrics", "num-examples", "train", True, "the constant public weight 1"),
-            Release("metrics", "num-examples", "evaluate", True, "the constant 1"),
+            Release("metrics", NUM_EXAMPLES, "train", True, "the constant public weight 1"),
+            Release("metrics", NUM_EXAMPLES, "evaluate", True, "the constant 1"),
         ]
     else:
         releases.append(
@@ -321,7 +388,23 @@ def released_quantities(config: RunConfig) -> list[Release]:
             )
         )
     if config.dp:
-        releases += _ledger_releases(config)
+        public = "a function of public configuration and of the rounds the site trained in"
+        releases += [
+            *(
+                Release("metrics", key, "train", True, public)
+                for key in ("epsilon", "independent-epsilon", "single-message-epsilon")
+            ),
+            Release("metrics", "delta", "train", True, "public configuration"),
+            Release("metrics", "noise-multiplier", "train", True, "planned from public keys"),
+            Release("metrics", "steps", "train", True, "public configuration (1/q per epoch)"),
+            Release(
+                "metrics",
+                DECLINED,
+                "train",
+                True,
+                "whether the next round would exceed max-epsilon: a function of the values above",
+            ),
+        ]
     releases += [
         Release(
             "metrics",
@@ -333,38 +416,6 @@ def released_quantities(config: RunConfig) -> list[Release]:
         for name in metric_names(config)
     ]
     return releases
-
-
-def _ledger_releases(config: RunConfig) -> list[Release]:
-    """The ledger values a DP site reports each round."""
-    public = config.delta != "auto"
-    why = (
-        "a function of public configuration and of the rounds the site trained in"
-        if public
-        else 'delta = "auto" is the power of ten at most 1/(10 x users): it, and this '
-        "value computed from it, reveal the order of magnitude of the site's user count"
-    )
-    return [
-        *(
-            Release("metrics", key, "train", public, why)
-            for key in ("epsilon", "independent-epsilon", "single-message-epsilon", "delta")
-        ),
-        Release(
-            "metrics",
-            "noise-multiplier",
-            "train",
-            public or config.target_epsilon == 0,
-            "the configured noise multiplier" if config.target_epsilon == 0 else why,
-        ),
-        Release("metrics", "steps", "train", True, "public configuration (1/q per epoch)"),
-        Release(
-            "metrics",
-            "declined",
-            "train",
-            public or config.max_epsilon == 0,
-            "whether the next round would exceed max-epsilon: a function of the values above",
-        ),
-    ]
 
 
 def undeclared_releases(
@@ -380,3 +431,38 @@ def undeclared_releases(
     found = [("arrays", ITEM_SIDE if k in item_side else k) for k in array_keys]
     found += [("metrics", k) for k in metric_keys]
     return [f"{record}/{key}" for record, key in found if (record, key) not in declared]
+
+
+def assumptions(config: RunConfig) -> list[str]:
+    """What the guarantee rests on, in words (the privacy report's ``assumptions``)."""
+    stated = [
+        "The server and anyone watching the network are honest-but-curious: they see every "
+        "message a site sends and nothing else of the site.",
+        "Each site runs this code unmodified; its training data, user attributes and private "
+        "state never leave it.",
+        "Sampling rate, steps, clip norm, noise multiplier and delta are public and do not "
+        "depend on any site's data; delta is meaningful while every site has at most "
+        f"max-users-per-site = {config.max_users_per_site} users.",
+        "Noise and Poisson sampling come from generators seeded with operating-system "
+        "entropy; Opacus's secure_mode (a cryptographic generator that also resists "
+        "floating-point attacks) is not available for current PyTorch.",
+        "The guarantee is per site: a person who is a user at several sites is protected by "
+        "the composition of those sites' guarantees, which no site can see.",
+        "Item ids, item text and the rating scale are public.",
+        "Hyper-parameters chosen by looking at private results spend budget that this report "
+        "does not charge.",
+    ]
+    if config.secure_aggregation:
+        stated += [
+            "Secure aggregation: the server colludes with no site. SecAgg+ releases only sums "
+            f"over at least secagg-min-sites = {config.secagg_min_sites} sites, each site "
+            "checking the reconstruction threshold of every round before it sends; a server "
+            "that also saw c of those sites' shares would face noise sigma * "
+            "sqrt((T - c) / T), and one site's message alone is covered by the "
+            "single-message epsilon.",
+            "Secure aggregation's noise is a distributed discrete Gaussian on integers modulo "
+            f"2^{config.secagg_bits} after a public random rotation (Kairouz, Liu and Steinke "
+            "2021); its epsilon is their Renyi bound with Zhu and Wang's subsampling bound, "
+            "and the sensitivity includes the rounding to integers.",
+        ]
+    return stated

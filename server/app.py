@@ -12,7 +12,6 @@ rounds after round 0 run through SecAgg+ instead (``server.secure_aggregation``)
 
 from __future__ import annotations
 
-import time
 from logging import INFO
 from pathlib import Path
 
@@ -25,9 +24,12 @@ from common.config import RunConfig
 from common.data import load_dataset
 from common.data.site_folder import load_catalogue_folder
 from common.errors import InputError
-from common.model import build_model
-from common.privacy import CATALOGUE_FINGERPRINT
-from server.report import summary, write_report
+from common.model import build_model, item_side_size
+from common.privacy import site_mechanism
+from common.protocol import CATALOGUE_FINGERPRINT, RUN_NAME
+from server.report import write_report
+from server.report_render import summary
+from server.round_book import RoundBook
 from server.run_directory import RunDirectory
 from server.secure_aggregation import run_secure_aggregation
 from server.strategy import ItemSideFedAvg
@@ -40,11 +42,14 @@ def main(grid: Grid, context: Context) -> None:
     run(grid, RunConfig.from_mapping(context.run_config), context)
 
 
-def run(grid: Grid, config: RunConfig, context: Context | None = None) -> Path:
+def run(
+    grid: Grid, config: RunConfig, context: Context | None = None, keep_models: bool = False
+) -> Path:
     """Run the federation; returns the run directory.
 
     ``context`` is the ServerApp's context; only secure aggregation (Flower's
-    legacy workflow) needs it.
+    legacy workflow) needs it. ``keep_models`` keeps every round's model in the
+    run directory (benchmarks choose a round by validation).
     """
     catalogue = (
         load_catalogue_folder(config.catalogue_path)
@@ -56,11 +61,12 @@ def run(grid: Grid, config: RunConfig, context: Context | None = None) -> Path:
     if config.initial_model:
         load_initial_model(model, config.initial_model)
     arrays = ArrayRecord(model.state_dict())
-    strategy = ItemSideFedAvg(arrays, config.dp, config.min_sites, config.evaluates_in)
-    out = RunDirectory.create(config)
+    book = RoundBook()
+    strategy = ItemSideFedAvg(arrays, config.dp, config.min_sites, book, config.evaluates_in)
+    out = RunDirectory.create(config, keep_models)
     log(INFO, "Run directory: %s", out.path)
     instruction = config.to_mapping() | {
-        "run-name": out.path.name,
+        RUN_NAME: out.path.name,
         CATALOGUE_FINGERPRINT: catalogue.fingerprint(),
     }
 
@@ -69,11 +75,10 @@ def run(grid: Grid, config: RunConfig, context: Context | None = None) -> Path:
         timeout=config.round_timeout,
     )
     strategy.aggregate_evaluate(0, replies)
-    out.write_round(arrays, strategy)
+    out.write_round(arrays, book)
     if config.secure_aggregation:
-        run_secure_aggregation(
-            grid, context, config, model, instruction, out, strategy.log, strategy.site_of_node
-        )
+        code = site_mechanism(config, item_side_size(catalogue, config)).code
+        run_secure_aggregation(grid, context, config, model, code, instruction, out, book)
     else:
         strategy.start(
             grid=grid,
@@ -83,7 +88,7 @@ def run(grid: Grid, config: RunConfig, context: Context | None = None) -> Path:
             train_config=ConfigRecord(instruction),
             evaluate_config=ConfigRecord(instruction),
             evaluate_fn=lambda server_round, new_arrays: end_of_round(
-                server_round, new_arrays, strategy, out
+                server_round, new_arrays, book, out
             ),
         )
     report = write_report(out.path)
@@ -92,11 +97,11 @@ def run(grid: Grid, config: RunConfig, context: Context | None = None) -> Path:
 
 
 def end_of_round(
-    server_round: int, arrays: ArrayRecord, strategy: ItemSideFedAvg, out: RunDirectory
+    server_round: int, arrays: ArrayRecord, book: RoundBook, out: RunDirectory
 ) -> None:
     """Flower calls this after every round (as its evaluate_fn): note the time, persist."""
-    strategy.round_log(server_round).finished_at = time.time()
-    out.write_round(arrays, strategy)
+    book.finish(server_round)
+    out.write_round(arrays, book)
 
 
 def load_initial_model(model: torch.nn.Module, path: str) -> None:

@@ -10,7 +10,9 @@
   it (epsilon after the round, its independent recomputation, delta, noise
   multiplier, steps, or that it declined), with the privacy unit and mechanism;
 - ``model.pt``: the latest global item-side parameters (``torch.load`` gives a
-  state dict for :class:`common.model.EgoGraphRecommender`).
+  state dict for :class:`common.model.EgoGraphRecommender`); with
+  ``keep_models`` also ``model-<round>.pt`` for every round (benchmarks choose
+  a round by validation).
 
 Files are replaced atomically (write, then rename), so a crash leaves the
 previous round's complete files.
@@ -18,6 +20,7 @@ previous round's complete files.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -34,21 +37,22 @@ from common.privacy import (
     PRIVACY_UNIT,
     released_quantities,
 )
-from server.strategy import ItemSideFedAvg
+from server.round_book import RoundBook
 
 
 class RunDirectory:
     """Writes one run's outputs (see the module docstring)."""
 
-    def __init__(self, path: Path, config: RunConfig) -> None:
+    def __init__(self, path: Path, config: RunConfig, keep_models: bool = False) -> None:
         self.path = path
         self.config = config
+        self.keep_models = keep_models
         path.mkdir(parents=True, exist_ok=False)
         write_json(path / "config.json", config.to_mapping())
         write_json(path / "releases.json", [r.as_dict() for r in released_quantities(config)])
 
     @classmethod
-    def create(cls, config: RunConfig) -> RunDirectory:
+    def create(cls, config: RunConfig, keep_models: bool = False) -> RunDirectory:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         root = Path(config.run_dir).expanduser()
         path = root / f"{stamp}-{config.dataset}-{config.task}"
@@ -56,21 +60,23 @@ class RunDirectory:
         while path.exists():
             suffix += 1
             path = root / f"{stamp}-{config.dataset}-{config.task}-{suffix}"
-        return cls(path, config)
+        return cls(path, config, keep_models)
 
-    def write_round(self, arrays: ArrayRecord, strategy: ItemSideFedAvg) -> None:
+    def write_round(self, arrays: ArrayRecord, book: RoundBook) -> None:
         """Persist the global model and everything logged up to now."""
-        rounds = {str(r): asdict(record) for r, record in sorted(strategy.log.items())}
+        rounds = {str(r): asdict(record) for r, record in sorted(book.rounds.items())}
         write_json(self.path / "metrics.json", rounds)
-        write_json(self.path / "ledger.json", self.ledger(strategy))
+        write_json(self.path / "ledger.json", self.ledger(book))
         with replacing(self.path / "model.pt") as tmp:
             torch.save(arrays.to_torch_state_dict(), tmp)
+        if self.keep_models and book.rounds:
+            shutil.copy(self.path / "model.pt", self.path / f"model-{max(book.rounds)}.pt")
 
-    def ledger(self, strategy: ItemSideFedAvg) -> dict[str, Any]:
+    def ledger(self, book: RoundBook) -> dict[str, Any]:
         """The server's copy of every site's ledger entries for this run."""
         config = self.config
         sites: dict[str, list[dict[str, Any]]] = {}
-        for server_round, record in sorted(strategy.log.items()):
+        for server_round, record in sorted(book.rounds.items()):
             for declined, reports in ((False, record.train), (True, record.declined)):
                 for site_id, metrics in reports.items():
                     entry = {"round": server_round, "declined": declined}
@@ -85,6 +91,6 @@ class RunDirectory:
             "steps-per-round": config.steps_per_round,
             "secure-aggregation": config.secure_aggregation,
             "clip-norm": config.clip_norm,
-            "stopped-after-round": strategy.stopped_after,
+            "stopped-after-round": book.stopped_after,
             "sites": {k: sorted(v, key=lambda e: e["round"]) for k, v in sites.items()},
         }

@@ -6,39 +6,35 @@ strategy below; the model, the site code and the run directory are the same as
 on the Message API path.
 
 Every round, every connected site (at least ``min-sites``) receives the
-global item side and returns, through SecAgg+, one DP-SGD step's noised
-gradient sum with its share of the noise (``client.secure_aggregation``).
-SecAgg+ uses the public weight 1 for every site and reconstructs only from at
-least :math:`T` = ``secagg-min-sites`` survivors (its reconstruction
-threshold), so the server learns
+global item side and returns, through SecAgg+, one DP-SGD step's clipped
+gradient sum as integers carrying its share of a distributed discrete Gaussian
+(``client.site_round.SiteRound.secure_share``, ``common.distributed_noise``).
+SecAgg+ uses the public weight 1 for every site, passes the integers through
+its quantisation unchanged (range :math:`M/2`, :math:`M` levels) and
+reconstructs only from at least :math:`T` = ``secagg-min-sites`` survivors
+(its reconstruction threshold), so the server learns
 
 .. math::
-    G = \sum_{s \in S} \Big( \sum_{u \in B_s} \operatorname{clip}_C(g_u)
-        + \mathcal N\big(0, \tfrac{\sigma^2 C^2}{T}\big) \Big),
+    G = \sum_{s \in S} \Big( \sum_{u \in B_s} \operatorname{clip}_C(g_u) \Big)
+        + \text{noise of standard deviation at least } \sigma C,
     \qquad |S| \ge T,
 
-whose noise has standard deviation at least :math:`\sigma C`, and nothing
-about any single site's vector. The server takes an AdamW step with :math:`G`
+and nothing about any single site's vector. The server decodes the sum
+(:func:`common.distributed_noise.decode`) and takes an AdamW step with it
 (same parameter groups as the sites use), so updates stay linear in the
 noised gradients. If fewer than :math:`T` sites survive a round, SecAgg+
 cannot unmask, nothing is released, the model stays, and the round is
-recorded as discarded.
-
-Threat model: an honest-but-curious server that colludes with no site. If it
-colluded with :math:`c < T` sites it would know their noise shares, and the
-sum would still carry :math:`\sigma C \sqrt{(T - c)/T}`; the single-message
-epsilon every site reports bounds the worst case (the server learns one
-site's vector outright).
+recorded as discarded; so is a round whose sum wrapped around the modulus.
+The threat model is in ``common.privacy.assumptions``.
 """
 
 from __future__ import annotations
 
-import time
 from logging import INFO, WARNING
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, Context
 from flwr.common import (
     EvaluateRes,
     FitIns,
@@ -55,35 +51,38 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
+from common.distributed_noise import IntegerCode, decode, round_seed
+from common.errors import InputError
 from common.model import EgoGraphRecommender
+from common.protocol import RUN_NAME, SERVER_ROUND
+from server.round_book import RoundBook, RoundLog, last_line
 from server.run_directory import RunDirectory
-from server.strategy import RoundLog, last_line, mean_metrics
 
 
 class SecureSumStrategy(FedAvg):
-    """Legacy strategy: the server's optimizer step on the secure sum, and the round log.
+    """Legacy strategy: the server's optimizer step on the secure sum, logged in the book.
 
     Args:
         model: the global item side; updated in place.
         config: the run configuration.
+        code: the integer code of the sum (``common.privacy.Mechanism.code``).
         instruction: the configuration every site receives (the run config plus the
             run's name and catalogue fingerprint); the round number is added.
         out: the run directory, rewritten after every round's evaluation.
-        log: the round log so far (round 0's evaluation).
-        site_of_node: which site each node said it was (round 0's evaluation).
+        book: the run's round book.
     """
 
     def __init__(
         self,
         model: EgoGraphRecommender,
         config: RunConfig,
+        code: IntegerCode,
         instruction: dict,
         out: RunDirectory,
-        log: dict[int, RoundLog],
-        site_of_node: dict[int, int],
+        book: RoundBook,
     ) -> None:
         def with_round(server_round: int) -> dict:
-            return instruction | {"server-round": server_round}
+            return instruction | {SERVER_ROUND: server_round}
 
         super().__init__(
             min_fit_clients=config.min_sites,
@@ -95,22 +94,21 @@ class SecureSumStrategy(FedAvg):
         )
         self.model = model
         self.config = config
+        self.code = code
+        self.run_name = str(instruction[RUN_NAME])
         self.optimizer = torch.optim.AdamW(
             model.parameter_groups(config.weight_decay), lr=config.learning_rate
         )
         self.out = out
-        self.log = log
-        self.stopped_after: int | None = None
-        self.site_of_node = site_of_node
+        self.book = book
         self.sampled: list[int] = []
         self.summed_rounds: set[int] = set()
-
-    def round_log(self, server_round: int) -> RoundLog:
-        return self.log.setdefault(server_round, RoundLog())
 
     def configure_fit(
         self, server_round: int, parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
+        if self.book.stopped_after is not None:
+            return []
         instructions = super().configure_fit(server_round, parameters, client_manager)
         self.sampled = [proxy.node_id for proxy, _ in instructions]
         return instructions
@@ -121,19 +119,33 @@ class SecureSumStrategy(FedAvg):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list,
     ):
-        """Step with the secure sum; the parameters of every result are the sum / |S|."""
-        record = self.round_log(server_round)
+        """Step with the secure sum; every result carries the sum's mean over sites."""
+        record = self.book.round(server_round)
+        declined = []
         for proxy, fit in results:
-            self.site_of_node[proxy.node_id] = int(fit.metrics["site-id"])
-            record.train[int(fit.metrics["site-id"])] = dict(fit.metrics)
+            self.book.identify(proxy.node_id, fit.metrics)
+            declined.append(self.book.record_training(server_round, fit.metrics))
         self._record_dropouts(record, {proxy.node_id for proxy, _ in results}, failures)
-        if not results:
+        if not results or all(declined):
+            self.book.stop_if_all_declined(server_round)
+            return None, {}
+        (mean,) = parameters_to_ndarrays(results[0][1].parameters)
+        try:
+            gradient = decode(
+                mean * len(results), self.code, round_seed(self.run_name, server_round)
+            )
+        except OverflowError as overflow:
+            log(WARNING, "Round %d discarded: %s", server_round, overflow)
             return None, {}
         self.summed_rounds.add(server_round)
-        average = parameters_to_ndarrays(results[0][1].parameters)
         self.optimizer.zero_grad(set_to_none=True)
-        for parameter, mean in zip(self.model.parameters(), average, strict=True):
-            parameter.grad = torch.as_tensor(mean * len(results), dtype=parameter.dtype)
+        offset = 0
+        for parameter in self.model.parameters():
+            size = parameter.numel()
+            parameter.grad = torch.as_tensor(
+                gradient[offset : offset + size].reshape(parameter.shape), dtype=parameter.dtype
+            )
+            offset += size
         self.optimizer.step()
         largest = max(float(fit.metrics["epsilon"]) for _, fit in results)
         log(INFO, "Round %d: stepped with the secure sum of %d sites", server_round, len(results))
@@ -143,23 +155,22 @@ class SecureSumStrategy(FedAvg):
         """Sites sampled but not in the sum (SecAgg+ does not say which failure was whose)."""
         reasons = sorted({last_line(str(f)) for f in failures if isinstance(f, BaseException)})
         for node_id in set(self.sampled) - survivors:
-            site = self.site_of_node.get(node_id)
-            sender = f"node {node_id}" if site is None else f"site {site}"
-            record.failed[sender] = "dropped out of the secure sum" + (
+            record.failed[self.book.sender(node_id)] = "dropped out of the secure sum" + (
                 f"; failures this round: {' | '.join(reasons)}" if reasons else ""
             )
 
     def evaluate(self, server_round: int, parameters):
         """Called after every round's fit: notes a round that released nothing, and
         rewrites the run directory."""
-        self.round_log(server_round).finished_at = time.time()
-        self.out.write_round(ArrayRecord(self.model.state_dict()), self)
+        self.book.finish(server_round)
+        self.out.write_round(ArrayRecord(self.model.state_dict()), self.book)
         if server_round > 0 and server_round not in self.summed_rounds:
-            self.round_log(server_round).discarded = True
+            self.book.round(server_round).discarded = True
             log(
                 WARNING,
-                "Round %d discarded: fewer than secagg-min-sites sites completed the secure "
-                "sum, so nothing was released and the model is unchanged",
+                "Round %d discarded: no usable secure sum (fewer than secagg-min-sites sites "
+                "completed it, every site declined, or it wrapped around), so nothing was "
+                "released and the model is unchanged",
                 server_round,
             )
         return None
@@ -175,20 +186,14 @@ class SecureSumStrategy(FedAvg):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list,
     ):
-        record = self.round_log(server_round)
         for proxy, res in results:
-            self.site_of_node[proxy.node_id] = int(res.metrics["site-id"])
-            record.evaluate[int(res.metrics["site-id"])] = dict(res.metrics)
-        if results:
-            aggregated = mean_metrics(
-                [MetricRecord(res.metrics) for _, res in results],
-                weighted=False,
-                skip=("site-id",),
-            )
-            record.aggregated = dict(aggregated)
-        record.finished_at = time.time()
-        self.out.write_round(ArrayRecord(self.model.state_dict()), self)
-        return 0.0, record.aggregated
+            self.book.identify(proxy.node_id, res.metrics)
+        aggregated = self.book.record_evaluation(
+            server_round, [res.metrics for _, res in results], weighted=False
+        )
+        self.book.finish(server_round)
+        self.out.write_round(ArrayRecord(self.model.state_dict()), self.book)
+        return 0.0, {} if aggregated is None else dict(aggregated)
 
 
 def item_side_arrays(model: EgoGraphRecommender) -> list[np.ndarray]:
@@ -196,25 +201,40 @@ def item_side_arrays(model: EgoGraphRecommender) -> list[np.ndarray]:
     return [v.detach().cpu().numpy() for v in model.state_dict().values()]
 
 
+def check_sum_fits(sites: int, code: IntegerCode) -> None:
+    """Fail fast when ``sites`` shares of ``2^bits`` levels each overflow SecAgg+'s 32 bits."""
+    if sites * code.modulus >= 2**32:
+        raise InputError(
+            f"secagg-bits: {sites} sites with secagg-bits = {code.bits} overflow SecAgg+'s "
+            f"32-bit sum; use secagg-bits <= {32 - sites.bit_length()}"
+        )
+
+
 def run_secure_aggregation(
     grid: Grid,
     context: Context,
     config: RunConfig,
     model: EgoGraphRecommender,
+    code: IntegerCode,
     instruction: dict,
     out: RunDirectory,
-    log_so_far: dict[int, RoundLog],
-    site_of_node: dict[int, int],
-) -> SecureSumStrategy:
-    """Run ``num-server-rounds`` rounds of secure aggregation; returns the strategy."""
-    strategy = SecureSumStrategy(model, config, instruction, out, log_so_far, site_of_node)
+    book: RoundBook,
+) -> None:
+    """Run ``num-server-rounds`` rounds of secure aggregation.
+
+    SecAgg+ sees each site's integers in ``[-M/2, M/2)`` as values in its clipping
+    range ``M/2`` with ``M`` quantisation levels, which it passes unchanged, and adds
+    the sites' levels modulo 2^32; so at most ``2^(32 - secagg-bits) - 1`` sites fit.
+    """
+    check_sum_fits(len(grid.get_node_ids()), code)
+    strategy = SecureSumStrategy(model, config, code, instruction, out, book)
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(
             num_shares=1.0,  # every sampled site holds a share of every other's key
             reconstruction_threshold=config.secagg_min_sites,
             max_weight=1.0,
-            clipping_range=config.secagg_clipping_range,
-            quantization_range=config.secagg_quantization_range,
+            clipping_range=code.modulus / 2,
+            quantization_range=code.modulus,
             timeout=config.round_timeout,
         )
     )
@@ -222,5 +242,4 @@ def run_secure_aggregation(
         context, config=ServerConfig(num_rounds=config.num_server_rounds), strategy=strategy
     )
     workflow(grid, legacy)
-    out.write_round(ArrayRecord(model.state_dict()), strategy)
-    return strategy
+    out.write_round(ArrayRecord(model.state_dict()), book)

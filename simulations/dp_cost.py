@@ -24,9 +24,9 @@ import psutil
 import torch
 from matplotlib.figure import Figure
 
-from client.train import site_graphs, site_model, train_locally
+from client.train import site_graphs, site_model
 from common.data import load_site
-from simulations.harness import data_config, write_results
+from simulations.harness import data_config, train_central, write_results
 
 MODES = {
     "plain": {"dp": False},
@@ -64,12 +64,11 @@ def measure(dataset: str, mode: dict, epochs: int = 3) -> dict[str, float]:
     torch.manual_seed(0)
     model = site_model(site.catalogue, config)
     graphs = site_graphs(site, config)
-    history: list = []
     seconds = []
     with PeakMemory() as memory:
         for epoch in range(epochs + 1):
             start = time.perf_counter()
-            history = train_locally(model, graphs, config, epoch + 1, history, "cpu").history
+            train_central(model, graphs, config, epoch + 1)
             if epoch:  # the first epoch warms up
                 seconds.append(time.perf_counter() - start)
     return {

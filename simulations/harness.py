@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -22,14 +21,15 @@ from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 from matplotlib.figure import Figure
 
-from client.app import app as client_app
+from client.app import make_app
 from client.train import site_graphs, site_model, train_locally
 from common.config import RunConfig, default_config
 from common.data import load_site
+from common.ego_graphs import UserEgoGraphs
 from common.evaluation import evaluate
-from common.privacy import noise_multiplier_for
+from common.model import EgoGraphRecommender, item_side_size
+from common.privacy import site_mechanism
 from server.app import run
-from server.run_directory import RunDirectory
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "simulations" / "results"
@@ -50,7 +50,7 @@ def federate(
     sites: int,
     cpus_per_site: float = 1.0,
     keep_models: bool = False,
-    app: ClientApp = client_app,
+    app: ClientApp | None = None,
 ) -> Path:
     """Run the federation in Flower's simulation engine; returns the run directory.
 
@@ -61,31 +61,19 @@ def federate(
     """
     scratch = Path(tempfile.mkdtemp(prefix="fedgraphrec-bench-"))
     config = config.replace(run_dir=str(scratch / "runs"), site_state_dir=str(scratch / "sites"))
-    if keep_models:
-        write_round = RunDirectory.write_round
-
-        def write_and_keep(self, arrays, strategy):
-            write_round(self, arrays, strategy)
-            shutil.copy(self.path / "model.pt", self.path / f"model-{max(strategy.log)}.pt")
-
-        RunDirectory.write_round = write_and_keep
     out: list[Path] = []
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid, context):
-        out.append(run(grid, config, context))
+        out.append(run(grid, config, context, keep_models=keep_models))
 
-    try:
-        run_simulation(
-            server_app=server_app,
-            client_app=app,
-            num_supernodes=sites,
-            backend_config={"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0}},
-        )
-    finally:
-        if keep_models:
-            RunDirectory.write_round = write_round
+    run_simulation(
+        server_app=server_app,
+        client_app=app or make_app(),
+        num_supernodes=sites,
+        backend_config={"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0}},
+    )
     return out[0]
 
 
@@ -97,17 +85,26 @@ def secure_sum_equivalent(config: RunConfig, epsilon: float, steps: int) -> dict
     planned = config.replace(
         target_epsilon=epsilon, secure_aggregation=True, num_server_rounds=steps
     )
-    sigma = noise_multiplier_for(planned, config.delta)
+    site = load_site(config, 0, 1)
+    sigma = site_mechanism(planned, item_side_size(site.catalogue, planned)).noise_multiplier
     central = config.replace(
         noise_multiplier=sigma,
-        target_epsilon=0.0,
+        target_epsilon=None,
         local_epochs=steps // config.steps_per_epoch,
     )
-    site = load_site(central, 0, 1)
     torch.manual_seed(config.seed)
     model = site_model(site.catalogue, central)
-    train_locally(model, site_graphs(site, central), central, 1, [], "cpu")
+    train_central(model, site_graphs(site, central), central, 1)
     return {"test": score(central, model.state_dict()), "sigma": sigma, "steps": steps}
+
+
+def train_central(
+    model: EgoGraphRecommender, graphs: UserEgoGraphs, config: RunConfig, epoch: int
+) -> None:
+    """One round of :func:`client.train.train_locally` over every user of ``graphs`` with
+    the mechanism ``config`` gives a site (centralized baselines of the benchmarks)."""
+    mechanism = site_mechanism(config, model.size)
+    train_locally(model, graphs, config, mechanism=mechanism, server_round=epoch, device="cpu")
 
 
 def score(

@@ -47,7 +47,7 @@ import torch
 from matplotlib.figure import Figure
 from torch_geometric.nn import LightGCN
 
-from client.train import site_graphs, site_model, train_locally
+from client.train import site_graphs, site_model
 from common.config import RunConfig
 from common.data import SiteData, load_site
 from common.evaluation import evaluate, ranking_metrics
@@ -58,6 +58,7 @@ from simulations.harness import (
     score,
     score_run,
     secure_sum_equivalent,
+    train_central,
     write_results,
 )
 
@@ -205,7 +206,7 @@ def central_by_validation(config: RunConfig, site: SiteData, epochs: int) -> dic
     graphs = site_graphs(site, config)
     best = None
     for epoch in range(1, epochs + 1):
-        train_locally(model, graphs, config, epoch, [], "cpu")
+        train_central(model, graphs, config, epoch)
         val = evaluate(model, graphs, site.val, K)[f"recall@{K}"]
         if best is None or val > best[0]:
             best = (val, epoch, {k: v.clone() for k, v in model.state_dict().items()})
@@ -280,7 +281,7 @@ def timed_ours(config: RunConfig, site: SiteData, checkpoints: list[float]) -> l
     while trained < checkpoints[-1]:
         epoch += 1
         start = time.perf_counter()
-        train_locally(model, graphs, config, epoch, [], "cpu")
+        train_central(model, graphs, config, epoch)
         trained += time.perf_counter() - start
         while len(records) < len(checkpoints) and trained >= checkpoints[len(records)]:
             records.append(

@@ -15,7 +15,7 @@ Test RMSE over all 20,000 u1.test ratings (users 1-462, predictions limited to
   mechanism the secure sum computes, without the federation: 50 DP-SGD steps of
   one Poisson batch over all users with the same rate and sigma, one Adam state
   throughout (``harness.secure_sum_equivalent``); the real SecAgg+ run at
-  epsilon 8 (``simulations/secure_aggregation.py``) is shown next to it as a
+  epsilon 8 (``simulations/secure_sum_benchmark.py``) is shown next to it as a
   check.
 
 Validation is 10% of u1.base per user (by seed). Non-DP runs pick their
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from client.train import site_graphs, site_model, train_locally
+from client.train import site_graphs, site_model
 from common.config import RunConfig
 from common.data import load_dataset, load_site
 from common.evaluation import evaluate
@@ -52,6 +52,7 @@ from simulations.harness import (
     score,
     score_run,
     secure_sum_equivalent,
+    train_central,
     write_results,
 )
 
@@ -108,7 +109,7 @@ def centralized(config: RunConfig, epochs: int) -> dict:
     graphs = site_graphs(site, config)
     best = None
     for epoch in range(1, epochs + 1):
-        train_locally(model, graphs, config, epoch, [], "cpu")
+        train_central(model, graphs, config, epoch)
         val = evaluate(model, graphs, site.val, config.top_k)["rmse"]
         if best is None or val < best[0]:
             best = (val, epoch, {k: v.clone() for k, v in model.state_dict().items()})

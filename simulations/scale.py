@@ -26,9 +26,10 @@ import psutil
 from flwr.clientapp import ClientApp
 from matplotlib.figure import Figure
 
-import client.app as site_app
+from client.app import make_app
 from client.secure_aggregation import secure_aggregation_mod
 from common.config import default_config
+from common.protocol import CONFIG, SERVER_ROUND
 from simulations.harness import federate, write_results
 
 USERS, ROUNDS = 6000, 3
@@ -40,15 +41,12 @@ def timed_client_app(log: Path) -> ClientApp:
     def timing(msg, context, call_next):
         start = time.perf_counter()
         reply = call_next(msg, context)
-        server_round = msg.content.config_records["config"]["server-round"]
+        server_round = msg.content.config_records[CONFIG][SERVER_ROUND]
         with open(log, "a") as f:
             f.write(f"{server_round} {time.perf_counter() - start}\n")
         return reply
 
-    app = ClientApp(mods=[timing, secure_aggregation_mod])
-    app.train()(site_app.train)
-    app.evaluate()(site_app.evaluate)
-    return app
+    return make_app([timing, secure_aggregation_mod])
 
 
 class TreeMemory:

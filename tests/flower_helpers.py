@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
-import client.app as site_app
+from client.app import make_app
 from server.app import run
 
 
@@ -43,10 +43,7 @@ def recording_client_app(folder: Path) -> ClientApp:
         (folder / f"{uuid.uuid4().hex}.json").write_text(json.dumps(summary))
         return reply
 
-    recording = ClientApp(mods=[record])
-    recording.train()(site_app.train)
-    recording.evaluate()(site_app.evaluate)
-    return recording
+    return make_app([record])
 
 
 def simulate(config, num_sites: int, record_to: Path) -> Path:

@@ -20,7 +20,8 @@ from cli import main as fedgraphrec
 from client.site_state import SiteState
 from common.config import default_config
 from common.data import load_site
-from common.privacy import LedgerEntry, epsilon_spent, independent_epsilon
+from common.model import item_side_size
+from common.privacy import ledger_entry, site_mechanism
 from server.report import AGREEMENT_TOLERANCE, SCHEMA
 
 
@@ -37,22 +38,14 @@ def budget_run(tmp_path_factory):
         site_state_dir=str(base / "sites"),
         synthetic_users=300,
     )
-    earlier = [(1.0, config.sampling_probability, 10)]
-    SiteState.in_simulation(config.site_state_dir, load_site(config, 0, 3)).record(
-        LedgerEntry(
-            run="an-earlier-run",
-            round=1,
+    site = load_site(config, 0, 3)
+    SiteState.in_simulation(config.site_state_dir, site).record(
+        ledger_entry(
+            site_mechanism(config, item_side_size(site.catalogue, config)),
+            [],
+            "an-earlier-run",
+            1,
             trained=True,
-            noise_multiplier=1.0,
-            sample_rate=config.sampling_probability,
-            steps=10,
-            clip_norm=config.clip_norm,
-            delta=1e-5,
-            accountant="prv",
-            epsilon=epsilon_spent("prv", earlier, 1e-5),
-            independent_epsilon=independent_epsilon("prv", earlier, 1e-5),
-            noise_share=1.0,
-            single_message_epsilon=epsilon_spent("prv", earlier, 1e-5),
         )
     )
     return config, simulate(config, 3, base / "messages")

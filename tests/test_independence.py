@@ -136,9 +136,10 @@ def test_private_embeddings_are_fit_from_each_users_own_data_only():
     model = site_model(site.catalogue, config)
     table = torch.randn(site.num_users, config.embedding_dim) * 0.1
     table_without = table[np.arange(site.num_users) != removed].clone()
-    fit_private_embeddings(model, site_graphs(site, config), table, config, 1, "cpu")
+    fit = {"learning_rate": config.learning_rate, "server_round": 1, "device": "cpu"}
+    fit_private_embeddings(model, site_graphs(site, config), table, **fit)
     smaller = without_user(site, removed)
-    fit_private_embeddings(model, site_graphs(smaller, config), table_without, config, 1, "cpu")
+    fit_private_embeddings(model, site_graphs(smaller, config), table_without, **fit)
     others = np.arange(site.num_users) != removed
     assert torch.equal(table[others], table_without)
     assert all(p.requires_grad for p in model.parameters())

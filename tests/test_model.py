@@ -11,6 +11,7 @@ from client.train import site_graphs, site_model, train_locally
 from common.config import default_config
 from common.data import load_site
 from common.model import EgoBatch
+from common.privacy import site_mechanism
 
 
 def small_config(**changes):
@@ -86,13 +87,13 @@ def test_dp_training_runs_and_accounts_every_step(mode, task):
     site = load_site(config, 0, 1)
     model = site_model(site.catalogue, config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = train_locally(model, site_graphs(site, config), config, 1, [], torch.device("cpu"))
-    assert result.history == [(config.noise_multiplier, 0.25, 8)]
+    mechanism = site_mechanism(config, model.size)
+    result = train_locally(
+        model, site_graphs(site, config), config, mechanism=mechanism, server_round=1, device="cpu"
+    )
+    assert result.steps == mechanism.steps_per_round == 8  # every step the ledger accounts
     assert result.mean_loss is None
     assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())
-    # A second round continues the same accountant history.
-    again = train_locally(model, site_graphs(site, config), config, 2, result.history, "cpu")
-    assert again.history == [(config.noise_multiplier, 0.25, 16)]
 
 
 def test_empty_poisson_batches_are_handled():
@@ -101,8 +102,11 @@ def test_empty_poisson_batches_are_handled():
     site = load_site(config, 0, 10)
     assert site.num_users == 3
     model = site_model(site.catalogue, config)
-    result = train_locally(model, site_graphs(site, config), config, 1, [], torch.device("cpu"))
-    assert result.history == [(config.noise_multiplier, 0.1, 10)]
+    mechanism = site_mechanism(config, model.size)
+    result = train_locally(
+        model, site_graphs(site, config), config, mechanism=mechanism, server_round=1, device="cpu"
+    )
+    assert result.steps == 10
 
 
 def test_edge_dropout_removes_context_edges_in_training_only():

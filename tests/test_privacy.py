@@ -12,77 +12,64 @@ import pytest
 import torch
 
 from client.site_state import SiteState
+from common.accounting import Event, epsilon
 from common.config import default_config
 from common.data import load_site
+from common.model import item_side_size
 from common.privacy import (
     LedgerEntry,
-    epsilon_spent,
-    independent_epsilon,
-    ledger_history,
-    noise_multiplier_for,
-    planned_steps,
+    ledger_entry,
+    ledger_events,
     released_quantities,
-    site_delta,
+    site_mechanism,
 )
 
 
-@pytest.mark.parametrize(("users", "delta"), [(94, 1e-3), (300, 1e-4), (1000, 1e-4), (29858, 1e-6)])
-def test_auto_delta_is_a_power_of_ten_below_one_over_ten_users(users, delta):
-    value = site_delta(default_config(), users)
-    assert value == pytest.approx(delta)
-    assert value <= 1 / (10 * users)
-    assert site_delta(default_config(delta=1e-7), users) == 1e-7
+@pytest.mark.parametrize(("bound", "delta"), [(94, 1e-3), (1000, 1e-4), (100_000, 1e-6)])
+def test_auto_delta_comes_from_the_public_bound_on_users_per_site(bound, delta):
+    assert default_config(max_users_per_site=bound).delta == pytest.approx(delta)
+    assert default_config(max_users_per_site=bound).delta <= 1 / (10 * bound)
+    assert default_config(delta=1e-7, max_users_per_site=bound).delta == 1e-7
 
 
-@pytest.mark.parametrize("accountant", ["prv", "rdp"])
-@pytest.mark.parametrize(
-    "history",
-    [
-        [(1.0, 0.1, 50)],
-        [(0.8, 0.05, 400)],
-        [(1.0, 0.1, 10), (1.5, 0.25, 8), (0.7, 0.1, 30)],
-    ],
-)
-def test_an_independent_accountant_reproduces_epsilon_within_two_percent(accountant, history):
-    """Google's dp-accounting (PLD for PRV, RDP for RDP) against Opacus."""
-    opacus = epsilon_spent(accountant, history, 1e-5)
-    google = independent_epsilon(accountant, history, 1e-5)
-    assert opacus > 0
-    assert abs(opacus - google) / opacus < 0.02
+def test_the_mechanism_does_not_depend_on_how_many_users_a_site_has():
+    """Sites of 1,000 and 1,001 users plan the same sigma: the review found 1.036 vs 1.146
+    when delta came from the private user count."""
+    config = default_config(target_epsilon=4.0, synthetic_users=2001)
+    sizes, mechanisms = set(), set()
+    for site_id in (0, 1):
+        site = load_site(config, site_id, 2)
+        sizes.add(site.num_users)
+        mechanisms.add(site_mechanism(config, item_side_size(site.catalogue, config)))
+    assert len(sizes) == 2 and len(mechanisms) == 1
+    assert all(r.covered for r in released_quantities(config) if r.message == "train")
 
 
 @pytest.mark.parametrize("target", [1.0, 4.0, 8.0])
 def test_target_epsilon_plans_sigma_so_the_whole_run_lands_at_or_under_target(target):
     config = default_config(target_epsilon=target, num_server_rounds=6, local_epochs=2)
-    sigma = noise_multiplier_for(config, 1e-5)
-    spent = epsilon_spent(
-        config.accountant, [(sigma, config.sampling_probability, planned_steps(config))], 1e-5
-    )
-    assert spent <= target
-    assert spent >= 0.97 * target  # and does not waste budget
-    assert planned_steps(config) == 6 * 2 * 10
+    mechanism = site_mechanism(config, 1000)
+    assert mechanism.steps_planned == 6 * 2 * 10
+    spent = epsilon([mechanism.event(mechanism.steps_planned)], config.delta, config.accountant)
+    assert 0.97 * target <= spent <= target  # within target, and no budget wasted
 
 
 def test_without_target_the_configured_sigma_is_used():
-    assert noise_multiplier_for(default_config(noise_multiplier=1.7), 1e-5) == 1.7
+    assert site_mechanism(default_config(noise_multiplier=1.7), 1000).noise_multiplier == 1.7
+
+
+def test_secure_aggregation_plans_the_discrete_sum_and_shares_its_noise():
+    config = default_config(secure_aggregation=True, secagg_min_sites=4, target_epsilon=4.0)
+    mechanism = site_mechanism(config, 5000)
+    spent = epsilon([mechanism.event(mechanism.steps_planned)], config.delta, config.accountant)
+    assert 0.97 * 4.0 <= spent <= 4.0
+    assert mechanism.noise_share == pytest.approx(mechanism.noise_multiplier / 2)
+    assert mechanism.event(1).discrete and mechanism.code.min_sites == 4
 
 
 def entry(round_, trained=True, sigma=1.0) -> LedgerEntry:
-    return LedgerEntry(
-        run="r",
-        round=round_,
-        trained=trained,
-        noise_multiplier=sigma,
-        sample_rate=0.1,
-        steps=10 if trained else 0,
-        clip_norm=0.1,
-        delta=1e-5,
-        accountant="prv",
-        epsilon=1.0,
-        independent_epsilon=1.0,
-        noise_share=sigma,
-        single_message_epsilon=1.0,
-    )
+    mechanism = site_mechanism(default_config(noise_multiplier=sigma, dp=sigma > 0), 1000)
+    return ledger_entry(mechanism, [], "r", round_, trained)
 
 
 def test_site_ledger_persists_appends_and_survives_a_new_process(tmp_path):
@@ -92,7 +79,7 @@ def test_site_ledger_persists_appends_and_survives_a_new_process(tmp_path):
     state.record(entry(3))
     again = SiteState(tmp_path / "site")  # as a restarted SuperNode would see it
     assert [e.round for e in again.ledger()] == [1, 2, 3]
-    assert ledger_history(again.ledger()) == [(1.0, 0.1, 10), (1.0, 0.1, 10)]
+    assert ledger_events(again.ledger()) == [Event(1.0, 0.1, 10), Event(1.0, 0.1, 10)]
     content = json.loads((tmp_path / "site" / "ledger.json").read_text())
     assert content["privacy-unit"].startswith("one user")
     assert not list((tmp_path / "site").glob("*.tmp"))
@@ -100,8 +87,18 @@ def test_site_ledger_persists_appends_and_survives_a_new_process(tmp_path):
 
 def test_a_round_without_noise_is_unbounded_and_not_in_the_history():
     plain = entry(1, sigma=0.0)
-    assert plain.without_noise
-    assert ledger_history([plain, entry(2)]) == [(1.0, 0.1, 10)]
+    assert plain.without_noise and plain.epsilon == math.inf
+    assert ledger_events([plain, entry(2)]) == [Event(1.0, 0.1, 10)]
+    mechanism = site_mechanism(default_config(), 1000)
+    assert ledger_entry(mechanism, [plain], "r", 2, True).epsilon == math.inf
+
+
+def test_ledger_entries_written_before_the_accountant_fields_read_as_continuous_rounds():
+    old = {k: v for k, v in entry(1).as_dict().items() if k not in ("discrete", "tau")}
+    old.pop("accounted-noise-multiplier")
+    old.pop("single-message-noise-multiplier")
+    old.pop("dimension")
+    assert LedgerEntry.from_dict(old) == entry(1)
 
 
 def test_private_embeddings_follow_their_users(tmp_path):
@@ -110,18 +107,6 @@ def test_private_embeddings_follow_their_users(tmp_path):
     state.save_private_embeddings(keys, torch.arange(6, dtype=torch.float32).reshape(3, 2))
     table = state.private_embeddings(np.array([30, 99, 10]), 2)
     assert table.tolist() == [[4.0, 5.0], [0.0, 0.0], [0.0, 1.0]]
-
-
-def test_auto_delta_marks_what_depends_on_it_as_not_covered():
-    auto = {r.key: r.covered for r in released_quantities(default_config()) if r.message == "train"}
-    fixed = {
-        r.key: r.covered
-        for r in released_quantities(default_config(delta=1e-5))
-        if r.message == "train"
-    }
-    for key in ("epsilon", "independent-epsilon", "delta"):
-        assert not auto[key] and fixed[key]
-    assert all(fixed[k] for k in ("epsilon", "noise-multiplier", "steps", "declined"))
 
 
 def test_ledger_metrics_are_what_a_site_reports():

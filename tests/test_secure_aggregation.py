@@ -1,7 +1,8 @@
-"""Secure aggregation with distributed noise: what the server sees, the sum, dropouts.
+"""Secure aggregation with distributed discrete Gaussian noise: what the server sees, the sum,
+dropouts, and the checks a site makes before it sends.
 
 In-process simulations of 4 sites with ``secagg-min-sites = 3``. A client mod
-inside SecAgg+ records each site's plain vector before it is masked; the
+inside SecAgg+ records each site's integer share before it is masked; the
 server's grid is wrapped to record every masked vector it receives, and the
 strategy's step to record the sum it is given.
 """
@@ -19,11 +20,19 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
-import client.app as site_app
+import client.site_round
 import server.secure_aggregation as secure
+from client.app import make_app
 from client.secure_aggregation import secure_aggregation_mod
+from client.site_round import SecureSumSettings, SiteRound
 from common.config import default_config
+from common.data import load_site
+from common.distributed_noise import IntegerCode, centred
+from common.errors import InputError
+from common.model import build_model
+from common.protocol import CATALOGUE_FINGERPRINT, RUN_NAME, SECURE_SUM_SHARE, SERVER_ROUND
 from server.app import run
+from server.secure_aggregation import check_sum_fits
 
 SITES, THRESHOLD = 4, 3
 
@@ -48,10 +57,7 @@ def client_app(plain: Path, fail: frozenset[tuple[int, int]]) -> ClientApp:
             np.save(plain / name, np.concatenate([a.ravel() for a in arrays]))
         return reply
 
-    app = ClientApp(mods=[failing, secure_aggregation_mod, recording])
-    app.train()(site_app.train)
-    app.evaluate()(site_app.evaluate)
-    return app
+    return make_app([failing, secure_aggregation_mod, recording])
 
 
 class RecordingGrid:
@@ -75,19 +81,22 @@ class RecordingGrid:
         return replies
 
 
-def simulate_secure(base: Path, rounds: int, fail=frozenset(), monkeypatch=None) -> dict:
+def simulate_secure(base: Path, rounds: int, fail=frozenset(), monkeypatch=None, **changes) -> dict:
     (base / "plain").mkdir(parents=True)
     config = default_config(
-        secure_aggregation=True,
-        secagg_min_sites=THRESHOLD,
-        min_sites=SITES,
-        sample_rate=0.5,
-        num_server_rounds=rounds,
-        synthetic_users=200,
-        synthetic_items=60,
-        delta=1e-5,
-        run_dir=str(base / "runs"),
-        site_state_dir=str(base / "sites"),
+        **{
+            "secure_aggregation": True,
+            "secagg_min_sites": THRESHOLD,
+            "min_sites": SITES,
+            "sample_rate": 0.5,
+            "num_server_rounds": rounds,
+            "synthetic_users": 200,
+            "synthetic_items": 60,
+            "delta": 1e-5,
+            "run_dir": str(base / "runs"),
+            "site_state_dir": str(base / "sites"),
+        }
+        | changes
     )
     masked: list[np.ndarray] = []
     sums: dict[int, np.ndarray] = {}
@@ -129,30 +138,28 @@ def secure_run(tmp_path_factory):
         yield simulate_secure(tmp_path_factory.mktemp("secure"), 2, monkeypatch=monkeypatch)
 
 
-def quantisation_bound(config, sites: int) -> float:
-    """Stochastic rounding moves each site's value by less than one step."""
-    return sites * 2 * config.secagg_clipping_range / config.secagg_quantization_range
+def centred_sum(shares, config) -> np.ndarray:
+    return centred(np.rint(sum(shares)).astype(np.int64), 2**config.secagg_bits)
 
 
-def test_the_sum_matches_the_plain_sum_within_the_quantisation_bound(secure_run):
+def test_the_server_gets_exactly_the_sum_of_the_sites_integer_shares(secure_run):
     config = secure_run["config"]
     for server_round in (1, 2):
-        plain = sum(secure_run["plain"][(server_round, s)] for s in range(SITES))
-        error = np.abs(secure_run["sums"][server_round] - plain).max()
-        assert error <= quantisation_bound(config, SITES) + 1e-6
-    # ... and that bound is negligible next to the DP noise each coordinate carries.
-    assert quantisation_bound(config, SITES) < 1e-3 * config.noise_multiplier * config.clip_norm
+        shares = [secure_run["plain"][(server_round, s)] for s in range(SITES)]
+        assert all(np.array_equal(share, np.rint(share)) for share in shares), "integers"
+        assert np.array_equal(
+            centred_sum([secure_run["sums"][server_round]], config), centred_sum(shares, config)
+        )
 
 
 def test_the_server_sees_masked_vectors_and_the_sum_only(secure_run):
     masked, plain = secure_run["masked"], secure_run["plain"]
     assert len(masked) == 2 * SITES
-    config = secure_run["config"]
-    step = config.secagg_quantization_range / (2 * config.secagg_clipping_range)
+    half = 2 ** (secure_run["config"].secagg_bits - 1)
     for vector in masked:
         assert vector.min() >= 0 and vector.max() < 2**32  # uniform-looking residues
         for site_vector in plain.values():
-            quantised = np.rint((site_vector + config.secagg_clipping_range) * step)
+            quantised = site_vector + half  # SecAgg+'s levels of the site's integers
             n = min(len(quantised), len(vector) - 1)
             correlation = np.corrcoef(quantised[:n], vector[1 : n + 1].astype(float))[0, 1]
             assert abs(correlation) < 0.05
@@ -175,18 +182,96 @@ def test_ledger_and_report_carry_both_epsilons(secure_run):
     markdown = (run_dir / "privacy_report.md").read_text()
     assert "epsilon (headline)" in markdown and "single-message epsilon" in markdown
     releases = {r["key"]: r for r in report["releases"]}
-    assert releases["<masked noised gradient sum>"]["covered"]
+    assert releases[SECURE_SUM_SHARE]["covered"]
     assert "<item-side parameters>" not in releases
 
 
 def test_dropouts_leave_the_round_complete_or_discarded(tmp_path, monkeypatch):
     result = simulate_secure(tmp_path, 2, fail={(1, 3), (2, 2), (2, 3)}, monkeypatch=monkeypatch)
     # Round 1: site 3 drops out mid-protocol; the 3 others still make a sum.
-    plain = sum(result["plain"][(1, s)] for s in range(3))
-    assert np.abs(result["sums"][1] - plain).max() <= quantisation_bound(result["config"], 3) + 1e-6
+    shares = [result["plain"][(1, s)] for s in range(3)]
+    assert np.array_equal(
+        centred_sum([result["sums"][1]], result["config"]), centred_sum(shares, result["config"])
+    )
     # Round 2: two drop out, fewer than secagg-min-sites survive: nothing is released.
     assert 2 not in result["sums"]
     metrics = json.loads((result["run_dir"] / "metrics.json").read_text())
     assert metrics["2"]["discarded"] is True and metrics["1"]["discarded"] is False
     assert sorted(metrics["1"]["train"]) == ["0", "1", "2"]
     assert "site 3" in metrics["1"]["failed"]
+
+
+ML_100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k"
+
+
+@pytest.mark.skipif(not ML_100K.is_dir(), reason=f"MovieLens-100K not found at {ML_100K}")
+def test_movielens_sized_sites_complete_secure_rounds_with_the_defaults(tmp_path, monkeypatch):
+    """The review saw every round discarded: MovieLens-100K sites exceeded SecAgg+'s +-8."""
+    result = simulate_secure(
+        tmp_path, 1, monkeypatch=monkeypatch, dataset="ml-100k", data_path=str(ML_100K)
+    )
+    metrics = json.loads((result["run_dir"] / "metrics.json").read_text())
+    assert metrics["1"]["discarded"] is False and metrics["1"]["failed"] == {}
+    assert sorted(metrics["1"]["train"]) == ["0", "1", "2", "3"]
+    shares = [result["plain"][(1, s)] for s in range(SITES)]
+    assert np.array_equal(
+        centred_sum([result["sums"][1]], result["config"]), centred_sum(shares, result["config"])
+    )
+
+
+def open_round(config) -> SiteRound:
+    site = load_site(config, 0, 2)
+    values = config.to_mapping() | {
+        SERVER_ROUND: 1,
+        RUN_NAME: "a-run",
+        CATALOGUE_FINGERPRINT: site.catalogue.fingerprint(),
+    }
+    return SiteRound.open({"partition-id": 0, "num-partitions": 2}, values)
+
+
+def secure_config(tmp_path, **changes):
+    return default_config(
+        **{
+            "secure_aggregation": True,
+            "secagg_min_sites": 3,
+            "synthetic_users": 100,
+            "item_text": False,
+            "site_state_dir": str(tmp_path),
+        }
+        | changes
+    )
+
+
+def test_a_site_refuses_a_sum_that_reconstructs_from_fewer_sites_than_its_share_assumes(
+    tmp_path,
+):
+    site_round = open_round(secure_config(tmp_path))
+    code = site_round.mechanism.code
+    model = site_round.model(build_model(site_round.site.catalogue, site_round.config).state_dict())
+    with pytest.raises(InputError, match="secagg-min-sites = 3"):
+        site_round.secure_share(model, SecureSumSettings(2, code.modulus / 2, code.modulus))
+    assert site_round.state.ledger() == [], "refused before anything private was computed"
+
+
+def test_a_declining_site_records_first_and_shares_noise_alone(tmp_path, monkeypatch):
+    site_round = open_round(secure_config(tmp_path, max_epsilon=0.01))
+    code = site_round.mechanism.code
+    model = site_round.model(build_model(site_round.site.catalogue, site_round.config).state_dict())
+
+    def untouched(*args, **kwargs):
+        raise AssertionError("a declining site must not compute on its users")
+
+    monkeypatch.setattr(client.site_round, "clipped_gradient_sum", untouched)
+    share, reply = site_round.secure_share(
+        model, SecureSumSettings(3, code.modulus / 2, code.modulus)
+    )
+    (entry,) = site_round.state.ledger()
+    assert not entry.trained and entry.steps == 0
+    assert reply.metrics["declined"] == 1.0 and share.shape == (code.padded,)
+
+
+def test_too_many_sites_for_the_modulus_fail_fast_naming_the_key():
+    code = IntegerCode(dimension=100, clip_norm=0.1, bits=24, noise_multiplier=1.0, min_sites=2)
+    check_sum_fits(255, code)
+    with pytest.raises(InputError, match="secagg-bits <= 23"):
+        check_sum_fits(256, code)

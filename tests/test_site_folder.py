@@ -20,7 +20,7 @@ from common.config import default_config
 from common.data import load_dataset, load_site
 from common.data.site_folder import load_catalogue_folder, load_site_folder
 from common.errors import InputError
-from common.privacy import CATALOGUE_FINGERPRINT
+from common.protocol import CATALOGUE_FINGERPRINT
 
 OVERRIDES = "synthetic-users=90 synthetic-items=40"
 

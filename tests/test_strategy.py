@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
-from common.privacy import ITEM_COUNTS
-from server.strategy import ItemSideFedAvg, mean_metrics
+from common.protocol import ITEM_COUNTS
+from server.round_book import RoundBook, mean_metrics
+from server.strategy import ItemSideFedAvg
 
 NUM_ITEMS, DIM = 4, 2
 
@@ -58,7 +59,7 @@ def site_update(value: float, counts: list[float] | None = None) -> dict[str, np
 
 
 def test_dp_averages_every_array_with_equal_weights():
-    strategy = ItemSideFedAvg(global_arrays(), dp=True, min_sites=2)
+    strategy = ItemSideFedAvg(global_arrays(), dp=True, min_sites=2, book=RoundBook())
     replies = [
         reply_from(1, site_update(1.0), {"site-id": 0, "epsilon": 1.0}),
         reply_from(2, site_update(4.0), {"site-id": 1, "epsilon": 1.0}),
@@ -72,7 +73,7 @@ def test_dp_averages_every_array_with_equal_weights():
 def test_without_dp_item_rows_are_count_weighted_and_untouched_rows_kept():
     template = global_arrays()
     template["item_embedding.weight"] = Array(np.full((NUM_ITEMS, DIM), 7.0, np.float32))
-    strategy = ItemSideFedAvg(template, dp=False, min_sites=2)
+    strategy = ItemSideFedAvg(template, dp=False, min_sites=2, book=RoundBook())
     replies = [
         reply_from(1, site_update(1.0, [3, 0, 1, 0]), {"site-id": 0, "num-examples": 10}),
         reply_from(2, site_update(5.0, [1, 2, 0, 0]), {"site-id": 1, "num-examples": 30}),
@@ -94,7 +95,7 @@ def test_without_dp_item_rows_are_count_weighted_and_untouched_rows_kept():
     ],
 )
 def test_malformed_update_is_rejected_and_round_goes_on(bad, reason):
-    strategy = ItemSideFedAvg(global_arrays(), dp=True, min_sites=2)
+    strategy = ItemSideFedAvg(global_arrays(), dp=True, min_sites=2, book=RoundBook())
     broken = site_update(100.0) | bad
     replies = [
         reply_from(1, site_update(2.0), {"site-id": 0, "epsilon": 1.0}),
@@ -102,13 +103,13 @@ def test_malformed_update_is_rejected_and_round_goes_on(bad, reason):
     ]
     arrays, _ = strategy.aggregate_train(3, replies)
     np.testing.assert_allclose(arrays["dense.weight"].numpy(), 2.0)
-    assert list(strategy.log[3].rejected) == ["site 1"]
-    assert reason in strategy.log[3].rejected["site 1"]
-    assert list(strategy.log[3].train) == [0]
+    assert list(strategy.book.rounds[3].rejected) == ["site 1"]
+    assert reason in strategy.book.rounds[3].rejected["site 1"]
+    assert list(strategy.book.rounds[3].train) == [0]
 
 
 def test_a_failed_site_is_logged_by_its_last_line_and_the_round_goes_on():
-    strategy = ItemSideFedAvg(global_arrays(), dp=True, min_sites=2)
+    strategy = ItemSideFedAvg(global_arrays(), dp=True, min_sites=2, book=RoundBook())
     failure = Message(
         Error(code=0, reason="Traceback ...\n  File x\nValueError: bad data\n"),
         metadata=metadata_from(7),
@@ -117,7 +118,7 @@ def test_a_failed_site_is_logged_by_its_last_line_and_the_round_goes_on():
         2, [failure, reply_from(1, site_update(3.0), {"site-id": 0, "epsilon": 1.0})]
     )
     np.testing.assert_allclose(arrays["dense.weight"].numpy(), 3.0)
-    assert strategy.log[2].failed == {"node 7": "ValueError: bad data"}
+    assert strategy.book.rounds[2].failed == {"node 7": "ValueError: bad data"}
 
 
 def instruction_to(node_id: int) -> Message:
@@ -126,7 +127,7 @@ def instruction_to(node_id: int) -> Message:
 
 
 def test_silent_and_unavailable_sites_are_named_by_the_site_they_said_they_were():
-    strategy = ItemSideFedAvg(global_arrays(), dp=True, min_sites=2)
+    strategy = ItemSideFedAvg(global_arrays(), dp=True, min_sites=2, book=RoundBook())
     nodes = (1, 2, 3)
     strategy.sent([instruction_to(n) for n in nodes])
     strategy.aggregate_train(
@@ -141,7 +142,7 @@ def test_silent_and_unavailable_sites_are_named_by_the_site_they_said_they_were(
     strategy.aggregate_train(
         2, [reply_from(1, site_update(1.0), {"site-id": 11, "epsilon": 1.0}), unavailable]
     )
-    assert strategy.log[2].failed == {
+    assert strategy.book.rounds[2].failed == {
         "site 12": "no reply within round-timeout",
         "site 13": "Node Unavailable",
     }
@@ -149,7 +150,7 @@ def test_silent_and_unavailable_sites_are_named_by_the_site_they_said_they_were(
 
 def test_a_round_without_evaluation_awaits_no_site():
     strategy = ItemSideFedAvg(
-        global_arrays(), dp=True, min_sites=2, evaluates_in=lambda r: r % 2 == 0
+        global_arrays(), dp=True, min_sites=2, book=RoundBook(), evaluates_in=lambda r: r % 2 == 0
     )
     strategy.sent([instruction_to(n) for n in (1, 2)])
     strategy.aggregate_train(
@@ -157,16 +158,16 @@ def test_a_round_without_evaluation_awaits_no_site():
     )
     assert strategy.configure_evaluate(1, global_arrays(), None, None) == []
     strategy.aggregate_evaluate(1, [])
-    assert strategy.log[1].failed == {}
+    assert strategy.book.rounds[1].failed == {}
 
 
 def test_missing_key_is_rejected():
-    strategy = ItemSideFedAvg(global_arrays(), dp=True, min_sites=1)
+    strategy = ItemSideFedAvg(global_arrays(), dp=True, min_sites=1, book=RoundBook())
     partial = site_update(1.0)
     del partial["dense.weight"]
     arrays, _ = strategy.aggregate_train(1, [reply_from(1, partial, {"site-id": 0})])
     assert arrays is None
-    assert "missing ['dense.weight']" in strategy.log[1].rejected["site 0"]
+    assert "missing ['dense.weight']" in strategy.book.rounds[1].rejected["site 0"]
 
 
 def test_mean_metrics_weighting():

@@ -12,6 +12,7 @@ from common.config import default_config
 from common.data import load_site
 from common.data.synthetic import generate_synthetic
 from common.evaluation import evaluate
+from common.privacy import site_mechanism
 from common.text import PACKAGED_MODEL, TextEncoder, item_text_vectors, text_dimension
 
 TEXTS = [
@@ -73,9 +74,11 @@ def test_cold_start_items_are_ranked_by_their_text():
     torch.manual_seed(0)
     model = site_model(site.catalogue, config)
     graphs = site_graphs(site, config)
-    history = []
+    mechanism = site_mechanism(config, model.size)
     for server_round in range(1, 9):
-        history = train_locally(model, graphs, config, server_round, history, "cpu").history
+        train_locally(
+            model, graphs, config, mechanism=mechanism, server_round=server_round, device="cpu"
+        )
 
     def cold_recall() -> float:
         metrics = evaluate(model, graphs, site.cold, 20, candidates=site.cold_items)

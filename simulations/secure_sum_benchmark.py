@@ -14,7 +14,7 @@ epsilons and the wall time per round. The hyper-parameters are those
 ``simulations/rating_quality.py`` uses (chosen there by validation RMSE; that
 search is not charged to the privacy budget).
 
-    python simulations/secure_aggregation.py [--seeds 2]
+    python simulations/secure_sum_benchmark.py [--seeds 2]
 """
 
 from __future__ import annotations

@@ -1,0 +1,42 @@
+"""The messages between the server and a site: every key they carry, in one place.
+
+**Instruction** (server to site), a ConfigRecord ``config``: every key of the
+run configuration (``common.config``) plus :data:`INSTRUCTION_KEYS`. Train and
+evaluate instructions also carry the global item side as the ArrayRecord
+``arrays`` (the Message API) or as the legacy API's parameters (secure
+aggregation).
+
+**Reply** (site to server): a MetricRecord ``metrics`` with :data:`SITE_ID`,
+the round's ledger values (``common.privacy.LEDGER_METRICS``) or evaluation
+metrics, and, for training on the Message API, the ArrayRecord ``arrays``.
+Which key a reply may hold, and whether the DP guarantee covers it, is the
+release inventory (``common.privacy.released_quantities``): a site refuses to
+send anything else.
+"""
+
+from __future__ import annotations
+
+CONFIG = "config"
+ARRAYS = "arrays"
+METRICS = "metrics"
+"""Record names of instructions and replies."""
+
+SERVER_ROUND = "server-round"
+RUN_NAME = "run-name"
+CATALOGUE_FINGERPRINT = "catalogue-fingerprint"
+"""The run's catalogue, which every site checks against its own."""
+INSTRUCTION_KEYS = (SERVER_ROUND, RUN_NAME, CATALOGUE_FINGERPRINT)
+"""What the server adds to the run configuration in every instruction."""
+
+SITE_ID = "site-id"
+DECLINED = "declined"
+"""1.0 when the site did not train this round (``max-epsilon``), else 0.0."""
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+ITEM_COUNTS = "item-counts"
+"""Per-item training interaction counts (``dp = false`` only), in ``arrays``."""
+
+ITEM_SIDE = "<item-side parameters>"
+"""Stands for every shared parameter of the model in the release inventory."""
+SECURE_SUM_SHARE = "<masked integer share of the secure sum>"
+"""Stands for a site's vector inside SecAgg+ in the release inventory."""

@@ -1,0 +1,125 @@
+"""The round book: what happened in every round at every site, kept by either strategy.
+
+Both ways of running rounds (item-side averaging on the Message API,
+``server.strategy``; the secure sum on the legacy API,
+``server.secure_aggregation``) write into one :class:`RoundBook`: which site
+each node said it was, each site's training and evaluation metrics, declines,
+rejected updates, failures, the aggregated evaluation metrics, and the round
+after which no site could train. The run directory is written from it
+(``server.run_directory``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import WARNING
+
+import numpy as np
+from flwr.app import MetricRecord
+from flwr.common import log
+
+from common.protocol import DECLINED, NUM_EXAMPLES, SITE_ID
+
+
+@dataclass
+class RoundLog:
+    """What happened in one round, per site (keyed by ``site-id``)."""
+
+    train: dict[int, dict[str, float]] = field(default_factory=dict)
+    declined: dict[int, dict[str, float]] = field(default_factory=dict)
+    evaluate: dict[int, dict[str, float]] = field(default_factory=dict)
+    aggregated: dict[str, float] = field(default_factory=dict)
+    finished_at: float | None = None
+    discarded: bool = False
+    rejected: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+class RoundBook:
+    """Every round's :class:`RoundLog`, which node is which site, and when training stopped."""
+
+    def __init__(self) -> None:
+        self.rounds: dict[int, RoundLog] = {}
+        self.site_of_node: dict[int, int] = {}
+        self.stopped_after: int | None = None
+
+    def round(self, server_round: int) -> RoundLog:
+        return self.rounds.setdefault(server_round, RoundLog())
+
+    def sender(self, node_id: int) -> str:
+        """``site <k>`` once the node has said which site it is, else ``node <id>``."""
+        site = self.site_of_node.get(node_id)
+        return f"node {node_id}" if site is None else f"site {site}"
+
+    def identify(self, node_id: int, metrics: Mapping[str, object] | None) -> None:
+        """Note which site ``node_id`` is, if its reply's metrics say so."""
+        if metrics is not None and SITE_ID in metrics:
+            self.site_of_node[node_id] = int(metrics[SITE_ID])
+
+    def record_failure(self, server_round: int, node_id: int, reason: str) -> None:
+        """Log a failed site in full; keep its last line in the round's log."""
+        sender = self.sender(node_id)
+        log(WARNING, "Round %d: %s failed: %s", server_round, sender, reason)
+        self.round(server_round).failed[sender] = last_line(reason)
+
+    def record_training(self, server_round: int, metrics: Mapping[str, object]) -> bool:
+        """Log a site's training metrics; returns whether the site declined to train."""
+        site, values = int(metrics[SITE_ID]), dict(metrics)
+        if metrics.get(DECLINED) == 1.0:
+            self.round(server_round).declined[site] = values
+            log(WARNING, "Round %d: site %d declined: max-epsilon reached", server_round, site)
+            return True
+        self.round(server_round).train[site] = values
+        return False
+
+    def record_rejection(self, server_round: int, node_id: int, reason: str) -> None:
+        sender = self.sender(node_id)
+        log(WARNING, "Round %d: rejected the update of %s: %s", server_round, sender, reason)
+        self.round(server_round).rejected[sender] = reason
+
+    def record_evaluation(
+        self, server_round: int, replies: Iterable[Mapping[str, object]], weighted: bool
+    ) -> MetricRecord | None:
+        """Log each site's evaluation metrics and their mean (weighted by ``num-examples``
+        when ``weighted``); returns the mean, or None when no site replied."""
+        record = self.round(server_round)
+        collected = [MetricRecord(dict(m)) for m in replies if SITE_ID in m]
+        for metrics in collected:
+            record.evaluate[int(metrics[SITE_ID])] = dict(metrics)
+        if not collected:
+            return None
+        aggregated = mean_metrics(collected, weighted=weighted, skip=(SITE_ID,))
+        record.aggregated = dict(aggregated)
+        return aggregated
+
+    def stop_if_all_declined(self, server_round: int) -> None:
+        """Stop training after ``server_round`` if every site that answered declined."""
+        record = self.round(server_round)
+        if record.declined and not (record.train or record.rejected or record.failed):
+            self.stopped_after = server_round
+            log(WARNING, "Round %d: no site can train within max-epsilon; stopping", server_round)
+
+    def finish(self, server_round: int) -> None:
+        self.round(server_round).finished_at = time.time()
+
+
+def last_line(reason: str) -> str:
+    """The line of an error report that says what went wrong (its last), shortened."""
+    lines = [line.strip() for line in reason.replace("\\n", "\n").splitlines() if line.strip()]
+    return (lines[-1] if lines else "no reason given")[:300]
+
+
+def mean_metrics(
+    records: list[MetricRecord], weighted: bool, skip: tuple[str, ...] = ()
+) -> MetricRecord:
+    """Mean of every metric over sites; weighted by ``num-examples`` when ``weighted``."""
+    weights = np.array([float(r[NUM_EXAMPLES]) if weighted else 1.0 for r in records])
+    keys = sorted(set().union(*records) - set(skip) - {NUM_EXAMPLES})
+    out = {}
+    for key in keys:
+        have = [(w, float(r[key])) for w, r in zip(weights, records, strict=True) if key in r]
+        total = sum(w for w, _ in have)
+        out[key] = sum(w * v for w, v in have) / total
+    return MetricRecord(out)
