@@ -38,6 +38,7 @@ class RunConfig:
     on_duplicate: str
     implicit: bool
     split: str
+    split_fraction_per: str
     val_fraction: float
     test_fraction: float
     cold_item_fraction: float
@@ -135,6 +136,7 @@ class RunConfig:
             "grad-sample-mode": (self.grad_sample_mode, ("hooks", "ghost")),
             "device": (self.device, ("auto", "cpu", "cuda")),
             "on-duplicate": (self.on_duplicate, ("error", "keep-latest")),
+            "split-fraction-per": (self.split_fraction_per, ("user", "dataset")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:

@@ -32,10 +32,10 @@ def folders(tmp_path_factory):
     return out
 
 
-def train_by_original_id(site, original_id_of_local_user):
+def by_user_key(site, part):
     return sorted(
-        (original_id_of_local_user[u], int(i), float(r))
-        for u, i, r in zip(site.train.user, site.train.item, site.train.rating, strict=True)
+        (int(site.user_keys[u]), int(i), float(r))
+        for u, i, r in zip(part.user, part.item, part.rating, strict=True)
     )
 
 
@@ -45,16 +45,14 @@ def test_a_site_folder_holds_exactly_the_sites_users(folders):
     for site_id in range(3):
         simulated = load_site(config, site_id, 3)
         deployed = load_site_folder(folders / f"site-{site_id}")
-        assert deployed.site_id == site_id and deployed.num_users == simulated.num_users
-        simulated_ids = [dataset.user_ids[k] for k in simulated.user_keys]
-        deployed_ids = sorted(simulated_ids, key=int)  # the folder re-indexes by original id
-        assert train_by_original_id(deployed, deployed_ids) == train_by_original_id(
-            simulated, simulated_ids
-        )
-        assert len(deployed.val) == len(simulated.val) and len(deployed.test) == len(simulated.test)
-        np.testing.assert_array_equal(
-            np.sort(deployed.user_features, axis=0), np.sort(simulated.user_features, axis=0)
-        )
+        assert deployed.site_id == site_id
+        # Same users in the same order, keyed by their original ids in both.
+        np.testing.assert_array_equal(deployed.user_keys, simulated.user_keys)
+        for name in ("train", "val", "test"):
+            assert by_user_key(deployed, getattr(deployed, name)) == by_user_key(
+                simulated, getattr(simulated, name)
+            )
+        np.testing.assert_array_equal(deployed.user_features, simulated.user_features)
     catalogue = load_catalogue_folder(folders / "catalogue")
     assert catalogue.fingerprint() == dataset.catalogue.fingerprint()
 

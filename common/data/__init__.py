@@ -58,7 +58,9 @@ def load_dataset(config: RunConfig) -> Dataset:
 def as_implicit(dataset: Dataset) -> Dataset:
     """Every interaction as implicit feedback: rating 1.0, one rating level."""
 
-    def drop_ratings(part: Interactions) -> Interactions:
+    def drop_ratings(part: Interactions | None) -> Interactions | None:
+        if part is None:
+            return None
         return Interactions(part.user, part.item, np.ones(len(part), np.float32), part.timestamp)
 
     return dataclasses.replace(
@@ -68,6 +70,7 @@ def as_implicit(dataset: Dataset) -> Dataset:
         canonical_split=None
         if dataset.canonical_split is None
         else tuple(drop_ratings(p) for p in dataset.canonical_split),
+        canonical_val=drop_ratings(dataset.canonical_val),
     )
 
 
@@ -112,6 +115,7 @@ def split_dataset(dataset: Dataset, config: RunConfig) -> Split:
         config.test_fraction,
         config.seed,
         config.cold_item_fraction,
+        config.split_fraction_per,
     )
 
 
