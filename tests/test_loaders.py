@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from common.data.download import ensure_raw_files
-from common.data.interactions_file import load_interactions_file
+from common.data.interactions_file import load_interactions_file, read_csv
 from common.data.lightgcn import load_lightgcn
 from common.data.movielens import (
     HALF_STARS,
@@ -457,6 +457,16 @@ def test_interactions_bad_input(tmp_path: Path, text: str, where: str, field: st
     write(tmp_path / "r.csv", text)
     with raises(where, field):
         load_interactions_file(tmp_path / "r.csv")
+
+
+def test_header_names_match_the_expected_names_case_insensitively(tmp_path: Path) -> None:
+    # users.csv of a site folder names MovieLens features such as gender:F.
+    write(tmp_path / "users.csv", "User,GENDER:f,gender:M\n1,1.0,0.0\n")
+    table = read_csv(tmp_path / "users.csv", ("user", "gender:F", "gender:M"), (), None, "utf-8")
+    assert table.columns == {"user": ["1"], "gender:F": ["1.0"], "gender:M": ["0.0"]}
+    write(tmp_path / "users.csv", "user,gender:F,gender:X\n1,1.0,0.0\n")
+    with raises("users.csv:1:", "field 'gender:X'", "unknown column(s) ['gender:X']"):
+        read_csv(tmp_path / "users.csv", ("user", "gender:F", "gender:M"), (), None, "utf-8")
 
 
 def test_interactions_item_text_checks(tmp_path: Path) -> None:

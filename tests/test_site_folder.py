@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from common.errors import InputError
 from common.privacy import CATALOGUE_FINGERPRINT
 
 OVERRIDES = "synthetic-users=90 synthetic-items=40"
+ML_100K = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "ml-100k"
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,19 @@ def test_a_site_folder_holds_exactly_the_sites_users(folders):
         np.testing.assert_array_equal(deployed.user_features, simulated.user_features)
     catalogue = load_catalogue_folder(folders / "catalogue")
     assert catalogue.fingerprint() == dataset.catalogue.fingerprint()
+
+
+@pytest.mark.skipif(not ML_100K.is_dir(), reason=f"MovieLens-100K not found at {ML_100K}")
+def test_movielens_site_folders_load_with_their_user_features(tmp_path):
+    """The README's walkthrough on MovieLens-100K: users.csv names features like gender:F."""
+    out = tmp_path / "fed"
+    arguments = ["--dataset", "ml-100k", "--data-path", str(ML_100K), "--sites", "2"]
+    assert fedgraphrec(["partition", *arguments, "--out", str(out)]) == 0
+    for site_id in range(2):
+        site = load_site_folder(out / f"site-{site_id}")
+        names = site.catalogue.user_feature_names
+        gender = site.user_features[:, [names.index("gender:F"), names.index("gender:M")]]
+        np.testing.assert_array_equal(gender.sum(axis=1), 1.0)
 
 
 def test_a_changed_file_fails_its_checksum(folders, tmp_path):

@@ -3,11 +3,13 @@
 Format of the interactions file:
 
 * Delimiter: ``,`` for ``.csv``, a tab for ``.tsv`` and ``.tab``; for any other
-  extension it must be given (``delimiter``, which when given applies to the
-  item-text file too). Fields are parsed by :mod:`csv` (Excel dialect), so a
-  field holding the delimiter, a quote or a line break is written in double
-  quotes, with ``""`` for a quote inside.
-* Header: required. Column names are case-insensitive and trimmed of
+  extension it must be given (the ``delimiter`` argument of the Python
+  functions, which when given applies to every file; a run's configuration
+  has no such key, so rename such a file). Fields are parsed by :mod:`csv`
+  (Excel dialect), so a field holding the delimiter, a quote or a line break
+  is written in double quotes, with ``""`` for a quote inside.
+* Header: required. Column names are case-insensitive (matched to the names
+  the reader expects, e.g. ``gender:F``) and trimmed of
   surrounding spaces: ``user`` and ``item`` are required, ``rating`` and
   ``timestamp`` optional, and any other column is an error (to catch typos).
 * Values are trimmed of surrounding spaces. User and item ids are non-empty
@@ -155,12 +157,18 @@ def read_csv(
 def _header(
     path: Path, names: list[str], line: int, required: Sequence[str], optional: Sequence[str]
 ) -> list[str]:
-    """The lower-cased column names of a header row, checked against the allowed ones."""
-    columns = [name.lower() for name in names]
+    """The column names of a header row, matched case-insensitively to the allowed ones.
+
+    Returns each column's name as spelled in ``required`` or ``optional`` (e.g.
+    ``GENDER:f`` in the file is column ``gender:F``).
+    """
+    exact = {*required, *optional}
+    folded = {name.lower(): name for name in exact}
+    columns = [name if name in exact else folded.get(name.lower(), name) for name in names]
     expected = f"expected the columns {', '.join(required)}" + (
         f" and optionally {', '.join(optional)}" if optional else ""
     )
-    unknown = [name for name in names if name.lower() not in (*required, *optional)]
+    unknown = [name for name in names if name not in exact and name.lower() not in folded]
     if unknown:
         raise file_error(
             path, f"unknown column(s) {unknown}; {expected}", line=line, field=unknown[0]
