@@ -420,9 +420,9 @@ def test_interactions_rating_levels(tmp_path: Path) -> None:
     with raises("r.csv:3:", "field 'rating'"):
         load_interactions_file(tmp_path / "r.csv", rating_levels=[1, 2, 3])
     write(tmp_path / "i.csv", "user,item\n1,2\n")
-    with raises("rating_levels", "no rating column"):
+    with raises("rating levels", "no rating column"):
         load_interactions_file(tmp_path / "i.csv", rating_levels=[1])
-    with raises("rating_levels", "non-empty"):
+    with raises("rating levels", "non-empty"):
         load_interactions_file(tmp_path / "r.csv", rating_levels=[])
 
 
@@ -467,6 +467,46 @@ def test_header_names_match_the_expected_names_case_insensitively(tmp_path: Path
     write(tmp_path / "users.csv", "user,gender:F,gender:X\n1,1.0,0.0\n")
     with raises("users.csv:1:", "field 'gender:X'", "unknown column(s) ['gender:X']"):
         read_csv(tmp_path / "users.csv", ("user", "gender:F", "gender:M"), (), None, "utf-8")
+
+
+TRAIN_CSV = "user,item,rating,timestamp\na,1,4,10\na,2,3,20\nb,2,5,30\nb,3,1,40\n"
+
+
+def test_interactions_split_of_ones_own(tmp_path: Path) -> None:
+    write(tmp_path / "train.csv", TRAIN_CSV)
+    write(tmp_path / "val.csv", "user,item,rating,timestamp\nb,1,2,50\n")
+    write(tmp_path / "test.csv", "user,item,rating,timestamp\na,3,5,60\n\nb,4,1,70\n")
+    write(tmp_path / "items.csv", "item,text\n1,One\n2,Two\n3,Three\n4,Four\n")
+    data = load_interactions_file(
+        tmp_path / "train.csv",
+        tmp_path / "items.csv",
+        test_path=tmp_path / "test.csv",
+        val_path=tmp_path / "val.csv",
+    )
+    train, test = data.canonical_split
+    assert (len(train), len(data.canonical_val), len(test)) == (4, 1, 2)
+    assert len(data.interactions) == 7 and data.user_ids == ("a", "b")
+    assert [data.catalogue.item_ids[i] for i in test.item] == ["3", "4"]
+    assert test.timestamp.tolist() == [60, 70] and data.canonical_val.rating.tolist() == [2.0]
+
+
+@pytest.mark.parametrize(
+    ("test_text", "where", "problem"),
+    [
+        ("user,item,rating,timestamp\na,3,5,60\nc,1,4,70\n", "test.csv:3:", "field 'user'"),
+        ("user,item,rating,timestamp\na,9,5,60\n", "test.csv:2:", "field 'item'"),
+        ("user,item,timestamp\na,3,60\n", "test.csv", "field 'rating'"),
+        ("user,item,rating\na,3,5\n", "test.csv", "field 'timestamp'"),
+        ("user,item,rating,timestamp\n\nb,3,2,90\n", "test.csv:3:", "train.csv:5"),
+    ],
+)
+def test_interactions_split_of_ones_own_checks(
+    tmp_path: Path, test_text: str, where: str, problem: str
+) -> None:
+    write(tmp_path / "train.csv", TRAIN_CSV)
+    write(tmp_path / "test.csv", test_text)
+    with raises(where, problem):
+        load_interactions_file(tmp_path / "train.csv", test_path=tmp_path / "test.csv")
 
 
 def test_interactions_item_text_checks(tmp_path: Path) -> None:
