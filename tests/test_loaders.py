@@ -202,7 +202,7 @@ def test_duplicates_keep_latest(ml100k: Path, caplog: pytest.LogCaptureFixture) 
 
 
 def test_invalid_duplicate_policy(ml100k: Path) -> None:
-    with raises("on_duplicate", "'drop'", "keep-latest"):
+    with raises("on-duplicate", "'drop'", "keep-latest"):
         load_movielens_100k(ml100k, on_duplicate="drop")
 
 
@@ -230,7 +230,7 @@ def test_movielens_100k_canonical_split_checks(ml100k: Path, test_line, where, f
 
 
 def test_movielens_100k_invalid_split_name(ml100k: Path) -> None:
-    with raises("canonical_split", "'u6'", "'u1'", "'ub'"):
+    with raises("canonical split", "'u6'", "'u1'", "'ub'"):
         load_movielens_100k(ml100k, canonical_split="u6")
 
 
@@ -408,9 +408,14 @@ def test_interactions_tsv_implicit_numeric_ids(tmp_path: Path) -> None:
 
 def test_interactions_delimiter(tmp_path: Path) -> None:
     write(tmp_path / "data.txt", "user;item\n1;2\n")
-    with raises("data.txt", "delimiter"):
+    with raises("data.txt", "delimiter", "rename the file to .csv"):
         load_interactions_file(tmp_path / "data.txt")
     assert len(load_interactions_file(tmp_path / "data.txt", delimiter=";").interactions) == 1
+
+
+def test_a_folder_given_as_an_interactions_file(tmp_path: Path) -> None:
+    with raises(f"{tmp_path}: is a folder; expected a .csv, .tsv, .tab file"):
+        load_interactions_file(tmp_path)
 
 
 def test_interactions_rating_levels(tmp_path: Path) -> None:
@@ -428,7 +433,7 @@ def test_interactions_rating_levels(tmp_path: Path) -> None:
 
 def test_interactions_encoding(tmp_path: Path) -> None:
     write(tmp_path / "r.csv", "user,item\nJosé,1\n", "latin-1")
-    with raises("r.csv:2:", "utf-8", "encoding="):
+    with raises("r.csv:2:", "utf-8", "Save the file as utf-8"):
         load_interactions_file(tmp_path / "r.csv")
     data = load_interactions_file(tmp_path / "r.csv", encoding="latin-1")
     assert data.user_ids == ("José",)

@@ -178,15 +178,19 @@ def read_csv(
 
     A field of a ``required`` column may not be empty.
     """
+    if path.is_dir():
+        raise file_error(path, f"is a folder; expected a {', '.join(DELIMITERS)} file")
     if delimiter is None:
         if path.suffix.lower() not in DELIMITERS:
             raise file_error(
                 path,
-                f"cannot tell the delimiter from the extension {path.suffix!r} "
-                f"(known: {', '.join(DELIMITERS)}); pass delimiter=',' or delimiter='\\t'",
+                f"cannot tell the delimiter from the extension {path.suffix!r}; "
+                "rename the file to .csv (comma-separated) or .tsv (tab-separated)",
             )
         delimiter = DELIMITERS[path.suffix.lower()]
-    text = read_text(path, (encoding,), "Pass encoding= the file's encoding, e.g. 'latin-1'.")
+    text = read_text(
+        path, (encoding,), f"Save the file as {encoding} (e.g. iconv -f latin-1 -t {encoding})."
+    )
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     rows: list[list[str]] = []
     line: list[int] = []
