@@ -59,7 +59,7 @@ def partition_users(
     if scheme not in SCHEMES:
         raise InputError(f"partition: expected one of {SCHEMES}, got {scheme!r}")
     if scheme == "iid":
-        site = _sites_by_share(site_uniforms(dataset, seed), np.full(num_sites, 1.0 / num_sites))
+        site = _sites_by_share(_site_uniforms(dataset, seed), np.full(num_sites, 1.0 / num_sites))
     elif scheme == "column":
         site = _deal_groups(_user_column(dataset, column, scheme), num_sites)
     else:
@@ -70,12 +70,12 @@ def partition_users(
             if column
             else behaviour_clusters(dataset, num_clusters=10, seed=seed)
         )
-        site = _dirichlet(groups, site_uniforms(dataset, seed), num_sites, alpha, seed)
+        site = _dirichlet(groups, _site_uniforms(dataset, seed), num_sites, alpha, seed)
     empty = sorted(set(range(num_sites)) - set(np.unique(site).tolist()))
     if empty:
         raise InputError(
             f"partition = {scheme!r} left site(s) {empty} without users out of {num_sites}; "
-            "use fewer sites, a larger dirichlet-alpha, or another partition-column"
+            "use fewer sites, another seed, a larger dirichlet-alpha, or another partition-column"
         )
     return site
 
@@ -99,7 +99,7 @@ def _deal_groups(groups: np.ndarray, num_sites: int) -> np.ndarray:
     return site_of_value[inverse]
 
 
-def site_uniforms(dataset: Dataset, seed: int) -> np.ndarray:
+def _site_uniforms(dataset: Dataset, seed: int) -> np.ndarray:
     """Each user's keyed uniform in [0, 1) that picks the user's site."""
     return keyed_uniforms(seed, SITE, user_keys(dataset.user_ids))
 
