@@ -1,4 +1,8 @@
-"""The ``fedgraphrec`` command.
+"""The ``fedgraphrec`` command: prepare data and keys for fedgraphrec runs, and report on them.
+
+fedgraphrec trains a graph recommender across sites with user-level
+differential privacy (runs start with ``flwr run``); this command does the work
+around a run:
 
 - ``fedgraphrec check-data -c 'dataset="ml-100k" data-path="/data/ml-100k"' --sites 10``
   loads a dataset exactly as a run would (same ``-c`` keys and syntax as
@@ -17,7 +21,9 @@
   empirical lower bound to the report.
 
 Bad input ends with a message naming the file, line, field or key, and exit
-status 2.
+status 2. Heavy libraries (numpy, torch, Flower, Opacus, cryptography) are
+imported inside the commands that use them, so ``--help`` and argument errors
+answer at once.
 """
 
 from __future__ import annotations
@@ -25,26 +31,25 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import click
-import numpy as np
-from flwr.common.config import parse_config_args
-
-from client.audit import audit_mechanism
-from common.certificates import write_certificates
 from common.config import RunConfig, app_defaults
-from common.data import load_dataset, partition_sites, split_dataset
-from common.data.site_folder import load_catalogue_folder, write_site_folders
 from common.errors import InputError
-from common.files import write_json
-from server.report import write_report
-from server.report_render import summary
+
+DESCRIPTION = (
+    "Prepare data folders, TLS certificates and site keys for fedgraphrec, a federated graph "
+    "recommender with user-level differential privacy, and report on its runs "
+    "(a run itself starts with `flwr run`)."
+)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """``-c 'k=1 s="x"'`` pairs (or one TOML file), parsed as ``flwr run --run-config`` does."""
+    import click
+    from flwr.common.config import parse_config_args
+
     try:
         return parse_config_args(pairs)
     except (click.ClickException, ValueError) as error:
@@ -53,6 +58,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def check_data(config: RunConfig, sites: int) -> str:
+    """What a run would load: sizes, rating scale, degrees, split and users per site."""
+    import numpy as np
+
+    from common.data import load_dataset, partition_sites, split_dataset
+
     dataset = load_dataset(config)
     split = split_dataset(dataset, config)
     catalogue = dataset.catalogue
@@ -86,6 +96,10 @@ def load_config(args: argparse.Namespace) -> RunConfig:
 
 
 def partition(config: RunConfig, sites: int, out: Path) -> str:
+    """Write one data folder per site and the coordinator's catalogue into ``out``."""
+    from common.data import load_dataset, partition_sites, split_dataset
+    from common.data.site_folder import write_site_folders
+
     if out.exists() and any(out.iterdir()):
         raise InputError(f"--out: {out} is not empty; choose a new folder")
     dataset = load_dataset(config)
@@ -98,7 +112,15 @@ def partition(config: RunConfig, sites: int, out: Path) -> str:
     return "\n".join(lines)
 
 
+def certificates(out: Path, hosts: list[str], sites: int, days: int) -> str:
+    """Write the CA, the SuperLink's certificate and the sites' keys; list the files."""
+    from common.certificates import write_certificates
+
+    return "\n".join(map(str, write_certificates(out, hosts, sites, days)))
+
+
 def run_directory(path: str) -> Path:
+    """``path`` as a folder, checked to hold a run's config.json and ledger.json."""
     folder = Path(path).expanduser()
     if not (folder / "config.json").is_file() or not (folder / "ledger.json").is_file():
         raise InputError(f"{folder}: not a run directory (expected config.json and ledger.json)")
@@ -106,10 +128,21 @@ def run_directory(path: str) -> Path:
 
 
 def report(folder: Path) -> str:
+    """Re-render the run's privacy report; its summary and where the files went."""
+    from server.report import write_report
+    from server.report_render import summary
+
     return summary(write_report(folder)) + f"\nWrote {folder}/privacy_report.{{json,md,html}}"
 
 
 def audit(folder: Path, canaries: int, guesses: int, users: int, seed: int) -> str:
+    """Run the canary audit of the run's mechanism, record it in ``audit.json`` and the
+    report."""
+    from client.audit import audit_mechanism
+    from common.data import load_dataset
+    from common.data.site_folder import load_catalogue_folder
+    from common.files import write_json
+
     config = RunConfig.from_mapping(json.loads((folder / "config.json").read_text()))
     catalogue = (
         load_catalogue_folder(config.catalogue_path)
@@ -135,52 +168,94 @@ def audit(folder: Path, canaries: int, guesses: int, users: int, seed: int) -> s
     return "\n".join(lines) + "\n" + report(folder)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedgraphrec", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("check-data", help="load a dataset as a run would and report")
-    split = commands.add_parser("partition", help="write one data folder per site")
-    for command in (check, split):
-        command.add_argument("--dataset", help="the dataset key (see the README)")
-        command.add_argument("--data-path", help="the data-path key")
-        command.add_argument(
+def count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per task, every option described."""
+    parser = argparse.ArgumentParser(prog="fedgraphrec", description=DESCRIPTION)
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", title="commands"
+    )
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, description=summary)
+
+    check = command("check-data", "load a dataset as a run would and report what it found")
+    split = command("partition", "split a dataset into one data folder per site for deployment")
+    for sub in (check, split):
+        sub.add_argument("--dataset", help="the dataset key: synthetic, ml-100k, csv ...")
+        sub.add_argument("--data-path", help="the data-path key: where the dataset's files are")
+        sub.add_argument(
             "-c",
             "--run-config",
             action="append",
             default=[],
             help="other keys of [tool.flwr.app.config], e.g. 'split=\"u1\" seed=3'",
         )
-    check.add_argument("--sites", type=int, default=3, help="number of sites to preview")
-    split.add_argument("--sites", type=int, required=True, help="number of sites")
+    check.add_argument(
+        "--sites", type=count(1), default=3, help="number of sites to preview (default 3)"
+    )
+    split.add_argument("--sites", type=count(1), required=True, help="number of sites")
     split.add_argument("--out", required=True, help="a new folder for the site folders")
-    certs = commands.add_parser("certs", help="TLS certificates and SuperNode keys")
+    certs = command("certs", "make TLS certificates for the SuperLink and keys for the sites")
     certs.add_argument("--out", required=True, help="folder for the files")
     certs.add_argument("--hosts", nargs="+", required=True, help="SuperLink names and IPs")
-    certs.add_argument("--sites", type=int, required=True, help="one key pair per site")
-    certs.add_argument("--days", type=int, default=365, help="certificate validity")
-    render = commands.add_parser("report", help="re-render a run's privacy report")
-    render.add_argument("run_dir")
-    audit_parser = commands.add_parser("audit", help="one-run canary audit of the mechanism")
-    audit_parser.add_argument("run_dir")
-    audit_parser.add_argument("--canaries", type=int, default=4000, help="gradient canaries")
-    audit_parser.add_argument("--guesses", type=int, default=1000, help="guesses each way")
-    audit_parser.add_argument("--users", type=int, default=200, help="synthetic users")
-    audit_parser.add_argument("--seed", type=int, default=0, help="seed of canary inclusion")
-    args = parser.parse_args(argv)
+    certs.add_argument("--sites", type=count(1), required=True, help="one key pair per site")
+    certs.add_argument(
+        "--days", type=count(1), default=365, help="certificate validity in days (default 365)"
+    )
+    render = command("report", "re-render a run's privacy report from its ledger and metrics")
+    render.add_argument("run_dir", help="the run's directory (holds config.json, ledger.json)")
+    check_run = command(
+        "audit", "run the one-run canary audit of a run's mechanism (synthetic users, no budget)"
+    )
+    check_run.add_argument("run_dir", help="the run's directory (holds config.json, ledger.json)")
+    check_run.add_argument(
+        "--canaries", type=count(1), default=4000, help="gradient canaries (default 4000)"
+    )
+    check_run.add_argument(
+        "--guesses", type=count(1), default=1000, help="guesses each way (default 1000)"
+    )
+    check_run.add_argument(
+        "--users", type=count(1), default=200, help="synthetic users beside them (default 200)"
+    )
+    check_run.add_argument(
+        "--seed", type=count(0), default=0, help="seed of canary inclusion (default 0)"
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> str:
+    """The output of the subcommand that ``args`` names."""
+    if args.command == "check-data":
+        return check_data(load_config(args), args.sites)
+    if args.command == "partition":
+        return partition(load_config(args), args.sites, Path(args.out).expanduser())
+    if args.command == "certs":
+        return certificates(Path(args.out).expanduser(), args.hosts, args.sites, args.days)
+    if args.command == "report":
+        return report(run_directory(args.run_dir))
+    folder = run_directory(args.run_dir)
+    return audit(folder, args.canaries, args.guesses, args.users, args.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        if args.command == "check-data":
-            print(check_data(load_config(args), args.sites))
-        elif args.command == "partition":
-            print(partition(load_config(args), args.sites, Path(args.out).expanduser()))
-        elif args.command == "certs":
-            out = Path(args.out).expanduser()
-            for path in write_certificates(out, args.hosts, args.sites, args.days):
-                print(path)
-        elif args.command == "report":
-            print(report(run_directory(args.run_dir)))
-        else:
-            folder = run_directory(args.run_dir)
-            print(audit(folder, args.canaries, args.guesses, args.users, args.seed))
+        print(run(args))
     except InputError as error:
         print(f"fedgraphrec: {error}", file=sys.stderr)
         return 2

@@ -37,12 +37,15 @@ class RunConfig:
     round_timeout: float
     dataset: str
     data_path: str
+    test_path: str
+    val_path: str
     catalogue_path: str
     item_text_path: str
     download: bool
     on_duplicate: str
     implicit: bool
     split: str
+    split_fraction_per: str
     val_fraction: float
     test_fraction: float
     cold_item_fraction: float
@@ -154,6 +157,7 @@ class RunConfig:
             "grad-sample-mode": (self.grad_sample_mode, ("hooks", "ghost")),
             "device": (self.device, ("auto", "cpu", "cuda")),
             "on-duplicate": (self.on_duplicate, ("error", "keep-latest")),
+            "split-fraction-per": (self.split_fraction_per, ("user", "dataset")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -208,6 +212,13 @@ class RunConfig:
                 f"sample-rate: expected 1/n for a whole number n of steps per local epoch "
                 f"(e.g. 0.1, 0.05, 0.25), got {self.sample_rate}"
             )
+        if self.test_path and self.split != "canonical":
+            raise InputError(
+                f'test-path: a test file of your own needs split = "canonical" (data-path '
+                f"is then the training set), got split = {self.split!r}"
+            )
+        if self.val_path and not self.test_path:
+            raise InputError("val-path: needs test-path too (a split of your own has a test file)")
         if self.secure_aggregation and not self.dp:
             raise InputError("secure-aggregation: needs dp = true (it sums noised gradients)")
         if self.secure_aggregation and self.secagg_min_sites < 2:

@@ -4,10 +4,10 @@ A sample is one user with that user's own interactions, at most ``degree_cap``
 of them (a uniform subsample without replacement when the user has more), padded
 to exactly ``degree_cap`` so that no tensor shape depends on other users. All
 randomness of a sample (the subsample, the ranking negatives) comes from a
-generator seeded by ``(seed, epoch, user key)``: the user key is the user's
-global index, so a user's sample does not change when other users are added to
-or removed from the site. Negatives are drawn uniformly from the public
-catalogue.
+generator seeded by ``(seed, epoch, user key)``: the user key is a stable hash
+of the user's original id (``common.data.keys``), so a user's sample does not
+change when other users are added to or removed from the site. Negatives are
+drawn uniformly from the public catalogue.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ class UserEgoGraphs(Dataset):
     Args:
         interactions: the users' training interactions; ``user`` holds local
             indices ``0..num_users-1``.
-        user_keys: ``[num_users]`` global index of each user, seeds its randomness.
+        user_keys: ``[num_users]`` stable key of each user (``common.data.keys``), seeds
+            its randomness.
         user_features: ``[num_users, F]`` float32 attributes.
         catalogue: the public catalogue (number of items, rating scale).
         degree_cap: K, the number of edges per sample.

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -61,6 +63,23 @@ def simulate(config, num_sites: int, record_to: Path) -> Path:
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )
     return out[0]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child_environment(**variables: str) -> dict[str, str]:
+    """This process's environment for the Flower processes a test starts, plus ``variables``.
+
+    The folder of this interpreter comes first on ``PATH``: the SuperLink starts
+    ``flower-superexec`` by name (and that starts ``flwr-serverapp``), so a test
+    run with a virtual environment's python, not activated, would otherwise fail
+    with "No such file or directory: 'flower-superexec'". The repository comes
+    first on ``PYTHONPATH``, so that the children import this checkout's code.
+    """
+    path = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")]))
+    python_path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return os.environ | {"PATH": path, "PYTHONPATH": python_path, **variables}
 
 
 def free_port() -> int:

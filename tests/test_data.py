@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from common.config import default_config
-from common.data import Interactions, load_dataset, load_site
+from common.data import Interactions, load_dataset, load_site, split_dataset
+from common.data.dataset import Catalogue, Dataset
+from common.data.keys import TEST_HOLDOUT, user_keys
 from common.data.partition import partition_users
 from common.data.split import holdout, make_split
 from common.data.synthetic import generate_synthetic
@@ -61,14 +63,14 @@ def test_holdout_never_empties_a_user():
     single = Interactions(
         user=np.array([0, 1, 1]), item=np.array([0, 0, 1]), rating=np.ones(3, np.float32)
     )
-    kept, held = holdout(single, 0.9, seed=0)
+    kept, held = holdout(single, user_keys(["a", "b"]), 0.9, 0, TEST_HOLDOUT)
     assert sorted(kept.user.tolist()) == [0, 1] and held.user.tolist() == [1]
 
 
 def test_time_split_without_timestamps_is_a_clear_error():
     no_time = Interactions(np.array([0]), np.array([0]), np.ones(1, np.float32))
     with pytest.raises(InputError, match="split = 'time' needs timestamps"):
-        holdout(no_time, 0.1, seed=0, by="time")
+        holdout(no_time, user_keys(["a"]), 0.1, 0, TEST_HOLDOUT, by="time")
 
 
 @pytest.mark.parametrize(
@@ -90,9 +92,11 @@ def test_column_partition_keeps_each_value_at_one_site(synthetic):
         assert len(np.unique(site[region == value])) == 1
 
 
-def test_iid_partition_is_balanced(synthetic):
-    sizes = np.bincount(partition_users(synthetic, 7, seed=5))
-    assert sizes.max() - sizes.min() <= 1
+def test_iid_partition_is_about_balanced(synthetic):
+    # Each user's site is its own uniform draw: sizes are multinomial, not exactly equal.
+    sizes = np.bincount(partition_users(synthetic, 7, seed=5), minlength=7)
+    expected = synthetic.num_users / 7
+    assert np.all(np.abs(sizes - expected) <= 4 * np.sqrt(expected))
 
 
 def test_partition_errors_name_the_key(synthetic):
@@ -114,3 +118,90 @@ def test_sites_are_disjoint_and_share_the_catalogue():
     assert total == len(load_dataset(config).interactions)
     for site in sites:
         assert site.train.user.max() < site.num_users
+
+
+def sparse_dataset(num_users: int = 2000, seed: int = 0) -> Dataset:
+    """Users with 2 to 9 interactions each, like a sparse real dataset."""
+    rng = np.random.default_rng(seed)
+    degree = rng.integers(2, 10, size=num_users)
+    items = np.concatenate([rng.choice(50, size=d, replace=False) for d in degree])
+    return Dataset(
+        name="sparse",
+        catalogue=Catalogue(tuple(map(str, range(50))), None, (1.0,)),
+        user_ids=tuple(map(str, range(num_users))),
+        interactions=Interactions(
+            np.repeat(np.arange(num_users), degree), items, np.ones(len(items), np.float32)
+        ),
+        user_features=np.zeros((num_users, 0), np.float32),
+    )
+
+
+def test_a_per_dataset_fraction_holds_out_the_configured_share_of_sparse_data():
+    sparse = sparse_dataset()
+    total = len(sparse.interactions)
+    per_user = make_split(sparse, "random", 0.1, 0.2, seed=0, per="user")
+    # floor(n * 0.2) is 0 below 5 interactions and 1 up to 9: far below 20 % (and 10 %).
+    assert len(per_user.test) / total < 0.13 and len(per_user.val) / total < 0.05
+    per_dataset = make_split(sparse, "random", 0.1, 0.2, seed=0, per="dataset")
+    assert abs(len(per_dataset.test) / total - 0.2) < 0.02
+    assert abs(len(per_dataset.val) / total - 0.1) < 0.02
+    users = sparse.num_users
+    assert np.all(np.bincount(per_dataset.train.user, minlength=users) >= 1)
+    assert len(per_dataset.train) + len(per_dataset.val) + len(per_dataset.test) == total
+
+
+def test_split_fraction_per_is_checked():
+    with pytest.raises(InputError, match="split-fraction-per: expected one of"):
+        default_config(split_fraction_per="site")
+    with pytest.raises(InputError, match=r"val-fraction \+ test-fraction: expected less than 1"):
+        make_split(sparse_dataset(20), "random", 0.5, 0.5, seed=0)
+
+
+@pytest.fixture
+def own_split(tmp_path):
+    """A training, a validation and a test file of one's own."""
+    data = generate_synthetic(num_users=30, num_items=25, seed=1)
+    inter = data.interactions
+    part = np.arange(len(inter)) % 10
+    parts = {"train": part >= 2, "val": part == 1, "test": part == 0}
+    columns = (inter.user, inter.item, inter.rating, inter.timestamp)
+    for name, rows in parts.items():
+        lines = ["user,item,rating,timestamp"] + [
+            f"{u},{i},{r:g},{t}" for u, i, r, t in zip(*(c[rows] for c in columns), strict=True)
+        ]
+        (tmp_path / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path, {name: int(rows.sum()) for name, rows in parts.items()}
+
+
+def test_a_split_of_ones_own_is_used_as_given(own_split):
+    folder, sizes = own_split
+    config = default_config(
+        dataset="csv",
+        data_path=str(folder / "train.csv"),
+        test_path=str(folder / "test.csv"),
+        val_path=str(folder / "val.csv"),
+        split="canonical",
+    )
+    split = split_dataset(load_dataset(config), config)
+    assert (len(split.train), len(split.val), len(split.test)) == (
+        sizes["train"],
+        sizes["val"],
+        sizes["test"],
+    )
+    # Without val-path, validation is carved from the training file.
+    carved = split_dataset(load_dataset(config.replace(val_path="")), config)
+    assert len(carved.test) == sizes["test"] and 0 < len(carved.val) < sizes["train"]
+
+
+def test_a_split_of_ones_own_needs_the_canonical_split_and_the_csv_loader(own_split):
+    folder, _ = own_split
+    test_path = str(folder / "test.csv")
+    with pytest.raises(InputError, match=r'test-path: .*needs split = "canonical"'):
+        default_config(dataset="csv", data_path=str(folder / "train.csv"), test_path=test_path)
+    with pytest.raises(InputError, match="val-path: needs test-path"):
+        default_config(dataset="csv", val_path=test_path, split="canonical")
+    config = default_config(
+        dataset="lightgcn", data_path=str(folder), test_path=test_path, split="canonical"
+    )
+    with pytest.raises(InputError, match='test-path: only dataset = "csv"'):
+        load_dataset(config)

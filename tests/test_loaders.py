@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from common.data.download import ensure_raw_files
-from common.data.interactions_file import load_interactions_file
+from common.data.interactions_file import load_interactions_file, read_csv
 from common.data.lightgcn import load_lightgcn
 from common.data.movielens import (
     HALF_STARS,
@@ -202,7 +202,7 @@ def test_duplicates_keep_latest(ml100k: Path, caplog: pytest.LogCaptureFixture) 
 
 
 def test_invalid_duplicate_policy(ml100k: Path) -> None:
-    with raises("on_duplicate", "'drop'", "keep-latest"):
+    with raises("on-duplicate", "'drop'", "keep-latest"):
         load_movielens_100k(ml100k, on_duplicate="drop")
 
 
@@ -230,7 +230,7 @@ def test_movielens_100k_canonical_split_checks(ml100k: Path, test_line, where, f
 
 
 def test_movielens_100k_invalid_split_name(ml100k: Path) -> None:
-    with raises("canonical_split", "'u6'", "'u1'", "'ub'"):
+    with raises("canonical split", "'u6'", "'u1'", "'ub'"):
         load_movielens_100k(ml100k, canonical_split="u6")
 
 
@@ -408,9 +408,14 @@ def test_interactions_tsv_implicit_numeric_ids(tmp_path: Path) -> None:
 
 def test_interactions_delimiter(tmp_path: Path) -> None:
     write(tmp_path / "data.txt", "user;item\n1;2\n")
-    with raises("data.txt", "delimiter"):
+    with raises("data.txt", "delimiter", "rename the file to .csv"):
         load_interactions_file(tmp_path / "data.txt")
     assert len(load_interactions_file(tmp_path / "data.txt", delimiter=";").interactions) == 1
+
+
+def test_a_folder_given_as_an_interactions_file(tmp_path: Path) -> None:
+    with raises(f"{tmp_path}: is a folder; expected a .csv, .tsv, .tab file"):
+        load_interactions_file(tmp_path)
 
 
 def test_interactions_rating_levels(tmp_path: Path) -> None:
@@ -420,15 +425,15 @@ def test_interactions_rating_levels(tmp_path: Path) -> None:
     with raises("r.csv:3:", "field 'rating'"):
         load_interactions_file(tmp_path / "r.csv", rating_levels=[1, 2, 3])
     write(tmp_path / "i.csv", "user,item\n1,2\n")
-    with raises("rating_levels", "no rating column"):
+    with raises("rating levels", "no rating column"):
         load_interactions_file(tmp_path / "i.csv", rating_levels=[1])
-    with raises("rating_levels", "non-empty"):
+    with raises("rating levels", "non-empty"):
         load_interactions_file(tmp_path / "r.csv", rating_levels=[])
 
 
 def test_interactions_encoding(tmp_path: Path) -> None:
     write(tmp_path / "r.csv", "user,item\nJosé,1\n", "latin-1")
-    with raises("r.csv:2:", "utf-8", "encoding="):
+    with raises("r.csv:2:", "utf-8", "Save the file as utf-8"):
         load_interactions_file(tmp_path / "r.csv")
     data = load_interactions_file(tmp_path / "r.csv", encoding="latin-1")
     assert data.user_ids == ("José",)
@@ -457,6 +462,56 @@ def test_interactions_bad_input(tmp_path: Path, text: str, where: str, field: st
     write(tmp_path / "r.csv", text)
     with raises(where, field):
         load_interactions_file(tmp_path / "r.csv")
+
+
+def test_header_names_match_the_expected_names_case_insensitively(tmp_path: Path) -> None:
+    # users.csv of a site folder names MovieLens features such as gender:F.
+    write(tmp_path / "users.csv", "User,GENDER:f,gender:M\n1,1.0,0.0\n")
+    table = read_csv(tmp_path / "users.csv", ("user", "gender:F", "gender:M"), (), None, "utf-8")
+    assert table.columns == {"user": ["1"], "gender:F": ["1.0"], "gender:M": ["0.0"]}
+    write(tmp_path / "users.csv", "user,gender:F,gender:X\n1,1.0,0.0\n")
+    with raises("users.csv:1:", "field 'gender:X'", "unknown column(s) ['gender:X']"):
+        read_csv(tmp_path / "users.csv", ("user", "gender:F", "gender:M"), (), None, "utf-8")
+
+
+TRAIN_CSV = "user,item,rating,timestamp\na,1,4,10\na,2,3,20\nb,2,5,30\nb,3,1,40\n"
+
+
+def test_interactions_split_of_ones_own(tmp_path: Path) -> None:
+    write(tmp_path / "train.csv", TRAIN_CSV)
+    write(tmp_path / "val.csv", "user,item,rating,timestamp\nb,1,2,50\n")
+    write(tmp_path / "test.csv", "user,item,rating,timestamp\na,3,5,60\n\nb,4,1,70\n")
+    write(tmp_path / "items.csv", "item,text\n1,One\n2,Two\n3,Three\n4,Four\n")
+    data = load_interactions_file(
+        tmp_path / "train.csv",
+        tmp_path / "items.csv",
+        test_path=tmp_path / "test.csv",
+        val_path=tmp_path / "val.csv",
+    )
+    train, test = data.canonical_split
+    assert (len(train), len(data.canonical_val), len(test)) == (4, 1, 2)
+    assert len(data.interactions) == 7 and data.user_ids == ("a", "b")
+    assert [data.catalogue.item_ids[i] for i in test.item] == ["3", "4"]
+    assert test.timestamp.tolist() == [60, 70] and data.canonical_val.rating.tolist() == [2.0]
+
+
+@pytest.mark.parametrize(
+    ("test_text", "where", "problem"),
+    [
+        ("user,item,rating,timestamp\na,3,5,60\nc,1,4,70\n", "test.csv:3:", "field 'user'"),
+        ("user,item,rating,timestamp\na,9,5,60\n", "test.csv:2:", "field 'item'"),
+        ("user,item,timestamp\na,3,60\n", "test.csv", "field 'rating'"),
+        ("user,item,rating\na,3,5\n", "test.csv", "field 'timestamp'"),
+        ("user,item,rating,timestamp\n\nb,3,2,90\n", "test.csv:3:", "train.csv:5"),
+    ],
+)
+def test_interactions_split_of_ones_own_checks(
+    tmp_path: Path, test_text: str, where: str, problem: str
+) -> None:
+    write(tmp_path / "train.csv", TRAIN_CSV)
+    write(tmp_path / "test.csv", test_text)
+    with raises(where, problem):
+        load_interactions_file(tmp_path / "train.csv", test_path=tmp_path / "test.csv")
 
 
 def test_interactions_item_text_checks(tmp_path: Path) -> None:

@@ -97,10 +97,10 @@ def test_dp_training_runs_and_accounts_every_step(mode, task):
 
 
 def test_empty_poisson_batches_are_handled():
-    """With 3 users and q = 0.1 most batches are empty; training must still step."""
+    """With 2 users and q = 0.1 most batches are empty; training must still step."""
     config = default_config(synthetic_users=30, synthetic_items=40, degree_cap=8)
     site = load_site(config, 0, 10)
-    assert site.num_users == 3
+    assert site.num_users == 2
     model = site_model(site.catalogue, config)
     mechanism = site_mechanism(config, model.size)
     result = train_locally(

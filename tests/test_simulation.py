@@ -8,7 +8,6 @@ inventory: only item-side arrays, no user-sized array, no counts with DP on.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from flower_helpers import free_port, simulate, stop_processes_of
+from flower_helpers import child_environment, free_port, simulate, stop_processes_of
 
 from common.config import default_config
 from common.data import load_site
@@ -132,12 +131,12 @@ def test_without_dp_counts_are_sent_and_declared_not_covered(tmp_path):
 
 def test_flwr_run_cli_with_isolated_flwr_home(tmp_path):
     flwr_home = tmp_path / "flwr-home"
-    env = os.environ | {
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-    }
+    env = child_environment(
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+        FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
+    )
     runs = tmp_path / "runs"
     command = [
         str(Path(sys.executable).with_name("flwr")),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from common.errors import InputError
 from common.protocol import CATALOGUE_FINGERPRINT
 
 OVERRIDES = "synthetic-users=90 synthetic-items=40"
+ML_100K = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "ml-100k"
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +34,10 @@ def folders(tmp_path_factory):
     return out
 
 
-def train_by_original_id(site, original_id_of_local_user):
+def by_user_key(site, part):
     return sorted(
-        (original_id_of_local_user[u], int(i), float(r))
-        for u, i, r in zip(site.train.user, site.train.item, site.train.rating, strict=True)
+        (int(site.user_keys[u]), int(i), float(r))
+        for u, i, r in zip(part.user, part.item, part.rating, strict=True)
     )
 
 
@@ -45,18 +47,29 @@ def test_a_site_folder_holds_exactly_the_sites_users(folders):
     for site_id in range(3):
         simulated = load_site(config, site_id, 3)
         deployed = load_site_folder(folders / f"site-{site_id}")
-        assert deployed.site_id == site_id and deployed.num_users == simulated.num_users
-        simulated_ids = [dataset.user_ids[k] for k in simulated.user_keys]
-        deployed_ids = sorted(simulated_ids, key=int)  # the folder re-indexes by original id
-        assert train_by_original_id(deployed, deployed_ids) == train_by_original_id(
-            simulated, simulated_ids
-        )
-        assert len(deployed.val) == len(simulated.val) and len(deployed.test) == len(simulated.test)
-        np.testing.assert_array_equal(
-            np.sort(deployed.user_features, axis=0), np.sort(simulated.user_features, axis=0)
-        )
+        assert deployed.site_id == site_id
+        # Same users in the same order, keyed by their original ids in both.
+        np.testing.assert_array_equal(deployed.user_keys, simulated.user_keys)
+        for name in ("train", "val", "test"):
+            assert by_user_key(deployed, getattr(deployed, name)) == by_user_key(
+                simulated, getattr(simulated, name)
+            )
+        np.testing.assert_array_equal(deployed.user_features, simulated.user_features)
     catalogue = load_catalogue_folder(folders / "catalogue")
     assert catalogue.fingerprint() == dataset.catalogue.fingerprint()
+
+
+@pytest.mark.skipif(not ML_100K.is_dir(), reason=f"MovieLens-100K not found at {ML_100K}")
+def test_movielens_site_folders_load_with_their_user_features(tmp_path):
+    """The README's walkthrough on MovieLens-100K: users.csv names features like gender:F."""
+    out = tmp_path / "fed"
+    arguments = ["--dataset", "ml-100k", "--data-path", str(ML_100K), "--sites", "2"]
+    assert fedgraphrec(["partition", *arguments, "--out", str(out)]) == 0
+    for site_id in range(2):
+        site = load_site_folder(out / f"site-{site_id}")
+        names = site.catalogue.user_feature_names
+        gender = site.user_features[:, [names.index("gender:F"), names.index("gender:M")]]
+        np.testing.assert_array_equal(gender.sum(axis=1), 1.0)
 
 
 def test_a_changed_file_fails_its_checksum(folders, tmp_path):

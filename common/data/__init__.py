@@ -44,6 +44,8 @@ def load_dataset(config: RunConfig) -> Dataset:
     dataset = _load(
         config.dataset,
         config.data_path,
+        config.test_path,
+        config.val_path,
         config.item_text_path,
         config.download,
         config.on_duplicate,
@@ -58,7 +60,9 @@ def load_dataset(config: RunConfig) -> Dataset:
 def as_implicit(dataset: Dataset) -> Dataset:
     """Every interaction as implicit feedback: rating 1.0, one rating level."""
 
-    def drop_ratings(part: Interactions) -> Interactions:
+    def drop_ratings(part: Interactions | None) -> Interactions | None:
+        if part is None:
+            return None
         return Interactions(part.user, part.item, np.ones(len(part), np.float32), part.timestamp)
 
     return dataclasses.replace(
@@ -68,6 +72,7 @@ def as_implicit(dataset: Dataset) -> Dataset:
         canonical_split=None
         if dataset.canonical_split is None
         else tuple(drop_ratings(p) for p in dataset.canonical_split),
+        canonical_val=drop_ratings(dataset.canonical_val),
     )
 
 
@@ -75,6 +80,8 @@ def as_implicit(dataset: Dataset) -> Dataset:
 def _load(
     kind: str,
     data_path: str,
+    test_path: str,
+    val_path: str,
     item_text_path: str,
     download: bool,
     on_duplicate: str,
@@ -85,6 +92,9 @@ def _load(
 ) -> Dataset:
     if kind not in DATASETS:
         raise InputError(f"dataset: expected one of {DATASETS}, got {kind!r}")
+    if kind != "csv" and (test_path or val_path):
+        key = "test-path" if test_path else "val-path"
+        raise InputError(f'{key}: only dataset = "csv" reads a split of your own, got {kind!r}')
     if kind == "synthetic":
         return generate_synthetic(synthetic_users, synthetic_items, seed)
     if not data_path:
@@ -99,7 +109,13 @@ def _load(
         return load_movielens_dat(root, on_duplicate=on_duplicate)
     if kind == "lightgcn":
         return load_lightgcn(path, on_duplicate=on_duplicate)
-    return load_interactions_file(path, item_text_path or None, on_duplicate=on_duplicate)
+    return load_interactions_file(
+        path,
+        Path(item_text_path).expanduser() if item_text_path else None,
+        test_path=Path(test_path).expanduser() if test_path else None,
+        val_path=Path(val_path).expanduser() if val_path else None,
+        on_duplicate=on_duplicate,
+    )
 
 
 def split_dataset(dataset: Dataset, config: RunConfig) -> Split:
@@ -112,6 +128,7 @@ def split_dataset(dataset: Dataset, config: RunConfig) -> Split:
         config.test_fraction,
         config.seed,
         config.cold_item_fraction,
+        config.split_fraction_per,
     )
 
 

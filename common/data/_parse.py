@@ -30,7 +30,7 @@ _INTEGER = re.compile(r"[+-]?[0-9]+")
 def check_on_duplicate(on_duplicate: str) -> None:
     """Raise unless ``on_duplicate`` names a policy in :data:`ON_DUPLICATE`."""
     if on_duplicate not in ON_DUPLICATE:
-        raise InputError(f"on_duplicate: expected one of {ON_DUPLICATE}, got {on_duplicate!r}")
+        raise InputError(f"on-duplicate: expected one of {ON_DUPLICATE}, got {on_duplicate!r}")
 
 
 def read_text(path: Path, encodings: Sequence[str], remedy: str = "") -> str:
@@ -277,7 +277,7 @@ def drop_duplicates(
         raise file_error(
             part.path,
             f"user {user!r} and item {item!r} appear again (first on {seen}); "
-            "on_duplicate='keep-latest' keeps the latest of such rows",
+            'set on-duplicate = "keep-latest" to keep the latest of such rows',
             line=line,
             field="item",
         )
@@ -286,7 +286,7 @@ def drop_duplicates(
     involved = np.concatenate([order[repeated], order[repeated + 1]])
     files = sorted({str(parts[p].path) for p in np.searchsorted(starts, involved, "right") - 1})
     logger.warning(
-        "%s: replaced %d duplicate (user, item) rows by the latest (on_duplicate='keep-latest')",
+        '%s: replaced %d duplicate (user, item) rows by the latest (on-duplicate = "keep-latest")',
         ", ".join(files),
         len(repeated),
     )

@@ -110,7 +110,11 @@ class Dataset:
             partitioning, e.g. ``{"occupation": array([...])}``.
         canonical_split: the source's own (train, test) split when the source
             defines one (MovieLens ``u1``..``u5``, ``ua``, ``ub``; LightGCN
-            ``train.txt``/``test.txt``), else ``None``.
+            ``train.txt``/``test.txt``; the ``csv`` loader's ``data-path`` and
+            ``test-path``), else ``None``.
+        canonical_val: the source's own validation set (the ``csv`` loader's
+            ``val-path``), apart from both parts of ``canonical_split``; ``None``
+            when validation is to be carved from the canonical training set.
     """
 
     name: str
@@ -120,6 +124,7 @@ class Dataset:
     user_features: np.ndarray
     user_columns: dict[str, np.ndarray] = field(default_factory=dict)
     canonical_split: tuple[Interactions, Interactions] | None = None
+    canonical_val: Interactions | None = None
 
     @property
     def num_users(self) -> int:

@@ -3,11 +3,13 @@
 Format of the interactions file:
 
 * Delimiter: ``,`` for ``.csv``, a tab for ``.tsv`` and ``.tab``; for any other
-  extension it must be given (``delimiter``, which when given applies to the
-  item-text file too). Fields are parsed by :mod:`csv` (Excel dialect), so a
-  field holding the delimiter, a quote or a line break is written in double
-  quotes, with ``""`` for a quote inside.
-* Header: required. Column names are case-insensitive and trimmed of
+  extension it must be given (the ``delimiter`` argument of the Python
+  functions, which when given applies to every file; a run's configuration
+  has no such key, so rename such a file). Fields are parsed by :mod:`csv`
+  (Excel dialect), so a field holding the delimiter, a quote or a line break
+  is written in double quotes, with ``""`` for a quote inside.
+* Header: required. Column names are case-insensitive (matched to the names
+  the reader expects, e.g. ``gender:F``) and trimmed of
   surrounding spaces: ``user`` and ``item`` are required, ``rating`` and
   ``timestamp`` optional, and any other column is an error (to catch typos).
 * Values are trimmed of surrounding spaces. User and item ids are non-empty
@@ -24,7 +26,12 @@ Format of the interactions file:
 
 The rating scale (``Catalogue.rating_levels``) is public schema, shared by every
 site: it is ``rating_levels`` when given (every rating must be one of them),
-else the sorted distinct ratings present in the file.
+else the sorted distinct ratings present in the files.
+
+A split of one's own (``test-path``, optionally ``val-path``; same format and
+columns): the interactions file is then the training set and the other files
+are kept as given, as the dataset's canonical split. Their users must have
+training interactions and their items must be in the catalogue.
 
 The optional item-text file (same delimiter rules) has the header ``item,text``
 and one row per item: it defines the catalogue, so every item of the
@@ -52,7 +59,7 @@ from common.data._parse import (
     sorted_ids,
     table_interactions,
 )
-from common.data.dataset import Catalogue, Dataset
+from common.data.dataset import Catalogue, Dataset, Interactions
 from common.errors import InputError, file_error
 
 DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
@@ -63,6 +70,8 @@ def load_interactions_file(
     path: str | Path,
     item_text_path: str | Path | None = None,
     *,
+    test_path: str | Path | None = None,
+    val_path: str | Path | None = None,
     delimiter: str | None = None,
     encoding: str = "utf-8",
     rating_levels: Sequence[float] | None = None,
@@ -71,45 +80,91 @@ def load_interactions_file(
 ) -> Dataset:
     """Load interactions (and optionally item texts) from CSV/TSV files.
 
-    See the module docstring for the format. ``on_duplicate`` decides what a
-    repeated (user, item) pair does: ``"error"``, or ``"keep-latest"`` which
-    keeps the row with the latest timestamp (ties, or no timestamp column: the
-    later line). ``name`` defaults to the file name without its extension.
+    See the module docstring for the format. ``test_path`` and ``val_path``
+    (optional, same format) give a split of one's own: ``path`` is then the
+    training set, and ``Dataset.canonical_split`` / ``canonical_val`` hold the
+    parts as given. Their users must have training interactions in ``path``,
+    their items must be in the catalogue, and they need the same optional
+    columns as ``path``. ``on_duplicate`` decides what a repeated (user, item)
+    pair does, within a file or across the files: ``"error"``, or
+    ``"keep-latest"`` which keeps the row with the latest timestamp (ties, or no
+    timestamp column: the later line, ``path`` before ``val_path`` before
+    ``test_path``). ``name`` defaults to the file name without its extension.
     """
-    path = Path(path)
     check_on_duplicate(on_duplicate)
-    levels = _levels(rating_levels)
-    table = read_csv(path, ("user", "item"), ("rating", "timestamp"), delimiter, encoding)
-    if "rating" in table.columns:
-        rating = table.floats("rating", "a number")
-        if levels is None:
-            levels = tuple(np.unique(rating).tolist())
-        table.check_in("rating", rating, levels, f"a rating in {levels}")
-    elif levels is None:
-        rating, levels = np.ones(len(table)), (1.0,)
-    else:
-        raise InputError(f"rating_levels: {path} has no rating column to check them against")
-
+    paths = [Path(p) for p in (path, val_path, test_path) if p is not None]
+    tables = [
+        read_csv(p, ("user", "item"), ("rating", "timestamp"), delimiter, encoding) for p in paths
+    ]
+    train = tables[0]
+    for table in tables[1:]:
+        _check_same_columns(train, table)
+    ratings, levels = _ratings(tables, _levels(rating_levels))
     if item_text_path is None:
-        item_ids, item_text, items_from = sorted_ids(table.columns["item"]), None, str(path)
+        item_ids, item_text = sorted_ids(train.columns["item"]), None
+        items_from = f"the training data {train.path}"
     else:
         texts = read_csv(Path(item_text_path), ("item", "text"), (), delimiter, encoding)
         item_ids, rows = texts.distinct("item")
         item_text = tuple(texts.columns["text"][row] for row in rows)
-        items_from = str(item_text_path)
-    user_ids = sorted_ids(table.columns["user"])
-    timestamp = parse_timestamps(table) if "timestamp" in table.columns else None
-    located = table_interactions(
-        table, user_ids, item_ids, rating, timestamp, users_from=str(path), items_from=items_from
-    )
-    (interactions,) = drop_duplicates([located], on_duplicate, user_ids, item_ids)
+        items_from = f"the item-text file {item_text_path}"
+    user_ids = sorted_ids(train.columns["user"])
+    located = [
+        table_interactions(
+            table,
+            user_ids,
+            item_ids,
+            rating,
+            parse_timestamps(table) if "timestamp" in table.columns else None,
+            users_from=f"the training data {train.path}",
+            items_from=items_from,
+        )
+        for table, rating in zip(tables, ratings, strict=True)
+    ]
+    parts = drop_duplicates(located, on_duplicate, user_ids, item_ids)
     return Dataset(
-        name=name or path.stem,
+        name=name or train.path.stem,
         catalogue=Catalogue(item_ids=item_ids, item_text=item_text, rating_levels=levels),
         user_ids=user_ids,
-        interactions=interactions,
+        interactions=Interactions.concat(parts),
         user_features=np.zeros((len(user_ids), 0), dtype=np.float32),
+        canonical_split=None if test_path is None else (parts[0], parts[-1]),
+        canonical_val=None if val_path is None else parts[1],
     )
+
+
+def _check_same_columns(train: Table, other: Table) -> None:
+    """Raise unless ``other`` has the optional columns that ``train`` has, and no others."""
+    for column in ("rating", "timestamp"):
+        if (column in train.columns) != (column in other.columns):
+            has, lacks = (other, train) if column in other.columns else (train, other)
+            raise file_error(
+                other.path,
+                f"{has.path} has a {column} column and {lacks.path} has none; "
+                "the files of one split need the same columns",
+                field=column,
+            )
+
+
+def _ratings(
+    tables: list[Table], levels: tuple[float, ...] | None
+) -> tuple[list[np.ndarray], tuple[float, ...]]:
+    """Each table's ratings and the rating scale (``levels``, else the ratings present).
+
+    Without a rating column every rating is 1.0 and the scale is ``(1.0,)``.
+    """
+    if "rating" not in tables[0].columns:
+        if levels is not None:
+            raise InputError(
+                f"rating levels: {tables[0].path} has no rating column to check them against"
+            )
+        return [np.ones(len(table)) for table in tables], (1.0,)
+    ratings = [table.floats("rating", "a number") for table in tables]
+    if levels is None:
+        levels = tuple(np.unique(np.concatenate(ratings)).tolist())
+    for table, rating in zip(tables, ratings, strict=True):
+        table.check_in("rating", rating, levels, f"a rating in {levels}")
+    return ratings, levels
 
 
 def read_csv(
@@ -123,15 +178,19 @@ def read_csv(
 
     A field of a ``required`` column may not be empty.
     """
+    if path.is_dir():
+        raise file_error(path, f"is a folder; expected a {', '.join(DELIMITERS)} file")
     if delimiter is None:
         if path.suffix.lower() not in DELIMITERS:
             raise file_error(
                 path,
-                f"cannot tell the delimiter from the extension {path.suffix!r} "
-                f"(known: {', '.join(DELIMITERS)}); pass delimiter=',' or delimiter='\\t'",
+                f"cannot tell the delimiter from the extension {path.suffix!r}; "
+                "rename the file to .csv (comma-separated) or .tsv (tab-separated)",
             )
         delimiter = DELIMITERS[path.suffix.lower()]
-    text = read_text(path, (encoding,), "Pass encoding= the file's encoding, e.g. 'latin-1'.")
+    text = read_text(
+        path, (encoding,), f"Save the file as {encoding} (e.g. iconv -f latin-1 -t {encoding})."
+    )
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     rows: list[list[str]] = []
     line: list[int] = []
@@ -155,12 +214,18 @@ def read_csv(
 def _header(
     path: Path, names: list[str], line: int, required: Sequence[str], optional: Sequence[str]
 ) -> list[str]:
-    """The lower-cased column names of a header row, checked against the allowed ones."""
-    columns = [name.lower() for name in names]
+    """The column names of a header row, matched case-insensitively to the allowed ones.
+
+    Returns each column's name as spelled in ``required`` or ``optional`` (e.g.
+    ``GENDER:f`` in the file is column ``gender:F``).
+    """
+    exact = {*required, *optional}
+    folded = {name.lower(): name for name in exact}
+    columns = [name if name in exact else folded.get(name.lower(), name) for name in names]
     expected = f"expected the columns {', '.join(required)}" + (
         f" and optionally {', '.join(optional)}" if optional else ""
     )
-    unknown = [name for name in names if name.lower() not in (*required, *optional)]
+    unknown = [name for name in names if name not in exact and name.lower() not in folded]
     if unknown:
         raise file_error(
             path, f"unknown column(s) {unknown}; {expected}", line=line, field=unknown[0]
@@ -180,7 +245,7 @@ def _levels(rating_levels: Sequence[float] | None) -> tuple[float, ...] | None:
     levels = tuple(sorted({float(level) for level in rating_levels}))
     if not levels or not np.isfinite(levels).all():
         raise InputError(
-            f"rating_levels: expected a non-empty list of finite numbers, got {rating_levels!r}"
+            f"rating levels: expected a non-empty list of finite numbers, got {rating_levels!r}"
         )
     return levels
 

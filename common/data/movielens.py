@@ -118,7 +118,7 @@ def load_movielens_100k(
     check_on_duplicate(on_duplicate)
     if canonical_split is not None and canonical_split not in ML_100K_SPLITS:
         raise InputError(
-            f"canonical_split: expected one of {ML_100K_SPLITS} or None, got {canonical_split!r}"
+            f"canonical split: expected one of {ML_100K_SPLITS} or None, got {canonical_split!r}"
         )
     genres = ML_100K_GENRES
     if (root / "u.genre").is_file():

@@ -2,14 +2,27 @@
 
 Schemes (all deterministic by seed):
 
-- ``iid``: a random permutation of the users cut into equal parts.
+- ``iid``: each user's site is uniform over the sites, drawn with the user's own
+  keyed uniform (:mod:`common.data.keys`); sites hold about equal numbers of
+  users, not exactly equal ones.
 - ``dirichlet``: users are grouped (by a user column, or by behaviour clusters
-  when no column is given); each group's users are spread over the sites by
-  proportions drawn from ``Dirichlet(alpha, ..., alpha)``. Small ``alpha``
-  makes sites very different; large ``alpha`` approaches ``iid``.
+  when no column is given); each group gets site proportions drawn from
+  ``Dirichlet(alpha, ..., alpha)`` with the group's own generator (keyed by the
+  group's value), and each user's keyed uniform picks the user's site from the
+  proportions of the user's group. Small ``alpha`` makes sites very different;
+  large ``alpha`` approaches ``iid``.
 - ``column``: every value of a user column (e.g. occupation, zip region) goes
   whole to one site; values are dealt largest first to the site with the
   fewest users so far.
+
+With ``iid`` and with ``dirichlet`` over a user column, a user's site depends
+only on the seed, the user's key and the user's own attributes, so removing a
+user moves no other user. Behaviour clusters (``dirichlet`` without a column)
+are k-means over every user's items and so depend on all users: they are a
+simulation device for non-IID sites, not part of the DP mechanism (the
+partition happens before training and is not released; in deployment each
+site owns its users and no partition is computed). Likewise ``column`` deals
+whole values by their sizes.
 
 A scheme that would leave a site without users raises :class:`InputError`.
 """
@@ -19,6 +32,14 @@ from __future__ import annotations
 import numpy as np
 
 from common.data.dataset import Dataset
+from common.data.keys import (
+    GROUP_SHARES,
+    SITE,
+    keyed_generator,
+    keyed_uniforms,
+    stable_key,
+    user_keys,
+)
 from common.errors import InputError
 
 SCHEMES = ("iid", "dirichlet", "column")
@@ -37,10 +58,8 @@ def partition_users(
         raise InputError(f"number of sites: expected at least 1, got {num_sites}")
     if scheme not in SCHEMES:
         raise InputError(f"partition: expected one of {SCHEMES}, got {scheme!r}")
-    rng = np.random.default_rng(seed)
     if scheme == "iid":
-        site = np.empty(dataset.num_users, dtype=np.int64)
-        site[rng.permutation(dataset.num_users)] = np.arange(dataset.num_users) % num_sites
+        site = _sites_by_share(_site_uniforms(dataset, seed), np.full(num_sites, 1.0 / num_sites))
     elif scheme == "column":
         site = _deal_groups(_user_column(dataset, column, scheme), num_sites)
     else:
@@ -51,12 +70,12 @@ def partition_users(
             if column
             else behaviour_clusters(dataset, num_clusters=10, seed=seed)
         )
-        site = _dirichlet(groups, num_sites, alpha, rng)
+        site = _dirichlet(groups, _site_uniforms(dataset, seed), num_sites, alpha, seed)
     empty = sorted(set(range(num_sites)) - set(np.unique(site).tolist()))
     if empty:
         raise InputError(
             f"partition = {scheme!r} left site(s) {empty} without users out of {num_sites}; "
-            "use fewer sites, a larger dirichlet-alpha, or another partition-column"
+            "use fewer sites, another seed, a larger dirichlet-alpha, or another partition-column"
         )
     return site
 
@@ -80,16 +99,25 @@ def _deal_groups(groups: np.ndarray, num_sites: int) -> np.ndarray:
     return site_of_value[inverse]
 
 
+def _site_uniforms(dataset: Dataset, seed: int) -> np.ndarray:
+    """Each user's keyed uniform in [0, 1) that picks the user's site."""
+    return keyed_uniforms(seed, SITE, user_keys(dataset.user_ids))
+
+
+def _sites_by_share(uniform: np.ndarray, shares: np.ndarray) -> np.ndarray:
+    """The site whose slice of [0, 1), in proportion to ``shares``, holds each uniform."""
+    bounds = np.cumsum(shares)[:-1] / shares.sum()
+    return np.searchsorted(bounds, uniform, side="right").astype(np.int64)
+
+
 def _dirichlet(
-    groups: np.ndarray, num_sites: int, alpha: float, rng: np.random.Generator
+    groups: np.ndarray, uniform: np.ndarray, num_sites: int, alpha: float, seed: int
 ) -> np.ndarray:
     site = np.empty(len(groups), dtype=np.int64)
     for value in np.unique(groups):
-        members = rng.permutation(np.flatnonzero(groups == value))
-        shares = rng.dirichlet(np.full(num_sites, alpha))
-        cuts = np.round(np.cumsum(shares)[:-1] * len(members)).astype(np.int64)
-        for s, part in enumerate(np.split(members, cuts)):
-            site[part] = s
+        members = groups == value
+        rng = keyed_generator(seed, GROUP_SHARES, stable_key(str(value)))
+        site[members] = _sites_by_share(uniform[members], rng.dirichlet(np.full(num_sites, alpha)))
     return site
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.data.dataset import Catalogue, Dataset, Interactions
+from common.data.keys import user_keys
 from common.data.split import Split
 
 
@@ -17,7 +18,9 @@ class SiteData:
     Attributes:
         site_id: index of the site.
         catalogue: the public catalogue (identical at every site).
-        user_keys: global index of each local user (local index = position).
+        user_keys: the stable key of each local user (local index = position),
+            from the user's original id (:mod:`common.data.keys`): it seeds the
+            user's randomness and names the user in the site's private state.
         user_features: ``[num_users, F]`` attributes of the local users.
         train, val, test: interactions with ``user`` = local index.
         cold: the site's interactions with held-out cold-start items.
@@ -40,10 +43,10 @@ class SiteData:
 
 
 def site_view(dataset: Dataset, split: Split, site_of_user: np.ndarray, site_id: int) -> SiteData:
-    """Restrict ``split`` to the users of ``site_id`` and re-index them locally."""
-    user_keys = np.flatnonzero(site_of_user == site_id)
+    """Restrict ``split`` to the users of ``site_id`` and re-index them locally (in id order)."""
+    members = np.flatnonzero(site_of_user == site_id)
     local = np.full(dataset.num_users, -1, dtype=np.int64)
-    local[user_keys] = np.arange(len(user_keys))
+    local[members] = np.arange(len(members))
 
     def restrict(part: Interactions) -> Interactions:
         mine = part.select(local[part.user] >= 0)
@@ -52,8 +55,8 @@ def site_view(dataset: Dataset, split: Split, site_of_user: np.ndarray, site_id:
     return SiteData(
         site_id=site_id,
         catalogue=dataset.catalogue,
-        user_keys=user_keys,
-        user_features=dataset.user_features[user_keys],
+        user_keys=user_keys([dataset.user_ids[u] for u in members]),
+        user_features=dataset.user_features[members],
         train=restrict(split.train),
         val=restrict(split.val),
         test=restrict(split.test),

@@ -22,8 +22,9 @@ checks that its own catalogue is the same (:meth:`Catalogue.fingerprint`).
 
 A site that prepares its own folder writes the same files; the manifest's
 checksums catch a file changed or truncated after it was written. A site's
-users are keyed for their randomness by a hash of their original id, so a
-user's samples do not depend on the other users at the site.
+users are keyed for their randomness by a hash of their original id
+(:mod:`common.data.keys`), as in simulation, so a user's samples do not depend
+on the other users at the site and equal the user's samples in simulation.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import numpy as np
 from common.data._parse import drop_duplicates, sorted_ids, table_interactions
 from common.data.dataset import Catalogue, Dataset, Interactions
 from common.data.interactions_file import parse_timestamps, read_csv
+from common.data.keys import user_keys
 from common.data.site import SiteData
 from common.data.split import Split
 from common.errors import file_error
@@ -217,7 +219,7 @@ def load_site_folder(folder: str | Path) -> SiteData:
     return SiteData(
         site_id=int(manifest["site-id"]),
         catalogue=catalogue,
-        user_keys=np.array([_user_key(u) for u in user_ids], dtype=np.int64),
+        user_keys=user_keys(user_ids),
         user_features=features,
         train=parts["train"],
         val=parts.get("val", Interactions.empty()),
@@ -237,8 +239,3 @@ def _read_manifest(path: Path) -> dict:
     except (ValueError, KeyError, TypeError) as error:
         raise file_error(path, f"expected JSON with 'site-id' and 'sha256' ({error})") from None
     return manifest
-
-
-def _user_key(user_id: str) -> int:
-    """A stable 63-bit key of an original user id (seeds the user's own randomness)."""
-    return int.from_bytes(hashlib.sha256(user_id.encode()).digest()[:8], "big") >> 1
