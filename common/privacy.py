@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, fields
 from common.accounting import Event, epsilon, independent_epsilon, noise_multiplier_for
 from common.config import RunConfig
 from common.distributed_noise import IntegerCode
+from common.errors import InputError
 from common.protocol import (
     DECLINED,
     ITEM_COUNTS,
@@ -135,12 +136,7 @@ def site_mechanism(config: RunConfig, dimension: int) -> Mechanism:
     if not config.secure_aggregation:
         sigma = config.noise_multiplier
         if config.target_epsilon is not None:
-            sigma = noise_multiplier_for(
-                config.target_epsilon,
-                config.delta,
-                config.accountant,
-                Event(0.0, config.sampling_probability, steps),
-            )
+            sigma = _planned(config, Event(0.0, config.sampling_probability, steps))
         return Mechanism(noise_multiplier=sigma, noise_share=sigma, **common)
 
     def code(sigma: float) -> IntegerCode:
@@ -151,15 +147,36 @@ def site_mechanism(config: RunConfig, dimension: int) -> Mechanism:
     sigma = config.noise_multiplier
     if config.target_epsilon is not None:
         unit = code(1.0)  # the rounding's share of the sensitivity does not depend on sigma
-        z = noise_multiplier_for(
-            config.target_epsilon,
-            config.delta,
-            config.accountant,
+        z = _planned(
+            config,
             Event(0.0, config.sampling_probability, steps, discrete=True, dimension=unit.padded),
         )
         sigma = z / unit.accounted_noise_multiplier
     share = sigma / math.sqrt(config.secagg_min_sites)
     return Mechanism(noise_multiplier=sigma, noise_share=share, code=code(sigma), **common)
+
+
+MAX_NOISE_MULTIPLIER = 100.0
+"""Beyond this sigma the noise swamps any gradient: a target that needs more cannot work."""
+
+
+def _planned(config: RunConfig, planned: Event) -> float:
+    """The noise multiplier that meets ``target-epsilon`` over the run, or an InputError that
+    says which settings cannot work and what to change."""
+    target = config.target_epsilon
+    try:
+        sigma = noise_multiplier_for(target, config.delta, config.accountant, planned)
+    except ValueError:
+        sigma = math.inf
+    if sigma > MAX_NOISE_MULTIPLIER:
+        raise InputError(
+            f"target-epsilon: {target} at delta {config.delta:g} over {planned.steps} steps "
+            f"({config.num_server_rounds} rounds of {config.steps_per_round} at sample-rate "
+            f"{config.sampling_probability:g}) needs noise-multiplier > {MAX_NOISE_MULTIPLIER:g}, "
+            "which leaves nothing to learn; raise target-epsilon, or lower num-server-rounds, "
+            "local-epochs or sample-rate"
+        )
+    return sigma
 
 
 @dataclass(frozen=True)
@@ -178,6 +195,9 @@ class LedgerEntry:
         single_message_epsilon: epsilon against a party that sees this site's
             messages alone (its own noise share); equal to ``epsilon``
             without secure aggregation.
+        run_epsilon, earlier_epsilon: epsilon of this run's entries alone and of
+            the entries of earlier runs alone (``epsilon`` composes both), so a
+            report can say how much of the total this run spent.
         discrete, accounted_noise_multiplier, single_message_noise_multiplier,
             tau, dimension: the accountant's view of the round
             (``common.accounting.Event``), for both epsilons.
@@ -201,6 +221,8 @@ class LedgerEntry:
     single_message_noise_multiplier: float
     tau: float
     dimension: int
+    run_epsilon: float
+    earlier_epsilon: float
 
     def as_dict(self) -> dict[str, object]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
@@ -215,6 +237,8 @@ class LedgerEntry:
         given.setdefault("single_message_noise_multiplier", given["noise_share"])
         given.setdefault("tau", 0.0)
         given.setdefault("dimension", 0)
+        given.setdefault("run_epsilon", math.nan)
+        given.setdefault("earlier_epsilon", math.nan)
         return cls(**{f.name: given[f.name] for f in fields(cls)})
 
     def metrics(self) -> dict[str, float]:
@@ -246,6 +270,8 @@ LEDGER_METRICS = (
     "epsilon",
     "independent-epsilon",
     "single-message-epsilon",
+    "run-epsilon",
+    "earlier-epsilon",
     "delta",
     "noise-multiplier",
     "steps",
@@ -285,18 +311,24 @@ def ledger_entry(
         single_message_noise_multiplier=single.noise_multiplier,
         tau=event.tau,
         dimension=event.dimension,
+        run_epsilon=math.inf,
+        earlier_epsilon=math.inf,
     )
     entries = [*earlier, entry]
     if any(e.without_noise for e in entries):
         return entry
     events, singles = ledger_events(entries), ledger_events(entries, single_message=True)
     delta, kind = mechanism.delta, mechanism.accountant
+    this_run = ledger_events(e for e in entries if e.run == run)
+    before = ledger_events(e for e in entries if e.run != run)
     return LedgerEntry(
         **{
             **asdict(entry),
             "epsilon": epsilon(events, delta, kind),
             "independent_epsilon": independent_epsilon(events, delta, kind),
             "single_message_epsilon": epsilon(singles, delta, kind),
+            "run_epsilon": epsilon(this_run, delta, kind),
+            "earlier_epsilon": epsilon(before, delta, kind),
         }
     )
 
@@ -392,7 +424,13 @@ def released_quantities(config: RunConfig) -> list[Release]:
         releases += [
             *(
                 Release("metrics", key, "train", True, public)
-                for key in ("epsilon", "independent-epsilon", "single-message-epsilon")
+                for key in (
+                    "epsilon",
+                    "independent-epsilon",
+                    "single-message-epsilon",
+                    "run-epsilon",
+                    "earlier-epsilon",
+                )
             ),
             Release("metrics", "delta", "train", True, "public configuration"),
             Release("metrics", "noise-multiplier", "train", True, "planned from public keys"),

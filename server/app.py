@@ -8,11 +8,18 @@ site, so later rounds have a baseline; then every round trains at the sites,
 aggregates the item side (``server.strategy``), evaluates, and rewrites the run
 directory (``server.run_directory``). With ``secure-aggregation = true`` the
 rounds after round 0 run through SecAgg+ instead (``server.secure_aggregation``).
+
+A run that cannot work stops at once and is marked failed: invalid
+configuration or data, or a round that no site completed
+(``server.round_book.NoSiteCompleted``). The ServerApp then raises, so Flower
+marks the run failed (``flwr ls``), ``status.json`` in the run directory says
+``failed`` with the reason, and the log's last line says why. A round in which
+only some sites fail goes on with the others.
 """
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 
 import torch
@@ -22,13 +29,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
 from common.data import load_dataset
-from common.data.site_folder import load_catalogue_folder
+from common.data.site_folder import catalogue_folder_dataset, load_catalogue_folder
 from common.errors import InputError
-from common.model import build_model, item_side_size
+from common.model import build_model
 from common.privacy import site_mechanism
 from common.protocol import CATALOGUE_FINGERPRINT, RUN_NAME
 from server.report import write_report
-from server.report_render import summary
+from server.report_render import round_line, summary
 from server.round_book import RoundBook
 from server.run_directory import RunDirectory
 from server.secure_aggregation import run_secure_aggregation
@@ -39,7 +46,12 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run(grid, RunConfig.from_mapping(context.run_config), context)
+    try:
+        config = RunConfig.from_mapping(context.run_config)
+    except InputError as error:
+        log(ERROR, "Run failed: %s", error)
+        raise
+    run(grid, config, context)
 
 
 def run(
@@ -51,57 +63,84 @@ def run(
     legacy workflow) needs it. ``keep_models`` keeps every round's model in the
     run directory (benchmarks choose a round by validation).
     """
-    catalogue = (
-        load_catalogue_folder(config.catalogue_path)
-        if config.catalogue_path
-        else load_dataset(config).catalogue
-    )
-    torch.manual_seed(config.seed)
-    model = build_model(catalogue, config)
-    if config.initial_model:
-        load_initial_model(model, config.initial_model)
-    arrays = ArrayRecord(model.state_dict())
-    book = RoundBook()
-    strategy = ItemSideFedAvg(arrays, config.dp, config.min_sites, book, config.evaluates_in)
-    out = RunDirectory.create(config, keep_models)
+    try:
+        if config.catalogue_path:
+            catalogue = load_catalogue_folder(config.catalogue_path)
+            dataset = catalogue_folder_dataset(config.catalogue_path)
+        else:
+            loaded = load_dataset(config)
+            catalogue, dataset = loaded.catalogue, loaded.name
+        torch.manual_seed(config.seed)
+        model = build_model(catalogue, config)
+        if config.initial_model:
+            load_initial_model(model, config.initial_model)
+        mechanism = site_mechanism(config, model.size)  # fails here if the budget cannot work
+    except InputError as error:
+        log(ERROR, "Run failed: %s", error)
+        raise
+    out = RunDirectory.create(config, dataset, keep_models)
     log(INFO, "Run directory: %s", out.path)
     instruction = config.to_mapping() | {
         RUN_NAME: out.path.name,
         CATALOGUE_FINGERPRINT: catalogue.fingerprint(),
     }
-
-    replies = grid.send_and_receive(
-        strategy.configure_evaluate(0, arrays, ConfigRecord(instruction), grid),
-        timeout=config.round_timeout,
-    )
-    strategy.aggregate_evaluate(0, replies)
-    out.write_round(arrays, book)
-    if config.secure_aggregation:
-        code = site_mechanism(config, item_side_size(catalogue, config)).code
-        run_secure_aggregation(grid, context, config, model, code, instruction, out, book)
-    else:
-        strategy.start(
-            grid=grid,
-            initial_arrays=arrays,
-            num_rounds=config.num_server_rounds,
-            timeout=config.round_timeout,
-            train_config=ConfigRecord(instruction),
-            evaluate_config=ConfigRecord(instruction),
-            evaluate_fn=lambda server_round, new_arrays: end_of_round(
-                server_round, new_arrays, book, out
-            ),
-        )
+    book = RoundBook()
+    try:
+        arrays = ArrayRecord(model.state_dict())
+        strategy = ItemSideFedAvg(arrays, config.dp, config.min_sites, book, config.evaluates_in)
+        evaluate(grid, strategy, 0, arrays, instruction, config)
+        end_of_round(0, arrays, book, out)
+        if config.secure_aggregation:
+            run_secure_aggregation(
+                grid, context, config, model, mechanism.code, instruction, out, book
+            )
+        else:
+            for server_round in range(1, config.num_server_rounds + 1):
+                replies = grid.send_and_receive(
+                    strategy.configure_train(server_round, arrays, ConfigRecord(instruction), grid),
+                    timeout=config.round_timeout,
+                )
+                arrays = strategy.aggregate_train(server_round, replies)[0] or arrays
+                if book.stopped_after is None:
+                    evaluate(grid, strategy, server_round, arrays, instruction, config)
+                end_of_round(server_round, arrays, book, out)
+                if book.stopped_after is not None:
+                    break
+    except Exception as error:
+        reason = str(error) if isinstance(error, InputError) else f"{type(error).__name__}: {error}"
+        out.write_round(ArrayRecord(model.state_dict()), book)  # what happened, failures too
+        out.finish(failed=reason)
+        log(ERROR, "Run failed: %s (run directory %s)", reason, out.path)
+        raise
+    out.finish()
     report = write_report(out.path)
     log(INFO, "Summary:\n%s\nRun directory: %s", summary(report), out.path)
     return out.path
 
 
+def evaluate(
+    grid: Grid,
+    strategy: ItemSideFedAvg,
+    server_round: int,
+    arrays: ArrayRecord,
+    instruction: dict,
+    config: RunConfig,
+) -> None:
+    """The federated evaluation of a round (none when the round does not evaluate)."""
+    replies = grid.send_and_receive(
+        strategy.configure_evaluate(server_round, arrays, ConfigRecord(instruction), grid),
+        timeout=config.round_timeout,
+    )
+    strategy.aggregate_evaluate(server_round, replies)
+
+
 def end_of_round(
     server_round: int, arrays: ArrayRecord, book: RoundBook, out: RunDirectory
 ) -> None:
-    """Flower calls this after every round (as its evaluate_fn): note the time, persist."""
+    """Note the time, persist the run directory, log the round in one line."""
     book.finish(server_round)
     out.write_round(arrays, book)
+    log(INFO, "%s", round_line(server_round, book.round(server_round)))
 
 
 def load_initial_model(model: torch.nn.Module, path: str) -> None:

@@ -141,12 +141,19 @@ def _site_summary(entries: list[dict[str, Any]], config: RunConfig) -> dict[str,
         "independent-epsilon": check if bounded else None,
         "relative-gap": abs(epsilon - check) / epsilon if bounded and epsilon > 0 else None,
         "single-message-epsilon": last.get("single-message-epsilon") if bounded else None,
+        "run-epsilon": _finite(last.get("run-epsilon")) if bounded else None,
+        "earlier-epsilon": _finite(last.get("earlier-epsilon")) if bounded else None,
         "guarantee": "(epsilon, delta)-DP" if bounded else "none: trained without noise",
         "epsilon-by-round": [
             {"round": e["round"], "epsilon": e.get("epsilon"), "declined": e["declined"]}
             for e in entries
         ],
     }
+
+
+def _finite(value: float | None) -> float | None:
+    """``value``, or None when it is unknown (an entry written before it was recorded)."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def write_report(run_dir: Path) -> dict[str, Any]:

@@ -18,6 +18,25 @@ import markdown
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from server.round_book import RoundLog
+
+
+def round_line(server_round: int, record: RoundLog) -> str:
+    """One line for the log: who trained, declined or failed, and the round's metrics."""
+    parts = [f"Round {server_round}:"]
+    for label, sites in (("trained", record.train), ("declined", record.declined)):
+        if sites:
+            parts.append(f"{label} {', '.join(f'site {s}' for s in sorted(sites))};")
+    if record.failed:
+        parts.append(f"failed {', '.join(sorted(record.failed))};")
+    if record.discarded:
+        parts.append("discarded;")
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(record.aggregated.items()))
+    epsilons = [float(m["epsilon"]) for m in record.train.values() if "epsilon" in m]
+    if epsilons:
+        metrics += f"{', ' if metrics else ''}largest epsilon {max(epsilons):.3f}"
+    return " ".join([*parts, metrics or "no evaluation"])
+
 
 def summary(report: dict[str, Any]) -> str:
     """The table printed at the end of a run: utility per round, then each site's budget."""
@@ -46,9 +65,10 @@ def _dropout_lines(report: dict[str, Any]) -> list[str]:
 
 def _sites_table(report: dict[str, Any], plain: bool) -> str:
     secure = report["mechanism"]["secure-aggregation"]
-    header = ["site", "epsilon (headline)" if secure else "epsilon", "check (dp-accounting)"]
+    header = ["site", "epsilon (headline)" if secure else "epsilon"]
+    header += ["this run", "earlier runs", "check (dp-accounting)"]
     header += ["single-message epsilon"] if secure else []
-    header += ["delta", "sigma", "trained", "declined"]
+    header += ["delta", "sigma", "trained (this run)", "declined"]
     rows = []
     for site, entry in sorted(report["sites"].items(), key=lambda kv: int(kv[0])):
         single = [_number(entry["single-message-epsilon"], 0).strip()] if secure else []
@@ -56,9 +76,9 @@ def _sites_table(report: dict[str, Any], plain: bool) -> str:
             [
                 site,
                 "unbounded" if entry["epsilon"] is None else f"{entry['epsilon']:.3f}",
-                "-"
-                if entry["independent-epsilon"] is None
-                else f"{entry['independent-epsilon']:.3f}",
+                _epsilon(entry.get("run-epsilon")),
+                _epsilon(entry.get("earlier-epsilon")),
+                _epsilon(entry["independent-epsilon"]),
                 *single,
                 "-" if entry["delta"] is None else f"{entry['delta']:g}",
                 "-" if not entry["noise-multiplier"] else f"{entry['noise-multiplier']:.3f}",
@@ -74,6 +94,11 @@ def _sites_table(report: dict[str, Any], plain: bool) -> str:
         )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _epsilon(value: float | None) -> str:
+    """An epsilon for a table: ``-`` when unknown (no DP, or a ledger written before it)."""
+    return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
 
 def _rounds(rounds: list[int]) -> str:

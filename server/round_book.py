@@ -7,6 +7,9 @@ each node said it was, each site's training and evaluation metrics, declines,
 rejected updates, failures, the aggregated evaluation metrics, and the round
 after which no site could train. The run directory is written from it
 (``server.run_directory``).
+
+A round in which sites were asked and none completed its part stops the run
+(:class:`NoSiteCompleted`): every later round would fail the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from flwr.app import MetricRecord
 from flwr.common import log
 
 from common.protocol import DECLINED, NUM_EXAMPLES, SITE_ID
+
+
+class NoSiteCompleted(RuntimeError):
+    """No site completed a round; the message names the round and each site's reason."""
 
 
 @dataclass
@@ -59,10 +66,19 @@ class RoundBook:
             self.site_of_node[node_id] = int(metrics[SITE_ID])
 
     def record_failure(self, server_round: int, node_id: int, reason: str) -> None:
-        """Log a failed site in full; keep its last line in the round's log."""
+        """Log a failed site by the last line of its error, which says what went wrong."""
         sender = self.sender(node_id)
-        log(WARNING, "Round %d: %s failed: %s", server_round, sender, reason)
-        self.round(server_round).failed[sender] = last_line(reason)
+        line = last_line(reason)
+        log(WARNING, "Round %d: %s failed: %s", server_round, sender, line)
+        self.round(server_round).failed[sender] = line
+
+    def check_completed(self, server_round: int, answered: int) -> None:
+        """Raise :class:`NoSiteCompleted` when sites failed and ``answered`` (the replies
+        without error) is zero."""
+        failed = self.round(server_round).failed
+        if failed and answered == 0:
+            reasons = "; ".join(f"{sender}: {reason}" for sender, reason in sorted(failed.items()))
+            raise NoSiteCompleted(f"no site completed round {server_round} ({reasons})")
 
     def record_training(self, server_round: int, metrics: Mapping[str, object]) -> bool:
         """Log a site's training metrics; returns whether the site declined to train."""
@@ -105,10 +121,18 @@ class RoundBook:
         self.round(server_round).finished_at = time.time()
 
 
+SIMULATION_WRAPPER = "Exception ClientAppException occurred. Message: "
+"""How Flower's simulation wraps a ClientApp's error message (it also ends it with ``'>``)."""
+
+
 def last_line(reason: str) -> str:
-    """The line of an error report that says what went wrong (its last), shortened."""
+    """The line of an error report that says what went wrong (its last), without the
+    wrapping Flower's simulation adds, shortened."""
     lines = [line.strip() for line in reason.replace("\\n", "\n").splitlines() if line.strip()]
-    return (lines[-1] if lines else "no reason given")[:300]
+    line = lines[-1] if lines else "no reason given"
+    if SIMULATION_WRAPPER in line:
+        line = line.split(SIMULATION_WRAPPER, 1)[1].removesuffix("'>")
+    return line[:300]
 
 
 def mean_metrics(

@@ -2,6 +2,9 @@
 
 ``<run-dir>/<UTC time>-<dataset>-<task>/`` holds
 
+- ``status.json``: ``running``, then ``completed`` or ``failed`` with the
+  reason, and the dataset the run is on (in deployment the one the
+  coordinator's catalogue folder was written from);
 - ``config.json``: the run configuration;
 - ``releases.json``: every value a site sends, and whether DP covers it;
 - ``metrics.json``: per round, each site's training and evaluation metrics,
@@ -43,24 +46,36 @@ from server.round_book import RoundBook
 class RunDirectory:
     """Writes one run's outputs (see the module docstring)."""
 
-    def __init__(self, path: Path, config: RunConfig, keep_models: bool = False) -> None:
+    def __init__(
+        self, path: Path, config: RunConfig, dataset: str, keep_models: bool = False
+    ) -> None:
         self.path = path
         self.config = config
         self.keep_models = keep_models
         path.mkdir(parents=True, exist_ok=False)
+        self.status = {"status": "running", "reason": None, "dataset": dataset}
+        self.status |= {"started": _now(), "finished": None}
+        write_json(path / "status.json", self.status)
         write_json(path / "config.json", config.to_mapping())
         write_json(path / "releases.json", [r.as_dict() for r in released_quantities(config)])
 
     @classmethod
-    def create(cls, config: RunConfig, keep_models: bool = False) -> RunDirectory:
+    def create(cls, config: RunConfig, dataset: str, keep_models: bool = False) -> RunDirectory:
+        """A new folder ``<run-dir>/<UTC time>-<dataset>-<task>`` (suffixed if taken)."""
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         root = Path(config.run_dir).expanduser()
-        path = root / f"{stamp}-{config.dataset}-{config.task}"
+        path = root / f"{stamp}-{dataset}-{config.task}"
         suffix = 1
         while path.exists():
             suffix += 1
-            path = root / f"{stamp}-{config.dataset}-{config.task}-{suffix}"
-        return cls(path, config, keep_models)
+            path = root / f"{stamp}-{dataset}-{config.task}-{suffix}"
+        return cls(path, config, dataset, keep_models)
+
+    def finish(self, failed: str | None = None) -> None:
+        """Mark the run ``completed``, or ``failed`` with the reason, in ``status.json``."""
+        self.status |= {"status": "failed" if failed else "completed", "reason": failed}
+        self.status["finished"] = _now()
+        write_json(self.path / "status.json", self.status)
 
     def write_round(self, arrays: ArrayRecord, book: RoundBook) -> None:
         """Persist the global model and everything logged up to now."""
@@ -94,3 +109,7 @@ class RunDirectory:
             "stopped-after-round": book.stopped_after,
             "sites": {k: sorted(v, key=lambda e: e["round"]) for k, v in sites.items()},
         }
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

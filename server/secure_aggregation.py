@@ -55,7 +55,7 @@ from common.distributed_noise import IntegerCode, decode, round_seed
 from common.errors import InputError
 from common.model import EgoGraphRecommender
 from common.protocol import RUN_NAME, SERVER_ROUND
-from server.round_book import RoundBook, RoundLog, last_line
+from server.round_book import NoSiteCompleted, RoundBook, RoundLog, last_line
 from server.run_directory import RunDirectory
 
 
@@ -188,6 +188,14 @@ class SecureSumStrategy(FedAvg):
     ):
         for proxy, res in results:
             self.book.identify(proxy.node_id, res.metrics)
+        for failure in failures:
+            node_id, reason = (
+                (-1, str(failure))
+                if isinstance(failure, BaseException)
+                else (failure[0].node_id, failure[1].status.message)
+            )
+            self.book.record_failure(server_round, node_id, reason)
+        self.book.check_completed(server_round, len(results))
         aggregated = self.book.record_evaluation(
             server_round, [res.metrics for _, res in results], weighted=False
         )
@@ -243,3 +251,8 @@ def run_secure_aggregation(
     )
     workflow(grid, legacy)
     out.write_round(ArrayRecord(model.state_dict()), book)
+    if config.num_server_rounds and not strategy.summed_rounds and book.stopped_after is None:
+        raise NoSiteCompleted(
+            f"no secure sum completed in any of the {config.num_server_rounds} rounds "
+            f"(fewer than secagg-min-sites = {config.secagg_min_sites} sites finished each)"
+        )

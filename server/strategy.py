@@ -90,7 +90,9 @@ class ItemSideFedAvg(FedAvg):
         awaited = {m.metadata.dst_node_id for m in self.outbox}
         for node_id in awaited - set(origin.values()):
             self.book.record_failure(server_round, node_id, "no reply within round-timeout")
-        return [r for r in replies if not r.has_error()]
+        answered = [r for r in replies if not r.has_error()]
+        self.book.check_completed(server_round, len(answered))
+        return answered
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

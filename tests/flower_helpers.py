@@ -48,7 +48,9 @@ def recording_client_app(folder: Path) -> ClientApp:
     return make_app([record])
 
 
-def simulate(config, num_sites: int, record_to: Path) -> Path:
+def simulate(config, num_sites: int, record_to: Path, client_app: ClientApp | None = None) -> Path:
+    """Run the federation in process with the recording site app (or ``client_app``);
+    returns the run directory (an exception of the ServerApp propagates)."""
     out: list[Path] = []
     server_app = ServerApp()
 
@@ -58,7 +60,7 @@ def simulate(config, num_sites: int, record_to: Path) -> Path:
 
     run_simulation(
         server_app=server_app,
-        client_app=recording_client_app(record_to),
+        client_app=client_app or recording_client_app(record_to),
         num_supernodes=num_sites,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )

@@ -10,6 +10,7 @@ the same name, which would shadow it or be shadowed by it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,11 +42,24 @@ def test_installed_top_level_packages_are_the_projects_own(tmp_path):
     build = ["pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels)]
     subprocess.run([sys.executable, "-m", *build, str(REPO)], check=True, cwd=tmp_path)
     (wheel,) = wheels.glob("fedgraphrec-*.whl")
-    install = [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)]
-    subprocess.run(install, check=True, cwd=tmp_path)
+    # --ignore-installed: the developer's own (editable) install is visible from the venv
+    install = [
+        python,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-index",
+        "--ignore-installed",
+    ]
+    subprocess.run([*install, str(wheel)], check=True, cwd=tmp_path)
     probe = f"NAMES = {NAMES!r}\n" + PROBE
+    # as a user's shell would start it: Ray, started by other tests in this process, puts
+    # the working directory on PYTHONPATH
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run(
-        [python, "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path
+        [python, "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path, env=clean
     )
     result = json.loads(out.stdout)
     for name, file in result["found"].items():

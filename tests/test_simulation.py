@@ -17,11 +17,13 @@ import psutil
 import pytest
 from flower_helpers import child_environment, free_port, simulate, stop_processes_of
 
+from client.app import make_app
 from common.config import default_config
 from common.data import load_site
 from common.model import build_model
 from common.privacy import released_quantities
 from common.protocol import ITEM_SIDE
+from server.round_book import NoSiteCompleted
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,7 +131,32 @@ def test_without_dp_counts_are_sent_and_declared_not_covered(tmp_path):
     assert {r["key"] for r in releases if not r["covered"]} == not_covered
 
 
-def test_flwr_run_cli_with_isolated_flwr_home(tmp_path):
+def test_a_run_no_site_can_complete_stops_at_once_and_is_marked_failed(tmp_path):
+    def broken(msg, context, call_next):
+        raise RuntimeError("the site's disk is full")
+
+    config = default_config(
+        num_server_rounds=3,
+        synthetic_users=120,
+        run_dir=str(tmp_path / "runs"),
+        site_state_dir=str(tmp_path / "sites"),
+    )
+    with pytest.raises(NoSiteCompleted, match="no site completed round 0"):
+        simulate(config, 2, tmp_path, client_app=make_app([broken]))
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed"
+    assert "no site completed round 0" in status["reason"]
+    assert status["reason"].count("the site's disk is full") == 2  # each site's last line
+    assert "'>" not in status["reason"]
+    assert list(json.loads((run_dir / "metrics.json").read_text())) == ["0"]
+
+
+def test_flwr_run_cli_logs_once_and_marks_failed_runs_failed(tmp_path):
+    """Two runs through the `flwr` CLI with an isolated FLWR_HOME: a good one, whose log
+    has one line per event (round 0 included, plain numbers), and one with a missing data
+    file, which Flower marks failed and our log explains in one line. `flwr run --stream`
+    exits 0 for both (Flower 1.42 does not report the run's outcome in its exit status)."""
     flwr_home = tmp_path / "flwr-home"
     env = child_environment(
         FLWR_HOME=str(flwr_home),
@@ -138,30 +165,36 @@ def test_flwr_run_cli_with_isolated_flwr_home(tmp_path):
         FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
     )
     runs = tmp_path / "runs"
-    command = [
-        str(Path(sys.executable).with_name("flwr")),
-        "run",
-        str(REPO),
-        "--stream",
-        "--federation-config",
-        "num-supernodes=2",
-        "--run-config",
-        f'num-server-rounds=1 synthetic-users=150 run-dir="{runs}" '
-        f'site-state-dir="{tmp_path / "sites"}"',
-    ]
-    try:
-        finished = subprocess.run(
+    flwr = str(Path(sys.executable).with_name("flwr"))
+
+    def flwr_run(overrides: str) -> subprocess.CompletedProcess:
+        command = [flwr, "run", str(REPO), "--stream", "--run-config"]
+        command.append(f'{overrides} run-dir="{runs}" site-state-dir="{tmp_path / "sites"}"')
+        return subprocess.run(
             command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+        )
+
+    try:
+        good = flwr_run("num-server-rounds=1 synthetic-users=150")
+        bad = flwr_run(f'dataset="csv" data-path="{tmp_path / "missing.csv"}"')
+        listed = subprocess.run(
+            [flwr, "ls", "--format", "json"], env=env, capture_output=True, text=True, cwd=tmp_path
         )
     finally:
         stopped = stop_processes_of(flwr_home)
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    assert good.returncode == 0, good.stdout[-3000:] + good.stderr[-3000:]
     assert stopped, "flwr run leaves a SuperLink running; the test must have stopped it"
     assert not any(
         str(flwr_home) in " ".join(p.info["cmdline"] or [])
         for p in psutil.process_iter(["cmdline"])
     )
+    log = good.stdout.splitlines()
+    for event in ("Round 0:", "Round 1:", "Summary:", "Run directory:"):
+        assert sum(event in line for line in log) == (2 if event == "Run directory:" else 1)
+    assert "np.float64" not in good.stdout and "Weighted by" not in good.stdout
+
     (run_dir,) = runs.iterdir()
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert sorted(metrics) == ["0", "1"]
     assert sorted(metrics["1"]["train"]) == ["0", "1"]
@@ -169,3 +202,7 @@ def test_flwr_run_cli_with_isolated_flwr_home(tmp_path):
     report = json.loads((run_dir / "privacy_report.json").read_text())
     assert report["mechanism"]["delta"] == 1e-6 and sorted(report["sites"]) == ["0", "1"]
     assert (run_dir / "privacy_report.html").is_file()
+
+    assert f"Run failed: {tmp_path / 'missing.csv'}: file not found" in bad.stdout
+    statuses = [r["status"] for r in json.loads(listed.stdout)["runs"]]
+    assert sorted(statuses) == ["finished:completed", "finished:failed"]

@@ -6,7 +6,8 @@ Layout (all text files UTF-8 CSV with a header row, original ids)::
       manifest.json              site id, number of sites, dataset, counts, and the
                                  SHA-256 of every file below
       catalogue/items.csv        item[,text]: the public catalogue, every item
-      catalogue/catalogue.json   {"rating-levels": [...], "user-feature-names": [...]}
+      catalogue/catalogue.json   {"dataset": name, "rating-levels": [...],
+                                  "user-feature-names": [...]}
       train.csv                  user,item,rating[,timestamp]: the site's users only
       val.csv, test.csv          the same columns; optional
       cold.csv                   the same columns: interactions with the run's held-out
@@ -53,12 +54,12 @@ def write_site_folders(
 ) -> list[Path]:
     """Write ``<out>/catalogue`` and one ``<out>/site-<k>`` folder per site."""
     catalogue = dataset.catalogue
-    _write_catalogue(catalogue, out / "catalogue")
+    _write_catalogue(catalogue, dataset.name, out / "catalogue")
     num_sites = int(site_of_user.max()) + 1
     folders = []
     for site in range(num_sites):
         folder = out / f"site-{site}"
-        _write_catalogue(catalogue, folder / "catalogue")
+        _write_catalogue(catalogue, dataset.name, folder / "catalogue")
         mine = site_of_user == site
         counts = {}
         parts = (split.train, split.val, split.test, split.cold)
@@ -86,7 +87,7 @@ def write_site_folders(
     return folders
 
 
-def _write_catalogue(catalogue: Catalogue, folder: Path) -> None:
+def _write_catalogue(catalogue: Catalogue, dataset: str, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "items.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -97,6 +98,7 @@ def _write_catalogue(catalogue: Catalogue, folder: Path) -> None:
             writer.writerow(["item", "text"])
             writer.writerows(zip(catalogue.item_ids, catalogue.item_text, strict=True))
     description = {
+        "dataset": dataset,
         "rating-levels": list(catalogue.rating_levels),
         "user-feature-names": list(catalogue.user_feature_names),
     }
@@ -149,6 +151,13 @@ def load_catalogue_folder(folder: str | Path) -> Catalogue:
     item_ids, rows = items.distinct("item")
     text = tuple(items.columns["text"][r] for r in rows) if "text" in items.columns else None
     return Catalogue(item_ids, text, levels, names)
+
+
+def catalogue_folder_dataset(folder: str | Path) -> str:
+    """The name of the dataset a catalogue folder was written from (``"deployment"`` for
+    folders written before the name was recorded)."""
+    description = json.loads((Path(folder).expanduser() / "catalogue.json").read_text())
+    return str(description.get("dataset", "deployment"))
 
 
 def load_site_folder(folder: str | Path) -> SiteData:
