@@ -5,15 +5,19 @@ needs (``client.secure_aggregation``) both open a :class:`SiteRound` from the
 server's instruction and the node's ``node_config`` and call one of its three
 round sequences:
 
-- :meth:`SiteRound.train`: local DP-SGD, then the item side;
-- :meth:`SiteRound.secure_share`: one step's clipped gradient sum as a share of
-  the secure sum (``common.distributed_noise``);
-- :meth:`SiteRound.evaluate`: validation, test and cold-start metrics.
+- :meth:`SiteRound.train`: local DP-SGD, then the item side; or, in the item
+  graph's statistics rounds, the site's statistics with its Gaussian noise
+  (``common.graph_statistics``);
+- :meth:`SiteRound.secure_share`: the same vector (one step's clipped gradient
+  sum, or the statistics) as a share of the secure sum
+  (``common.distributed_noise``);
+- :meth:`SiteRound.evaluate`: validation, test and cold-start metrics, of the
+  model or of the released item graph.
 
 Training and sharing follow one sequence: if the round would take the site
 past ``max-epsilon`` it declines (its reply says ``declined``, and under secure
 aggregation its share is noise alone, so the sum keeps all its noise and the
-site's users are not touched); otherwise it trains, then records the round in
+site's users are not touched); otherwise it computes, then records the round in
 its ledger *before* anything leaves (spent budget stays spent, whatever
 happens next), then replies. Every reply is checked against the release
 inventory (``common.privacy.released_quantities``) before it is returned.
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from client.site_state import SiteState
@@ -42,14 +47,19 @@ from client.train import (
 from common.config import RunConfig
 from common.data import SiteData, load_site
 from common.data.site_folder import load_site_folder
-from common.distributed_noise import encode, round_seed
+from common.distributed_noise import IntegerCode, encode, round_seed
 from common.ego_graphs import UserEgoGraphs
 from common.errors import InputError
-from common.evaluation import evaluate
+from common.evaluation import evaluate, evaluate_graph
+from common.graph_statistics import ItemGraph, contribution
+from common.graph_statistics import length as statistics_length
+from common.graph_statistics import sensitivity as statistics_sensitivity
+from common.item_graph import release_vector
 from common.model import EgoGraphRecommender, build_model, item_side_size
 from common.privacy import (
     LedgerEntry,
     Mechanism,
+    RoundRelease,
     ledger_entry,
     site_mechanism,
     undeclared_releases,
@@ -58,10 +68,14 @@ from common.protocol import (
     CATALOGUE_FINGERPRINT,
     INSTRUCTION_KEYS,
     ITEM_COUNTS,
+    ITEM_GRAPH,
     NUM_EXAMPLES,
     RUN_NAME,
     SERVER_ROUND,
     SITE_ID,
+    STATISTICS,
+    STATISTICS_COLUMNS,
+    STATISTICS_ROWS,
     TRAIN_LOSS,
 )
 
@@ -95,6 +109,7 @@ class SiteRound:
     run_name: str
     site: SiteData
     state: SiteState
+    graph: ItemGraph
 
     @classmethod
     def open(cls, node_config: Mapping[str, Any], values: Mapping[str, Any]) -> SiteRound:
@@ -108,6 +123,8 @@ class SiteRound:
         """
         values = dict(values)
         instruction = {key: values.pop(key) for key in INSTRUCTION_KEYS}
+        released = values.pop(ITEM_GRAPH, None)
+        graph = ItemGraph() if released is None else ItemGraph.from_bytes(released)
         config = RunConfig.from_mapping(values)
         if "data-path" in node_config:
             folder = Path(str(node_config["data-path"])).expanduser()
@@ -130,7 +147,8 @@ class SiteRound:
                 f"{site.catalogue.fingerprint()[:12]} vs {expected[:12]}); every site "
                 "needs the catalogue the coordinator published"
             )
-        return cls(config, int(instruction[SERVER_ROUND]), str(instruction[RUN_NAME]), site, state)
+        server_round, run_name = int(instruction[SERVER_ROUND]), str(instruction[RUN_NAME])
+        return cls(config, server_round, run_name, site, state, graph)
 
     @cached_property
     def device(self) -> torch.device:
@@ -170,10 +188,27 @@ class SiteRound:
         model.load_state_dict(parameters)
         return model.to(self.device)
 
+    @property
+    def release(self) -> RoundRelease:
+        """What this round releases: the item graph's statistics, or DP-SGD."""
+        if not self.config.is_statistics_round(self.server_round):
+            return self.mechanism.training()
+        catalogue, server_round = self.site.catalogue, self.server_round
+        size = statistics_length(self.config, catalogue, server_round, self.graph)
+        sensitivity = statistics_sensitivity(self.config, catalogue, server_round)
+        return self.mechanism.statistics(server_round, size, sensitivity)
+
+    @cached_property
+    def statistics(self) -> np.ndarray | sp.csr_matrix:
+        """The site's exact statistics of this round (``common.graph_statistics``)."""
+        return contribution(self.config, self.site, self.server_round, self.graph)
+
     def train(self, model: EgoGraphRecommender) -> SiteReply:
-        """Local training (Message API): the item side, or a decline."""
+        """Local training (Message API): the item side or the statistics, or a decline."""
         if self.declines():
             return self.checked("train", self.record(trained=False).metrics())
+        if self.config.is_statistics_round(self.server_round):
+            return self.noisy_statistics()
         private = self.private_embeddings()
         result = train_locally(
             model,
@@ -194,6 +229,16 @@ class SiteRound:
         metrics = {NUM_EXAMPLES: self.site.num_users, TRAIN_LOSS: result.mean_loss}
         return self.checked("train", metrics, arrays)
 
+    def noisy_statistics(self) -> SiteReply:
+        """This round's statistics, with the site's Gaussian noise under DP."""
+        total, release = self.statistics, self.release
+        if release.noise_multiplier > 0:
+            rng = np.random.default_rng(secrets.randbits(128))
+            total = release_vector(total, release.sensitivity, release.noise_multiplier, rng)
+        entry = self.record(trained=True)
+        metrics = entry.metrics() if self.config.dp else {NUM_EXAMPLES: self.site.num_users}
+        return self.checked("train", metrics, statistics_arrays(total))
+
     def secure_share(
         self, model: EgoGraphRecommender, settings: SecureSumSettings
     ) -> tuple[np.ndarray, SiteReply]:
@@ -203,7 +248,8 @@ class SiteRound:
         ``secagg-min-sites`` sites that the noise share assumes, and passes the
         integers unchanged; nothing private has been computed at that point.
         """
-        code = self.mechanism.code
+        statistics_round = self.config.is_statistics_round(self.server_round)
+        code = self.mechanism.code if not statistics_round else self.release_code()
         expected = (self.config.secagg_min_sites, code.modulus / 2, code.modulus)
         actual = (
             settings.reconstruction_threshold,
@@ -220,6 +266,9 @@ class SiteRound:
         if self.declines():
             gradient = np.zeros(code.dimension)  # the share is noise alone
             entry = self.record(trained=False)
+        elif statistics_round:
+            gradient = self.statistics
+            entry = self.record(trained=True)
         else:
             private = self.private_embeddings()
             if private is not None:  # fit to the released item side first, then use it
@@ -248,17 +297,31 @@ class SiteRound:
         metrics = entry.metrics() | {NUM_EXAMPLES: PUBLIC_WEIGHT}
         return share.astype(np.float64), self.checked("train", metrics)
 
-    def evaluate(self, model: EgoGraphRecommender) -> SiteReply:
-        """Validation and test metrics, and the cold-start metrics with and without text."""
-        site, config = self.site, self.config
-        run = partial(
-            evaluate,
-            model,
-            self.graphs,
-            top_k=config.top_k,
-            device=self.device,
-            private=self.private_embeddings(),
+    def release_code(self) -> IntegerCode:
+        """The integer code of this round's statistics in the secure sum."""
+        catalogue, server_round = self.site.catalogue, self.server_round
+        return self.mechanism.statistics_code(
+            server_round,
+            statistics_length(self.config, catalogue, server_round, self.graph),
+            statistics_sensitivity(self.config, catalogue, server_round),
         )
+
+    def evaluate(self, model: EgoGraphRecommender) -> SiteReply:
+        """Validation and test metrics (of the item graph once it is complete with
+        ``item-graph = "filter"``, else of the model), and the cold-start metrics with
+        and without text."""
+        site, config = self.site, self.config
+        if config.item_graph == "filter" and self.graph.complete:
+            run = partial(evaluate_graph, self.graph, site, top_k=config.top_k)
+        else:
+            run = partial(
+                evaluate,
+                model,
+                self.graphs,
+                top_k=config.top_k,
+                device=self.device,
+                private=self.private_embeddings(),
+            )
         metrics: dict[str, float | int] = {f"val-{k}": v for k, v in run(site.val).items()}
         metrics |= {f"test-{k}": v for k, v in run(site.test, exclude=site.val).items()}
         if len(site.cold_items):
@@ -281,7 +344,9 @@ class SiteRound:
 
     def entry(self, trained: bool) -> LedgerEntry:
         """The ledger entry of this round, trained or declined (not yet recorded)."""
-        return ledger_entry(self.mechanism, self.ledger, self.run_name, self.server_round, trained)
+        return ledger_entry(
+            self.mechanism, self.release, self.ledger, self.run_name, self.server_round, trained
+        )
 
     def record(self, trained: bool) -> LedgerEntry:
         """Append this round to the site's ledger (before any reply leaves)."""
@@ -311,6 +376,15 @@ class SiteRound:
                 f"refusing to send values missing from the release inventory: {undeclared}"
             )
         return reply
+
+
+def statistics_arrays(total: np.ndarray | sp.csr_matrix) -> dict[str, torch.Tensor]:
+    """A round's statistics as the arrays of a reply: a vector, or a sparse Gram's parts."""
+    if isinstance(total, np.ndarray):
+        return {STATISTICS: torch.as_tensor(total)}
+    coo = total.tocoo()
+    parts = {STATISTICS_ROWS: coo.row, STATISTICS_COLUMNS: coo.col, STATISTICS: coo.data}
+    return {key: torch.as_tensor(value) for key, value in parts.items()}
 
 
 def item_counts(site: SiteData) -> np.ndarray:

@@ -15,6 +15,7 @@ here: ``target-epsilon = 0`` and ``max-epsilon = 0`` (off) are ``None``, and
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import tomllib
 from collections.abc import Mapping
@@ -81,6 +82,16 @@ class RunConfig:
     secure_aggregation: bool
     secagg_min_sites: int
     secagg_bits: int
+    item_graph: str
+    item_graph_items: int | None
+    item_graph_exponent: float
+    item_graph_rank: int
+    item_graph_alpha: float
+    item_graph_degree_bound: float
+    item_graph_degree_share: float
+    item_graph_budget_share: float
+    item_graph_dense_items: int
+    item_graph_top_per_row: int | None
     top_k: int
     evaluate_every: int
     device: str
@@ -94,7 +105,15 @@ class RunConfig:
         fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise InputError(f"unknown configuration key(s) {unknown}; known: {sorted(fields)}")
+            hints = [
+                f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
+                for key in unknown
+                for close in [difflib.get_close_matches(key, fields, n=1)]
+            ]
+            raise InputError(
+                f"unknown configuration key(s) {', '.join(hints)}; every key is listed in "
+                "[tool.flwr.app.config] of pyproject.toml and in the README"
+            )
         missing = sorted(set(fields) - set(values))
         if missing:
             raise InputError(f"missing configuration key(s) {missing}")
@@ -132,11 +151,30 @@ class RunConfig:
         """Poisson-sampled steps in one local epoch: ``1 / sample-rate``."""
         return round(1.0 / self.sample_rate)
 
+    @property
+    def statistics_rounds(self) -> int:
+        """Rounds of the item-graph phase, which come first (``common.graph_statistics``)."""
+        return 0 if self.item_graph == "none" else 2
+
+    @property
+    def training_rounds(self) -> int:
+        """DP-SGD rounds: ``num-server-rounds``, none with the item graph's filter alone."""
+        return 0 if self.item_graph == "filter" else self.num_server_rounds
+
+    @property
+    def total_rounds(self) -> int:
+        return self.statistics_rounds + self.training_rounds
+
+    def is_statistics_round(self, server_round: int) -> bool:
+        return 1 <= server_round <= self.statistics_rounds
+
     def evaluates_in(self, server_round: int) -> bool:
-        """Whether round ``server_round`` ends with a federated evaluation."""
-        return server_round % self.evaluate_every == 0 or server_round in (
-            0,
-            self.num_server_rounds,
+        """Whether round ``server_round`` ends with a federated evaluation: round 0, the
+        round that completes the item graph, every ``evaluate-every``-th training round
+        and the last round."""
+        training_round = server_round - self.statistics_rounds
+        return server_round in (0, self.total_rounds) or (
+            training_round >= 0 and training_round % self.evaluate_every == 0
         )
 
     @property
@@ -158,6 +196,7 @@ class RunConfig:
             "device": (self.device, ("auto", "cpu", "cuda")),
             "on-duplicate": (self.on_duplicate, ("error", "keep-latest")),
             "split-fraction-per": (self.split_fraction_per, ("user", "dataset")),
+            "item-graph": (self.item_graph, ("none", "filter", "filter+gcn")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -175,6 +214,9 @@ class RunConfig:
             "clip-norm": self.clip_norm,
             "top-k": self.top_k,
             "evaluate-every": self.evaluate_every,
+            "item-graph-rank": self.item_graph_rank,
+            "item-graph-degree-bound": self.item_graph_degree_bound,
+            "item-graph-dense-items": self.item_graph_dense_items,
         }
         for key, value in positive.items():
             if value <= 0:
@@ -219,6 +261,17 @@ class RunConfig:
             )
         if self.val_path and not self.test_path:
             raise InputError("val-path: needs test-path too (a split of your own has a test file)")
+        for key, value in (
+            ("item-graph-degree-share", self.item_graph_degree_share),
+            ("item-graph-budget-share", self.item_graph_budget_share),
+        ):
+            if not 0 < value <= 1:
+                raise InputError(f"{key}: expected a share in (0, 1], got {value}")
+        if self.item_graph == "filter" and self.cold_item_fraction > 0:
+            raise InputError(
+                "cold-item-fraction: the item graph's filter cannot score items nobody "
+                'touched; use item-graph = "none" or "filter+gcn" (the model with item text)'
+            )
         if self.secure_aggregation and not self.dp:
             raise InputError("secure-aggregation: needs dp = true (it sums noised gradients)")
         if self.secure_aggregation and self.secagg_min_sites < 2:
@@ -232,7 +285,7 @@ class RunConfig:
             )
 
 
-OFF_WHEN_ZERO = ("target-epsilon", "max-epsilon")
+OFF_WHEN_ZERO = ("target-epsilon", "max-epsilon", "item-graph-items", "item-graph-top-per-row")
 """Keys that 0 turns off in TOML; ``None`` in :class:`RunConfig`."""
 AUTO_DELTA = object()
 MIN_SECAGG_BITS, MAX_SECAGG_BITS = 16, 30

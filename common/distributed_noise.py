@@ -56,6 +56,8 @@ import numpy as np
 
 ROUNDING_SLACK = 100.0
 """gamma * C = ROUNDING_SLACK * sqrt(d'): rounding adds 1 % to the sensitivity."""
+ROUNDING_INFLATION = 1.0 + 1.0 / ROUNDING_SLACK
+"""The sensitivity after rounding over the sensitivity before, whatever the dimension."""
 OVERFLOW_MARGIN = 0.9
 """A centred sum coordinate beyond this share of M/2 means the sum wrapped around."""
 

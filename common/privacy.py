@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass, fields
 
 from common.accounting import Event, epsilon, independent_epsilon, noise_multiplier_for
 from common.config import RunConfig
-from common.distributed_noise import IntegerCode
+from common.distributed_noise import ROUNDING_INFLATION, IntegerCode
 from common.errors import InputError
 from common.protocol import (
     DECLINED,
@@ -59,6 +59,9 @@ from common.protocol import (
     NUM_EXAMPLES,
     SECURE_SUM_SHARE,
     SITE_ID,
+    STATISTICS,
+    STATISTICS_COLUMNS,
+    STATISTICS_ROWS,
     TRAIN_LOSS,
 )
 
@@ -67,21 +70,50 @@ NEIGHBOURING_RELATION = "add or remove one user (with all their interactions) at
 
 
 @dataclass(frozen=True)
-class Mechanism:
-    """What a site's DP-SGD releases, fixed by public configuration alone.
+class RoundRelease:
+    """What a site releases about its users in one round, as its ledger records it.
 
     Attributes:
-        noise_multiplier: :math:`\\sigma` of what the server sees: every step's
-            noised sum, or the secure sum (0 with ``dp = false``).
-        noise_share: :math:`\\sigma` the site adds itself: :math:`\\sigma /
-            \\sqrt T` under secure aggregation, else :math:`\\sigma`.
+        name: ``"dp-sgd"`` or ``"item-graph statistics <k>"``.
+        noise_multiplier: the noise of what the server sees, over the sensitivity.
+        noise_share: the noise this site adds itself (all of it without secure
+            aggregation).
+        sample_rate, steps: Poisson rate of users and releases in the round.
+        sensitivity: one user's L2 bound (the clip norm for DP-SGD).
+        event, single_message_event: the round as the accountant sees it, through
+            the server's eyes and as this site's message alone shows it.
+    """
+
+    name: str
+    noise_multiplier: float
+    noise_share: float
+    sample_rate: float
+    steps: int
+    sensitivity: float
+    event: Event
+    single_message_event: Event
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    r"""Everything a site releases about its users, fixed by public configuration alone.
+
+    Attributes:
+        noise_multiplier: :math:`\sigma` of each DP-SGD step the server sees: every
+            step's noised sum, or the secure sum (0 with ``dp = false``).
+        noise_share: :math:`\sigma` the site adds itself: :math:`\sigma /
+            \sqrt T` under secure aggregation, else :math:`\sigma`.
         sample_rate: :math:`q`.
-        steps_per_round: DP-SGD steps per round (1 under secure aggregation).
-        steps_planned: steps over the whole run, if the site trains every round.
+        steps_per_round: DP-SGD steps per training round (1 under secure
+            aggregation).
+        steps_planned: DP-SGD steps over the whole run, if the site trains every round.
         clip_norm: :math:`C`.
-        delta: :math:`\\delta`.
+        delta: :math:`\delta`.
         accountant: ``"prv"`` or ``"rdp"``.
-        code: the integer code of the secure sum (secure aggregation only).
+        statistics_noise: the noise multiplier of each item-graph statistics round
+            (``common.graph_statistics``; empty without an item graph).
+        dimension: the item side's size, the length of a DP-SGD secure share.
+        secure_sum: ``(secagg-bits, secagg-min-sites)`` under secure aggregation.
     """
 
     noise_multiplier: float
@@ -92,37 +124,94 @@ class Mechanism:
     clip_norm: float
     delta: float
     accountant: str
-    code: IntegerCode | None = None
+    statistics_noise: tuple[float, ...] = ()
+    dimension: int = 0
+    secure_sum: tuple[int, int] | None = None
 
     @property
     def noisy(self) -> bool:
-        return self.noise_multiplier > 0
+        return self.noise_multiplier > 0 or any(z > 0 for z in self.statistics_noise)
 
-    def event(self, steps: int) -> Event:
-        """``steps`` steps as the server sees them (through the secure sum, if any)."""
-        if self.code is None:
-            return Event(self.noise_multiplier, self.sample_rate, steps)
-        return Event(
-            self.code.accounted_noise_multiplier,
+    def integer_code(self, dimension: int, sensitivity: float, noise: float) -> IntegerCode:
+        """The secure sum's integer code for a vector of ``dimension`` values."""
+        bits, sites = self.secure_sum
+        return IntegerCode(dimension, sensitivity, bits, noise, sites)
+
+    @property
+    def code(self) -> IntegerCode | None:
+        """The integer code of a DP-SGD secure share (secure aggregation only)."""
+        if self.secure_sum is None:
+            return None
+        return self.integer_code(self.dimension, self.clip_norm, self.noise_multiplier)
+
+    def training(self) -> RoundRelease:
+        """A DP-SGD round."""
+        return self._release(
+            "dp-sgd",
+            self.noise_multiplier,
             self.sample_rate,
-            steps,
-            discrete=True,
-            tau=self.code.tau,
-            dimension=self.code.padded,
+            self.steps_per_round,
+            self.clip_norm,
+            self.code,
         )
 
-    def single_message_event(self, steps: int) -> Event:
-        """``steps`` steps as one site's message alone shows them (its own noise share)."""
-        if self.code is None:
-            return Event(self.noise_share, self.sample_rate, steps)
-        z = self.code.share_std / self.code.sensitivity
-        return Event(z, self.sample_rate, steps, discrete=True, dimension=self.code.padded)
+    def statistics(self, server_round: int, dimension: int, sensitivity: float) -> RoundRelease:
+        """Item-graph statistics round ``server_round``: one release of a vector of
+        ``dimension`` values with sensitivity ``sensitivity``."""
+        noise = self.statistics_noise[server_round - 1]
+        code = self.statistics_code(server_round, dimension, sensitivity)
+        return self._release(
+            f"item-graph statistics {server_round}", noise, 1.0, 1, sensitivity, code
+        )
+
+    def statistics_code(
+        self, server_round: int, dimension: int, sensitivity: float
+    ) -> IntegerCode | None:
+        """The integer code of statistics round ``server_round``'s secure sum (secure
+        aggregation only)."""
+        if self.secure_sum is None:
+            return None
+        noise = self.statistics_noise[server_round - 1]
+        return self.integer_code(dimension, sensitivity, noise)
+
+    def _release(
+        self,
+        name: str,
+        noise: float,
+        rate: float,
+        steps: int,
+        sensitivity: float,
+        code: IntegerCode | None,
+    ) -> RoundRelease:
+        if code is None:
+            events = (Event(noise, rate, steps), Event(noise, rate, steps))
+            share = noise
+        else:
+            single = code.share_std / code.sensitivity
+            events = (
+                Event(code.accounted_noise_multiplier, rate, steps, True, code.tau, code.padded),
+                Event(single, rate, steps, True, 0.0, code.padded),
+            )
+            share = noise / math.sqrt(code.min_sites)
+        return RoundRelease(name, noise, share, rate, steps, sensitivity, *events)
 
 
 def site_mechanism(config: RunConfig, dimension: int) -> Mechanism:
     """The mechanism of every site under ``config``; ``dimension`` is the number of
-    item-side parameters (it sizes the secure sum's integer code)."""
-    steps = config.num_server_rounds * config.steps_per_round
+    item-side parameters (it sizes the DP-SGD secure share).
+
+    With ``target-epsilon`` the budget is planned over the whole run: the item
+    graph's statistics rounds (all of it with ``item-graph = "filter"``, else
+    ``item-graph-budget-share`` of it, split between the two rounds by
+    ``item-graph-degree-share`` of :math:`1/z^2`, so that together they cost what
+    one Gaussian release of noise :math:`z` costs), then the DP-SGD steps, whose
+    noise is planned so that everything composes to the target in one
+    accountant. Without it every release uses ``noise-multiplier``.
+    """
+    steps = config.training_rounds * config.steps_per_round
+    secure = config.secure_aggregation
+    shares = (config.item_graph_degree_share, 1.0 - config.item_graph_degree_share)
+    shares = shares[: config.statistics_rounds]
     common = {
         "sample_rate": config.sampling_probability,
         "steps_per_round": config.steps_per_round,
@@ -130,51 +219,58 @@ def site_mechanism(config: RunConfig, dimension: int) -> Mechanism:
         "clip_norm": config.clip_norm,
         "delta": config.delta,
         "accountant": config.accountant,
+        "dimension": dimension,
+        "secure_sum": (config.secagg_bits, config.secagg_min_sites) if secure else None,
     }
     if not config.dp:
-        return Mechanism(noise_multiplier=0.0, noise_share=0.0, **common)
-    if not config.secure_aggregation:
-        sigma = config.noise_multiplier
-        if config.target_epsilon is not None:
-            sigma = _planned(config, Event(0.0, config.sampling_probability, steps))
-        return Mechanism(noise_multiplier=sigma, noise_share=sigma, **common)
-
-    def code(sigma: float) -> IntegerCode:
-        return IntegerCode(
-            dimension, config.clip_norm, config.secagg_bits, sigma, config.secagg_min_sites
-        )
-
-    sigma = config.noise_multiplier
+        return Mechanism(0.0, 0.0, statistics_noise=tuple(0.0 for _ in shares), **common)
+    sigma = statistics = config.noise_multiplier
     if config.target_epsilon is not None:
-        unit = code(1.0)  # the rounding's share of the sensitivity does not depend on sigma
-        z = _planned(
-            config,
-            Event(0.0, config.sampling_probability, steps, discrete=True, dimension=unit.padded),
-        )
-        sigma = z / unit.accounted_noise_multiplier
-    share = sigma / math.sqrt(config.secagg_min_sites)
-    return Mechanism(noise_multiplier=sigma, noise_share=share, code=code(sigma), **common)
+        # plan on the accountant's scale; the integer code's rounding costs ROUNDING_INFLATION
+        before: list[Event] = []
+        if shares:
+            share = 1.0 if not steps else config.item_graph_budget_share
+            planned = Event(0.0, 1.0, 1, discrete=secure)
+            statistics = _planned(config, planned, config.target_epsilon * share)
+            before = [Event(statistics / math.sqrt(w), 1.0, 1, discrete=secure) for w in shares]
+        if steps:
+            planned = Event(0.0, config.sampling_probability, steps, discrete=secure)
+            sigma = _planned(config, planned, config.target_epsilon, before)
+        if secure:
+            sigma, statistics = sigma * ROUNDING_INFLATION, statistics * ROUNDING_INFLATION
+    share = sigma / math.sqrt(config.secagg_min_sites) if secure else sigma
+    return Mechanism(
+        sigma,
+        share,
+        statistics_noise=tuple(statistics / math.sqrt(w) for w in shares),
+        **common,
+    )
 
 
 MAX_NOISE_MULTIPLIER = 100.0
 """Beyond this sigma the noise swamps any gradient: a target that needs more cannot work."""
 
 
-def _planned(config: RunConfig, planned: Event) -> float:
-    """The noise multiplier that meets ``target-epsilon`` over the run, or an InputError that
-    says which settings cannot work and what to change."""
-    target = config.target_epsilon
+def _planned(
+    config: RunConfig, planned: Event, target: float, before: list[Event] | None = None
+) -> float:
+    """The noise multiplier of ``planned`` that meets ``target`` after ``before``, or an
+    InputError that says which settings cannot work and what to change."""
     try:
-        sigma = noise_multiplier_for(target, config.delta, config.accountant, planned)
+        sigma = noise_multiplier_for(target, config.delta, config.accountant, planned, before or ())
     except ValueError:
         sigma = math.inf
     if sigma > MAX_NOISE_MULTIPLIER:
+        what = (
+            f"{planned.steps} DP-SGD steps ({config.training_rounds} rounds of "
+            f"{config.steps_per_round} at sample-rate {config.sampling_probability:g})"
+            if planned.sample_rate < 1
+            else "the item graph's statistics"
+        )
         raise InputError(
-            f"target-epsilon: {target} at delta {config.delta:g} over {planned.steps} steps "
-            f"({config.num_server_rounds} rounds of {config.steps_per_round} at sample-rate "
-            f"{config.sampling_probability:g}) needs noise-multiplier > {MAX_NOISE_MULTIPLIER:g}, "
-            "which leaves nothing to learn; raise target-epsilon, or lower num-server-rounds, "
-            "local-epochs or sample-rate"
+            f"target-epsilon: {target:g} at delta {config.delta:g} for {what} needs "
+            f"noise-multiplier > {MAX_NOISE_MULTIPLIER:g}, which leaves nothing to learn; raise "
+            "target-epsilon, or lower num-server-rounds, local-epochs or sample-rate"
         )
     return sigma
 
@@ -198,6 +294,8 @@ class LedgerEntry:
         run_epsilon, earlier_epsilon: epsilon of this run's entries alone and of
             the entries of earlier runs alone (``epsilon`` composes both), so a
             report can say how much of the total this run spent.
+        release: what the round released: ``"dp-sgd"`` or ``"item-graph
+            statistics <k>"`` (``clip_norm`` is then that release's sensitivity).
         discrete, accounted_noise_multiplier, single_message_noise_multiplier,
             tau, dimension: the accountant's view of the round
             (``common.accounting.Event``), for both epsilons.
@@ -223,6 +321,7 @@ class LedgerEntry:
     dimension: int
     run_epsilon: float
     earlier_epsilon: float
+    release: str
 
     def as_dict(self) -> dict[str, object]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
@@ -239,6 +338,7 @@ class LedgerEntry:
         given.setdefault("dimension", 0)
         given.setdefault("run_epsilon", math.nan)
         given.setdefault("earlier_epsilon", math.nan)
+        given.setdefault("release", "dp-sgd")
         return cls(**{f.name: given[f.name] for f in fields(cls)})
 
     def metrics(self) -> dict[str, float]:
@@ -285,34 +385,39 @@ def ledger_events(entries: Iterable[LedgerEntry], single_message: bool = False) 
 
 
 def ledger_entry(
-    mechanism: Mechanism, earlier: list[LedgerEntry], run: str, server_round: int, trained: bool
+    mechanism: Mechanism,
+    release: RoundRelease,
+    earlier: list[LedgerEntry],
+    run: str,
+    server_round: int,
+    trained: bool,
 ) -> LedgerEntry:
-    """The entry of round ``server_round`` after the site's ``earlier`` entries: its
-    mechanism and the epsilons of the whole ledger with it (infinite once any round,
-    this one included, trained without noise)."""
-    steps = mechanism.steps_per_round if trained else 0
-    event, single = mechanism.event(steps), mechanism.single_message_event(steps)
+    r"""The entry of round ``server_round``, which ``release``\ s (or declines to), after the
+    site's ``earlier`` entries: its mechanism and the epsilons of the whole ledger with it
+    (infinite once any round, this one included, trained without noise)."""
+    steps = release.steps if trained else 0
     entry = LedgerEntry(
         run=run,
         round=server_round,
         trained=trained,
-        noise_multiplier=mechanism.noise_multiplier,
-        sample_rate=mechanism.sample_rate,
+        noise_multiplier=release.noise_multiplier,
+        sample_rate=release.sample_rate,
         steps=steps,
-        clip_norm=mechanism.clip_norm,
+        clip_norm=release.sensitivity,
         delta=mechanism.delta,
         accountant=mechanism.accountant,
         epsilon=math.inf,
         independent_epsilon=math.inf,
-        noise_share=mechanism.noise_share,
+        noise_share=release.noise_share,
         single_message_epsilon=math.inf,
-        discrete=event.discrete,
-        accounted_noise_multiplier=event.noise_multiplier,
-        single_message_noise_multiplier=single.noise_multiplier,
-        tau=event.tau,
-        dimension=event.dimension,
+        discrete=release.event.discrete,
+        accounted_noise_multiplier=release.event.noise_multiplier,
+        single_message_noise_multiplier=release.single_message_event.noise_multiplier,
+        tau=release.event.tau,
+        dimension=release.event.dimension,
         run_epsilon=math.inf,
         earlier_epsilon=math.inf,
+        release=release.name,
     )
     entries = [*earlier, entry]
     if any(e.without_noise for e in entries):
@@ -400,9 +505,10 @@ def released_quantities(config: RunConfig) -> list[Release]:
                 SECURE_SUM_SHARE,
                 "train",
                 True,
-                "integers masked by SecAgg+: the server learns only the sum over at least "
+                "integers masked by SecAgg+ (one DP-SGD step's clipped gradient sum, or the "
+                "item graph's statistics): the server learns only the sum over at least "
                 "secagg-min-sites sites, whose discrete Gaussian noise has standard deviation "
-                "noise-multiplier x clip-norm (epsilon); the site's own share carries noise "
+                "noise-multiplier x sensitivity (epsilon); the site's own share carries noise "
                 "noise-multiplier / sqrt(secagg-min-sites) (single-message-epsilon)",
             ),
             Release("metrics", NUM_EXAMPLES, "train", True, "the constant public weight 1"),
@@ -419,6 +525,23 @@ def released_quantities(config: RunConfig) -> list[Release]:
                 "gradients, then post-processing)",
             )
         )
+    if config.item_graph != "none" and not config.secure_aggregation:
+        statistics = (
+            [STATISTICS] if config.dp else [STATISTICS, STATISTICS_ROWS, STATISTICS_COLUMNS]
+        )
+        releases += [
+            Release(
+                "arrays",
+                key,
+                "train",
+                config.dp,
+                "the item graph's statistics (sums over the site's users, each user bounded) "
+                "with the site's Gaussian noise"
+                if config.dp
+                else "dp = false: the item graph's exact statistics",
+            )
+            for key in statistics
+        ]
     if config.dp:
         public = "a function of public configuration and of the rounds the site trained in"
         releases += [

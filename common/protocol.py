@@ -27,6 +27,9 @@ CATALOGUE_FINGERPRINT = "catalogue-fingerprint"
 """The run's catalogue, which every site checks against its own."""
 INSTRUCTION_KEYS = (SERVER_ROUND, RUN_NAME, CATALOGUE_FINGERPRINT)
 """What the server adds to the run configuration in every instruction."""
+ITEM_GRAPH = "item-graph-release"
+"""What the server has released of the item graph so far (``common.graph_statistics``),
+as bytes; in instructions from round 2 of a run with an item graph."""
 
 SITE_ID = "site-id"
 DECLINED = "declined"
@@ -35,6 +38,10 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 ITEM_COUNTS = "item-counts"
 """Per-item training interaction counts (``dp = false`` only), in ``arrays``."""
+STATISTICS = "item-graph-statistics"
+"""A site's item-graph statistics of the round (a vector, or a sparse Gram's values)."""
+STATISTICS_ROWS, STATISTICS_COLUMNS = "item-graph-statistics-rows", "item-graph-statistics-columns"
+"""The row and column of each value of a sparse Gram (large catalogue, ``dp = false``)."""
 
 ITEM_SIDE = "<item-side parameters>"
 """Stands for every shared parameter of the model in the release inventory."""

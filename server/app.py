@@ -6,8 +6,10 @@ dataset in simulation; every message carries its fingerprint so that sites
 can check they hold the same one. Round 0 evaluates the initial model at every
 site, so later rounds have a baseline; then every round trains at the sites,
 aggregates the item side (``server.strategy``), evaluates, and rewrites the run
-directory (``server.run_directory``). With ``secure-aggregation = true`` the
-rounds after round 0 run through SecAgg+ instead (``server.secure_aggregation``).
+directory (``server.run_directory``). With an item graph the first two rounds
+are its statistics rounds (``server.item_graph``), and with ``item-graph =
+"filter"`` there are no others. With ``secure-aggregation = true`` the rounds
+after round 0 run through SecAgg+ instead (``server.secure_aggregation``).
 
 A run that cannot work stops at once and is marked failed: invalid
 configuration or data, or a round that no site completed
@@ -34,6 +36,7 @@ from common.errors import InputError
 from common.model import build_model
 from common.privacy import site_mechanism
 from common.protocol import CATALOGUE_FINGERPRINT, RUN_NAME
+from server.item_graph import GraphRelease, initialise_item_side
 from server.report import write_report
 from server.report_render import round_line, summary
 from server.round_book import RoundBook
@@ -85,22 +88,28 @@ def run(
         CATALOGUE_FINGERPRINT: catalogue.fingerprint(),
     }
     book = RoundBook()
+    release = GraphRelease(config, catalogue, mechanism)
     try:
         arrays = ArrayRecord(model.state_dict())
-        strategy = ItemSideFedAvg(arrays, config.dp, config.min_sites, book, config.evaluates_in)
+        strategy = ItemSideFedAvg(
+            arrays, config.dp, config.min_sites, book, config.evaluates_in, release
+        )
         evaluate(grid, strategy, 0, arrays, instruction, config)
         end_of_round(0, arrays, book, out)
         if config.secure_aggregation:
             run_secure_aggregation(
-                grid, context, config, model, mechanism.code, instruction, out, book
+                grid, context, config, model, mechanism, instruction, out, book, release
             )
         else:
-            for server_round in range(1, config.num_server_rounds + 1):
+            for server_round in range(1, config.total_rounds + 1):
                 replies = grid.send_and_receive(
                     strategy.configure_train(server_round, arrays, ConfigRecord(instruction), grid),
                     timeout=config.round_timeout,
                 )
                 arrays = strategy.aggregate_train(server_round, replies)[0] or arrays
+                if server_round == config.statistics_rounds and config.item_graph == "filter+gcn":
+                    initialise_item_side(model, release.graph)
+                    arrays = ArrayRecord(model.state_dict())
                 if book.stopped_after is None:
                     evaluate(grid, strategy, server_round, arrays, instruction, config)
                 end_of_round(server_round, arrays, book, out)

@@ -53,8 +53,11 @@ from flwr.serverapp import Grid
 from common.config import RunConfig
 from common.distributed_noise import IntegerCode, decode, round_seed
 from common.errors import InputError
+from common.graph_statistics import sensitivity
 from common.model import EgoGraphRecommender
+from common.privacy import Mechanism
 from common.protocol import RUN_NAME, SERVER_ROUND
+from server.item_graph import GraphRelease, initialise_item_side
 from server.round_book import NoSiteCompleted, RoundBook, RoundLog, last_line
 from server.run_directory import RunDirectory
 
@@ -65,24 +68,27 @@ class SecureSumStrategy(FedAvg):
     Args:
         model: the global item side; updated in place.
         config: the run configuration.
-        code: the integer code of the sum (``common.privacy.Mechanism.code``).
+        mechanism: the sites' mechanism (its integer codes decode the sums).
         instruction: the configuration every site receives (the run config plus the
-            run's name and catalogue fingerprint); the round number is added.
+            run's name and catalogue fingerprint); the round number and what has
+            been released of the item graph are added.
         out: the run directory, rewritten after every round's evaluation.
         book: the run's round book.
+        release: the item graph's release (its statistics rounds come first).
     """
 
     def __init__(
         self,
         model: EgoGraphRecommender,
         config: RunConfig,
-        code: IntegerCode,
+        mechanism: Mechanism,
         instruction: dict,
         out: RunDirectory,
         book: RoundBook,
+        release: GraphRelease,
     ) -> None:
         def with_round(server_round: int) -> dict:
-            return instruction | {SERVER_ROUND: server_round}
+            return instruction | {SERVER_ROUND: server_round} | release.instruction()
 
         super().__init__(
             min_fit_clients=config.min_sites,
@@ -94,7 +100,8 @@ class SecureSumStrategy(FedAvg):
         )
         self.model = model
         self.config = config
-        self.code = code
+        self.mechanism = mechanism
+        self.release = release
         self.run_name = str(instruction[RUN_NAME])
         self.optimizer = torch.optim.AdamW(
             model.parameter_groups(config.weight_decay), lr=config.learning_rate
@@ -130,14 +137,24 @@ class SecureSumStrategy(FedAvg):
             self.book.stop_if_all_declined(server_round)
             return None, {}
         (mean,) = parameters_to_ndarrays(results[0][1].parameters)
+        statistics_round = self.config.is_statistics_round(server_round)
+        code = self.statistics_code(server_round) if statistics_round else self.mechanism.code
         try:
-            gradient = decode(
-                mean * len(results), self.code, round_seed(self.run_name, server_round)
-            )
+            total = decode(mean * len(results), code, round_seed(self.run_name, server_round))
         except OverflowError as overflow:
             log(WARNING, "Round %d discarded: %s", server_round, overflow)
             return None, {}
         self.summed_rounds.add(server_round)
+        largest = max(float(fit.metrics["epsilon"]) for _, fit in results)
+        if statistics_round:
+            self.release.add(server_round, total, len(results))
+            if (
+                server_round == self.config.statistics_rounds
+                and self.config.item_graph == "filter+gcn"
+            ):
+                initialise_item_side(self.model, self.release.graph)
+            return ndarrays_to_parameters(item_side_arrays(self.model)), {"max-epsilon": largest}
+        gradient = total
         self.optimizer.zero_grad(set_to_none=True)
         offset = 0
         for parameter in self.model.parameters():
@@ -147,9 +164,17 @@ class SecureSumStrategy(FedAvg):
             )
             offset += size
         self.optimizer.step()
-        largest = max(float(fit.metrics["epsilon"]) for _, fit in results)
         log(INFO, "Round %d: stepped with the secure sum of %d sites", server_round, len(results))
         return ndarrays_to_parameters(item_side_arrays(self.model)), {"max-epsilon": largest}
+
+    def statistics_code(self, server_round: int) -> IntegerCode:
+        """The integer code of statistics round ``server_round``'s secure sum."""
+        catalogue = self.release.catalogue
+        return self.mechanism.statistics_code(
+            server_round,
+            self.release.expected_length(server_round),
+            sensitivity(self.config, catalogue, server_round),
+        )
 
     def _record_dropouts(self, record: RoundLog, survivors: set[int], failures: list) -> None:
         """Sites sampled but not in the sum (SecAgg+ does not say which failure was whose)."""
@@ -223,19 +248,21 @@ def run_secure_aggregation(
     context: Context,
     config: RunConfig,
     model: EgoGraphRecommender,
-    code: IntegerCode,
+    mechanism: Mechanism,
     instruction: dict,
     out: RunDirectory,
     book: RoundBook,
+    release: GraphRelease,
 ) -> None:
-    """Run ``num-server-rounds`` rounds of secure aggregation.
+    """Run the rounds after round 0 (the item graph's, then DP-SGD's) by secure aggregation.
 
     SecAgg+ sees each site's integers in ``[-M/2, M/2)`` as values in its clipping
     range ``M/2`` with ``M`` quantisation levels, which it passes unchanged, and adds
     the sites' levels modulo 2^32; so at most ``2^(32 - secagg-bits) - 1`` sites fit.
     """
+    code = mechanism.code
     check_sum_fits(len(grid.get_node_ids()), code)
-    strategy = SecureSumStrategy(model, config, code, instruction, out, book)
+    strategy = SecureSumStrategy(model, config, mechanism, instruction, out, book, release)
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(
             num_shares=1.0,  # every sampled site holds a share of every other's key
@@ -247,12 +274,12 @@ def run_secure_aggregation(
         )
     )
     legacy = LegacyContext(
-        context, config=ServerConfig(num_rounds=config.num_server_rounds), strategy=strategy
+        context, config=ServerConfig(num_rounds=config.total_rounds), strategy=strategy
     )
     workflow(grid, legacy)
     out.write_round(ArrayRecord(model.state_dict()), book)
-    if config.num_server_rounds and not strategy.summed_rounds and book.stopped_after is None:
+    if config.total_rounds and not strategy.summed_rounds and book.stopped_after is None:
         raise NoSiteCompleted(
-            f"no secure sum completed in any of the {config.num_server_rounds} rounds "
+            f"no secure sum completed in any of the {config.total_rounds} rounds "
             f"(fewer than secagg-min-sites = {config.secagg_min_sites} sites finished each)"
         )

@@ -22,6 +22,8 @@ other sites.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -31,6 +33,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.model import ITEM_ROW_PARAMETERS
 from common.protocol import ARRAYS, DECLINED, ITEM_COUNTS, METRICS, NUM_EXAMPLES, SITE_ID
+from server.item_graph import GraphRelease, RejectedStatistics
 from server.round_book import RoundBook
 
 
@@ -57,6 +60,7 @@ class ItemSideFedAvg(FedAvg):
         min_sites: int,
         book: RoundBook,
         evaluates_in: Callable[[int], bool] = lambda server_round: True,
+        release: GraphRelease | None = None,
     ) -> None:
         super().__init__(
             min_train_nodes=min_sites,
@@ -67,6 +71,7 @@ class ItemSideFedAvg(FedAvg):
         self.dp = dp
         self.book = book
         self.evaluates_in = evaluates_in
+        self.release = release
         self.outbox: list[Message] = []
 
     def received(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
@@ -100,14 +105,29 @@ class ItemSideFedAvg(FedAvg):
         if self.book.stopped_after is not None:
             return self.sent([])
         self.global_arrays = arrays
-        return self.sent(super().configure_train(server_round, arrays, config, grid))
+        return self.sent(
+            super().configure_train(server_round, arrays, self.with_graph(config), grid)
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if self.book.stopped_after is not None or not self.evaluates_in(server_round):
             return self.sent([])  # nothing awaited: no site can be silent this round
-        return self.sent(super().configure_evaluate(server_round, arrays, config, grid))
+        return self.sent(
+            super().configure_evaluate(server_round, arrays, self.with_graph(config), grid)
+        )
+
+    def with_graph(self, config: ConfigRecord) -> ConfigRecord:
+        """The instruction with what has been released of the item graph, if any."""
+        return (
+            config
+            if self.release is None
+            else ConfigRecord(dict(config) | self.release.instruction())
+        )
+
+    def statistics_round(self, server_round: int) -> bool:
+        return self.release is not None and self.release.config.is_statistics_round(server_round)
 
     def sent(self, messages: Iterable[Message]) -> list[Message]:
         """Remember the instructions of this round (the grid gives them ids when it sends)."""
@@ -121,8 +141,8 @@ class ItemSideFedAvg(FedAvg):
         for reply in self.received(server_round, replies):
             metrics = reply.content.metric_records.get(METRICS)
             try:
-                arrays = self.read_update(reply)
-            except RejectedUpdate as rejection:
+                arrays = self.read_update(reply, server_round)
+            except (RejectedUpdate, RejectedStatistics) as rejection:
                 self.book.record_rejection(server_round, reply.metadata.src_node_id, str(rejection))
                 continue
             if self.book.record_training(server_round, metrics):
@@ -131,6 +151,10 @@ class ItemSideFedAvg(FedAvg):
         if not accepted:
             self.book.stop_if_all_declined(server_round)
             return None, None
+        if self.statistics_round(server_round):
+            total = functools.reduce(operator.add, (a for a, _ in accepted))
+            self.release.add(server_round, total, len(accepted))
+            return None, None
         self.global_arrays = ArrayRecord({k: Array(v) for k, v in self.average(accepted).items()})
         if self.dp:  # the largest epsilon any site has spent
             return self.global_arrays, MetricRecord(
@@ -138,9 +162,10 @@ class ItemSideFedAvg(FedAvg):
             )
         return self.global_arrays, None
 
-    def read_update(self, reply: Message) -> dict[str, np.ndarray]:
-        """The update's arrays (none for a decline), checked; raises
-        :class:`RejectedUpdate` with the reason."""
+    def read_update(self, reply: Message, server_round: int) -> dict[str, np.ndarray]:
+        """The update's arrays (none for a decline; a round's statistics in a statistics
+        round), checked; raises :class:`RejectedUpdate` or :class:`RejectedStatistics`
+        with the reason."""
         content = reply.content
         metrics = content.metric_records.get(METRICS)
         if metrics is None or SITE_ID not in metrics:
@@ -152,6 +177,8 @@ class ItemSideFedAvg(FedAvg):
                 f"expected one ArrayRecord '{ARRAYS}', got {sorted(content.array_records)}"
             )
         received = content.array_records[ARRAYS]
+        if self.statistics_round(server_round):
+            return self.release.read(server_round, {k: v.numpy() for k, v in received.items()})
         expected = set(self.global_arrays) | (set() if self.dp else {ITEM_COUNTS})
         if set(received) != expected:
             missing, extra = sorted(expected - set(received)), sorted(set(received) - expected)

@@ -1,0 +1,286 @@
+r"""The item-graph phase: what sites sum in two statistics rounds, and what the server releases.
+
+Everything here is a sum over users (``common.item_graph`` has the maths and
+each user's bound): a site sums its own users, the federation sums the sites
+(exactly, with per-site Gaussian noise, or through the secure sum), and the
+server post-processes the totals into an :class:`ItemGraph`, with which each
+site scores its own users from their own rows. A user's row never leaves the
+site.
+
+**Ranking** (GF-CF, the closed form of LightGCN's propagation):
+
+1. round 1: item degrees :math:`d = \sum_u r_u \min(1, C_d / \sqrt{|N(u)|})`,
+   sensitivity :math:`C_d` (``item-graph-degree-bound``). Released: :math:`d`,
+   and the items :math:`S` the graph covers: the ``item-graph-items`` of
+   largest released degree (every item when 0);
+2. round 2: :math:`G_S = \sum_u x_u x_u^\top` with :math:`x_u = r_{u,S} /
+   \sqrt{|N_S(u)|}`, sensitivity 1 in Frobenius norm, sent as its Frobenius
+   isometry :math:`(G_{ii}, \sqrt 2\, G_{ij})_{i<j}` (:func:`isometry`), on
+   which Gaussian noise is the symmetric release of
+   ``common.item_graph.release_symmetric``. Released: the filter
+   :math:`s_u = r_u L + \alpha\, (r_u D^{-\beta}) V_k V_k^\top D^{\beta}` over
+   :math:`S` (``item-graph-exponent`` :math:`\beta`, ``item-graph-rank``
+   :math:`k`, ``item-graph-alpha`` :math:`\alpha`), the released degrees
+   floored at the standard deviation of their noise.
+
+**Rating** (after McSherry and Mironov, KDD 2009):
+
+1. round 1: each site computes its users' shrunk means :math:`m_u` from their
+   own ratings, and sums :math:`\sum_u w_u (r_u - m_u)` and :math:`\sum_u w_u
+   1_{N(u)}` with :math:`w_u = \min(1, C_1 / \max(\lVert r_u - m_u \rVert,
+   \sqrt{|N(u)|}))`, sensitivity :math:`\sqrt 2\, C_1`. Released: the item
+   offsets :math:`b_i`;
+2. round 2: the covariance :math:`\sum_u e_u e_u^\top` of each user's
+   residuals :math:`e_{ui} = r_{ui} - m_u - b_i` (:math:`m_u` recomputed by the
+   site against the released :math:`b_i`), each row bounded to :math:`C_2`,
+   sensitivity :math:`C_2^2`. Released: the residuals' cosine similarity. A
+   site predicts :math:`m_u + b_i + \hat e_{ui}`, :math:`\hat e_{ui}` the
+   similarity-weighted mean of the user's own residuals on their most similar
+   rated items.
+
+Without DP and with more than ``item-graph-dense-items`` covered items, round
+2's Gram is exact and sent sparse, and the filter's linear part keeps the
+``item-graph-top-per-row`` largest entries of each row. Under DP a Gram that
+large cannot be released dense: set ``item-graph-items``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import scipy.sparse as sp
+
+from common.config import RunConfig
+from common.data.dataset import Catalogue, Interactions
+from common.data.site import SiteData
+from common.item_graph import (
+    ItemFilter,
+    bounded_rows,
+    covariance_similarity,
+    gram_sum,
+    graph_filter,
+    item_offset_sums,
+    item_offsets,
+    item_sum,
+    keep_top_per_row,
+    neighbourhood_residuals,
+    residual_rows,
+    top_items,
+    user_means,
+    user_rows,
+)
+
+STATISTICS_ROUNDS = 2
+"""Rounds 1 and 2 of a run with an item graph; training rounds, if any, follow."""
+RATING_BOUNDS = (1.0, 1.0)
+"""C_1 and C_2 of the rating statistics."""
+RATING_SHRINKAGE = (25.0, 10.0)
+"""Shrinkage of the item offsets toward zero and of the users' means toward the scale's
+middle."""
+RATING_NEIGHBOURS, RATING_DAMPING = 40, 0.5
+"""Rated items a rating prediction averages over, and the damping of its weights."""
+
+Total = np.ndarray | sp.csr_matrix
+"""A round's sum: a vector, or (large catalogue without DP) a sparse Gram."""
+
+
+@dataclass(frozen=True)
+class ItemGraph:
+    """What the server has released of the item graph: after round 1, then after round 2.
+
+    Attributes:
+        items: the catalogue items the graph covers, ascending.
+        degrees: released item degrees over the catalogue (ranking).
+        degree_noise: standard deviation of the noise on ``degrees`` (0 without DP).
+        item_bias: the item offsets :math:`b_i` (rating).
+        linear, eigenvectors, alpha, input_scale, output_scale: the ranking filter
+            (``common.item_graph.ItemFilter``), from round 2.
+        similarity: the residuals' similarity (rating), from round 2.
+    """
+
+    items: np.ndarray | None = None
+    degrees: np.ndarray | None = None
+    degree_noise: float = 0.0
+    item_bias: np.ndarray | None = None
+    variance_noise: float = 0.0
+    linear: np.ndarray | sp.csr_matrix | None = None
+    eigenvectors: np.ndarray | None = None
+    alpha: float = 0.0
+    input_scale: np.ndarray | None = None
+    output_scale: np.ndarray | None = None
+    similarity: np.ndarray | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether round 2 has been released, so that the graph can score."""
+        return self.linear is not None or self.similarity is not None
+
+    def to_bytes(self) -> bytes:
+        """One ``.npz`` payload (a sparse linear part as its CSR arrays)."""
+        arrays: dict[str, np.ndarray] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if sp.issparse(value):
+                for part in ("data", "indices", "indptr"):
+                    arrays[f"{f.name}.{part}"] = getattr(value, part)
+                arrays[f"{f.name}.shape"] = np.array(value.shape)
+            elif value is not None:
+                arrays[f.name] = np.asarray(value)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> ItemGraph:
+        with np.load(io.BytesIO(payload)) as archive:
+            stored = dict(archive)
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            if f"{f.name}.shape" in stored:
+                parts = tuple(stored[f"{f.name}.{p}"] for p in ("data", "indices", "indptr"))
+                values[f.name] = sp.csr_matrix(parts, shape=tuple(stored[f"{f.name}.shape"]))
+            elif f.name in stored:
+                value = stored[f.name]
+                values[f.name] = value.item() if value.ndim == 0 else value
+        return cls(**values)
+
+    def scores(self, site: SiteData, users: np.ndarray) -> np.ndarray:
+        """Ranking: ``[len(users), num_items]`` scores of the site's ``users`` from their
+        own training rows (items the graph does not cover score minus infinity)."""
+        n = site.catalogue.num_items
+        rows = user_rows(site.train, site.num_users, n)[users]
+        item_filter = ItemFilter(
+            n,
+            self.items,
+            self.linear,
+            self.eigenvectors,
+            self.alpha,
+            self.input_scale,
+            self.output_scale,
+        )
+        return item_filter.scores(rows)
+
+    def predict(self, site: SiteData, pairs: Interactions) -> np.ndarray:
+        """Rating: the predicted rating of each of the site's ``(user, item)`` ``pairs``."""
+        mean = _user_means(site, self.item_bias)
+        predicted = mean[pairs.user] + self.item_bias[pairs.item]
+        residuals = residual_rows(
+            site.train, site.num_users, site.catalogue.num_items, mean, self.item_bias
+        )
+        return predicted + neighbourhood_residuals(
+            self.similarity, residuals, pairs.user, pairs.item, RATING_NEIGHBOURS, RATING_DAMPING
+        )
+
+
+def sensitivity(config: RunConfig, catalogue: Catalogue, server_round: int) -> float:
+    """How far one user moves round ``server_round``'s sum, in L2 (Frobenius) norm."""
+    if config.task == "ranking":
+        return config.item_graph_degree_bound if server_round == 1 else 1.0
+    return float(np.sqrt(2.0)) * RATING_BOUNDS[0] if server_round == 1 else RATING_BOUNDS[1] ** 2
+
+
+def length(config: RunConfig, catalogue: Catalogue, server_round: int, graph: ItemGraph) -> int:
+    """The length of round ``server_round``'s vector (public: the server and every site
+    know it before anything is computed)."""
+    n = catalogue.num_items
+    if server_round == 1:
+        return n if config.task == "ranking" else 2 * n
+    m = len(graph.items)
+    return m * (m + 1) // 2
+
+
+def contribution(config: RunConfig, site: SiteData, server_round: int, graph: ItemGraph) -> Total:
+    """The site's exact sum over its users' training rows for round ``server_round``."""
+    n = site.catalogue.num_items
+    if config.task == "ranking":
+        binary = user_rows(site.train, site.num_users, n)
+        if server_round == 1:
+            return item_sum(bounded_rows(binary, 0.0, config.item_graph_degree_bound))
+        gram = gram_sum(bounded_rows(binary[:, graph.items], 0.5, 1.0), dense=dense(config, graph))
+        return isometry(gram) if isinstance(gram, np.ndarray) else gram
+    if server_round == 1:
+        mean = _user_means(site, np.zeros(n))
+        sums, counts = item_offset_sums(site.train, site.num_users, n, mean, RATING_BOUNDS[0])
+        return np.concatenate([sums, counts])
+    mean = _user_means(site, graph.item_bias)
+    residuals = residual_rows(site.train, site.num_users, n, mean, graph.item_bias)
+    return isometry(gram_sum(bounded_rows(residuals, 0.5, RATING_BOUNDS[1])))
+
+
+def released(
+    config: RunConfig,
+    catalogue: Catalogue,
+    server_round: int,
+    total: Total,
+    graph: ItemGraph,
+    noise_std: float,
+) -> ItemGraph:
+    """The graph after round ``server_round``'s ``total`` (post-processing only);
+    ``noise_std`` is the standard deviation of the noise on each coordinate of it."""
+    n = catalogue.num_items
+    if config.task == "ranking" and server_round == 1:
+        limit = config.item_graph_items
+        items = np.arange(n) if limit is None or limit >= n else top_items(total, limit)
+        return replace(graph, items=items, degrees=total, degree_noise=noise_std)
+    if server_round == 1:
+        offsets = item_offsets(total[:n], total[n:], RATING_SHRINKAGE[0])
+        return replace(graph, items=np.arange(n), item_bias=offsets)
+    gram = symmetric(total) if isinstance(total, np.ndarray) else total
+    if config.task == "rating":
+        floor = max(1e-12, noise_std)
+        return replace(graph, similarity=covariance_similarity(gram, None, 0.0, floor))
+    item_filter = graph_filter(
+        gram,
+        graph.degrees[graph.items],
+        config.item_graph_exponent,
+        config.item_graph_rank,
+        config.item_graph_alpha,
+        n,
+        graph.items,
+        floor=max(1.0, graph.degree_noise),
+    )
+    linear = item_filter.linear
+    if sp.issparse(linear) and config.item_graph_top_per_row is not None:
+        linear = keep_top_per_row(linear, config.item_graph_top_per_row)
+    return replace(
+        graph,
+        linear=linear,
+        eigenvectors=item_filter.eigenvectors,
+        alpha=item_filter.alpha,
+        input_scale=item_filter.input_scale,
+        output_scale=item_filter.output_scale,
+    )
+
+
+def dense(config: RunConfig, graph: ItemGraph) -> bool:
+    """Whether round 2's Gram is sent dense (always under DP)."""
+    return config.dp or len(graph.items) <= config.item_graph_dense_items
+
+
+def isometry(matrix: np.ndarray) -> np.ndarray:
+    """A symmetric ``[m, m]`` matrix as the vector ``(A_ii, sqrt(2) A_ij for i < j)``,
+    whose L2 norm is the matrix's Frobenius norm."""
+    upper = np.triu_indices(matrix.shape[0], k=1)
+    return np.concatenate([np.diag(matrix), np.sqrt(2.0) * matrix[upper]])
+
+
+def symmetric(vector: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`isometry`."""
+    m = (math.isqrt(8 * len(vector) + 1) - 1) // 2
+    matrix = np.zeros((m, m))
+    upper = np.triu_indices(m, k=1)
+    matrix[upper] = vector[m:] / np.sqrt(2.0)
+    matrix += matrix.T
+    matrix[np.diag_indices(m)] = vector[:m]
+    return matrix
+
+
+def _user_means(site: SiteData, item_offset: np.ndarray) -> np.ndarray:
+    """Each user's shrunk mean, from the user's own ratings and the given item offsets
+    (none before round 1's release), shrunk toward the middle of the public scale."""
+    levels = site.catalogue.rating_levels
+    middle = (levels[0] + levels[-1]) / 2
+    return user_means(site.train, site.num_users, item_offset, middle, RATING_SHRINKAGE[1])
