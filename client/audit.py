@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -133,6 +134,11 @@ def audit_mechanism(
             f"got {guesses}"
         )
     mechanism = site_mechanism(config, item_side_size(catalogue, config))
+    if not mechanism.steps_planned:
+        raise InputError(
+            'audit: the run trained no DP-SGD steps (item-graph = "filter"); the audit '
+            'measures DP-SGD, so audit a run with item-graph = "none" or "filter+gcn"'
+        )
     rng = np.random.default_rng(seed)
     included = rng.random(canaries) < 0.5
     real = synthetic_site(catalogue, users, min(config.degree_cap, 10), seed)
@@ -178,11 +184,8 @@ def audit_mechanism(
     order = np.argsort(score, kind="stable")
     guessed_in, guessed_out = order[-guesses:], order[:guesses]
     correct = int(included[guessed_in].sum() + (~included[guessed_out]).sum())
-    claimed = (
-        epsilon([mechanism.event(mechanism.steps_planned)], config.delta, config.accountant)
-        if mechanism.noisy
-        else None
-    )
+    every_step = replace(mechanism.training().event, steps=mechanism.steps_planned)
+    claimed = epsilon([every_step], config.delta, config.accountant) if mechanism.noisy else None
     ceiling = epsilon_lower_bound(canaries, 2 * guesses, 2 * guesses, config.delta, p)
     return {
         "method": "one-run audit with Dirac gradient canaries (Steinke, Nasr, Jagielski 2023)",

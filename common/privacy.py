@@ -484,7 +484,12 @@ def released_quantities(config: RunConfig) -> list[Release]:
         Release("metrics", SITE_ID, "train", True, identity),
         Release("metrics", SITE_ID, "evaluate", True, identity),
     ]
+    trains = config.training_rounds > 0
     if not config.dp:
+        releases += [
+            Release("metrics", NUM_EXAMPLES, "train", False, "dp = false: exact user count"),
+            Release("metrics", NUM_EXAMPLES, "evaluate", False, "dp = false: exact user count"),
+        ]
         releases += [
             Release("arrays", ITEM_SIDE, "train", False, "dp = false: trained without noise"),
             Release(
@@ -494,10 +499,8 @@ def released_quantities(config: RunConfig) -> list[Release]:
                 False,
                 "dp = false: exact per-item interaction counts, for count-weighted averaging",
             ),
-            Release("metrics", NUM_EXAMPLES, "train", False, "dp = false: exact user count"),
             Release("metrics", TRAIN_LOSS, "train", False, "dp = false: exact training loss"),
-            Release("metrics", NUM_EXAMPLES, "evaluate", False, "dp = false: exact user count"),
-        ]
+        ][: 3 if trains else 0]
     elif config.secure_aggregation:
         releases += [
             Release(
@@ -514,7 +517,7 @@ def released_quantities(config: RunConfig) -> list[Release]:
             Release("metrics", NUM_EXAMPLES, "train", True, "the constant public weight 1"),
             Release("metrics", NUM_EXAMPLES, "evaluate", True, "the constant 1"),
         ]
-    else:
+    elif trains:
         releases.append(
             Release(
                 "arrays",

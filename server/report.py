@@ -56,6 +56,8 @@ def build_report(run_dir: Path) -> dict[str, Any]:
             "secagg-min-sites": config.secagg_min_sites if config.secure_aggregation else None,
             "sample-rate": ledger["sample-rate"],
             "steps-per-round": ledger["steps-per-round"],
+            "item-graph": config.item_graph,
+            "statistics-rounds": config.statistics_rounds,
             "clip-norm": ledger["clip-norm"] if config.dp else None,
             "noise-multiplier": config.noise_multiplier if config.target_epsilon is None else None,
             "target-epsilon": config.target_epsilon,
@@ -82,21 +84,31 @@ def build_report(run_dir: Path) -> dict[str, Any]:
 
 
 def _algorithm(config: RunConfig) -> str:
+    """The mechanism in words: the item graph's releases, then DP-SGD, per the config."""
     if not config.dp:
         return "none (dp = false)"
-    if not config.secure_aggregation:
-        return (
-            "DP-SGD (Opacus) at each site: Poisson sampling of users, per-user clipping, "
-            "Gaussian noise on the sum"
+    parts = []
+    if config.item_graph != "none":
+        parts.append(
+            "item graph: two releases of sums over each site's users, each user bounded "
+            "(round 1: item degrees or item rating statistics; round 2: an item-item Gram "
+            "matrix), with Gaussian noise on the sum; the filter is post-processing"
         )
-    return (
-        "DP-SGD with distributed discrete Gaussian noise under SecAgg+: each round every site "
-        "sends one step's clipped per-user gradient sum as integers with its share "
-        "sigma*C/sqrt(T) of the noise; the server sees only the sum over at least "
-        f"T = {config.secagg_min_sites} sites. Headline epsilon: against an honest-but-curious "
-        "server colluding with no site. Single-message epsilon: against a party that sees "
-        "one site's message alone"
+    if config.training_rounds:
+        parts.append(
+            "DP-SGD (Opacus): Poisson sampling of users, per-user clipping, Gaussian noise on "
+            "the sum"
+        )
+    where = (
+        "at each site, each adding all of the noise"
+        if not config.secure_aggregation
+        else "through SecAgg+ with distributed discrete Gaussian noise: every site sends its "
+        "vector as integers with its share sigma/sqrt(T) of the noise and the server sees "
+        f"only the sum over at least T = {config.secagg_min_sites} sites. Headline epsilon: "
+        "against an honest-but-curious server colluding with no site. Single-message "
+        "epsilon: against a party that sees one site's message alone"
     )
+    return "; then ".join(parts) + f"; {where}"
 
 
 def _accountant(config: RunConfig) -> str:

@@ -122,8 +122,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Privacy unit: {report['privacy-unit']}",
         f"- Neighbouring relation: {report['neighbouring-relation']}",
         f"- Mechanism: {mechanism['algorithm']}",
-        f"- Sampling rate {mechanism['sample-rate']:g}, {mechanism['steps-per-round']} steps per "
-        f"round, clip norm {mechanism['clip-norm']}, noise multiplier {sigma}",
+        f"- Item graph: {mechanism.get('item-graph', 'none')} "
+        f"({mechanism.get('statistics-rounds', 0)} statistics rounds first)",
+        f"- DP-SGD: sampling rate {mechanism['sample-rate']:g}, {mechanism['steps-per-round']} "
+        f"steps per training round, clip norm {mechanism['clip-norm']}, noise multiplier {sigma}",
         f"- Accountant: {mechanism['accountant']}; "
         f"checked with {mechanism['independent-accountant']}",
         f"- Budget limit per site (max-epsilon): {mechanism['max-epsilon'] or 'none'}",

@@ -58,6 +58,7 @@ from common.model import EgoGraphRecommender
 from common.privacy import Mechanism
 from common.protocol import RUN_NAME, SERVER_ROUND
 from server.item_graph import GraphRelease, initialise_item_side
+from server.report_render import round_line
 from server.round_book import NoSiteCompleted, RoundBook, RoundLog, last_line
 from server.run_directory import RunDirectory
 
@@ -164,7 +165,6 @@ class SecureSumStrategy(FedAvg):
             )
             offset += size
         self.optimizer.step()
-        log(INFO, "Round %d: stepped with the secure sum of %d sites", server_round, len(results))
         return ndarrays_to_parameters(item_side_arrays(self.model)), {"max-epsilon": largest}
 
     def statistics_code(self, server_round: int) -> IntegerCode:
@@ -198,6 +198,8 @@ class SecureSumStrategy(FedAvg):
                 "released and the model is unchanged",
                 server_round,
             )
+        if not self.config.evaluates_in(server_round):
+            log(INFO, "%s", round_line(server_round, self.book.round(server_round)))
         return None
 
     def configure_evaluate(self, server_round: int, parameters, client_manager: ClientManager):
@@ -226,6 +228,7 @@ class SecureSumStrategy(FedAvg):
         )
         self.book.finish(server_round)
         self.out.write_round(ArrayRecord(self.model.state_dict()), self.book)
+        log(INFO, "%s", round_line(server_round, self.book.round(server_round)))
         return 0.0, {} if aggregated is None else dict(aggregated)
 
 

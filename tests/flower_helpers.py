@@ -17,6 +17,7 @@ from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
 from client.app import make_app
+from client.secure_aggregation import secure_aggregation_mod
 from server.app import run
 
 
@@ -45,7 +46,7 @@ def recording_client_app(folder: Path) -> ClientApp:
         (folder / f"{uuid.uuid4().hex}.json").write_text(json.dumps(summary))
         return reply
 
-    return make_app([record])
+    return make_app([record, secure_aggregation_mod])
 
 
 def simulate(config, num_sites: int, record_to: Path, client_app: ClientApp | None = None) -> Path:

@@ -28,7 +28,8 @@ def test_lower_bound_is_zero_for_chance_and_grows_with_correct_guesses():
 
 def small(**changes):
     return default_config(
-        **({"synthetic_users": 150, "synthetic_items": 80, "item_text": False} | changes)
+        item_graph="none",
+        **({"synthetic_users": 150, "synthetic_items": 80, "item_text": False} | changes),
     )
 
 

@@ -30,6 +30,7 @@ def budget_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("budget")
     (base / "messages").mkdir()
     config = default_config(
+        item_graph="none",
         num_server_rounds=4,
         min_sites=3,
         max_epsilon=4.0,
@@ -39,14 +40,9 @@ def budget_run(tmp_path_factory):
         synthetic_users=300,
     )
     site = load_site(config, 0, 3)
+    mechanism = site_mechanism(config, item_side_size(site.catalogue, config))
     SiteState.in_simulation(config.site_state_dir, site).record(
-        ledger_entry(
-            site_mechanism(config, item_side_size(site.catalogue, config)),
-            [],
-            "an-earlier-run",
-            1,
-            trained=True,
-        )
+        ledger_entry(mechanism, mechanism.training(), [], "an-earlier-run", 1, trained=True)
     )
     return config, simulate(config, 3, base / "messages")
 

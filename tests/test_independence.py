@@ -67,6 +67,7 @@ def per_user_gradients(
 )
 def test_removing_a_user_leaves_other_users_gradients_identical(task, private):
     config = default_config(
+        item_graph="none",
         task=task,
         synthetic_users=120,
         synthetic_items=80,
@@ -105,7 +106,9 @@ def test_removing_a_user_leaves_other_users_gradients_identical(task, private):
 
 def test_per_sample_gradients_equal_one_user_at_a_time_autograd():
     """Opacus's per-sample gradients are the gradients of each user's own loss."""
-    config = default_config(synthetic_users=60, synthetic_items=50, degree_cap=12)
+    config = default_config(
+        item_graph="none", synthetic_users=60, synthetic_items=50, degree_cap=12
+    )
     site = load_site(config, 0, 1)
     torch.manual_seed(1)
     model = site_model(site.catalogue, config)
@@ -127,7 +130,11 @@ def test_private_embeddings_are_fit_from_each_users_own_data_only():
     """Refitting p_u after removing user A leaves every other user's p_u unchanged, with more
     users than one chunk of the refit, so that A's removal moves others across chunks."""
     config = default_config(
-        synthetic_users=700, synthetic_items=80, degree_cap=16, private_user_embedding=True
+        item_graph="none",
+        synthetic_users=700,
+        synthetic_items=80,
+        degree_cap=16,
+        private_user_embedding=True,
     )
     site = load_site(config, 0, 1)
     assert site.num_users > 2 * USERS_PER_CHUNK

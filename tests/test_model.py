@@ -16,7 +16,8 @@ from common.privacy import site_mechanism
 
 def small_config(**changes):
     return default_config(
-        **({"synthetic_users": 90, "synthetic_items": 50, "degree_cap": 10} | changes)
+        item_graph="none",
+        **({"synthetic_users": 90, "synthetic_items": 50, "degree_cap": 10} | changes),
     )
 
 
@@ -98,7 +99,7 @@ def test_dp_training_runs_and_accounts_every_step(mode, task):
 
 def test_empty_poisson_batches_are_handled():
     """With 2 users and q = 0.1 most batches are empty; training must still step."""
-    config = default_config(synthetic_users=30, synthetic_items=40, degree_cap=8)
+    config = default_config(item_graph="none", synthetic_users=30, synthetic_items=40, degree_cap=8)
     site = load_site(config, 0, 10)
     assert site.num_users == 2
     model = site_model(site.catalogue, config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from client.site_state import SiteState
-from common.accounting import Event, epsilon
+from common.accounting import Event, epsilon, independent_epsilon
 from common.config import default_config
 from common.data import load_site
 from common.model import item_side_size
@@ -27,15 +28,15 @@ from common.privacy import (
 
 @pytest.mark.parametrize(("bound", "delta"), [(94, 1e-3), (1000, 1e-4), (100_000, 1e-6)])
 def test_auto_delta_comes_from_the_public_bound_on_users_per_site(bound, delta):
-    assert default_config(max_users_per_site=bound).delta == pytest.approx(delta)
-    assert default_config(max_users_per_site=bound).delta <= 1 / (10 * bound)
-    assert default_config(delta=1e-7, max_users_per_site=bound).delta == 1e-7
+    assert default_config(item_graph="none", max_users_per_site=bound).delta == pytest.approx(delta)
+    assert default_config(item_graph="none", max_users_per_site=bound).delta <= 1 / (10 * bound)
+    assert default_config(item_graph="none", delta=1e-7, max_users_per_site=bound).delta == 1e-7
 
 
 def test_the_mechanism_does_not_depend_on_how_many_users_a_site_has():
     """Sites of 1,000 and 1,001 users plan the same sigma: the review found 1.036 vs 1.146
     when delta came from the private user count."""
-    config = default_config(target_epsilon=4.0, synthetic_users=2001)
+    config = default_config(item_graph="none", target_epsilon=4.0, synthetic_users=2001)
     sizes, mechanisms = set(), set()
     for site_id in (0, 1):
         site = load_site(config, site_id, 2)
@@ -47,29 +48,87 @@ def test_the_mechanism_does_not_depend_on_how_many_users_a_site_has():
 
 @pytest.mark.parametrize("target", [1.0, 4.0, 8.0])
 def test_target_epsilon_plans_sigma_so_the_whole_run_lands_at_or_under_target(target):
-    config = default_config(target_epsilon=target, num_server_rounds=6, local_epochs=2)
+    config = default_config(
+        item_graph="none", target_epsilon=target, num_server_rounds=6, local_epochs=2
+    )
     mechanism = site_mechanism(config, 1000)
     assert mechanism.steps_planned == 6 * 2 * 10
-    spent = epsilon([mechanism.event(mechanism.steps_planned)], config.delta, config.accountant)
+    spent = epsilon([whole_run(mechanism)], config.delta, config.accountant)
     assert 0.97 * target <= spent <= target  # within target, and no budget wasted
 
 
+def whole_run(mechanism) -> Event:
+    """Every DP-SGD step of the run as one event."""
+    return replace(mechanism.training().event, steps=mechanism.steps_planned)
+
+
 def test_without_target_the_configured_sigma_is_used():
-    assert site_mechanism(default_config(noise_multiplier=1.7), 1000).noise_multiplier == 1.7
+    assert (
+        site_mechanism(
+            default_config(item_graph="none", noise_multiplier=1.7), 1000
+        ).noise_multiplier
+        == 1.7
+    )
 
 
 def test_secure_aggregation_plans_the_discrete_sum_and_shares_its_noise():
-    config = default_config(secure_aggregation=True, secagg_min_sites=4, target_epsilon=4.0)
+    config = default_config(
+        item_graph="none", secure_aggregation=True, secagg_min_sites=4, target_epsilon=4.0
+    )
     mechanism = site_mechanism(config, 5000)
-    spent = epsilon([mechanism.event(mechanism.steps_planned)], config.delta, config.accountant)
+    spent = epsilon([whole_run(mechanism)], config.delta, config.accountant)
     assert 0.97 * 4.0 <= spent <= 4.0
     assert mechanism.noise_share == pytest.approx(mechanism.noise_multiplier / 2)
-    assert mechanism.event(1).discrete and mechanism.code.min_sites == 4
+    assert mechanism.training().event.discrete and mechanism.code.min_sites == 4
+
+
+def statistics_events(mechanism, single_message=False) -> list[Event]:
+    releases = [mechanism.statistics(r, 1000, 1.0) for r in (1, 2)]
+    return [r.single_message_event if single_message else r.event for r in releases]
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_the_item_graph_alone_spends_the_whole_target_split_between_its_rounds(secure):
+    config = default_config(
+        item_graph="filter",
+        target_epsilon=8.0,
+        item_graph_degree_share=0.1,
+        secure_aggregation=secure,
+        secagg_min_sites=3,
+    )
+    mechanism = site_mechanism(config, 5000)
+    assert mechanism.steps_planned == 0
+    first, second = mechanism.statistics_noise
+    assert (first / second) ** 2 == pytest.approx(0.9 / 0.1)  # shares of 1/z^2
+    spent = epsilon(statistics_events(mechanism), config.delta, config.accountant)
+    assert 0.97 * 8.0 <= spent <= 8.0
+
+
+def test_statistics_and_dp_sgd_compose_to_the_target_and_match_dp_accounting():
+    """One target split between the item graph's releases and the DP-SGD steps, composed
+    by one accountant (Opacus PRV), within 2 % of dp-accounting's PLD."""
+    config = default_config(
+        item_graph="filter+gcn",
+        target_epsilon=8.0,
+        item_graph_budget_share=0.5,
+        num_server_rounds=5,
+        delta=1e-5,
+    )
+    mechanism = site_mechanism(config, 5000)
+    statistics = statistics_events(mechanism)
+    alone = epsilon(statistics, config.delta, "prv")
+    assert 0.97 * 4.0 <= alone <= 4.0  # half the target for the statistics
+    events = [*statistics, whole_run(mechanism)]
+    spent = epsilon(events, config.delta, "prv")
+    assert 0.97 * 8.0 <= spent <= 8.0
+    assert abs(spent - independent_epsilon(events, config.delta, "prv")) / spent < 0.02
 
 
 def entry(round_, trained=True, sigma=1.0) -> LedgerEntry:
-    mechanism = site_mechanism(default_config(noise_multiplier=sigma, dp=sigma > 0), 1000)
-    return ledger_entry(mechanism, [], "r", round_, trained)
+    mechanism = site_mechanism(
+        default_config(item_graph="none", noise_multiplier=sigma, dp=sigma > 0), 1000
+    )
+    return ledger_entry(mechanism, mechanism.training(), [], "r", round_, trained)
 
 
 def test_site_ledger_persists_appends_and_survives_a_new_process(tmp_path):
@@ -89,8 +148,8 @@ def test_a_round_without_noise_is_unbounded_and_not_in_the_history():
     plain = entry(1, sigma=0.0)
     assert plain.without_noise and plain.epsilon == math.inf
     assert ledger_events([plain, entry(2)]) == [Event(1.0, 0.1, 10)]
-    mechanism = site_mechanism(default_config(), 1000)
-    assert ledger_entry(mechanism, [plain], "r", 2, True).epsilon == math.inf
+    mechanism = site_mechanism(default_config(item_graph="none"), 1000)
+    assert ledger_entry(mechanism, mechanism.training(), [plain], "r", 2, True).epsilon == math.inf
 
 
 def test_ledger_entries_written_before_the_accountant_fields_read_as_continuous_rounds():
@@ -116,6 +175,8 @@ def test_ledger_metrics_are_what_a_site_reports():
         "epsilon",
         "independent-epsilon",
         "single-message-epsilon",
+        "run-epsilon",
+        "earlier-epsilon",
         "delta",
         "noise-multiplier",
         "steps",
@@ -132,7 +193,9 @@ def test_the_same_users_keep_one_ledger_whatever_the_seed_or_path_spelling(tmp_p
     """The ledger folder depends on who the users are, not on how the run was configured."""
     folders = set()
     for seed, path in ((0, f"{ML_100K}"), (1, f"{ML_100K}/"), (0, f"{ML_100K.parent}//ml-100k")):
-        config = default_config(dataset="ml-100k", data_path=path, seed=seed, implicit=seed == 1)
+        config = default_config(
+            item_graph="none", dataset="ml-100k", data_path=path, seed=seed, implicit=seed == 1
+        )
         folders.add(SiteState.in_simulation(tmp_path, load_site(config, 0, 1)).folder)
     assert len(folders) == 1
 

@@ -85,6 +85,7 @@ def simulate_secure(base: Path, rounds: int, fail=frozenset(), monkeypatch=None,
     (base / "plain").mkdir(parents=True)
     config = default_config(
         **{
+            "item_graph": "none",
             "secure_aggregation": True,
             "secagg_min_sites": THRESHOLD,
             "min_sites": SITES,
@@ -96,7 +97,7 @@ def simulate_secure(base: Path, rounds: int, fail=frozenset(), monkeypatch=None,
             "run_dir": str(base / "runs"),
             "site_state_dir": str(base / "sites"),
         }
-        | changes
+        | changes,
     )
     masked: list[np.ndarray] = []
     sums: dict[int, np.ndarray] = {}
@@ -231,6 +232,7 @@ def open_round(config) -> SiteRound:
 
 def secure_config(tmp_path, **changes):
     return default_config(
+        item_graph="none",
         **{
             "secure_aggregation": True,
             "secagg_min_sites": 3,
@@ -238,7 +240,7 @@ def secure_config(tmp_path, **changes):
             "item_text": False,
             "site_state_dir": str(tmp_path),
         }
-        | changes
+        | changes,
     )
 
 
@@ -275,3 +277,30 @@ def test_too_many_sites_for_the_modulus_fail_fast_naming_the_key():
     check_sum_fits(255, code)
     with pytest.raises(InputError, match="secagg-bits <= 23"):
         check_sum_fits(256, code)
+
+
+def test_the_item_graph_statistics_go_through_the_secure_sum(tmp_path, monkeypatch):
+    """Rounds 1 and 2 of the item graph: the server gets exactly the sum of the sites'
+    integer shares of the statistics, releases the graph and evaluates it."""
+    result = simulate_secure(
+        tmp_path,
+        1,  # no DP-SGD round follows the graph's
+        monkeypatch=monkeypatch,
+        item_graph="filter",
+        task="ranking",
+        target_epsilon=8.0,
+        item_graph_items=40,
+    )
+    for server_round in (1, 2):
+        shares = [result["plain"][(server_round, s)] for s in range(SITES)]
+        assert np.array_equal(
+            centred_sum([result["sums"][server_round]], result["config"]),
+            centred_sum(shares, result["config"]),
+        )
+    metrics = json.loads((result["run_dir"] / "metrics.json").read_text())
+    assert sorted(metrics) == ["0", "1", "2"] and metrics["2"]["aggregated"]
+    ledger = json.loads((result["run_dir"] / "ledger.json").read_text())
+    for entries in ledger["sites"].values():
+        assert [e["steps"] for e in entries] == [1, 1]
+        assert 7.7 <= entries[-1]["epsilon"] <= 8.0
+        assert entries[-1]["single-message-epsilon"] > entries[-1]["epsilon"]

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 from flower_helpers import child_environment, free_port, simulate, stop_processes_of
@@ -22,7 +21,7 @@ from common.config import default_config
 from common.data import load_site
 from common.model import build_model
 from common.privacy import released_quantities
-from common.protocol import ITEM_SIDE
+from common.protocol import ITEM_SIDE, STATISTICS
 from server.round_book import NoSiteCompleted
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +32,7 @@ def dp_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("dp-run")
     (base / "messages").mkdir()
     config = default_config(
+        item_graph="none",
         num_server_rounds=3,
         min_sites=3,
         run_dir=str(base / "runs"),
@@ -94,6 +94,46 @@ def test_every_message_a_site_sends_is_item_side_or_declared(dp_run):
             assert not sizes & set(shape), "no array may have one row per user"
 
 
+@pytest.fixture(scope="module")
+def graph_run(tmp_path_factory):
+    """The default pipeline (the item graph's filter) on the ranking task, 3 sites, DP."""
+    base = tmp_path_factory.mktemp("graph-run")
+    (base / "messages").mkdir()
+    config = default_config(
+        task="ranking",
+        min_sites=3,
+        target_epsilon=8.0,
+        item_graph_items=150,
+        run_dir=str(base / "runs"),
+        site_state_dir=str(base / "sites"),
+    )
+    return config, simulate(config, 3, base / "messages"), base / "messages"
+
+
+def test_the_item_graph_rounds_release_only_declared_statistics_of_public_size(graph_run):
+    config, run_dir, messages = graph_run
+    replies = [json.loads(p.read_text()) for p in messages.glob("*.json")]
+    train = [r for r in replies if r["type"] == "train"]
+    assert len(train) == 2 * 3  # two statistics rounds, no DP-SGD round
+    n, m = 400, 150
+    lengths = sorted({tuple(r["arrays"][STATISTICS]["shape"]) for r in train})
+    assert lengths == [(n,), (m * (m + 1) // 2,)]  # public: degrees, then the Gram's isometry
+    declared = {(r.message, r.record, r.key) for r in released_quantities(config)}
+    for reply in replies:
+        assert reply["configs"] == [], "no ConfigRecord may leave a site"
+        assert all((reply["type"], "arrays", key) in declared for key in reply["arrays"])
+        assert all((reply["type"], "metrics", key) in declared for key in reply["metrics"])
+        assert "num-examples" not in reply["metrics"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert sorted(metrics) == ["0", "1", "2"] and metrics["1"]["aggregated"] == {}
+    assert metrics["2"]["aggregated"]["val-ndcg@20"] > 2 * metrics["0"]["aggregated"]["val-ndcg@20"]
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    for site in report["sites"].values():
+        assert 7.7 <= site["epsilon"] <= 8.0 and site["relative-gap"] < 0.02
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert {e["steps"] for entries in ledger["sites"].values() for e in entries} == {1}
+
+
 def test_epsilon_sent_is_a_function_of_public_configuration_only(dp_run):
     """Sites of different sizes report the same epsilon: it reveals nothing about them."""
     config, _, messages = dp_run
@@ -113,6 +153,7 @@ def test_epsilon_sent_is_a_function_of_public_configuration_only(dp_run):
 def test_without_dp_counts_are_sent_and_declared_not_covered(tmp_path):
     (tmp_path / "messages").mkdir()
     config = default_config(
+        item_graph="none",
         dp=False,
         num_server_rounds=1,
         min_sites=2,
@@ -136,6 +177,7 @@ def test_a_run_no_site_can_complete_stops_at_once_and_is_marked_failed(tmp_path)
         raise RuntimeError("the site's disk is full")
 
     config = default_config(
+        item_graph="none",
         num_server_rounds=3,
         synthetic_users=120,
         run_dir=str(tmp_path / "runs"),
@@ -189,16 +231,16 @@ def test_flwr_run_cli_logs_once_and_marks_failed_runs_failed(tmp_path):
         for p in psutil.process_iter(["cmdline"])
     )
     log = good.stdout.splitlines()
-    for event in ("Round 0:", "Round 1:", "Summary:", "Run directory:"):
+    for event in ("Round 0:", "Round 1:", "Round 2:", "Summary:", "Run directory:"):
         assert sum(event in line for line in log) == (2 if event == "Run directory:" else 1)
     assert "np.float64" not in good.stdout and "Weighted by" not in good.stdout
 
     (run_dir,) = runs.iterdir()
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert sorted(metrics) == ["0", "1"]
-    assert sorted(metrics["1"]["train"]) == ["0", "1"]
-    assert np.isfinite(metrics["1"]["aggregated"]["val-rmse"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())  # the default item graph
+    assert sorted(metrics) == ["0", "1", "2"]
+    assert sorted(metrics["1"]["train"]) == sorted(metrics["2"]["train"]) == ["0", "1"]
+    assert 0 < metrics["2"]["aggregated"]["val-rmse"] < 2
     report = json.loads((run_dir / "privacy_report.json").read_text())
     assert report["mechanism"]["delta"] == 1e-6 and sorted(report["sites"]) == ["0", "1"]
     assert (run_dir / "privacy_report.html").is_file()

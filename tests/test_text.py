@@ -49,7 +49,7 @@ def test_embeddings_are_deterministic_and_batch_independent(encoder):
 
 
 def test_vectors_are_cached_by_model_and_text(tmp_path, monkeypatch):
-    config = default_config(text_cache_dir=str(tmp_path))
+    config = default_config(item_graph="none", text_cache_dir=str(tmp_path))
     catalogue = generate_synthetic(num_users=20, num_items=15).catalogue
     first = item_text_vectors(catalogue, config)
     assert len(list(tmp_path.iterdir())) == 1
@@ -67,7 +67,7 @@ def test_vectors_are_cached_by_model_and_text(tmp_path, monkeypatch):
 
 def test_cold_start_items_are_ranked_by_their_text():
     """Items held out of all training get scores that find what users like, with text on."""
-    config = default_config(task="ranking", dp=False, cold_item_fraction=0.2)
+    config = default_config(item_graph="none", task="ranking", dp=False, cold_item_fraction=0.2)
     site = load_site(config, 0, 1)
     assert len(site.cold_items) == 80 and len(site.cold) > 0
     assert not np.isin(site.train.item, site.cold_items).any()

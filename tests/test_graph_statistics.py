@@ -1,0 +1,103 @@
+"""The item-graph phase: each user's share of a site's statistics, and what the server releases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from test_independence import without_user
+
+from common.config import default_config
+from common.data import load_site
+from common.data.site import SiteData
+from common.graph_statistics import (
+    ItemGraph,
+    contribution,
+    isometry,
+    length,
+    released,
+    sensitivity,
+    symmetric,
+)
+
+
+def only_user(site: SiteData, local_user: int) -> SiteData:
+    """The site with every user but one removed."""
+    for other in sorted(set(range(site.num_users)) - {local_user}, reverse=True):
+        site = without_user(site, other)
+    return site
+
+
+def graph_after_round_1(config, site) -> ItemGraph:
+    total = contribution(config, site, 1, ItemGraph())
+    return released(config, site.catalogue, 1, total, ItemGraph(), 0.0)
+
+
+@pytest.mark.parametrize("task", ["ranking", "rating"])
+@pytest.mark.parametrize("server_round", [1, 2])
+def test_one_user_moves_a_sites_sums_by_their_own_bounded_term_only(task, server_round):
+    config = default_config(task=task, synthetic_users=120, synthetic_items=60, item_graph_items=40)
+    site = load_site(config, 0, 2)
+    graph = ItemGraph() if server_round == 1 else graph_after_round_1(config, site)
+    everyone = contribution(config, site, server_round, graph)
+    assert everyone.shape == (length(config, site.catalogue, server_round, graph),)
+    bound = sensitivity(config, site.catalogue, server_round)
+    norms = []
+    for user in (0, 7, site.num_users - 1):
+        change = everyone - contribution(config, without_user(site, user), server_round, graph)
+        alone = contribution(config, only_user(site, user), server_round, graph)
+        np.testing.assert_allclose(change, alone, atol=1e-9)  # nobody else's term moved
+        norms.append(np.linalg.norm(alone))
+        assert norms[-1] <= bound + 1e-9
+    assert max(norms) > 0.3 * bound  # and the bound is not vacuous
+
+
+def test_the_gram_travels_as_an_isometry_of_its_frobenius_norm():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(7, 7))
+    matrix = a + a.T
+    vector = isometry(matrix)
+    assert len(vector) == 7 * 8 // 2
+    assert np.linalg.norm(vector) == pytest.approx(np.linalg.norm(matrix))
+    np.testing.assert_allclose(symmetric(vector), matrix)
+
+
+def test_the_released_graph_travels_as_bytes_dense_or_sparse():
+    graph = ItemGraph(
+        items=np.arange(4),
+        degrees=np.ones(4),
+        linear=sp.csr_matrix(np.eye(4)),
+        eigenvectors=np.ones((4, 2)),
+        alpha=0.5,
+        input_scale=np.ones(4),
+        output_scale=np.ones(4),
+    )
+    again = ItemGraph.from_bytes(graph.to_bytes())
+    assert again.complete and again.alpha == 0.5 and sp.issparse(again.linear)
+    assert (again.linear != graph.linear).nnz == 0
+    np.testing.assert_array_equal(again.eigenvectors, graph.eigenvectors)
+    assert ItemGraph.from_bytes(ItemGraph().to_bytes()) == ItemGraph()
+
+
+def test_large_catalogues_send_an_exact_sparse_gram_without_dp_only():
+    config = default_config(
+        task="ranking", dp=False, synthetic_users=100, item_graph_dense_items=10
+    )
+    site = load_site(config, 0, 1)
+    graph = graph_after_round_1(config, site)
+    gram = contribution(config, site, 2, graph)
+    assert sp.issparse(gram) and gram.shape == (len(graph.items),) * 2
+    dp_config = default_config(task="ranking", synthetic_users=100, item_graph_dense_items=10)
+    assert isinstance(contribution(dp_config, site, 2, graph), np.ndarray)
+
+
+def test_the_ranking_filter_scores_only_the_covered_items():
+    config = default_config(task="ranking", dp=False, synthetic_users=150, item_graph_items=30)
+    site = load_site(config, 0, 1)
+    graph = graph_after_round_1(config, site)
+    assert len(graph.items) == 30
+    graph = released(config, site.catalogue, 2, contribution(config, site, 2, graph), graph, 0.0)
+    scores = graph.scores(site, np.arange(5))
+    covered = np.zeros(site.catalogue.num_items, bool)
+    covered[graph.items] = True
+    assert np.isfinite(scores[:, covered]).all() and np.isneginf(scores[:, ~covered]).all()
