@@ -1,0 +1,463 @@
+r"""Item-item graph filters computed from federated sums over users.
+
+GF-CF (Shen et al., CIKM 2021) is LightGCN's propagation in closed form, and
+everything it needs is a sum over users: each site sums its own users, the
+federation sums the sites, and, under differential privacy, the total is
+released once with the Gaussian mechanism. A user's own row never leaves the
+site: the site scores its users locally with the released item-side filter.
+
+**One user's rows.** A user :math:`u` has the row :math:`r_u \in \mathbb R^n`
+over the :math:`n` catalogue items (1 on the items the user touched for
+implicit feedback; ratings or rating residuals otherwise; zero elsewhere).
+It enters every sum as the bounded row (:func:`bounded_rows`)
+
+.. math:: x_u = r_u \cdot \min(\lVert r_u \rVert^{-2\eta},\ C / \lVert r_u \rVert),
+   \qquad \lVert x_u \rVert = \min(\lVert r_u \rVert^{1 - 2\eta}, C) \le C,
+
+with a public exponent :math:`0 \le \eta \le 1/2` and a public bound :math:`C`
+(:math:`C = \infty` without DP). For binary rows :math:`\lVert r_u \rVert^2 =
+|N(u)|`, so :math:`\eta = 1/2, C = 1` gives GF-CF's :math:`r_u / \sqrt{|N(u)|}`,
+and :math:`\eta = 0` with the degree bound :math:`C_d` gives the degree
+contribution :math:`r_u \min(1, C_d / \sqrt{|N(u)|})`.
+
+**Sums a site contributes** (over its users; the federation adds them up):
+
+- item sums :math:`d = \sum_u x_u` (:func:`item_sum`; item degrees for binary
+  rows). One user changes it by :math:`x_u`, L2 norm :math:`\le C`.
+- the Gram matrix :math:`G = \sum_u x_u x_u^\top` (:func:`gram_sum`), dense
+  ``[n, n]`` or ``scipy.sparse`` for large catalogues, optionally over a subset
+  of items (restricting a row's columns only lowers its norm). One user changes
+  it by :math:`x_u x_u^\top`, Frobenius norm :math:`\lVert x_u \rVert^2 \le C^2`
+  (exactly 1 for a binary row at :math:`\eta = 1/2, C = 1`).
+- for subspace iteration, :math:`G V = \sum_u x_u (x_u^\top V)` for a released
+  orthonormal ``[n, k]`` basis :math:`V` (:func:`gram_product_sum`). One user
+  changes it by :math:`\lVert x_u x_u^\top V \rVert_F = \lVert x_u \rVert
+  \lVert V^\top x_u \rVert \le C^2`.
+
+The sums are exactly additive over users, so each user's contribution depends
+only on that user's data and on public or already released values (the
+rating residuals use the released mean and item effects): the bounds above
+are the sensitivities under add/remove one user.
+
+**Gaussian release** (:func:`release_vector`, :func:`release_symmetric`): the
+sum plus :math:`\mathcal N(0, (z \Delta)^2)` per entry, for a noise
+multiplier :math:`z` and sensitivity :math:`\Delta`. A symmetric matrix is
+released through the isometry :math:`A \mapsto (A_{ii},\ \sqrt2 A_{ij})_{i<j}`
+from the Frobenius norm to the L2 norm: its image of one user's contribution
+has L2 norm exactly :math:`\lVert x_u x_u^\top \rVert_F \le \Delta`; noise is
+added there and mapped back (post-processing), so the released matrix is
+symmetric with noise std :math:`z\Delta` on the diagonal and
+:math:`z\Delta/\sqrt2` off it (half the variance of naive noise on the upper
+triangle, whose L2 norm is also :math:`\le \lVert \cdot \rVert_F`).
+:func:`gaussian_noise_multiplier` calibrates one release to
+:math:`(\varepsilon, \delta)` with ``dp_accounting``'s PLD accountant. Plain
+(unsampled) Gaussian releases compose exactly as one Gaussian with
+:math:`1/z^2 = \sum_i 1/z_i^2`; :func:`split_noise_multiplier` gives each
+release its share :math:`w_i` of :math:`1/z^2` (:math:`z_i = z/\sqrt{w_i}`).
+Everything computed from released values (clamping, selecting items,
+normalising, eigen-decomposing, filtering) is post-processing.
+
+**Normalisation** (:func:`degree_normalised`): :math:`P = D^{-\beta} G
+D^{-\beta}`, :math:`D = \mathrm{diag}(\max(d, f))` with a floor :math:`f`
+(noisy degrees can be small or negative). :math:`\beta = 1/2` is GF-CF's
+normalisation, :math:`\beta = 0` the plain Gram (PureSVD); under DP a small
+:math:`\beta` keeps the noise on rare items from being amplified.
+
+**Filters** (:class:`ItemFilter`), on the items :math:`S` a filter covers
+(the catalogue, or the top-:math:`M` items by released degree, :func:`top_items`):
+
+- graph filter (:func:`graph_filter`): linear part :math:`L = P / \lambda_1`
+  (scaled to spectral radius 1, so that :math:`\alpha` means the same for every
+  :math:`\beta`) and the ideal low-pass filter on the top-:math:`k`
+  eigenvectors :math:`V_k` of :math:`P` (:func:`top_eigenpairs`),
+  :math:`D^{-\beta} V_k V_k^\top D^{\beta}`, blended by :math:`\alpha`;
+- closed-form ridge regression (EASE, Steck 2019; :func:`ease_filter`):
+  :math:`L = I - Q\,\mathrm{diag}(1/\mathrm{diag}\,Q)` with
+  :math:`Q = (G + \lambda I)^{-1}`, no low-pass part;
+- top-:math:`N` per row (:func:`keep_top_per_row`): the :math:`N` largest entries
+  of each row of :math:`L`, to ship a large catalogue's linear part to sites.
+
+**Scoring** (:meth:`ItemFilter.scores`), at the site, from the user's own row
+:math:`r_u` restricted to :math:`S`:
+
+.. math:: s_u = r_u L + \alpha\, (r_u D^{-\beta}) V_k V_k^\top D^{\beta},
+
+with items outside :math:`S` at :math:`-\infty` (never recommended).
+
+**Ratings** (McSherry & Mironov, KDD 2009): released sums of
+:math:`x_u = (r_u - c) \min(1, C/\sqrt{|N(u)|})` (ratings centred at a public
+:math:`c`) and of the matching counts give the mean :math:`\mu` and shrunk item
+effects :math:`b_i` (:func:`item_effects`); each site computes its users'
+offsets :math:`b_u` from their own residuals (:func:`user_offsets`) and the
+residual rows :math:`e_{ui} = r_{ui} - \mu - b_i - b_u` (:func:`residual_rows`),
+bounded as above, enter a released residual Gram (covariance) matrix. A user's
+rating is predicted as :math:`\mu + b_i + b_u + \hat e_{ui}`, with
+:math:`\hat e_{ui}` the neighbourhood average of the user's own residuals
+weighted by the cosine similarity of the covariance, shrunk by co-rating
+counts (:func:`covariance_similarity`, :func:`neighbourhood_residuals`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import dp_accounting
+import numpy as np
+import scipy.linalg
+import scipy.sparse as sp
+from dp_accounting.pld import pld_privacy_accountant
+from scipy.sparse.linalg import eigsh
+
+from common.data.dataset import Interactions
+
+Matrix = np.ndarray | sp.csr_matrix
+"""A dense ``numpy`` array or a ``scipy.sparse`` CSR matrix."""
+
+
+# -- one user's rows and the sums a site contributes ----------------------------
+
+
+def user_rows(
+    interactions: Interactions,
+    num_users: int,
+    num_items: int,
+    values: np.ndarray | None = None,
+) -> sp.csr_matrix:
+    """``[num_users, num_items]`` rows of the interactions' users (local indices):
+    ``values`` at each (user, item), 1 when ``values`` is None (binary rows)."""
+    data = np.ones(len(interactions)) if values is None else np.asarray(values, np.float64)
+    return sp.csr_matrix(
+        (data, (interactions.user, interactions.item)), shape=(num_users, num_items)
+    )
+
+
+def bounded_rows(rows: sp.csr_matrix, exponent: float, bound: float) -> sp.csr_matrix:
+    """Each row ``r`` as ``r * min(|r|^(-2 exponent), bound / |r|)``: L2 norm
+    ``min(|r|^(1 - 2 exponent), bound) <= bound`` (``bound`` may be ``inf``)."""
+    if not 0.0 <= exponent <= 0.5:
+        raise ValueError(f"exponent must lie in [0, 1/2], got {exponent}")
+    norm = np.sqrt(np.asarray(rows.multiply(rows).sum(axis=1)).ravel())
+    safe = np.where(norm > 0, norm, 1.0)
+    scale = np.minimum(safe ** (-2 * exponent), bound / safe)
+    scaled = sp.csr_matrix(rows, dtype=np.float64, copy=True)
+    scaled.data *= np.repeat(scale, np.diff(scaled.indptr))
+    return scaled
+
+
+def item_sum(rows: sp.csr_matrix) -> np.ndarray:
+    """``sum_u x_u`` over the (bounded) rows: ``[num_items]``."""
+    return np.asarray(rows.sum(axis=0)).ravel()
+
+
+def gram_sum(rows: sp.csr_matrix, dense: bool = True) -> Matrix:
+    """``sum_u x_u x_u^T`` over the (bounded) rows: ``[n, n]``, dense or CSR.
+
+    For a subset of items pass ``rows[:, items]`` (bound them after restricting
+    to keep each user's full bound on the subset)."""
+    gram = (rows.T @ rows).tocsr()
+    return gram.toarray() if dense else gram
+
+
+def gram_product_sum(rows: sp.csr_matrix, basis: np.ndarray) -> np.ndarray:
+    """``sum_u x_u (x_u^T V)`` for a released orthonormal ``[n, k]`` basis ``V``:
+    the site's part of ``G V`` in one step of subspace iteration."""
+    return np.asarray(rows.T @ (rows @ basis))
+
+
+# -- Gaussian releases ----------------------------------------------------------
+
+
+def gaussian_noise_multiplier(epsilon: float, delta: float) -> float:
+    """The smallest ``z`` (to 1e-4) for which one Gaussian release with noise std
+    ``z * sensitivity`` is ``(epsilon, delta)``-DP (pessimistic PLD accountant)."""
+    return float(
+        dp_accounting.calibrate_dp_mechanism(
+            lambda: pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3),
+            dp_accounting.GaussianDpEvent,
+            epsilon,
+            delta,
+            dp_accounting.LowerEndpointAndGuess(0.05, 1.0),
+            tol=1e-4,
+        )
+    )
+
+
+def split_noise_multiplier(noise_multiplier: float, shares: list[float]) -> list[float]:
+    """Noise multipliers ``z / sqrt(w_i)`` of releases that together cost what one
+    release at ``z`` costs (``sum 1/z_i^2 = 1/z^2``); ``shares`` ``w_i`` sum to 1."""
+    if not np.isclose(sum(shares), 1.0) or min(shares) <= 0:
+        raise ValueError(f"shares must be positive and sum to 1, got {shares}")
+    return [noise_multiplier / np.sqrt(share) for share in shares]
+
+
+def release_vector(
+    total: np.ndarray, sensitivity: float, noise_multiplier: float, rng: np.random.Generator
+) -> np.ndarray:
+    """``total`` (any shape) plus Gaussian noise of std ``noise_multiplier * sensitivity``
+    per entry; ``sensitivity`` bounds one user's change of ``total`` in L2 norm."""
+    return total + rng.normal(0.0, noise_multiplier * sensitivity, size=np.shape(total))
+
+
+def release_symmetric(
+    total: np.ndarray, sensitivity: float, noise_multiplier: float, rng: np.random.Generator
+) -> np.ndarray:
+    """A symmetric ``[n, n]`` sum released through the Frobenius isometry: noise std
+    ``z * sensitivity`` on the diagonal and ``z * sensitivity / sqrt(2)`` off it, mirrored;
+    ``sensitivity`` bounds one user's change of ``total`` in Frobenius norm."""
+    n = total.shape[0]
+    scale = noise_multiplier * sensitivity
+    upper = np.triu(rng.normal(0.0, scale / np.sqrt(2.0), size=(n, n)), k=1)
+    noise = upper + upper.T
+    noise[np.diag_indices(n)] = rng.normal(0.0, scale, size=n)
+    return total + noise
+
+
+# -- normalisation, spectrum and item selection ---------------------------------
+
+
+def top_items(degrees: np.ndarray, count: int) -> np.ndarray:
+    """The ``count`` items of largest (released) degree, in catalogue order."""
+    order = np.argsort(-degrees, kind="stable")
+    return np.sort(order[:count])
+
+
+def degree_normalised(gram: Matrix, degrees: np.ndarray, exponent: float, floor: float) -> Matrix:
+    """``D^-b G D^-b`` with ``D = diag(max(degrees, floor))`` and ``b = exponent``."""
+    scale = np.maximum(degrees, floor) ** -exponent
+    if sp.issparse(gram):
+        return sp.csr_matrix(sp.diags(scale) @ gram @ sp.diags(scale))
+    return scale[:, None] * gram * scale[None, :]
+
+
+def top_eigenpairs(matrix: Matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest eigenvalues of a symmetric matrix (descending) and their
+    eigenvectors as columns: LAPACK for dense, Lanczos (``eigsh``) for sparse."""
+    n = matrix.shape[0]
+    if sp.issparse(matrix):
+        values, vectors = eigsh(matrix, k=k, which="LA")
+    else:
+        values, vectors = scipy.linalg.eigh(matrix, subset_by_index=[n - k, n - 1])
+    order = np.argsort(-values)
+    return values[order], vectors[:, order]
+
+
+def orthonormal_basis(matrix: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of the columns of ``matrix`` (thin QR)."""
+    return np.linalg.qr(matrix)[0]
+
+
+def noisy_subspace_iteration(
+    gram_times: Callable[[np.ndarray], np.ndarray],
+    num_items: int,
+    k: int,
+    iterations: int,
+    noise_std: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Hardt & Price's noisy power method: ``V <- orth(G V + noise)`` from a random
+    orthonormal start, ``gram_times(V)`` being the federated sum ``G V``; each
+    iteration is one release (``noise_std`` = its noise multiplier times ``C^2``).
+    Returns the final ``[num_items, k]`` basis."""
+    basis = orthonormal_basis(rng.normal(size=(num_items, k)))
+    for _ in range(iterations):
+        basis = orthonormal_basis(release_vector(gram_times(basis), noise_std, 1.0, rng))
+    return basis
+
+
+# -- filters --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ItemFilter:
+    """An item-item filter over the catalogue items ``items`` (see the module docstring).
+
+    Attributes:
+        num_items: catalogue size; the scores have one column per catalogue item.
+        items: the ``m`` catalogue items the filter covers, ascending; the others
+            score ``-inf``.
+        linear: ``[m, m]`` linear part ``L`` (dense or CSR), or ``None``.
+        eigenvectors: ``[m, k]`` low-pass basis ``V_k`` (``k = 0`` for none).
+        alpha: weight of the low-pass part.
+        input_scale: ``[m]`` ``D^-b``, applied to a user's row before ``V_k``.
+        output_scale: ``[m]`` ``D^b``, applied after ``V_k^T``.
+    """
+
+    num_items: int
+    items: np.ndarray
+    linear: Matrix | None
+    eigenvectors: np.ndarray
+    alpha: float
+    input_scale: np.ndarray
+    output_scale: np.ndarray
+
+    def scores(self, rows: Matrix, batch_size: int = 1024) -> np.ndarray:
+        """``[B, num_items]`` float32 scores of users given their ``[B, num_items]``
+        rows (dense or CSR), ``batch_size`` users at a time."""
+        out = np.full((rows.shape[0], self.num_items), -np.inf, np.float32)
+        for start in range(0, rows.shape[0], batch_size):
+            batch = rows[start : start + batch_size][:, self.items]
+            out[start : start + batch.shape[0], self.items] = self._covered_scores(batch)
+        return out
+
+    def _covered_scores(self, rows: Matrix) -> np.ndarray:
+        scores = np.zeros((rows.shape[0], len(self.items)))
+        if self.linear is not None:
+            product = rows @ self.linear
+            scores += product.toarray() if sp.issparse(product) else product
+        if self.eigenvectors.shape[1] and self.alpha:
+            scaled = (
+                rows @ sp.diags(self.input_scale) if sp.issparse(rows) else rows * self.input_scale
+            )
+            scores += (
+                self.alpha
+                * ((scaled @ self.eigenvectors) @ self.eigenvectors.T)
+                * self.output_scale
+            )
+        return scores
+
+
+def graph_filter(
+    gram: Matrix,
+    degrees: np.ndarray,
+    exponent: float,
+    k: int,
+    alpha: float,
+    num_items: int,
+    items: np.ndarray | None = None,
+    floor: float = 1.0,
+) -> ItemFilter:
+    """GF-CF's filter (``exponent`` = 1/2) or its degree-weighted variants, from the
+    (released) Gram matrix and degrees over ``items`` (default: the whole catalogue)."""
+    normalised = degree_normalised(gram, degrees, exponent, floor)
+    values, vectors = top_eigenpairs(normalised, max(k, 1))
+    degree = np.maximum(degrees, floor)
+    return ItemFilter(
+        num_items=num_items,
+        items=np.arange(num_items) if items is None else items,
+        linear=normalised / values[0],
+        eigenvectors=vectors[:, :k],
+        alpha=alpha,
+        input_scale=degree**-exponent,
+        output_scale=degree**exponent,
+    )
+
+
+def ease_weights(gram: np.ndarray, ridge: float) -> np.ndarray:
+    """EASE's item-item weights ``I - Q diag(1/diag Q)``, ``Q = (G + ridge I)^-1``
+    (zero diagonal)."""
+    inverse = np.linalg.inv(gram + ridge * np.eye(gram.shape[0]))
+    weights = -inverse / np.diag(inverse)[None, :]
+    np.fill_diagonal(weights, 0.0)
+    return weights
+
+
+def ease_filter(
+    gram: np.ndarray, ridge: float, num_items: int, items: np.ndarray | None = None
+) -> ItemFilter:
+    """EASE from the (released) Gram matrix over ``items`` (default: the catalogue)."""
+    m = gram.shape[0]
+    return ItemFilter(
+        num_items=num_items,
+        items=np.arange(num_items) if items is None else items,
+        linear=ease_weights(gram, ridge),
+        eigenvectors=np.zeros((m, 0)),
+        alpha=0.0,
+        input_scale=np.ones(m),
+        output_scale=np.ones(m),
+    )
+
+
+def keep_top_per_row(matrix: Matrix, count: int) -> sp.csr_matrix:
+    """``matrix`` with only the ``count`` largest entries of each row kept (CSR)."""
+    matrix = sp.csr_matrix(matrix)
+    rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    order = np.lexsort((-matrix.data, rows))
+    rank = np.arange(len(order)) - matrix.indptr[rows[order]]
+    keep = order[rank < count]
+    return sp.csr_matrix(
+        (matrix.data[keep], (rows[keep], matrix.indices[keep])), shape=matrix.shape
+    )
+
+
+# -- ratings --------------------------------------------------------------------
+
+
+def item_effects(
+    sums: np.ndarray, counts: np.ndarray, centre: float, shrinkage: float
+) -> tuple[float, np.ndarray]:
+    """The mean ``mu = centre + sum(sums) / sum(counts)`` and item effects
+    ``b_i = (sums_i - (mu - centre) counts_i) / (max(counts_i, 0) + shrinkage)``
+    from released item sums of centred ratings and item counts."""
+    mean = centre + sums.sum() / max(counts.sum(), 1.0)
+    return float(mean), (sums - (mean - centre) * counts) / (np.maximum(counts, 0.0) + shrinkage)
+
+
+def user_offsets(
+    interactions: Interactions,
+    num_users: int,
+    mean: float,
+    item_bias: np.ndarray,
+    shrinkage: float,
+) -> np.ndarray:
+    """Each user's offset ``b_u = sum_i (r_ui - mu - b_i) / (|N(u)| + shrinkage)``,
+    computed at the site from the user's own ratings."""
+    residual = interactions.rating - mean - item_bias[interactions.item]
+    counts = np.bincount(interactions.user, minlength=num_users)
+    return np.bincount(interactions.user, residual, num_users) / (counts + shrinkage)
+
+
+def residual_rows(
+    interactions: Interactions,
+    num_users: int,
+    num_items: int,
+    mean: float,
+    item_bias: np.ndarray,
+    user_bias: np.ndarray,
+) -> sp.csr_matrix:
+    """Rows of residuals ``r_ui - mu - b_i - b_u`` on the users' rated items."""
+    residual = (
+        interactions.rating - mean - item_bias[interactions.item] - user_bias[interactions.user]
+    )
+    return user_rows(interactions, num_users, num_items, residual)
+
+
+def covariance_similarity(
+    covariance: np.ndarray, co_counts: np.ndarray, shrinkage: float
+) -> np.ndarray:
+    """Cosine similarity of the (released) residual covariance, each entry shrunk by
+    ``n_ij / (n_ij + shrinkage)`` with ``n_ij`` the (released) co-rating weight; zero
+    diagonal."""
+    scale = np.sqrt(np.maximum(np.diag(covariance), 1e-12))
+    positive = np.maximum(co_counts, 0.0)
+    similarity = covariance / scale[:, None] / scale[None, :] * positive / (positive + shrinkage)
+    np.fill_diagonal(similarity, 0.0)
+    return similarity
+
+
+def neighbourhood_residuals(
+    similarity: np.ndarray,
+    residuals: sp.csr_matrix,
+    users: np.ndarray,
+    items: np.ndarray,
+    neighbours: int,
+    damping: float,
+) -> np.ndarray:
+    """Predicted residual of each ``(users[j], items[j])``: the similarity-weighted mean
+    of the user's own residuals on the ``neighbours`` rated items most similar (in
+    absolute value) to the item, shrunk by ``w / (w + damping)`` with ``w`` the sum of
+    absolute weights."""
+    predicted = np.zeros(len(users))
+    for user in np.unique(users):
+        pairs = np.flatnonzero(users == user)
+        start, end = residuals.indptr[user], residuals.indptr[user + 1]
+        rated, values = residuals.indices[start:end], residuals.data[start:end]
+        if len(rated) == 0:
+            continue
+        weights = similarity[np.ix_(items[pairs], rated)]
+        if neighbours < len(rated):
+            cut = -np.partition(-np.abs(weights), neighbours - 1, axis=1)[:, neighbours - 1]
+            weights = np.where(np.abs(weights) >= cut[:, None], weights, 0.0)
+        total = np.abs(weights).sum(axis=1)
+        predicted[pairs] = (weights @ values) / (total + damping)
+    return predicted

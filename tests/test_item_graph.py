@@ -1,0 +1,252 @@
+"""Item-item graph filters from federated sums: bounds, additivity, releases, filters."""
+
+from __future__ import annotations
+
+import dp_accounting
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from dp_accounting.pld import pld_privacy_accountant
+
+from common.data.dataset import Interactions
+from common.data.synthetic import generate_synthetic
+from common.item_graph import (
+    bounded_rows,
+    covariance_similarity,
+    ease_filter,
+    gaussian_noise_multiplier,
+    gram_product_sum,
+    gram_sum,
+    graph_filter,
+    item_effects,
+    item_sum,
+    keep_top_per_row,
+    neighbourhood_residuals,
+    noisy_subspace_iteration,
+    release_symmetric,
+    release_vector,
+    residual_rows,
+    split_noise_multiplier,
+    top_eigenpairs,
+    top_items,
+    user_offsets,
+    user_rows,
+)
+
+USERS, ITEMS = 80, 50
+
+
+@pytest.fixture(scope="module")
+def data():
+    return generate_synthetic(USERS, ITEMS, seed=3)
+
+
+@pytest.fixture(scope="module")
+def binary(data):
+    return user_rows(data.interactions, USERS, ITEMS)
+
+
+def test_unit_rows_give_each_user_a_gram_term_of_frobenius_norm_one(binary):
+    rows = bounded_rows(binary, exponent=0.5, bound=1.0)
+    for u in range(USERS):
+        x = rows[u].toarray().ravel()
+        assert np.linalg.norm(np.outer(x, x)) == pytest.approx(1.0)
+        assert x[x > 0] == pytest.approx(np.full((x > 0).sum(), 1 / np.sqrt((x > 0).sum())))
+
+
+def test_degree_rows_are_capped_at_the_bound_and_exact_below_it(binary):
+    rows = bounded_rows(binary, exponent=0.0, bound=4.0)
+    counts = np.asarray(binary.sum(axis=1)).ravel()
+    norms = np.sqrt(np.asarray(rows.multiply(rows).sum(axis=1)).ravel())
+    assert norms == pytest.approx(np.minimum(np.sqrt(counts), 4.0))
+    assert norms.max() == pytest.approx(4.0)  # some user has more than 16 items
+    small = counts <= 16
+    assert (rows[small] != binary[small]).nnz == 0
+
+
+def test_removing_one_user_changes_the_sums_by_that_users_term_only(binary):
+    rows = bounded_rows(binary, exponent=0.5, bound=1.0)
+    degree_rows = bounded_rows(binary, exponent=0.0, bound=3.0)
+    everyone = gram_sum(rows)
+    degrees = item_sum(degree_rows)
+    for u in (0, 17, USERS - 1):
+        others = np.delete(np.arange(USERS), u)
+        x, y = rows[u].toarray().ravel(), degree_rows[u].toarray().ravel()
+        change = everyone - gram_sum(rows[others])
+        np.testing.assert_allclose(change, np.outer(x, x), atol=1e-12)
+        assert np.linalg.norm(change) <= 1.0 + 1e-12
+        untouched = (x == 0)[:, None] | (x == 0)[None, :]
+        assert np.abs(change[untouched]).max() < 1e-12
+        degree_change = degrees - item_sum(degree_rows[others])
+        np.testing.assert_allclose(degree_change, y, atol=1e-12)
+        assert np.linalg.norm(degree_change) <= 3.0 + 1e-12
+
+
+def test_the_sites_sums_add_up_to_the_federation_sum(binary):
+    rows = bounded_rows(binary, exponent=0.5, bound=1.0)
+    sites = np.array_split(np.random.default_rng(0).permutation(USERS), 4)
+    np.testing.assert_allclose(sum(gram_sum(rows[s]) for s in sites), gram_sum(rows), atol=1e-12)
+    np.testing.assert_allclose(sum(item_sum(rows[s]) for s in sites), item_sum(rows), atol=1e-12)
+
+
+def test_restricting_to_items_keeps_the_bound(binary):
+    items = top_items(item_sum(binary), 10)
+    rows = bounded_rows(binary[:, items], exponent=0.5, bound=1.0)
+    terms = [np.linalg.norm(np.outer(x, x)) for x in rows.toarray()]
+    assert max(terms) == pytest.approx(1.0)
+    assert gram_sum(rows).shape == (10, 10)
+
+
+def test_gram_product_has_the_gram_bound_for_an_orthonormal_basis(binary):
+    rows = bounded_rows(binary, exponent=0.5, bound=1.0)
+    basis = np.linalg.qr(np.random.default_rng(1).normal(size=(ITEMS, 6)))[0]
+    np.testing.assert_allclose(gram_product_sum(rows, basis), gram_sum(rows) @ basis, atol=1e-12)
+    for u in range(USERS):
+        x = rows[u].toarray().ravel()
+        assert np.linalg.norm(np.outer(x, x) @ basis) <= 1.0 + 1e-12
+
+
+def test_top_items_are_the_largest_degrees_in_catalogue_order():
+    degrees = np.array([3.0, 9.0, 1.0, 7.0, 9.0, 0.0])
+    np.testing.assert_array_equal(top_items(degrees, 3), [1, 3, 4])
+
+
+def test_symmetric_release_is_symmetric_with_the_stated_noise_scale():
+    rng = np.random.default_rng(0)
+    n, z, sensitivity = 400, 0.6, 2.0
+    released = release_symmetric(np.zeros((n, n)), sensitivity, z, rng)
+    np.testing.assert_array_equal(released, released.T)
+    off = released[np.triu_indices(n, k=1)]
+    assert np.std(np.diag(released)) == pytest.approx(z * sensitivity, rel=0.1)
+    assert np.std(off) == pytest.approx(z * sensitivity / np.sqrt(2), rel=0.01)
+    # The isometry: diagonal and sqrt(2) x upper triangle carry i.i.d. noise of std z * sensitivity.
+    image = np.concatenate([np.diag(released), np.sqrt(2) * off])
+    assert np.std(image) == pytest.approx(z * sensitivity, rel=0.01)
+
+
+def test_vector_release_has_the_stated_noise_scale():
+    released = release_vector(np.ones(20_000), 3.0, 0.5, np.random.default_rng(0))
+    assert np.std(released) == pytest.approx(1.5, rel=0.02)
+    assert np.mean(released) == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize(("delta", "sigma"), [(1e-5, 0.600), (1e-6, 0.653)])
+def test_one_release_at_epsilon_8_needs_the_noted_sigma(delta, sigma):
+    assert gaussian_noise_multiplier(8.0, delta) == pytest.approx(sigma, abs=0.002)
+
+
+def test_split_releases_cost_what_one_release_costs():
+    z = gaussian_noise_multiplier(8.0, 1e-5)
+    parts = split_noise_multiplier(z, [0.2, 0.8])
+    assert sum(1 / p**2 for p in parts) == pytest.approx(1 / z**2)
+    accountant = pld_privacy_accountant.PLDAccountant()
+    for part in parts:
+        accountant.compose(dp_accounting.GaussianDpEvent(part))
+    assert accountant.get_epsilon(1e-5) == pytest.approx(8.0, abs=0.02)
+    with pytest.raises(ValueError, match="sum to 1"):
+        split_noise_multiplier(z, [0.5, 0.6])
+
+
+def _gf_cf_by_hand(binary: sp.csr_matrix, k: int, alpha: float) -> np.ndarray:
+    """GF-CF written out densely: R~ = D_U^-1/2 R D_I^-1/2, P = R~^T R~."""
+    r = binary.toarray()
+    du, di = r.sum(1), np.maximum(r.sum(0), 1.0)
+    normalised = r / np.sqrt(du)[:, None] / np.sqrt(di)[None, :]
+    p = normalised.T @ normalised
+    values, vectors = np.linalg.eigh(p)
+    v = vectors[:, ::-1][:, :k]
+    low_pass = (r / np.sqrt(di)) @ v @ v.T * np.sqrt(di)
+    return r @ p / values[-1] + alpha * low_pass
+
+
+def test_graph_filter_scores_match_gf_cf_computed_by_hand(binary):
+    rows = bounded_rows(binary, exponent=0.5, bound=1.0)
+    item_filter = graph_filter(
+        gram_sum(rows), item_sum(binary), 0.5, k=8, alpha=0.3, num_items=ITEMS
+    )
+    expected = _gf_cf_by_hand(binary, 8, 0.3)
+    np.testing.assert_allclose(item_filter.scores(binary, batch_size=7), expected, atol=1e-5)
+    np.testing.assert_allclose(item_filter.scores(binary.toarray()), expected, atol=1e-5)
+
+
+def test_sparse_and_dense_paths_agree(binary):
+    rows = bounded_rows(binary, exponent=0.5, bound=1.0)
+    degrees = item_sum(binary)
+    dense = graph_filter(gram_sum(rows), degrees, 0.5, k=5, alpha=1.0, num_items=ITEMS)
+    sparse = graph_filter(
+        gram_sum(rows, dense=False), degrees, 0.5, k=5, alpha=1.0, num_items=ITEMS
+    )
+    assert sp.issparse(sparse.linear)
+    np.testing.assert_allclose(sparse.scores(binary), dense.scores(binary), atol=1e-4)
+    values, _ = top_eigenpairs(sparse.linear, 5)
+    assert values[0] == pytest.approx(1.0)
+
+
+def test_a_filter_over_top_items_scores_only_those(binary):
+    items = top_items(item_sum(binary), 20)
+    rows = bounded_rows(binary[:, items], exponent=0.5, bound=1.0)
+    item_filter = ease_filter(gram_sum(rows), 5.0, ITEMS, items)
+    scores = item_filter.scores(binary)
+    outside = np.setdiff1d(np.arange(ITEMS), items)
+    assert np.isneginf(scores[:, outside]).all()
+    gram = rows.T.toarray() @ rows.toarray()
+    inverse = np.linalg.inv(gram + 5.0 * np.eye(20))
+    weights = np.eye(20) - inverse / np.diag(inverse)
+    np.testing.assert_allclose(scores[:, items], binary[:, items] @ weights, atol=1e-5)
+
+
+def test_keep_top_per_row_keeps_each_rows_largest_entries():
+    matrix = np.array([[5.0, 1.0, 3.0, 0.0], [0.0, 2.0, 0.0, 0.0], [1.0, 4.0, 4.5, 6.0]])
+    kept = keep_top_per_row(matrix, 2).toarray()
+    np.testing.assert_array_equal(
+        kept, [[5.0, 0.0, 3.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 4.5, 6.0]]
+    )
+
+
+def test_noiseless_subspace_iteration_finds_the_top_eigenspace(binary):
+    gram = gram_sum(bounded_rows(binary, exponent=0.5, bound=1.0))
+    basis = noisy_subspace_iteration(
+        lambda v: gram @ v, ITEMS, 3, 200, 0.0, np.random.default_rng(0)
+    )
+    _, vectors = top_eigenpairs(gram, 3)
+    np.testing.assert_allclose(basis @ basis.T, vectors @ vectors.T, atol=1e-6)
+
+
+def test_rating_statistics_and_neighbourhood_prediction(data):
+    train = data.interactions
+    centre = 3.0
+    weights = np.ones(USERS)
+    sums = np.bincount(train.item, (train.rating - centre) * weights[train.user], ITEMS)
+    counts = np.bincount(train.item, minlength=ITEMS).astype(float)
+    mean, item_bias = item_effects(sums, counts, centre, shrinkage=0.0)
+    assert mean == pytest.approx(train.rating.mean())
+    seen = counts > 0
+    item_means = np.bincount(train.item, train.rating, ITEMS)[seen] / counts[seen]
+    np.testing.assert_allclose(mean + item_bias[seen], item_means, rtol=1e-6)
+
+    user_bias = user_offsets(train, USERS, mean, item_bias, shrinkage=2.0)
+    residuals = residual_rows(train, USERS, ITEMS, mean, item_bias, user_bias)
+    assert residuals.nnz == len(train)
+    bounded = bounded_rows(residuals, exponent=0.5, bound=1.0)
+    covariance = gram_sum(bounded)
+    co_counts = gram_sum(bounded_rows(user_rows(train, USERS, ITEMS), 0.5, 1.0))
+    similarity = covariance_similarity(covariance, co_counts, shrinkage=0.1)
+    assert np.allclose(np.diag(similarity), 0.0)
+
+    users, items = np.array([0, 0, 5]), np.array([1, 7, 2])
+    predicted = neighbourhood_residuals(similarity, residuals, users, items, 4, 0.5)
+    dense = residuals.toarray()
+    for j, (u, i) in enumerate(zip(users, items, strict=True)):
+        rated = np.flatnonzero(residuals[u].toarray().ravel() != 0)
+        weight = similarity[i, rated]
+        top = np.argsort(-np.abs(weight))[:4]
+        expected = weight[top] @ dense[u, rated[top]] / (np.abs(weight[top]).sum() + 0.5)
+        assert predicted[j] == pytest.approx(expected)
+
+
+def test_user_rows_of_a_site_with_no_interactions_are_empty():
+    empty = Interactions.empty()
+    rows = user_rows(empty, 3, 5)
+    assert rows.shape == (3, 5)
+    assert rows.nnz == 0
+    assert gram_sum(bounded_rows(rows, 0.5, 1.0)).sum() == 0.0
