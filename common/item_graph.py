@@ -84,17 +84,21 @@ normalisation, :math:`\beta = 0` the plain Gram (PureSVD); under DP a small
 
 with items outside :math:`S` at :math:`-\infty` (never recommended).
 
-**Ratings** (McSherry & Mironov, KDD 2009): released sums of
-:math:`x_u = (r_u - c) \min(1, C/\sqrt{|N(u)|})` (ratings centred at a public
-:math:`c`) and of the matching counts give the mean :math:`\mu` and shrunk item
-effects :math:`b_i` (:func:`item_effects`); each site computes its users'
-offsets :math:`b_u` from their own residuals (:func:`user_offsets`) and the
-residual rows :math:`e_{ui} = r_{ui} - \mu - b_i - b_u` (:func:`residual_rows`),
-bounded as above, enter a released residual Gram (covariance) matrix. A user's
-rating is predicted as :math:`\mu + b_i + b_u + \hat e_{ui}`, with
-:math:`\hat e_{ui}` the neighbourhood average of the user's own residuals
-weighted by the cosine similarity of the covariance, shrunk by co-rating
-counts (:func:`covariance_similarity`, :func:`neighbourhood_residuals`).
+**Ratings** (after McSherry & Mironov, KDD 2009). Each site computes its
+users' shrunk means :math:`m_u` from their own ratings (:func:`user_means`,
+prior: the public middle of the scale). The sites' item sums
+:math:`\sum_u w_u (r_u - m_u)` and counts :math:`\sum_u w_u 1_{N(u)}`, with
+:math:`w_u = \min(1, C / \max(\lVert r_u - m_u \rVert, \sqrt{|N(u)|}))`
+(:func:`item_offset_sums`; the pair changes by at most :math:`\sqrt2 C`), give
+item offsets :math:`b_i = \text{sum}_i / (\text{count}_i + \lambda)`
+(:func:`item_offsets`). The sites then recompute :math:`m_u` against the
+released :math:`b_i`, and the residual rows :math:`e_{ui} = r_{ui} - m_u - b_i`
+(:func:`residual_rows`), bounded as above, enter a released residual Gram
+(covariance) matrix. A user's rating is predicted as :math:`m_u + b_i + \hat
+e_{ui}`, with :math:`\hat e_{ui}` the neighbourhood average of the user's own
+residuals weighted by the cosine similarity of the covariance, optionally
+shrunk by released co-rating weights :math:`\sum_u z_u z_u^\top` of the bounded
+binary rows (:func:`covariance_similarity`, :func:`neighbourhood_residuals`).
 """
 
 from __future__ import annotations
@@ -383,54 +387,74 @@ def keep_top_per_row(matrix: Matrix, count: int) -> sp.csr_matrix:
 # -- ratings --------------------------------------------------------------------
 
 
-def item_effects(
-    sums: np.ndarray, counts: np.ndarray, centre: float, shrinkage: float
-) -> tuple[float, np.ndarray]:
-    """The mean ``mu = centre + sum(sums) / sum(counts)`` and item effects
-    ``b_i = (sums_i - (mu - centre) counts_i) / (max(counts_i, 0) + shrinkage)``
-    from released item sums of centred ratings and item counts."""
-    mean = centre + sums.sum() / max(counts.sum(), 1.0)
-    return float(mean), (sums - (mean - centre) * counts) / (np.maximum(counts, 0.0) + shrinkage)
-
-
-def user_offsets(
+def user_means(
     interactions: Interactions,
     num_users: int,
-    mean: float,
-    item_bias: np.ndarray,
+    item_offsets: np.ndarray,
+    prior: float,
     shrinkage: float,
 ) -> np.ndarray:
-    """Each user's offset ``b_u = sum_i (r_ui - mu - b_i) / (|N(u)| + shrinkage)``,
-    computed at the site from the user's own ratings."""
-    residual = interactions.rating - mean - item_bias[interactions.item]
+    """Each user's mean ``m_u = (sum_i (r_ui - b_i) + prior * shrinkage) / (|N(u)| +
+    shrinkage)``, computed at the site from the user's own ratings (``b = 0`` before
+    the item offsets are released)."""
+    shifted = interactions.rating - item_offsets[interactions.item]
     counts = np.bincount(interactions.user, minlength=num_users)
-    return np.bincount(interactions.user, residual, num_users) / (counts + shrinkage)
+    total = np.bincount(interactions.user, shifted, num_users)
+    return (total + prior * shrinkage) / (counts + shrinkage)
+
+
+def item_offset_sums(
+    interactions: Interactions,
+    num_users: int,
+    num_items: int,
+    user_mean: np.ndarray,
+    bound: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The site's item sums ``sum_u w_u (r_u - m_u)`` and counts ``sum_u w_u 1_u``, with
+    ``w_u = min(1, bound / max(|r_u - m_u|, sqrt(|N(u)|)))``: one user changes the pair by
+    at most ``sqrt(2) * bound`` in L2."""
+    centred = user_rows(
+        interactions, num_users, num_items, interactions.rating - user_mean[interactions.user]
+    )
+    binary = user_rows(interactions, num_users, num_items)
+    squared = np.asarray(centred.multiply(centred).sum(axis=1)).ravel()
+    counts = np.bincount(interactions.user, minlength=num_users)
+    norm = np.sqrt(np.maximum(squared, counts))
+    weight = sp.diags(np.minimum(1.0, bound / np.where(norm > 0, norm, 1.0)))
+    return item_sum(weight @ centred), item_sum(weight @ binary)
+
+
+def item_offsets(sums: np.ndarray, counts: np.ndarray, shrinkage: float) -> np.ndarray:
+    """Item offsets from users' means, ``b_i = sums_i / (max(counts_i, 0) + shrinkage)``."""
+    return sums / (np.maximum(counts, 0.0) + shrinkage)
 
 
 def residual_rows(
     interactions: Interactions,
     num_users: int,
     num_items: int,
-    mean: float,
-    item_bias: np.ndarray,
-    user_bias: np.ndarray,
+    user_mean: np.ndarray,
+    item_offset: np.ndarray,
 ) -> sp.csr_matrix:
-    """Rows of residuals ``r_ui - mu - b_i - b_u`` on the users' rated items."""
-    residual = (
-        interactions.rating - mean - item_bias[interactions.item] - user_bias[interactions.user]
-    )
+    """Rows of residuals ``r_ui - m_u - b_i`` on the users' rated items."""
+    residual = interactions.rating - user_mean[interactions.user] - item_offset[interactions.item]
     return user_rows(interactions, num_users, num_items, residual)
 
 
 def covariance_similarity(
-    covariance: np.ndarray, co_counts: np.ndarray, shrinkage: float
+    covariance: np.ndarray,
+    co_counts: np.ndarray | None,
+    shrinkage: float,
+    diagonal_floor: float,
 ) -> np.ndarray:
-    """Cosine similarity of the (released) residual covariance, each entry shrunk by
-    ``n_ij / (n_ij + shrinkage)`` with ``n_ij`` the (released) co-rating weight; zero
-    diagonal."""
-    scale = np.sqrt(np.maximum(np.diag(covariance), 1e-12))
-    positive = np.maximum(co_counts, 0.0)
-    similarity = covariance / scale[:, None] / scale[None, :] * positive / (positive + shrinkage)
+    """Cosine similarity of the (released) residual covariance, its diagonal clamped to
+    ``diagonal_floor`` (noisy variances can be tiny or negative), zero diagonal; with
+    (released) co-rating weights ``n_ij``, each entry shrunk by ``n_ij / (n_ij + shrinkage)``."""
+    scale = np.sqrt(np.maximum(np.diag(covariance), diagonal_floor))
+    similarity = covariance / scale[:, None] / scale[None, :]
+    if co_counts is not None:
+        positive = np.maximum(co_counts, 0.0)
+        similarity *= positive / (positive + shrinkage)
     np.fill_diagonal(similarity, 0.0)
     return similarity
 

@@ -22,18 +22,23 @@ Cases (``--cases``, comma-separated; each writes its own key of the results):
   the split is part of the search. MostPop and DP MostPop (the degree vector
   released with the whole budget) by the same code.
 - ``gowalla``: Gowalla (LightGCN split), no DP: GF-CF with the exact sparse
-  Gram, hyper-parameters on validation (10% of train.txt per user, a sample
-  of validation users), then refitted on all of train.txt for test; every
+  Gram, hyper-parameters on validation (10% of train.txt per user, beta 1/2
+  as in GF-CF), then refitted on all of train.txt for test; every
   stage timed, peak memory; the linear part kept to its top-N entries per
   item row (what a site would download) against the exact one.
 - ``gowalla-dp``: Gowalla at epsilon 8, delta 1e-6: DP MostPop against the dense
-  Gram of the top-M items by released degree (noise once on the sum).
+  Gram of the top-M items by released degree (noise once on the sum), both
+  refitted on all of train.txt for test; the search scores a fixed sample of
+  5,000 validation users.
 - ``ml-rating``: MovieLens-100K u1 (RMSE over all of u1.test, clipped to 1-5;
-  validation 10% of u1.base per user): global mean, user + item bias, and the
-  residual-covariance neighbourhood predictor, without DP and at epsilon 8
-  (noise once on the sum), with the DP release of the item statistics alone
-  as the DP baseline. Settings are chosen on validation with statistics of the
-  training part; the test figure refits (re-releases) on all of u1.base.
+  validation 10% of u1.base per user): global mean, user mean + item offset
+  (exact sums), and the residual-covariance neighbourhood predictor, without
+  DP and at epsilon 8 (noise once on the sum), with the DP release of the
+  item statistics alone as the DP baseline. Settings are chosen on
+  validation with statistics of the training part; the test figure refits
+  (re-releases, fresh noise) on all of u1.base.
+
+DP test figures always come from fresh noise draws, not the ones the search saw.
 
     python -m simulations.item_graph_search [--cases ml-ranking,ml-dp,...] [--seeds 2]
 """
@@ -67,7 +72,8 @@ from common.item_graph import (
     gaussian_noise_multiplier,
     gram_sum,
     graph_filter,
-    item_effects,
+    item_offset_sums,
+    item_offsets,
     item_sum,
     keep_top_per_row,
     neighbourhood_residuals,
@@ -76,7 +82,7 @@ from common.item_graph import (
     residual_rows,
     split_noise_multiplier,
     top_items,
-    user_offsets,
+    user_means,
     user_rows,
 )
 from simulations.harness import RESULTS, data_config, write_results
@@ -264,11 +270,7 @@ def released_sums(
         z_degree, z_gram = split_noise_multiplier(
             noise_multiplier, [degree_share, 1 - degree_share]
         )
-        degree_rows = bounded_rows(rows, 0.0, degree_bound)
-        degrees = sum(
-            release_vector(item_sum(degree_rows[site_of_user == s]), degree_bound, z_degree, rng)
-            for s in sites
-        )
+        degrees = released_degrees(rows, site_of_user, degree_bound, z_degree, rng)
         noise_std = z_degree * degree_bound * np.sqrt(len(sites))
     else:
         z_gram, degrees, noise_std = noise_multiplier, None, 0.0
@@ -309,40 +311,72 @@ def dp_filters(
         yield {"family": "EASE", "ridge": ridge}, ease_filter(gram, ridge, num_items, items)
 
 
+def released_degrees(
+    rows: sp.csr_matrix,
+    site_of_user: np.ndarray,
+    bound: float,
+    noise_multiplier: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """The degree vector (each user's row bounded to ``bound``) released by every site
+    with its own noise, summed."""
+    degree_rows = bounded_rows(rows, 0.0, bound)
+    return sum(
+        release_vector(item_sum(degree_rows[site_of_user == s]), bound, noise_multiplier, rng)
+        for s in np.unique(site_of_user)
+    )
+
+
 def dp_mostpop(
     data: RankingData,
+    test_data: RankingData,
     site_of_user: np.ndarray,
     noise_multiplier: float,
     seeds: int,
     bounds: tuple[float, ...],
     val_users: np.ndarray | None = None,
 ) -> dict:
-    """The degree vector released with the whole budget (each site adds its noise);
-    the bound chosen on validation (mean over noise draws)."""
-    sites = np.unique(site_of_user)
+    """The degree vector released with the whole budget; the bound chosen on validation
+    (mean over noise draws), the test figure from fresh draws on ``test_data``."""
     by_bound = {}
     for bound in bounds:
-        degree_rows = bounded_rows(data.rows, 0.0, bound)
-        releases = []
-        for seed in range(seeds):
-            rng = np.random.default_rng(seed)
-            releases.append(
-                sum(
-                    release_vector(
-                        item_sum(degree_rows[site_of_user == s]), bound, noise_multiplier, rng
+        val = [
+            evaluate(
+                popularity_scores(
+                    released_degrees(
+                        data.rows, site_of_user, bound, noise_multiplier, np.random.default_rng(s)
                     )
-                    for s in sites
+                ),
+                data,
+                "val",
+                val_users,
+            )[NDCG]
+            for s in range(seeds)
+        ]
+        by_bound[bound] = statistics.mean(val)
+    bound = max(by_bound, key=by_bound.get)
+    tests = [
+        evaluate(
+            popularity_scores(
+                released_degrees(
+                    test_data.rows, site_of_user, bound, noise_multiplier, test_rng(seed)
                 )
-            )
-        val = [evaluate(popularity_scores(d), data, "val", val_users)[NDCG] for d in releases]
-        by_bound[bound] = (statistics.mean(val), releases)
-    bound = max(by_bound, key=lambda b: by_bound[b][0])
-    tests = [evaluate(popularity_scores(d), data, "test") for d in by_bound[bound][1]]
+            ),
+            test_data,
+            "test",
+        )
+        for seed in range(seeds)
+    ]
     return {
         "degree bound": bound,
-        "val NDCG@20 by bound": {str(b): v for b, (v, _) in by_bound.items()},
+        "val NDCG@20 by bound": {str(b): v for b, v in by_bound.items()},
         "test": {m: spread([t[m] for t in tests]) for m in (RECALL, NDCG)},
     }
+
+
+def test_rng(seed: int) -> np.random.Generator:
+    """Noise for the test figure's releases: fresh draws, not the ones the search saw."""
+    return np.random.default_rng(1000 + seed)
 
 
 def dp_search(
@@ -353,11 +387,12 @@ def dp_search(
     degree_bound: float,
     plans: list[tuple[float, int | None]],
     grid: dict,
+    test_data: RankingData,
     val_users: np.ndarray | None = None,
 ) -> dict:
     """For each release plan (degree share, top-M) and noise draw, every filter of
-    ``grid`` on validation; the setting with the best mean is scored on test with each
-    draw's releases."""
+    ``grid`` on validation; the setting with the best mean is released again (fresh
+    draws) from ``test_data``'s rows and scored on test."""
     values: dict[str, list[float]] = {}
     settings: dict[str, dict] = {}
     for seed in range(seeds):
@@ -380,20 +415,22 @@ def dp_search(
     setting = settings[chosen]
     tests = []
     for seed in range(seeds):
-        rng = np.random.default_rng(seed)
-        # The same draws as in the search: replay the plans up to the chosen one.
-        for share, top_m in plans:
-            releases = released_sums(
-                data.rows, site_of_user, share, degree_bound, top_m, noise_multiplier, rng
-            )
-            if (share, top_m) == (setting["degree share"], setting["top-M"]):
-                break
+        releases = released_sums(
+            test_data.rows,
+            site_of_user,
+            setting["degree share"],
+            degree_bound,
+            setting["top-M"],
+            noise_multiplier,
+            test_rng(seed),
+        )
         item_filter = next(
             f
             for s, f in dp_filters(releases, data.num_items, **grid)
-            if key_of({"degree share": share, "top-M": top_m, **s}) == chosen
+            if key_of({"degree share": setting["degree share"], "top-M": setting["top-M"], **s})
+            == chosen
         )
-        tests.append(evaluate(filter_scores(item_filter, data), data, "test"))
+        tests.append(evaluate(filter_scores(item_filter, test_data), test_data, "test"))
     best_by = {}
     for name, field in (("degree share", "degree share"), ("top-M", "top-M"), ("family", "family")):
         for key, value in mean.items():
@@ -434,12 +471,12 @@ def movielens_dp(seeds: int) -> dict:
             site_of_each_user(load_dataset(config), config, SITES),
         ),
     ):
-        mostpop = dp_mostpop(data, site_of_user, z, seeds, (1.0, 3.0, 10.0, 30.0))
+        mostpop = dp_mostpop(data, data, site_of_user, z, seeds, (1.0, 3.0, 10.0, 30.0))
         print("ml-dp", name, "DP MostPop", mostpop["test"][NDCG]["mean"], flush=True)
         plans = [(0.0, None)] + [
             (share, top_m) for share in (0.1, 0.25) for top_m in (None, 600, 300, 150)
         ]
-        search = dp_search(data, site_of_user, z, seeds, mostpop["degree bound"], plans, grid)
+        search = dp_search(data, site_of_user, z, seeds, mostpop["degree bound"], plans, grid, data)
         print("ml-dp", name, search["setting"], search["test"][NDCG], flush=True)
         results[name] = {"DP MostPop": mostpop, "item graph": search}
     return results
@@ -494,18 +531,15 @@ def shipped_megabytes(item_filter: ItemFilter) -> dict[str, float]:
 def gowalla() -> dict:
     site = gowalla_site()
     tuning = ranking_data(site)
-    users = validation_users(tuning)
     results: dict = {"published LightGCN": PUBLISHED_GOWALLA}
     refit = ranking_data(site, refit=True)
     results["MostPop"] = {"test": evaluate(popularity_scores(item_sum(refit.rows)), refit, "test")}
     stages: dict = {}
     base = gf_cf_exact(tuning, 256, stages)
     values = []
-    for setting, item_filter in graph_variants(base, (64, 128, 256), (0.1, 0.3, 1.0)):
+    for setting, item_filter in graph_variants(base, (64, 128, 256), (0.05, 0.1, 0.2, 0.3, 1.0)):
         start = time.perf_counter()
-        values.append(
-            (evaluate(filter_scores(item_filter, tuning), tuning, "val", users)[NDCG], setting)
-        )
+        values.append((evaluate(filter_scores(item_filter, tuning), tuning, "val")[NDCG], setting))
         print("gowalla val", values[-1], f"{time.perf_counter() - start:.0f}s", flush=True)
     value, setting = max(values, key=lambda v: v[0])
     results["search (val NDCG@20)"] = [{**s, "val": v} for v, s in values]
@@ -527,9 +561,10 @@ def gowalla() -> dict:
         "stages": stages,
         "shipped": shipped_megabytes(fitted) if fitted.linear is not None else None,
     }
+    print("gowalla exact", results["GF-CF, exact sparse sums"], flush=True)
     if fitted.linear is not None:
         sparsified = {}
-        for count in (100, 200, 500):
+        for count in (100, 200, 500, 1000):
             kept = dataclasses.replace(fitted, linear=keep_top_per_row(fitted.linear, count))
             sparsified[str(count)] = {
                 "test": evaluate(filter_scores(kept, data), data, "test"),
@@ -547,13 +582,14 @@ def gowalla_dp(seeds: int) -> dict:
     z = gaussian_noise_multiplier(EPSILON, 1e-6)
     everyone = np.zeros(site.num_users, np.int64)
     results: dict = {"noise multiplier (one release)": z}
-    mostpop = dp_mostpop(data, everyone, z, seeds, (1.0, 3.0, 10.0), users)
+    refit = ranking_data(site, refit=True)
+    mostpop = dp_mostpop(data, refit, everyone, z, seeds, (1.0, 3.0, 10.0), users)
     results["DP MostPop"] = mostpop
     print("gowalla-dp MostPop", mostpop["test"], flush=True)
     plans = [(0.1, 1000), (0.1, 2000), (0.1, 3000), (0.25, 2000)]
     grid = {"betas": (0.0, 0.25), "ks": (32, 64), "alphas": (1.0, 10.0), "ridges": (100,)}
     results["top-M dense Gram"] = dp_search(
-        data, everyone, z, seeds, mostpop["degree bound"], plans, grid, users
+        data, everyone, z, seeds, mostpop["degree bound"], plans, grid, refit, users
     )
     print("gowalla-dp", results["top-M dense Gram"]["setting"], results["top-M dense Gram"]["test"])
     return results
@@ -562,12 +598,15 @@ def gowalla_dp(seeds: int) -> dict:
 # -- MovieLens-100K ratings -----------------------------------------------------------
 
 
-RATING_CENTRE = 3.0  # public: the middle of the 1-5 scale
+RATING_PRIOR = 3.0  # public: the middle of the 1-5 scale, the prior of every user's mean
+SQRT2 = float(np.sqrt(2.0))
 
 
 @dataclass(frozen=True)
 class RatingSetting:
-    """One configuration of the rating predictor; ``neighbours = 0`` is the bias model."""
+    """One configuration of the rating predictor; ``neighbours = 0`` is the bias model
+    (user mean + item offset). ``exponent``/``bound`` bound the residual rows,
+    ``co_count_shrinkage`` None: no co-rating weights released."""
 
     item_shrinkage: float
     user_shrinkage: float
@@ -578,27 +617,19 @@ class RatingSetting:
     damping: float = 0.5
 
 
-def rmse(predicted: np.ndarray, part: Interactions) -> float:
-    return float(np.sqrt(np.mean((np.clip(predicted, 1.0, 5.0) - part.rating) ** 2)))
-
-
-def item_statistics(train: Interactions, num_users: int, num_items: int, bound: float) -> tuple:
-    """Item sums of centred ratings and item counts, each user weighted by
-    ``min(1, bound / sqrt(|N(u)|))``; one user changes the pair by at most
-    ``sqrt(2^2 + 1) * bound`` in L2 (|r - 3| <= 2 on the 1-5 scale)."""
-    weights = bounded_rows(user_rows(train, num_users, num_items), 0.0, bound)
-    centred = weights.multiply(user_rows(train, num_users, num_items, train.rating - RATING_CENTRE))
-    return item_sum(sp.csr_matrix(centred)), item_sum(weights), np.sqrt(5.0) * bound
-
-
 @dataclass(frozen=True)
 class RatingStatistics:
-    """The released (or exact) statistics the server sends the sites."""
+    """What the server sends the sites: item offsets, and for the neighbourhood
+    predictor the residual covariance, co-rating weights and the diagonal floor."""
 
-    mean: float
-    item_bias: np.ndarray
-    covariance: np.ndarray | None
-    co_counts: np.ndarray | None
+    item_offset: np.ndarray
+    covariance: np.ndarray | None = None
+    co_counts: np.ndarray | None = None
+    diagonal_floor: float = 1e-12
+
+
+def rmse(predicted: np.ndarray, part: Interactions) -> float:
+    return float(np.sqrt(np.mean((np.clip(predicted, 1.0, 5.0) - part.rating) ** 2)))
 
 
 def rating_statistics(
@@ -606,35 +637,36 @@ def rating_statistics(
     num_users: int,
     num_items: int,
     setting: RatingSetting,
-    noise: tuple[float, float, float] | None,
-    stats_bound: float,
+    noise: tuple[float, ...] | None,
     rng: np.random.Generator,
 ) -> RatingStatistics:
-    """Round 1: item statistics (``noise[0]``); round 2: the residual covariance
-    (``noise[1]``) and, with co-count shrinkage, the co-rating weights (``noise[2]``).
-    ``noise`` None: exact sums (no DP). Residuals use the user offsets each site
-    computes from its users' own ratings."""
-    sums, counts, sensitivity = item_statistics(train, num_users, num_items, stats_bound)
+    """Round 1: item sums and counts around each user's own mean (bound 1 under DP,
+    sensitivity sqrt 2; noise multiplier ``noise[0]``); round 2: the residual covariance
+    (``noise[1]``) and, with co-count shrinkage, the co-rating weights (``noise[2]``),
+    each of sensitivity ``bound^2``. ``noise`` None: exact sums (no DP)."""
+    zeros = np.zeros(num_items)
+    first_means = user_means(train, num_users, zeros, RATING_PRIOR, setting.user_shrinkage)
+    bound = np.inf if noise is None else 1.0
+    sums, counts = item_offset_sums(train, num_users, num_items, first_means, bound)
     if noise is not None:
-        released = release_vector(np.concatenate([sums, counts]), sensitivity, noise[0], rng)
+        released = release_vector(np.concatenate([sums, counts]), SQRT2, noise[0], rng)
         sums, counts = released[:num_items], released[num_items:]
-    mean, item_bias = item_effects(sums, counts, RATING_CENTRE, setting.item_shrinkage)
+    offsets = item_offsets(sums, counts, setting.item_shrinkage)
     if not setting.neighbours:
-        return RatingStatistics(mean, item_bias, None, None)
-    user_bias = user_offsets(train, num_users, mean, item_bias, setting.user_shrinkage)
-    residuals = residual_rows(train, num_users, num_items, mean, item_bias, user_bias)
+        return RatingStatistics(offsets)
+    means = user_means(train, num_users, offsets, RATING_PRIOR, setting.user_shrinkage)
+    residuals = residual_rows(train, num_users, num_items, means, offsets)
     covariance = gram_sum(bounded_rows(residuals, setting.exponent, setting.bound))
     co_counts = None
     if setting.co_count_shrinkage is not None:
-        binary = bounded_rows(
-            user_rows(train, num_users, num_items), setting.exponent, setting.bound
-        )
-        co_counts = gram_sum(binary)
-    if noise is not None:
-        covariance = release_symmetric(covariance, setting.bound**2, noise[1], rng)
-        if co_counts is not None:
-            co_counts = release_symmetric(co_counts, setting.bound**2, noise[2], rng)
-    return RatingStatistics(mean, item_bias, covariance, co_counts)
+        binary = user_rows(train, num_users, num_items)
+        co_counts = gram_sum(bounded_rows(binary, setting.exponent, setting.bound))
+    if noise is None:
+        return RatingStatistics(offsets, covariance, co_counts)
+    covariance = release_symmetric(covariance, setting.bound**2, noise[1], rng)
+    if co_counts is not None:
+        co_counts = release_symmetric(co_counts, setting.bound**2, noise[2], rng)
+    return RatingStatistics(offsets, covariance, co_counts, 3 * noise[1] * setting.bound**2)
 
 
 def rating_predictions(
@@ -642,17 +674,21 @@ def rating_predictions(
     num_users: int,
     num_items: int,
     setting: RatingSetting,
-    statistics_: RatingStatistics,
+    released: RatingStatistics,
     part: Interactions,
 ) -> np.ndarray:
-    """What each site predicts for its users' pairs in ``part``."""
-    mean, item_bias = statistics_.mean, statistics_.item_bias
-    user_bias = user_offsets(train, num_users, mean, item_bias, setting.user_shrinkage)
-    predicted = mean + item_bias[part.item] + user_bias[part.user]
+    """What each site predicts for its users' pairs in ``part``, from its users' own
+    training ratings and the released statistics."""
+    offsets = released.item_offset
+    means = user_means(train, num_users, offsets, RATING_PRIOR, setting.user_shrinkage)
+    predicted = means[part.user] + offsets[part.item]
     if setting.neighbours:
-        residuals = residual_rows(train, num_users, num_items, mean, item_bias, user_bias)
+        residuals = residual_rows(train, num_users, num_items, means, offsets)
         similarity = covariance_similarity(
-            statistics_.covariance, statistics_.co_counts, setting.co_count_shrinkage or 0.0
+            released.covariance,
+            released.co_counts,
+            setting.co_count_shrinkage or 0.0,
+            released.diagonal_floor,
         )
         predicted += neighbourhood_residuals(
             similarity, residuals, part.user, part.item, setting.neighbours, setting.damping
@@ -660,15 +696,23 @@ def rating_predictions(
     return predicted
 
 
-def rating_settings(dp: bool) -> Iterator[RatingSetting]:
-    """The neighbourhood predictor's grid (bias shrinkages are searched first)."""
+def neighbourhood_settings(bias: RatingSetting, dp: bool) -> Iterator[RatingSetting]:
+    """The neighbourhood predictor's grid on top of the chosen bias shrinkages."""
     scalings = [(0.5, 1.0)] + ([(0.0, 2.0), (0.0, 4.0)] if dp else [(0.0, np.inf)])
+    dampings = (0.5, 2.0, 10.0, 50.0) if dp else (0.1, 0.5, 2.0)
     for (exponent, bound), neighbours, damping in itertools.product(
-        scalings, (20, 40, 80), (0.1, 0.5, 2.0)
+        scalings, (20, 40, 80), dampings
     ):
         unit = 0.01 if exponent == 0.5 else 1.0
         for shrinkage in (None, *(unit * s for s in (1.0, 10.0, 100.0))):
-            yield RatingSetting(0, 0, neighbours, exponent, bound, shrinkage, damping)
+            yield dataclasses.replace(
+                bias,
+                neighbours=neighbours,
+                exponent=exponent,
+                bound=bound,
+                co_count_shrinkage=shrinkage,
+                damping=damping,
+            )
 
 
 def movielens_rating(seeds: int) -> dict:
@@ -678,97 +722,81 @@ def movielens_rating(seeds: int) -> dict:
     z = gaussian_noise_multiplier(EPSILON, 1e-5)
     results: dict = {"noise multiplier (one release)": z}
     results["global mean"] = {"test": rmse(np.full(len(site.test), full.rating.mean()), site.test)}
+    released: dict = {}
 
-    def val_rmse(setting, noise, stats_bound, seed):
-        stats = rating_statistics(
-            site.train, users, items, setting, noise, stats_bound, np.random.default_rng(seed)
+    def val_rmse(setting: RatingSetting, noise: tuple | None, seed: int) -> float:
+        # The statistics do not depend on the neighbourhood's size, damping or shrinkage.
+        key = (
+            dataclasses.replace(
+                setting,
+                neighbours=min(setting.neighbours, 1),
+                damping=0.0,
+                co_count_shrinkage=None if setting.co_count_shrinkage is None else 0.0,
+            ),
+            noise,
+            seed,
         )
-        return rmse(
-            rating_predictions(site.train, users, items, setting, stats, site.val), site.val
-        )
+        if key not in released:
+            released[key] = rating_statistics(
+                site.train, users, items, setting, noise, np.random.default_rng(seed)
+            )
+        predicted = rating_predictions(site.train, users, items, setting, released[key], site.val)
+        return rmse(predicted, site.val)
 
-    def test_rmse(setting, noise, stats_bound, seed):
-        stats = rating_statistics(
-            full, users, items, setting, noise, stats_bound, np.random.default_rng(seed)
-        )
+    def test_rmse(setting: RatingSetting, noise: tuple | None, seed: int) -> float:
+        stats = rating_statistics(full, users, items, setting, noise, test_rng(seed))
         return rmse(rating_predictions(full, users, items, setting, stats, site.test), site.test)
 
-    def search(candidates, noise_of, bounds, draws):
-        """The candidate (with item-statistics bound) of best mean validation RMSE."""
-        scored = []
-        for setting, bound in itertools.product(candidates, bounds):
-            noise = noise_of(setting)
-            scored.append(
-                (
-                    statistics.mean(val_rmse(setting, noise, bound, s) for s in range(draws)),
-                    setting,
-                    bound,
-                )
-            )
+    def search(candidates, noise_of, draws: int) -> tuple[float, RatingSetting]:
+        """The candidate of best mean validation RMSE over ``draws`` noise draws."""
+        released.clear()
+        scored = [
+            (statistics.mean(val_rmse(c, noise_of(c), s) for s in range(draws)), c)
+            for c in candidates
+        ]
         return min(scored, key=lambda t: t[0])
 
-    shrinkages = [RatingSetting(i, u) for i in (1.0, 5.0, 25.0) for u in (1.0, 5.0, 25.0)]
-    # No DP.
-    value, bias, _ = search(shrinkages, lambda s: None, (np.inf,), 1)
-    results["user + item bias"] = {
-        "setting": dataclasses.asdict(bias),
-        "val": value,
-        "test": test_rmse(bias, None, np.inf, 0),
-    }
-    print("rating bias", results["user + item bias"], flush=True)
-    candidates = [
-        dataclasses.replace(
-            s, item_shrinkage=bias.item_shrinkage, user_shrinkage=bias.user_shrinkage
-        )
-        for s in rating_settings(dp=False)
+    def report(setting: RatingSetting, value: float, noise: tuple | None, draws: int) -> dict:
+        tests = [test_rmse(setting, noise, s) for s in range(draws)]
+        return {
+            "setting": dataclasses.asdict(setting),
+            "val": value,
+            "noise multipliers": None if noise is None else list(noise),
+            "test": tests[0] if noise is None else spread(tests),
+        }
+
+    shrinkages = [
+        RatingSetting(i, u) for i in (0.3, 1.0, 3.0, 10.0, 30.0) for u in (1.0, 5.0, 20.0)
     ]
-    value, best, _ = search(candidates, lambda s: None, (np.inf,), 1)
-    results["item graph (residual covariance kNN)"] = {
-        "setting": dataclasses.asdict(best),
-        "val": value,
-        "test": test_rmse(best, None, np.inf, 0),
-    }
-    print("rating graph", results["item graph (residual covariance kNN)"], flush=True)
+    value, bias = search(shrinkages, lambda _: None, 1)
+    results["user mean + item offset"] = report(bias, value, None, 1)
+    value, best = search(neighbourhood_settings(bias, dp=False), lambda _: None, 1)
+    results["item graph (residual covariance kNN)"] = report(best, value, None, 1)
+    print("rating no DP", results["item graph (residual covariance kNN)"], flush=True)
 
-    # DP at epsilon 8, noise once on the sum.
-    value, dp_bias, stats_bound = search(shrinkages, lambda s: (z, 0, 0), (1.0, 3.0, 10.0), seeds)
-    results["DP user + item bias (item statistics released)"] = {
-        "setting": dataclasses.asdict(dp_bias),
-        "item statistics bound": stats_bound,
-        "val": value,
-        "test": spread([test_rmse(dp_bias, (z, 0, 0), stats_bound, s) for s in range(seeds)]),
-    }
-    print("rating dp bias", results["DP user + item bias (item statistics released)"], flush=True)
-    by_split = {}
-    for stats_share in (0.1, 0.25, 0.5):
+    # Epsilon 8, noise once on the sum.
+    value, dp_bias = search(shrinkages, lambda _: (z,), seeds)
+    results["DP user mean + item offset (item statistics released)"] = report(
+        dp_bias, value, (z,), seeds
+    )
+    by_share = {}
+    for share in (0.25, 0.5, 0.75):
 
-        def noise_of(setting, share=stats_share):
+        def noise_of(setting: RatingSetting, share: float = share) -> tuple:
             if setting.co_count_shrinkage is None:
-                return (*split_noise_multiplier(z, [share, 1 - share]), 0.0)
-            rest = (1 - share) / 2
-            return tuple(split_noise_multiplier(z, [share, rest, rest]))
+                return tuple(split_noise_multiplier(z, [share, 1 - share]))
+            return tuple(split_noise_multiplier(z, [share, (1 - share) / 2, (1 - share) / 2]))
 
-        candidates = [
-            dataclasses.replace(
-                s, item_shrinkage=dp_bias.item_shrinkage, user_shrinkage=dp_bias.user_shrinkage
-            )
-            for s in rating_settings(dp=True)
-        ]
-        value, setting, _ = search(candidates, noise_of, (stats_bound,), seeds)
-        by_split[stats_share] = (value, setting, noise_of(setting))
-        print("rating dp split", stats_share, value, setting, flush=True)
-    share = min(by_split, key=lambda s: by_split[s][0])
-    value, setting, noise = by_split[share]
-    results["DP item graph (residual covariance kNN)"] = {
-        "setting": dataclasses.asdict(setting),
-        "item statistics bound": stats_bound,
+        value, setting = search(neighbourhood_settings(dp_bias, dp=True), noise_of, seeds)
+        by_share[share] = (value, setting, noise_of(setting))
+        print("rating DP, item statistics share", share, value, setting, flush=True)
+    share = min(by_share, key=lambda s: by_share[s][0])
+    value, setting, noise = by_share[share]
+    results["DP item graph (residual covariance kNN)"] = report(setting, value, noise, seeds) | {
         "item statistics share": share,
-        "noise multipliers": list(noise),
-        "val": value,
-        "val by item statistics share": {str(s): v[0] for s, v in by_split.items()},
-        "test": spread([test_rmse(setting, noise, stats_bound, s) for s in range(seeds)]),
+        "val by item statistics share": {str(s): v[0] for s, v in by_share.items()},
     }
-    print("rating dp graph", results["DP item graph (residual covariance kNN)"], flush=True)
+    print("rating DP", results["DP item graph (residual covariance kNN)"], flush=True)
     return results
 
 
@@ -776,58 +804,62 @@ def movielens_rating(seeds: int) -> dict:
 
 
 def figure_of(results: dict) -> Figure:
-    """One panel per case that has run: test metric per method."""
-    panels = [c for c in CASES if c in results]
-    figure = Figure(figsize=(4 * max(len(panels), 1), 4))
+    """One panel per case that has run: the test metric of each method (DP: mean and
+    spread over noise draws), the reference as a dashed line."""
+    panels = [case for case in CASES if case in results]
+    figure = Figure(figsize=(3.6 * max(len(panels), 1), 4.2))
     axes = figure.subplots(1, max(len(panels), 1), squeeze=False)[0]
     for axis, case in zip(axes, panels, strict=False):
-        bars = list(bars_of(case, results[case]))
+        metric, bars, reference = panel_of(case, results[case])
         axis.bar(
-            range(len(bars)), [v for _, v, _ in bars], yerr=[e for _, _, e in bars], color="grey"
+            range(len(bars)),
+            [mean for _, mean, _ in bars],
+            yerr=[error for _, _, error in bars],
+            color="grey",
         )
-        axis.set_xticks(
-            range(len(bars)), [n for n, _, _ in bars], rotation=60, ha="right", fontsize=7
-        )
-        axis.set_title(case)
-        axis.set_ylabel(
-            "test RMSE"
-            if case == "ml-rating"
-            else f"test {NDCG if case.startswith('ml') else RECALL}"
-        )
+        axis.set_xticks(range(len(bars)), [name for name, _, _ in bars], rotation=60, ha="right")
+        axis.tick_params(axis="x", labelsize=7)
+        if reference is not None:
+            axis.axhline(reference[1], color="k", linestyle="--", label=reference[0])
+            axis.legend(fontsize=7)
+        axis.set(title=case, ylabel=f"test {metric}")
     return figure
 
 
-def bars_of(case: str, result: dict) -> Iterator[tuple[str, float, float]]:
-    """(label, value, spread) for each method of a case."""
-    metric = NDCG if case.startswith("ml") else RECALL
-    for name, value in result.items():
-        if not isinstance(value, dict):
-            continue
-        test = value.get("test")
-        if case == "ml-rating" and test is not None:
-            yield (
-                (name, test["mean"], test["spread"])
-                if isinstance(test, dict)
-                else (name, test, 0.0)
-            )
-        elif isinstance(test, dict) and metric in test:
-            entry = test[metric]
-            yield (
-                (name, entry["mean"], entry["spread"])
-                if isinstance(entry, dict)
-                else (name, entry, 0.0)
-            )
-        elif metric in value:
-            yield name, value[metric], 0.0
-        else:
-            for inner, sub in value.items():
-                if (
-                    isinstance(sub, dict)
-                    and isinstance(sub.get("test"), dict)
-                    and metric in sub["test"]
-                ):
-                    entry = sub["test"][metric]
-                    yield f"{name[:3]} {inner}", entry["mean"], entry["spread"]
+def panel_of(case: str, result: dict) -> tuple[str, list, tuple[str, float] | None]:
+    """(metric, [(label, mean, spread)], reference line) of one case's panel."""
+
+    def bar(label: str, test: dict | float, metric: str) -> tuple[str, float, float]:
+        entry = test[metric] if isinstance(test, dict) and metric in test else test
+        if isinstance(entry, dict):
+            return label, entry["mean"], entry["spread"]
+        return label, float(entry), 0.0
+
+    if case == "ml-ranking":
+        names = ("MostPop", "GF-CF (eta = beta = 1/2)", "graph filter", "EASE")
+        bars = [bar(name, result[name]["test"], NDCG) for name in names if name in result]
+        return NDCG, bars, ("LightGCN, same split", LIGHTGCN_ML100K[NDCG])
+    if case == "ml-dp":
+        bars = []
+        for name, sub in result.items():
+            if isinstance(sub, dict) and "item graph" in sub:
+                short = name.split(")")[0] + ")"
+                bars.append(bar(f"{short} DP MostPop", sub["DP MostPop"]["test"], NDCG))
+                bars.append(bar(f"{short} item graph", sub["item graph"]["test"], NDCG))
+        return f"{NDCG} (epsilon 8)", bars, None
+    if case == "gowalla":
+        bars = [
+            bar("MostPop", result["MostPop"]["test"], RECALL),
+            bar("GF-CF exact", result["GF-CF, exact sparse sums"]["test"], RECALL),
+        ]
+        for count, sub in result.get("linear part kept to top-N per row", {}).items():
+            bars.append(bar(f"top-{count} per row", sub["test"], RECALL))
+        return RECALL, bars, ("published LightGCN", PUBLISHED_GOWALLA[RECALL])
+    if case == "gowalla-dp":
+        names = [name for name in result if isinstance(result[name], dict)]
+        return f"{RECALL} (epsilon 8)", [bar(n, result[n]["test"], RECALL) for n in names], None
+    names = [name for name in result if isinstance(result[name], dict)]
+    return "RMSE", [bar(n, result[n]["test"], "rmse") for n in names], None
 
 
 def main() -> None:
@@ -850,6 +882,7 @@ def main() -> None:
         start = time.perf_counter()
         results[case] = run[case]()
         results[case]["seconds"] = time.perf_counter() - start
+        print(json.dumps(results[case], default=str)[:3000], flush=True)
         print(write_results("item_graph_search", results, figure_of(results)), flush=True)
 
 

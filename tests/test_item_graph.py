@@ -18,7 +18,8 @@ from common.item_graph import (
     gram_product_sum,
     gram_sum,
     graph_filter,
-    item_effects,
+    item_offset_sums,
+    item_offsets,
     item_sum,
     keep_top_per_row,
     neighbourhood_residuals,
@@ -29,7 +30,7 @@ from common.item_graph import (
     split_noise_multiplier,
     top_eigenpairs,
     top_items,
-    user_offsets,
+    user_means,
     user_rows,
 )
 
@@ -212,32 +213,47 @@ def test_noiseless_subspace_iteration_finds_the_top_eigenspace(binary):
     np.testing.assert_allclose(basis @ basis.T, vectors @ vectors.T, atol=1e-6)
 
 
-def test_rating_statistics_and_neighbourhood_prediction(data):
+def test_item_offset_sums_have_the_stated_bound_and_exact_offsets_without_it(data):
     train = data.interactions
-    centre = 3.0
-    weights = np.ones(USERS)
-    sums = np.bincount(train.item, (train.rating - centre) * weights[train.user], ITEMS)
-    counts = np.bincount(train.item, minlength=ITEMS).astype(float)
-    mean, item_bias = item_effects(sums, counts, centre, shrinkage=0.0)
-    assert mean == pytest.approx(train.rating.mean())
-    seen = counts > 0
-    item_means = np.bincount(train.item, train.rating, ITEMS)[seen] / counts[seen]
-    np.testing.assert_allclose(mean + item_bias[seen], item_means, rtol=1e-6)
+    means = user_means(train, USERS, np.zeros(ITEMS), prior=3.0, shrinkage=0.0)
+    user_average = np.bincount(train.user, train.rating, USERS) / np.bincount(train.user)
+    np.testing.assert_allclose(means, user_average)
 
-    user_bias = user_offsets(train, USERS, mean, item_bias, shrinkage=2.0)
-    residuals = residual_rows(train, USERS, ITEMS, mean, item_bias, user_bias)
+    sums, counts = item_offset_sums(train, USERS, ITEMS, means, bound=np.inf)
+    offsets = item_offsets(sums, counts, shrinkage=0.0)
+    seen = counts > 0
+    deviation = np.bincount(train.item, train.rating - means[train.user], ITEMS)
+    np.testing.assert_allclose(offsets[seen], deviation[seen] / counts[seen])
+
+    sums, counts = item_offset_sums(train, USERS, ITEMS, means, bound=1.0)
+    for u in (0, 33):
+        others = train.select(train.user != u)
+        without = item_offset_sums(others, USERS, ITEMS, means, bound=1.0)
+        change = np.concatenate([sums - without[0], counts - without[1]])
+        assert np.linalg.norm(change) <= np.sqrt(2.0) + 1e-12
+        assert np.linalg.norm(change[ITEMS:]) == pytest.approx(1.0)  # sqrt(|N|) >= |r - m|
+
+
+def test_neighbourhood_prediction_averages_the_users_own_residuals(data):
+    train = data.interactions
+    means = user_means(train, USERS, np.zeros(ITEMS), prior=3.0, shrinkage=2.0)
+    offsets = item_offsets(*item_offset_sums(train, USERS, ITEMS, means, np.inf), shrinkage=1.0)
+    means = user_means(train, USERS, offsets, prior=3.0, shrinkage=2.0)
+    residuals = residual_rows(train, USERS, ITEMS, means, offsets)
     assert residuals.nnz == len(train)
-    bounded = bounded_rows(residuals, exponent=0.5, bound=1.0)
-    covariance = gram_sum(bounded)
+    covariance = gram_sum(bounded_rows(residuals, exponent=0.5, bound=1.0))
     co_counts = gram_sum(bounded_rows(user_rows(train, USERS, ITEMS), 0.5, 1.0))
-    similarity = covariance_similarity(covariance, co_counts, shrinkage=0.1)
+    similarity = covariance_similarity(covariance, co_counts, 0.1, diagonal_floor=1e-12)
     assert np.allclose(np.diag(similarity), 0.0)
+    assert np.abs(similarity).max() <= 1.0 + 1e-9
+    floored = covariance_similarity(-np.eye(ITEMS) + 0.01, None, 0.0, diagonal_floor=0.25)
+    assert floored[0, 1] == pytest.approx(0.01 / 0.25)
 
     users, items = np.array([0, 0, 5]), np.array([1, 7, 2])
     predicted = neighbourhood_residuals(similarity, residuals, users, items, 4, 0.5)
     dense = residuals.toarray()
     for j, (u, i) in enumerate(zip(users, items, strict=True)):
-        rated = np.flatnonzero(residuals[u].toarray().ravel() != 0)
+        rated = train.item[train.user == u]
         weight = similarity[i, rated]
         top = np.argsort(-np.abs(weight))[:4]
         expected = weight[top] @ dense[u, rated[top]] / (np.abs(weight[top]).sum() + 0.5)
