@@ -40,7 +40,7 @@ Cases (``--cases``, comma-separated; each writes its own key of the results):
 
 DP test figures always come from fresh noise draws, not the ones the search saw.
 
-    python -m simulations.item_graph_search [--cases ml-ranking,ml-dp,...] [--seeds 2]
+    python -m simulations.item_graph_search [--cases ml-ranking,ml-dp,...] [--seeds 2] [--plot]
 """
 
 from __future__ import annotations
@@ -823,6 +823,8 @@ def figure_of(results: dict) -> Figure:
             axis.axhline(reference[1], color="k", linestyle="--", label=reference[0])
             axis.legend(fontsize=7)
         axis.set(title=case, ylabel=f"test {metric}")
+        if metric == "RMSE":
+            axis.set_ylim(0.85, None)
     return figure
 
 
@@ -866,11 +868,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES), help=f"some of {', '.join(CASES)}")
     parser.add_argument("--seeds", type=int, default=2, help="noise draws under DP")
+    parser.add_argument("--plot", action="store_true", help="only redraw the saved results")
     args = parser.parse_args()
     torch.set_num_threads(2)
     path = RESULTS / "item_graph_search.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results.pop("generated", None)
+    generated = results.pop("generated", None)
+    if args.plot:
+        figure = figure_of(results)
+        figure.tight_layout()
+        figure.savefig(path.with_suffix(".png"), dpi=110)
+        print(path.with_suffix(".png"), "from results generated", generated)
+        return
     run = {
         "ml-ranking": movielens_ranking,
         "ml-dp": lambda: movielens_dp(args.seeds),
