@@ -256,16 +256,19 @@ def noisy_subspace_iteration(
     num_items: int,
     k: int,
     iterations: int,
-    noise_std: float,
+    sensitivity: float,
+    noise_multiplier: float,
     rng: np.random.Generator,
 ) -> np.ndarray:
     """Hardt & Price's noisy power method: ``V <- orth(G V + noise)`` from a random
-    orthonormal start, ``gram_times(V)`` being the federated sum ``G V``; each
-    iteration is one release (``noise_std`` = its noise multiplier times ``C^2``).
+    (public) orthonormal start, ``gram_times(V)`` being the federated sum ``G V`` (one
+    user changes it by at most ``sensitivity = C^2``). Each iteration is one release at
+    ``noise_multiplier``: ``T`` iterations cost one release at ``z / sqrt(T)``.
     Returns the final ``[num_items, k]`` basis."""
     basis = orthonormal_basis(rng.normal(size=(num_items, k)))
     for _ in range(iterations):
-        basis = orthonormal_basis(release_vector(gram_times(basis), noise_std, 1.0, rng))
+        noisy = release_vector(gram_times(basis), sensitivity, noise_multiplier, rng)
+        basis = orthonormal_basis(noisy)
     return basis
 
 

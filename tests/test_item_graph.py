@@ -207,7 +207,7 @@ def test_keep_top_per_row_keeps_each_rows_largest_entries():
 def test_noiseless_subspace_iteration_finds_the_top_eigenspace(binary):
     gram = gram_sum(bounded_rows(binary, exponent=0.5, bound=1.0))
     basis = noisy_subspace_iteration(
-        lambda v: gram @ v, ITEMS, 3, 200, 0.0, np.random.default_rng(0)
+        lambda v: gram @ v, ITEMS, 3, 200, 1.0, 0.0, np.random.default_rng(0)
     )
     _, vectors = top_eigenpairs(gram, 3)
     np.testing.assert_allclose(basis @ basis.T, vectors @ vectors.T, atol=1e-6)
