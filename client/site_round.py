@@ -51,7 +51,7 @@ from common.distributed_noise import IntegerCode, encode, round_seed
 from common.ego_graphs import UserEgoGraphs
 from common.errors import InputError
 from common.evaluation import evaluate, evaluate_graph
-from common.graph_statistics import ItemGraph, contribution
+from common.graph_statistics import ItemGraph, contribution, rating_settings
 from common.graph_statistics import length as statistics_length
 from common.graph_statistics import sensitivity as statistics_sensitivity
 from common.item_graph import release_vector
@@ -312,7 +312,8 @@ class SiteRound:
         and without text."""
         site, config = self.site, self.config
         if config.item_graph == "filter" and self.graph.complete:
-            run = partial(evaluate_graph, self.graph, site, top_k=config.top_k)
+            settings = rating_settings(config)
+            run = partial(evaluate_graph, self.graph, site, top_k=config.top_k, settings=settings)
         else:
             run = partial(
                 evaluate,
@@ -383,7 +384,8 @@ def statistics_arrays(total: np.ndarray | sp.csr_matrix) -> dict[str, torch.Tens
     if isinstance(total, np.ndarray):
         return {STATISTICS: torch.as_tensor(total)}
     coo = total.tocoo()
-    parts = {STATISTICS_ROWS: coo.row, STATISTICS_COLUMNS: coo.col, STATISTICS: coo.data}
+    values = coo.data.astype(np.float32)  # exact sums without DP; float32 halves the message
+    parts = {STATISTICS_ROWS: coo.row, STATISTICS_COLUMNS: coo.col, STATISTICS: values}
     return {key: torch.as_tensor(value) for key, value in parts.items()}
 
 

@@ -88,7 +88,7 @@ class RunConfig:
     item_graph_rank: int
     item_graph_alpha: float
     item_graph_degree_bound: float
-    item_graph_degree_share: float
+    item_graph_degree_share: float | None
     item_graph_budget_share: float
     item_graph_dense_items: int
     item_graph_top_per_row: int | None
@@ -164,6 +164,14 @@ class RunConfig:
     @property
     def total_rounds(self) -> int:
         return self.statistics_rounds + self.training_rounds
+
+    @property
+    def first_statistics_share(self) -> float:
+        """Round 1's share of the item graph's 1/z^2: ``item-graph-degree-share``, or the
+        share validation chose for the task (0.1 ranking, 0.75 rating)."""
+        if self.item_graph_degree_share is not None:
+            return self.item_graph_degree_share
+        return 0.1 if self.task == "ranking" else 0.75
 
     def is_statistics_round(self, server_round: int) -> bool:
         return 1 <= server_round <= self.statistics_rounds
@@ -262,10 +270,10 @@ class RunConfig:
         if self.val_path and not self.test_path:
             raise InputError("val-path: needs test-path too (a split of your own has a test file)")
         for key, value in (
-            ("item-graph-degree-share", self.item_graph_degree_share),
+            ("item-graph-degree-share", self.first_statistics_share),
             ("item-graph-budget-share", self.item_graph_budget_share),
         ):
-            if not 0 < value <= 1:
+            if not 0 < value < 1 + (key == "item-graph-budget-share"):
                 raise InputError(f"{key}: expected a share in (0, 1], got {value}")
         if self.item_graph == "filter" and self.cold_item_fraction > 0:
             raise InputError(
@@ -285,7 +293,13 @@ class RunConfig:
             )
 
 
-OFF_WHEN_ZERO = ("target-epsilon", "max-epsilon", "item-graph-items", "item-graph-top-per-row")
+OFF_WHEN_ZERO = (
+    "target-epsilon",
+    "max-epsilon",
+    "item-graph-items",
+    "item-graph-top-per-row",
+    "item-graph-degree-share",
+)
 """Keys that 0 turns off in TOML; ``None`` in :class:`RunConfig`."""
 AUTO_DELTA = object()
 MIN_SECAGG_BITS, MAX_SECAGG_BITS = 16, 30

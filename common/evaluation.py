@@ -26,7 +26,7 @@ from torch_geometric.metrics import LinkPredNDCG, LinkPredRecall
 from common.data.dataset import Interactions
 from common.data.site import SiteData
 from common.ego_graphs import UserEgoGraphs
-from common.graph_statistics import ItemGraph
+from common.graph_statistics import ItemGraph, RatingNeighbourhood
 from common.model import EgoBatch, EgoGraphRecommender
 
 USERS_PER_BATCH = 256
@@ -96,17 +96,18 @@ def evaluate_graph(
     site: SiteData,
     heldout: Interactions,
     top_k: int,
+    settings: RatingNeighbourhood,
     exclude: Interactions | None = None,
     candidates: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Metrics of a released item graph on ``heldout`` (the site's local users), as
     :func:`evaluate` computes them for a model: each user scored from their own
-    training rows."""
+    training rows (``settings``: the rating predictor's)."""
     if len(heldout) == 0:
         return {}
-    if graph.item_bias is not None and graph.similarity is not None:  # the rating task
+    if graph.item_bias is not None:  # the rating task
         levels = site.catalogue.rating_levels
-        prediction = np.clip(graph.predict(site, heldout), levels[0], levels[-1])
+        prediction = np.clip(graph.predict(site, heldout, settings), levels[0], levels[-1])
         return rating_metrics(prediction - heldout.rating)
     train = site.train
     order = np.argsort(train.user, kind="stable")

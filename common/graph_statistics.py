@@ -62,12 +62,14 @@ from common.item_graph import (
     covariance_similarity,
     gram_sum,
     graph_filter,
+    isometry,
     item_offset_sums,
     item_offsets,
     item_sum,
     keep_top_per_row,
     neighbourhood_residuals,
     residual_rows,
+    symmetric,
     top_items,
     user_means,
     user_rows,
@@ -75,13 +77,43 @@ from common.item_graph import (
 
 STATISTICS_ROUNDS = 2
 """Rounds 1 and 2 of a run with an item graph; training rounds, if any, follow."""
-RATING_BOUNDS = (1.0, 1.0)
-"""C_1 and C_2 of the rating statistics."""
-RATING_SHRINKAGE = (25.0, 10.0)
-"""Shrinkage of the item offsets toward zero and of the users' means toward the scale's
-middle."""
-RATING_NEIGHBOURS, RATING_DAMPING = 40, 0.5
-"""Rated items a rating prediction averages over, and the damping of its weights."""
+
+
+@dataclass(frozen=True)
+class RatingNeighbourhood:
+    """The rating predictor's settings, chosen on validation (u1.base of MovieLens-100K,
+    ``simulations/item_graph_search.py``), with and without DP.
+
+    Attributes:
+        item_shrinkage, user_shrinkage: shrinkage of the item offsets toward zero and of
+            the users' means toward the middle of the scale.
+        bound: each user's bound in both rounds (:math:`C_1 = C_2`; none without DP).
+        exponent: the residual rows' degree exponent :math:`\\eta` (``bounded_rows``).
+        neighbours, damping: rated items a prediction averages over, and the damping
+            of its weights.
+        co_count_shrinkage: with co-rating weights (a second Gram, without DP only),
+            the shrinkage of each similarity by them; None: no co-rating weights.
+    """
+
+    bound: float
+    exponent: float
+    neighbours: int
+    damping: float
+    co_count_shrinkage: float | None
+    item_shrinkage: float = 3.0
+    user_shrinkage: float = 5.0
+
+
+RATING_WITH_DP = RatingNeighbourhood(1.0, 0.5, 80, 50.0, None)
+RATING_WITHOUT_DP = RatingNeighbourhood(math.inf, 0.0, 20, 0.1, 100.0)
+DIAGONAL_FLOOR = 3.0
+"""Noisy counts and the noisy covariance's diagonal are floored at (item offsets: shrunk by)
+this many standard deviations of their noise."""
+
+
+def rating_settings(config: RunConfig) -> RatingNeighbourhood:
+    return RATING_WITH_DP if config.dp else RATING_WITHOUT_DP
+
 
 Total = np.ndarray | sp.csr_matrix
 """A round's sum: a vector, or (large catalogue without DP) a sparse Gram."""
@@ -163,15 +195,26 @@ class ItemGraph:
         )
         return item_filter.scores(rows)
 
-    def predict(self, site: SiteData, pairs: Interactions) -> np.ndarray:
-        """Rating: the predicted rating of each of the site's ``(user, item)`` ``pairs``."""
-        mean = _user_means(site, self.item_bias)
+    def predict(
+        self, site: SiteData, pairs: Interactions, settings: RatingNeighbourhood
+    ) -> np.ndarray:
+        """Rating: the predicted rating of each of the site's ``(user, item)`` ``pairs``:
+        the user's mean and the item's offset, plus, once round 2 is released, the
+        neighbourhood's residual."""
+        mean = _user_means(site, self.item_bias, settings)
         predicted = mean[pairs.user] + self.item_bias[pairs.item]
+        if self.similarity is None:
+            return predicted
         residuals = residual_rows(
             site.train, site.num_users, site.catalogue.num_items, mean, self.item_bias
         )
         return predicted + neighbourhood_residuals(
-            self.similarity, residuals, pairs.user, pairs.item, RATING_NEIGHBOURS, RATING_DAMPING
+            self.similarity,
+            residuals,
+            pairs.user,
+            pairs.item,
+            settings.neighbours,
+            settings.damping,
         )
 
 
@@ -179,7 +222,8 @@ def sensitivity(config: RunConfig, catalogue: Catalogue, server_round: int) -> f
     """How far one user moves round ``server_round``'s sum, in L2 (Frobenius) norm."""
     if config.task == "ranking":
         return config.item_graph_degree_bound if server_round == 1 else 1.0
-    return float(np.sqrt(2.0)) * RATING_BOUNDS[0] if server_round == 1 else RATING_BOUNDS[1] ** 2
+    bound = rating_settings(config).bound
+    return math.sqrt(2.0) * bound if server_round == 1 else bound**2
 
 
 def length(config: RunConfig, catalogue: Catalogue, server_round: int, graph: ItemGraph) -> int:
@@ -189,7 +233,8 @@ def length(config: RunConfig, catalogue: Catalogue, server_round: int, graph: It
     if server_round == 1:
         return n if config.task == "ranking" else 2 * n
     m = len(graph.items)
-    return m * (m + 1) // 2
+    grams = 2 if config.task == "rating" and rating_settings(config).co_count_shrinkage else 1
+    return grams * m * (m + 1) // 2
 
 
 def contribution(config: RunConfig, site: SiteData, server_round: int, graph: ItemGraph) -> Total:
@@ -201,13 +246,18 @@ def contribution(config: RunConfig, site: SiteData, server_round: int, graph: It
             return item_sum(bounded_rows(binary, 0.0, config.item_graph_degree_bound))
         gram = gram_sum(bounded_rows(binary[:, graph.items], 0.5, 1.0), dense=dense(config, graph))
         return isometry(gram) if isinstance(gram, np.ndarray) else gram
+    settings = rating_settings(config)
     if server_round == 1:
-        mean = _user_means(site, np.zeros(n))
-        sums, counts = item_offset_sums(site.train, site.num_users, n, mean, RATING_BOUNDS[0])
+        mean = _user_means(site, np.zeros(n), settings)
+        sums, counts = item_offset_sums(site.train, site.num_users, n, mean, settings.bound)
         return np.concatenate([sums, counts])
-    mean = _user_means(site, graph.item_bias)
+    mean = _user_means(site, graph.item_bias, settings)
     residuals = residual_rows(site.train, site.num_users, n, mean, graph.item_bias)
-    return isometry(gram_sum(bounded_rows(residuals, 0.5, RATING_BOUNDS[1])))
+    grams = [gram_sum(bounded_rows(residuals, settings.exponent, settings.bound))]
+    if settings.co_count_shrinkage is not None:
+        binary = user_rows(site.train, site.num_users, n)
+        grams.append(gram_sum(bounded_rows(binary, settings.exponent, settings.bound)))
+    return np.concatenate([isometry(gram) for gram in grams])
 
 
 def released(
@@ -225,13 +275,26 @@ def released(
         limit = config.item_graph_items
         items = np.arange(n) if limit is None or limit >= n else top_items(total, limit)
         return replace(graph, items=items, degrees=total, degree_noise=noise_std)
-    if server_round == 1:
-        offsets = item_offsets(total[:n], total[n:], RATING_SHRINKAGE[0])
-        return replace(graph, items=np.arange(n), item_bias=offsets)
-    gram = symmetric(total) if isinstance(total, np.ndarray) else total
+    if server_round == 1:  # noisy counts shrink the offsets further (post-processing)
+        shrinkage = rating_settings(config).item_shrinkage + DIAGONAL_FLOOR * noise_std
+        return replace(
+            graph, items=np.arange(n), item_bias=item_offsets(total[:n], total[n:], shrinkage)
+        )
     if config.task == "rating":
-        floor = max(1e-12, noise_std)
-        return replace(graph, similarity=covariance_similarity(gram, None, 0.0, floor))
+        settings = rating_settings(config)
+        covariance, *co_counts = (
+            symmetric(part)
+            for part in np.split(total, 1 + (settings.co_count_shrinkage is not None))
+        )
+        floor = max(1e-12, DIAGONAL_FLOOR * noise_std)
+        similarity = covariance_similarity(
+            covariance,
+            co_counts[0] if co_counts else None,
+            settings.co_count_shrinkage or 0.0,
+            floor,
+        )
+        return replace(graph, similarity=similarity)
+    gram = symmetric(total) if isinstance(total, np.ndarray) else total
     item_filter = graph_filter(
         gram,
         graph.degrees[graph.items],
@@ -260,27 +323,11 @@ def dense(config: RunConfig, graph: ItemGraph) -> bool:
     return config.dp or len(graph.items) <= config.item_graph_dense_items
 
 
-def isometry(matrix: np.ndarray) -> np.ndarray:
-    """A symmetric ``[m, m]`` matrix as the vector ``(A_ii, sqrt(2) A_ij for i < j)``,
-    whose L2 norm is the matrix's Frobenius norm."""
-    upper = np.triu_indices(matrix.shape[0], k=1)
-    return np.concatenate([np.diag(matrix), np.sqrt(2.0) * matrix[upper]])
-
-
-def symmetric(vector: np.ndarray) -> np.ndarray:
-    """The inverse of :func:`isometry`."""
-    m = (math.isqrt(8 * len(vector) + 1) - 1) // 2
-    matrix = np.zeros((m, m))
-    upper = np.triu_indices(m, k=1)
-    matrix[upper] = vector[m:] / np.sqrt(2.0)
-    matrix += matrix.T
-    matrix[np.diag_indices(m)] = vector[:m]
-    return matrix
-
-
-def _user_means(site: SiteData, item_offset: np.ndarray) -> np.ndarray:
+def _user_means(
+    site: SiteData, item_offset: np.ndarray, settings: RatingNeighbourhood
+) -> np.ndarray:
     """Each user's shrunk mean, from the user's own ratings and the given item offsets
     (none before round 1's release), shrunk toward the middle of the public scale."""
     levels = site.catalogue.rating_levels
     middle = (levels[0] + levels[-1]) / 2
-    return user_means(site.train, site.num_users, item_offset, middle, RATING_SHRINKAGE[1])
+    return user_means(site.train, site.num_users, item_offset, middle, settings.user_shrinkage)

@@ -49,8 +49,8 @@ added there and mapped back (post-processing), so the released matrix is
 symmetric with noise std :math:`z\Delta` on the diagonal and
 :math:`z\Delta/\sqrt2` off it (half the variance of naive noise on the upper
 triangle, whose L2 norm is also :math:`\le \lVert \cdot \rVert_F`).
-:func:`gaussian_noise_multiplier` calibrates one release to
-:math:`(\varepsilon, \delta)` with ``dp_accounting``'s PLD accountant. Plain
+``common.accounting.noise_multiplier_for`` calibrates a release to
+:math:`(\varepsilon, \delta)` (a Gaussian event of sampling rate 1). Plain
 (unsampled) Gaussian releases compose exactly as one Gaussian with
 :math:`1/z^2 = \sum_i 1/z_i^2`; :func:`split_noise_multiplier` gives each
 release its share :math:`w_i` of :math:`1/z^2` (:math:`z_i = z/\sqrt{w_i}`).
@@ -103,14 +103,13 @@ binary rows (:func:`covariance_similarity`, :func:`neighbourhood_residuals`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import dp_accounting
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
-from dp_accounting.pld import pld_privacy_accountant
 from scipy.sparse.linalg import eigsh
 
 from common.data.dataset import Interactions
@@ -172,21 +171,6 @@ def gram_product_sum(rows: sp.csr_matrix, basis: np.ndarray) -> np.ndarray:
 # -- Gaussian releases ----------------------------------------------------------
 
 
-def gaussian_noise_multiplier(epsilon: float, delta: float) -> float:
-    """The smallest ``z`` (to 1e-4) for which one Gaussian release with noise std
-    ``z * sensitivity`` is ``(epsilon, delta)``-DP (pessimistic PLD accountant)."""
-    return float(
-        dp_accounting.calibrate_dp_mechanism(
-            lambda: pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3),
-            dp_accounting.GaussianDpEvent,
-            epsilon,
-            delta,
-            dp_accounting.LowerEndpointAndGuess(0.05, 1.0),
-            tol=1e-4,
-        )
-    )
-
-
 def split_noise_multiplier(noise_multiplier: float, shares: list[float]) -> list[float]:
     """Noise multipliers ``z / sqrt(w_i)`` of releases that together cost what one
     release at ``z`` costs (``sum 1/z_i^2 = 1/z^2``); ``shares`` ``w_i`` sum to 1."""
@@ -209,12 +193,25 @@ def release_symmetric(
     """A symmetric ``[n, n]`` sum released through the Frobenius isometry: noise std
     ``z * sensitivity`` on the diagonal and ``z * sensitivity / sqrt(2)`` off it, mirrored;
     ``sensitivity`` bounds one user's change of ``total`` in Frobenius norm."""
-    n = total.shape[0]
-    scale = noise_multiplier * sensitivity
-    upper = np.triu(rng.normal(0.0, scale / np.sqrt(2.0), size=(n, n)), k=1)
-    noise = upper + upper.T
-    noise[np.diag_indices(n)] = rng.normal(0.0, scale, size=n)
-    return total + noise
+    return symmetric(release_vector(isometry(total), sensitivity, noise_multiplier, rng))
+
+
+def isometry(matrix: np.ndarray) -> np.ndarray:
+    """A symmetric ``[m, m]`` matrix as the vector ``(A_ii, sqrt(2) A_ij for i < j)``,
+    whose L2 norm is the matrix's Frobenius norm."""
+    upper = np.triu_indices(matrix.shape[0], k=1)
+    return np.concatenate([np.diag(matrix), np.sqrt(2.0) * matrix[upper]])
+
+
+def symmetric(vector: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`isometry`."""
+    m = (math.isqrt(8 * len(vector) + 1) - 1) // 2
+    matrix = np.zeros((m, m))
+    upper = np.triu_indices(m, k=1)
+    matrix[upper] = vector[m:] / np.sqrt(2.0)
+    matrix += matrix.T
+    matrix[np.diag_indices(m)] = vector[:m]
+    return matrix
 
 
 # -- normalisation, spectrum and item selection ---------------------------------

@@ -52,6 +52,7 @@ from common.accounting import Event, epsilon, independent_epsilon, noise_multipl
 from common.config import RunConfig
 from common.distributed_noise import ROUNDING_INFLATION, IntegerCode
 from common.errors import InputError
+from common.item_graph import split_noise_multiplier
 from common.protocol import (
     DECLINED,
     ITEM_COUNTS,
@@ -210,7 +211,7 @@ def site_mechanism(config: RunConfig, dimension: int) -> Mechanism:
     """
     steps = config.training_rounds * config.steps_per_round
     secure = config.secure_aggregation
-    shares = (config.item_graph_degree_share, 1.0 - config.item_graph_degree_share)
+    shares = (config.first_statistics_share, 1.0 - config.first_statistics_share)
     shares = shares[: config.statistics_rounds]
     common = {
         "sample_rate": config.sampling_probability,
@@ -232,7 +233,10 @@ def site_mechanism(config: RunConfig, dimension: int) -> Mechanism:
             share = 1.0 if not steps else config.item_graph_budget_share
             planned = Event(0.0, 1.0, 1, discrete=secure)
             statistics = _planned(config, planned, config.target_epsilon * share)
-            before = [Event(statistics / math.sqrt(w), 1.0, 1, discrete=secure) for w in shares]
+            before = [
+                Event(z, 1.0, 1, discrete=secure)
+                for z in split_noise_multiplier(statistics, shares)
+            ]
         if steps:
             planned = Event(0.0, config.sampling_probability, steps, discrete=secure)
             sigma = _planned(config, planned, config.target_epsilon, before)
@@ -242,7 +246,7 @@ def site_mechanism(config: RunConfig, dimension: int) -> Mechanism:
     return Mechanism(
         sigma,
         share,
-        statistics_noise=tuple(statistics / math.sqrt(w) for w in shares),
+        statistics_noise=tuple(split_noise_multiplier(statistics, list(shares)) if shares else ()),
         **common,
     )
 

@@ -88,7 +88,7 @@ def run(
         CATALOGUE_FINGERPRINT: catalogue.fingerprint(),
     }
     book = RoundBook()
-    release = GraphRelease(config, catalogue, mechanism)
+    release = GraphRelease(config, catalogue, mechanism, out)
     try:
         arrays = ArrayRecord(model.state_dict())
         strategy = ItemSideFedAvg(

@@ -23,6 +23,7 @@ from common.graph_statistics import ItemGraph, Total, length, released, sensitiv
 from common.model import EgoGraphRecommender
 from common.privacy import Mechanism
 from common.protocol import ITEM_GRAPH, STATISTICS, STATISTICS_COLUMNS, STATISTICS_ROWS
+from server.run_directory import RunDirectory
 
 
 class RejectedStatistics(ValueError):
@@ -32,10 +33,13 @@ class RejectedStatistics(ValueError):
 class GraphRelease:
     """What the server has released of the item graph, and how it adds a round's sums."""
 
-    def __init__(self, config: RunConfig, catalogue: Catalogue, mechanism: Mechanism) -> None:
+    def __init__(
+        self, config: RunConfig, catalogue: Catalogue, mechanism: Mechanism, out: RunDirectory
+    ) -> None:
         self.config = config
         self.catalogue = catalogue
         self.mechanism = mechanism
+        self.out = out
         self.graph = ItemGraph()
 
     def instruction(self) -> dict[str, bytes]:
@@ -69,12 +73,16 @@ class GraphRelease:
 
     def add(self, server_round: int, total: Total, sites: int) -> None:
         """Release round ``server_round`` from the ``total`` of ``sites`` sites."""
-        noise = self.mechanism.statistics_noise[server_round - 1] if self.config.dp else 0.0
-        each = noise * sensitivity(self.config, self.catalogue, server_round)
+        each = 0.0
+        if self.config.dp:
+            noise = self.mechanism.statistics_noise[server_round - 1]
+            each = noise * sensitivity(self.config, self.catalogue, server_round)
         noise_std = each if self.config.secure_aggregation else each * math.sqrt(sites)
         self.graph = released(
             self.config, self.catalogue, server_round, total, self.graph, noise_std
         )
+        if self.graph.complete:
+            self.out.write_item_graph(self.graph.to_bytes())
 
 
 def initialise_item_side(model: EgoGraphRecommender, graph: ItemGraph) -> None:

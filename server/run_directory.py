@@ -12,6 +12,8 @@
 - ``ledger.json``: per site, each round's ledger entry as the site reported
   it (epsilon after the round, its independent recomputation, delta, noise
   multiplier, steps, or that it declined), with the privacy unit and mechanism;
+- ``item_graph.npz``: the released item graph (``common.graph_statistics.ItemGraph``;
+  ``ItemGraph.from_bytes`` reads it), once its statistics rounds are complete;
 - ``model.pt``: the latest global item-side parameters (``torch.load`` gives a
   state dict for :class:`common.model.EgoGraphRecommender`); with
   ``keep_models`` also ``model-<round>.pt`` for every round (benchmarks choose
@@ -70,6 +72,12 @@ class RunDirectory:
             suffix += 1
             path = root / f"{stamp}-{dataset}-{config.task}-{suffix}"
         return cls(path, config, dataset, keep_models)
+
+    def write_item_graph(self, graph: bytes) -> None:
+        """Persist the released item graph (the recommender itself with ``item-graph =
+        "filter"``)."""
+        with replacing(self.path / "item_graph.npz") as tmp:
+            tmp.write_bytes(graph)
 
     def finish(self, failed: str | None = None) -> None:
         """Mark the run ``completed``, or ``failed`` with the reason, in ``status.json``."""

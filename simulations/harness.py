@@ -8,13 +8,16 @@ that reproduces it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
@@ -166,3 +169,28 @@ def write_results(name: str, results: dict[str, Any], figure: Figure | None = No
         figure.tight_layout()
         figure.savefig(RESULTS / f"{name}.png", dpi=110)
     return path
+
+
+class TreeMemory:
+    """Peak resident memory of this process and all its descendants, in MB."""
+
+    def __enter__(self) -> TreeMemory:
+        self.peak, self.running = 0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        root = psutil.Process()
+        while self.running:
+            total = 0
+            for process in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    total += process.memory_info().rss
+            self.peak = max(self.peak, total)
+            time.sleep(0.5)
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        self.thread.join()
+        self.megabytes = self.peak / 2**20

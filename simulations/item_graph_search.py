@@ -61,6 +61,7 @@ import scipy.sparse as sp
 import torch
 from matplotlib.figure import Figure
 
+from common.accounting import Event, noise_multiplier_for
 from common.data import Interactions, SiteData, load_dataset, load_site
 from common.data import partition_sites as site_of_each_user
 from common.evaluation import ranking_metrics
@@ -69,7 +70,6 @@ from common.item_graph import (
     bounded_rows,
     covariance_similarity,
     ease_filter,
-    gaussian_noise_multiplier,
     gram_sum,
     graph_filter,
     item_offset_sums,
@@ -113,6 +113,11 @@ class RankingData:
     @property
     def num_items(self) -> int:
         return self.rows.shape[1]
+
+
+def one_release(epsilon: float, delta: float) -> float:
+    """The noise multiplier of one Gaussian release at ``(epsilon, delta)``."""
+    return noise_multiplier_for(epsilon, delta, "prv", Event(0.0, 1.0, 1))
 
 
 def ranking_data(site: SiteData, refit: bool = False) -> RankingData:
@@ -456,7 +461,7 @@ def movielens_dp(seeds: int) -> dict:
         test_fraction=0.2,
         val_fraction=0.1,
     )
-    z = gaussian_noise_multiplier(EPSILON, 1e-5)
+    z = one_release(EPSILON, 1e-5)
     results: dict = {"noise multiplier (one release)": z}
     grid = {
         "betas": (0.0, 0.25, 0.5),
@@ -579,7 +584,7 @@ def gowalla_dp(seeds: int) -> dict:
     site = gowalla_site()
     data = ranking_data(site)
     users = validation_users(data)
-    z = gaussian_noise_multiplier(EPSILON, 1e-6)
+    z = one_release(EPSILON, 1e-6)
     everyone = np.zeros(site.num_users, np.int64)
     results: dict = {"noise multiplier (one release)": z}
     refit = ranking_data(site, refit=True)
@@ -719,7 +724,7 @@ def movielens_rating(seeds: int) -> dict:
     site = load_site(data_config("ml-100k", split="u1"), 0, 1)
     users, items = site.num_users, site.catalogue.num_items
     full = Interactions.concat([site.train, site.val])  # all of u1.base
-    z = gaussian_noise_multiplier(EPSILON, 1e-5)
+    z = one_release(EPSILON, 1e-5)
     results: dict = {"noise multiplier (one release)": z}
     results["global mean"] = {"test": rmse(np.full(len(site.test), full.rating.mean()), site.test)}
     released: dict = {}

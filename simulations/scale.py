@@ -15,14 +15,11 @@ time.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 from flwr.clientapp import ClientApp
 from matplotlib.figure import Figure
 
@@ -30,7 +27,7 @@ from client.app import make_app
 from client.secure_aggregation import secure_aggregation_mod
 from common.config import default_config
 from common.protocol import CONFIG, SERVER_ROUND
-from simulations.harness import federate, write_results
+from simulations.harness import TreeMemory, federate, write_results
 
 USERS, ROUNDS = 6000, 3
 
@@ -47,31 +44,6 @@ def timed_client_app(log: Path) -> ClientApp:
         return reply
 
     return make_app([timing, secure_aggregation_mod])
-
-
-class TreeMemory:
-    """Peak resident memory of this process and all its descendants, in MB."""
-
-    def __enter__(self) -> TreeMemory:
-        self.peak, self.running = 0, True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self) -> None:
-        root = psutil.Process()
-        while self.running:
-            total = 0
-            for process in [root, *root.children(recursive=True)]:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    total += process.memory_info().rss
-            self.peak = max(self.peak, total)
-            time.sleep(0.5)
-
-    def __exit__(self, *exc) -> None:
-        self.running = False
-        self.thread.join()
-        self.megabytes = self.peak / 2**20
 
 
 def measure(sites: int) -> dict[str, float]:

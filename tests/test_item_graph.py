@@ -8,13 +8,13 @@ import pytest
 import scipy.sparse as sp
 from dp_accounting.pld import pld_privacy_accountant
 
+from common.accounting import Event, noise_multiplier_for
 from common.data.dataset import Interactions
 from common.data.synthetic import generate_synthetic
 from common.item_graph import (
     bounded_rows,
     covariance_similarity,
     ease_filter,
-    gaussian_noise_multiplier,
     gram_product_sum,
     gram_sum,
     graph_filter,
@@ -131,13 +131,17 @@ def test_vector_release_has_the_stated_noise_scale():
     assert np.mean(released) == pytest.approx(1.0, abs=0.05)
 
 
+def one_release(epsilon: float, delta: float) -> float:
+    return noise_multiplier_for(epsilon, delta, "prv", Event(0.0, 1.0, 1))
+
+
 @pytest.mark.parametrize(("delta", "sigma"), [(1e-5, 0.600), (1e-6, 0.653)])
 def test_one_release_at_epsilon_8_needs_the_noted_sigma(delta, sigma):
-    assert gaussian_noise_multiplier(8.0, delta) == pytest.approx(sigma, abs=0.002)
+    assert one_release(8.0, delta) == pytest.approx(sigma, abs=0.002)
 
 
 def test_split_releases_cost_what_one_release_costs():
-    z = gaussian_noise_multiplier(8.0, 1e-5)
+    z = one_release(8.0, 1e-5)
     parts = split_noise_multiplier(z, [0.2, 0.8])
     assert sum(1 / p**2 for p in parts) == pytest.approx(1 / z**2)
     accountant = pld_privacy_accountant.PLDAccountant()

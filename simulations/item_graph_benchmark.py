@@ -1,0 +1,314 @@
+"""The item graph against its baselines: MovieLens-100K (implicit, and u1 ratings) and Gowalla.
+
+Every row of ours is a federation of 10 sites through Flower's simulation
+engine (``harness.federate``), scored once on the test split over every user
+of the split by the same code as the baselines (``common.evaluation``), from
+the released graph the run saved (``item_graph.npz``). Hyper-parameters are
+those ``simulations/item_graph_search.py`` chose on validation (its JSON); the
+test split is touched once per reported figure. DP rows spend epsilon 8 per
+site (delta 1e-5 on MovieLens, 1e-6 on Gowalla), planned by ``target-epsilon``,
+over two runs (mean and spread over their noise): *secure sum* through real
+SecAgg+ with the distributed discrete Gaussian (``secagg-min-sites = 10``),
+*per-site noise* without it.
+
+Baselines, on the same split and by the same code: MostPop and DP MostPop (the
+degree release with the whole budget, each user bounded to 10, noise once on
+the sum or at every site); for ratings the global mean, user mean + item
+offset, and its DP release at the same epsilon (round 1 of the item graph with
+the whole budget). On MovieLens-100K implicit, PyG's LightGCN trained to
+convergence (``simulations/ranking_quality.py``'s rule) is the measured peer.
+
+    python -m simulations.item_graph_benchmark [--cases ...] [--seeds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from common.accounting import Event, noise_multiplier_for
+from common.config import RunConfig
+from common.data import load_site
+from common.data.site import SiteData
+from common.evaluation import evaluate_graph, ranking_metrics, rating_metrics
+from common.graph_statistics import ItemGraph, contribution, rating_settings, released, sensitivity
+from simulations.harness import RESULTS, TreeMemory, data_config, federate, write_results
+
+SITES, EPSILON, K = 10, 8.0, 20
+MOVIELENS_IMPLICIT = {
+    "implicit": True,
+    "task": "ranking",
+    "split": "random",
+    "test_fraction": 0.2,
+    "val_fraction": 0.1,
+}
+DP = {"target_epsilon": EPSILON, "min_sites": SITES}
+SECURE = DP | {"secure_aggregation": True, "secagg_min_sites": SITES}
+RANKING = {
+    "no DP": {"dp": False, "item_graph_exponent": 0.25, "item_graph_rank": 16},
+    "secure sum": SECURE
+    | {
+        "delta": 1e-5,
+        "item_graph_items": 300,
+        "item_graph_degree_share": 0.1,
+        "item_graph_exponent": 0.25,
+        "item_graph_rank": 16,
+    },
+    "per-site noise": DP
+    | {
+        "delta": 1e-5,
+        "item_graph_items": 150,
+        "item_graph_degree_share": 0.1,
+        "item_graph_exponent": 0.0,
+        "item_graph_rank": 8,
+    },
+}
+GOWALLA = {
+    "no DP": {
+        "dp": False,
+        "item_graph_exponent": 0.5,
+        "item_graph_rank": 256,
+        "item_graph_alpha": 0.1,
+        "item_graph_top_per_row": 1000,
+    },
+    "secure sum": SECURE
+    | {
+        "item_graph_items": 2000,
+        "item_graph_degree_share": 0.25,
+        "item_graph_exponent": 0.25,
+        "item_graph_rank": 1,
+        "item_graph_alpha": 0.0,
+    },
+}
+RATING = {"no DP": {"dp": False}, "secure sum": SECURE | {"delta": 1e-5}}
+
+
+def graph_test(config: RunConfig, run_dir: Path, site: SiteData) -> dict[str, float]:
+    """Test metrics of the graph a run released, over every user of the split."""
+    graph = ItemGraph.from_bytes((run_dir / "item_graph.npz").read_bytes())
+    settings = rating_settings(config)
+    return evaluate_graph(graph, site, site.test, K, settings, exclude=site.val)
+
+
+def federated(name: str, config: RunConfig, site: SiteData, runs: int) -> dict[str, Any]:
+    """``runs`` federations of ``config``: test metrics, epsilon, seconds, peak memory."""
+    results = []
+    for seed in range(runs):
+        start = time.perf_counter()
+        with TreeMemory() as memory:
+            run_dir = federate(config.replace(seed=seed), SITES)
+        seconds = time.perf_counter() - start
+        ledger = json.loads((run_dir / "ledger.json").read_text())
+        epsilon = max((e[-1].get("epsilon") or 0.0 for e in ledger["sites"].values()), default=0)
+        results.append(
+            {
+                "test": graph_test(config, run_dir, site),
+                "epsilon": epsilon,
+                "seconds": seconds,
+                "peak-memory-gb": memory.megabytes / 1024,
+            }
+        )
+        print(name, seed, results[-1], flush=True)
+    return summarised(results)
+
+
+def summarised(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread of every test metric over runs (one run: its values)."""
+    metrics = results[0]["test"]
+    summary = {
+        m: {
+            "mean": statistics.mean(r["test"][m] for r in results),
+            "spread": statistics.pstdev(r["test"][m] for r in results),
+        }
+        for m in metrics
+    }
+    return {"test": summary, "runs": results}
+
+
+def popularity(degrees: np.ndarray, site: SiteData) -> dict[str, float]:
+    """Test metrics of ranking every user's unseen items by ``degrees``."""
+    order = np.argsort(site.train.user, kind="stable")
+    starts = np.searchsorted(site.train.user[order], np.arange(site.num_users + 1))
+
+    def seen(user: int) -> np.ndarray:
+        return site.train.item[order[starts[user] : starts[user + 1]]]
+
+    def scores(users: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.tile(degrees.astype(np.float32), (len(users), 1)))
+
+    return ranking_metrics(scores, seen, site.test, K, exclude=site.val)
+
+
+def dp_release(
+    config: RunConfig, site: SiteData, split: np.ndarray | None, seed: int
+) -> tuple[np.ndarray, float]:
+    """Round 1 of the item graph released with the whole budget: noise once on the sum
+    (``split`` None) or at every site (``split``: each user's site). Returns the noisy
+    total and its noise's standard deviation."""
+    z = noise_multiplier_for(EPSILON, config.delta, "prv", Event(0.0, 1.0, 1))
+    scale = z * sensitivity(config, site.catalogue, 1)
+    rng = np.random.default_rng(seed)
+    total = contribution(config, site, 1, ItemGraph())
+    sites = 1 if split is None else SITES
+    return total + rng.normal(0.0, scale * np.sqrt(sites), total.shape), scale * np.sqrt(sites)
+
+
+def ranking_baselines(config: RunConfig, site: SiteData, runs: int) -> dict[str, Any]:
+    degrees = np.bincount(site.train.item, minlength=site.catalogue.num_items)
+    results: dict[str, Any] = {"MostPop": {"test": popularity(degrees, site)}}
+    for name, split in (("noise once on the sum", None), ("noise at every site", SITES)):
+        draws = [
+            {"test": popularity(dp_release(config, site, split, s)[0], site)} for s in range(runs)
+        ]
+        results[f"DP MostPop, epsilon 8, {name}"] = summarised(draws)
+    return results
+
+
+def rating_baselines(config: RunConfig, site: SiteData, runs: int) -> dict[str, Any]:
+    levels = site.catalogue.rating_levels
+    mean = float(site.train.rating.mean())
+    results: dict[str, Any] = {
+        "global mean": {"test": rating_metrics(np.full(len(site.test), mean) - site.test.rating)}
+    }
+
+    def offsets_only(total: np.ndarray, noise_std: float, cfg: RunConfig) -> dict[str, float]:
+        graph = released(cfg, site.catalogue, 1, total, ItemGraph(), noise_std)
+        prediction = graph.predict(site, site.test, rating_settings(cfg))
+        return rating_metrics(np.clip(prediction, levels[0], levels[-1]) - site.test.rating)
+
+    exact = config.replace(dp=False, target_epsilon=None)
+    total = contribution(exact, site, 1, ItemGraph())
+    results["user mean + item offset"] = {"test": offsets_only(total, 0.0, exact)}
+    draws = [
+        {"test": offsets_only(*dp_release(config, site, None, s), config)} for s in range(runs)
+    ]
+    results["DP user mean + item offset, epsilon 8, noise once on the sum"] = summarised(draws)
+    return results
+
+
+def lightgcn_reference(config: RunConfig, site: SiteData) -> dict[str, Any]:
+    """PyG's LightGCN, stopped by validation Recall@20 every 10 epochs (patience 5)."""
+    from simulations.ranking_quality import lightgcn, seen_in
+
+    seen = seen_in(site)
+    best: dict[str, Any] = {"val": -1.0, "since": 0}
+
+    def check(scorer: Callable, epoch: int, seconds: float) -> None:
+        if epoch % 10 or epoch == best.get("last"):
+            return
+        best["last"] = epoch
+        scores_of = scorer()
+        val = ranking_metrics(scores_of, seen, site.val, K)[f"recall@{K}"]
+        if val > best["val"]:
+            test = ranking_metrics(scores_of, seen, site.test, K, exclude=site.val)
+            best.update(val=val, since=0, epoch=epoch, test=test)
+        else:
+            best["since"] += 1
+
+    lightgcn(site, lambda epoch, _: epoch >= 400 or best["since"] >= 5, check)
+    return {k: best[k] for k in ("epoch", "val", "test")}
+
+
+def movielens_ranking(runs: int, with_lightgcn: bool) -> dict[str, Any]:
+    base = data_config("ml-100k", **MOVIELENS_IMPLICIT)
+    site = load_site(base, 0, 1)
+    results = ranking_baselines(base.replace(delta=1e-5), site, runs)
+    if with_lightgcn:
+        results["LightGCN (PyG), centralized"] = lightgcn_reference(base, site)
+        print("lightgcn", results["LightGCN (PyG), centralized"], flush=True)
+    for name, setting in RANKING.items():
+        config = base.replace(min_sites=SITES, **setting)
+        results[f"item graph, {name}"] = federated(
+            name, config, site, 1 if name == "no DP" else runs
+        )
+    return results
+
+
+def movielens_rating(runs: int) -> dict[str, Any]:
+    base = data_config("ml-100k", split="u1")
+    site = load_site(base, 0, 1)
+    results = rating_baselines(base.replace(delta=1e-5), site, runs)
+    for name, setting in RATING.items():
+        config = base.replace(min_sites=SITES, **setting)
+        results[f"item graph, {name}"] = federated(
+            name, config, site, 1 if name == "no DP" else runs
+        )
+    return results
+
+
+def gowalla(runs: int, dp: bool) -> dict[str, Any]:
+    base = data_config("gowalla", task="ranking")
+    site = load_site(base, 0, 1)
+    names = ("secure sum",) if dp else ("no DP",)
+    results = (
+        ranking_baselines(base, site, runs)
+        if dp
+        else {
+            "MostPop": {
+                "test": popularity(
+                    np.bincount(site.train.item, minlength=site.catalogue.num_items), site
+                )
+            }
+        }
+    )
+    for name in names:
+        config = base.replace(min_sites=SITES, **GOWALLA[name])
+        results[f"item graph, {name}"] = federated(name, config, site, runs if dp else 1)
+    return results
+
+
+CASES = {
+    "ml-ranking": lambda args: movielens_ranking(args.seeds, args.lightgcn),
+    "ml-rating": lambda args: movielens_rating(args.seeds),
+    "gowalla": lambda args: gowalla(args.seeds, dp=False),
+    "gowalla-dp": lambda args: gowalla(args.seeds, dp=True),
+}
+
+
+def figure_of(results: dict[str, Any]) -> Figure:
+    figure = Figure(figsize=(13, 4))
+    panels = [c for c in CASES if c in results]
+    for axes, case in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        metric = "rmse" if case == "ml-rating" else f"ndcg@{K}"
+        names = list(results[case])
+        values = [
+            v["test"][metric]["mean"] if isinstance(v["test"][metric], dict) else v["test"][metric]
+            for v in results[case].values()
+        ]
+        axes.barh(
+            range(len(names)),
+            values,
+            color=["grey" if "item graph" not in n else "C0" for n in names],
+        )
+        axes.set_yticks(range(len(names)), names, fontsize=7)
+        axes.set(title=case, xlabel=f"test {metric}")
+        if metric == "rmse":
+            axes.set_xlim(0.85, max(values) + 0.02)
+    return figure
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    parser.add_argument("--seeds", type=int, default=2, help="runs of each DP row")
+    parser.add_argument("--lightgcn", action="store_true", help="also train the LightGCN peer")
+    args = parser.parse_args()
+    path = RESULTS / "item_graph_benchmark.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.pop("generated", None)
+    for case in args.cases:
+        results[case] = CASES[case](args)
+        print(write_results("item_graph_benchmark", results, figure_of(results)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
