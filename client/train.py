@@ -40,6 +40,8 @@ from common.text import item_text_vectors
 
 PRIVATE_FIT_STEPS = 10
 """Adam steps of the private-embedding refit per round (public, the same for every user)."""
+GHOST_ABOVE_ITEMS = 5000
+"""``grad-sample-mode = "auto"`` switches to ghost clipping above this many items."""
 USERS_PER_CHUNK = 256
 """Users per forward pass when the refit accumulates the whole table's gradient."""
 
@@ -215,9 +217,16 @@ def make_private(
     """Opacus's pieces for ``steps`` Poisson-sampled steps at the mechanism's rate and clip
     norm, adding noise ``noise_multiplier`` (default: the site's ``mechanism.noise_share``).
 
-    Opacus's own accountant is not used: the site's ledger accounts every release
-    (``common.privacy.ledger_entry``).
+    ``grad_sample_mode = "auto"`` takes Opacus's ``hooks`` up to ``GHOST_ABOVE_ITEMS``
+    catalogue items and ghost clipping beyond: hooks materialise a per-user gradient of
+    the whole item embedding table (measured at 41k items: 58x the time of plain
+    training and 3.4 GB, against 4x and 110 MB with ghost clipping; at 1.7k items hooks
+    cost 2.5x against ghost's 3.6x). Opacus's own accountant is not used: the site's
+    ledger accounts every release (``common.privacy.ledger_entry``).
     """
+    if grad_sample_mode == "auto":
+        large = model.item_embedding.num_embeddings > GHOST_ABOVE_ITEMS
+        grad_sample_mode = "ghost" if large else "hooks"
     warnings.filterwarnings("ignore", message="Secure RNG turned off")  # see module docstring
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus hooks
     loader = DPDataLoader(graphs, sample_rate=mechanism.sample_rate, generator=entropy_generator())

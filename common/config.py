@@ -200,7 +200,7 @@ class RunConfig:
         choices = {
             "task": (self.task, ("rating", "ranking")),
             "accountant": (self.accountant, ("prv", "rdp")),
-            "grad-sample-mode": (self.grad_sample_mode, ("hooks", "ghost")),
+            "grad-sample-mode": (self.grad_sample_mode, ("auto", "hooks", "ghost")),
             "device": (self.device, ("auto", "cpu", "cuda")),
             "on-duplicate": (self.on_duplicate, ("error", "keep-latest")),
             "split-fraction-per": (self.split_fraction_per, ("user", "dataset")),

@@ -6,8 +6,9 @@ import dataclasses
 
 import pytest
 import torch
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
-from client.train import site_graphs, site_model, train_locally
+from client.train import GHOST_ABOVE_ITEMS, make_private, site_graphs, site_model, train_locally
 from common.config import default_config
 from common.data import load_site
 from common.model import EgoBatch
@@ -120,3 +121,22 @@ def test_edge_dropout_removes_context_edges_in_training_only():
     assert 0.35 < float(kept) < 0.65
     context = graphs.context(list(range(20)))
     assert torch.equal(context.context, context.mask)
+
+
+@pytest.mark.parametrize(("items", "ghost"), [(50, False), (GHOST_ABOVE_ITEMS + 1, True)])
+def test_auto_grad_sample_mode_takes_ghost_clipping_for_large_catalogues(items, ghost):
+    config = small_config(synthetic_items=items, grad_sample_mode="auto")
+    site = load_site(config, 0, 1)
+    model = site_model(site.catalogue, config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    training = make_private(
+        model,
+        optimizer,
+        site_graphs(site, config),
+        mechanism=site_mechanism(config, model.size),
+        steps=1,
+        grad_sample_mode="auto",
+        device="cpu",
+    )
+    assert isinstance(training.module, GradSampleModuleFastGradientClipping) == ghost
+    training.module.remove_hooks()
