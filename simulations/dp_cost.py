@@ -59,7 +59,7 @@ class PeakMemory:
 
 def measure(dataset: str, mode: dict, epochs: int = 3) -> dict[str, float]:
     torch.set_num_threads(2)
-    config = data_config(dataset, **mode)
+    config = data_config(dataset, item_graph="none", **mode)
     site = load_site(config, 0, 10)
     torch.manual_seed(0)
     model = site_model(site.catalogue, config)

@@ -132,6 +132,7 @@ def seen_in(site: SiteData) -> Callable[[int], np.ndarray]:
 def movielens(seeds: int) -> dict:
     base = data_config(
         "ml-100k",
+        item_graph="none",
         implicit=True,
         task="ranking",
         split="random",
@@ -216,7 +217,9 @@ def central_by_validation(config: RunConfig, site: SiteData, epochs: int) -> dic
 def gowalla(budget_minutes: float) -> dict:
     budget = budget_minutes * 60
     checkpoints = [budget * (i + 1) / 4 for i in range(4)]
-    base = data_config("gowalla", task="ranking", val_fraction=0.0, grad_sample_mode="ghost")
+    base = data_config(
+        "gowalla", item_graph="none", task="ranking", val_fraction=0.0, grad_sample_mode="ghost"
+    )
     site = load_site(base, 0, 1)
     seen = seen_in(site)
     results: dict = {"budget-minutes": budget_minutes, "published LightGCN": PUBLISHED_GOWALLA}

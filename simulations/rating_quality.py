@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    base = data_config("ml-100k", split="u1")
+    base = data_config("ml-100k", split="u1", item_graph="none")
     results: dict = {"anchors": ANCHORS, "baselines": bias_baselines(base)}
     print(results["baselines"], flush=True)
 

@@ -48,7 +48,9 @@ def timed_client_app(log: Path) -> ClientApp:
 
 def measure(sites: int) -> dict[str, float]:
     log = Path(tempfile.mkdtemp()) / "calls.txt"
-    config = default_config(synthetic_users=USERS, num_server_rounds=ROUNDS, min_sites=sites)
+    config = default_config(
+        item_graph="none", synthetic_users=USERS, num_server_rounds=ROUNDS, min_sites=sites
+    )
     with TreeMemory() as memory:
         run_dir = federate(config, sites, cpus_per_site=2.0, app=timed_client_app(log))
     rounds = json.loads((run_dir / "metrics.json").read_text())

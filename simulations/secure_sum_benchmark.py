@@ -49,7 +49,7 @@ def main() -> None:
     for name, setting in SETTINGS.items():
         runs = []
         for seed in range(args.seeds):
-            config = data_config("ml-100k", seed=seed, **SHARED, **setting)
+            config = data_config("ml-100k", item_graph="none", seed=seed, **SHARED, **setting)
             runs.append(score_run(federate(config, 10), config))
             print(name, seed, runs[-1], flush=True)
         rmse = [r["test"]["rmse"] for r in runs]

@@ -28,7 +28,7 @@ QUERIES, WARM_UP = 1000, 50
 
 
 def latencies(dataset: str) -> dict[str, float]:
-    config = data_config(dataset)
+    config = data_config(dataset, item_graph="none")
     site = load_site(config, 0, 1)
     torch.manual_seed(0)
     model = site_model(site.catalogue, config)
