@@ -21,7 +21,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch_geometric.metrics import LinkPredNDCG, LinkPredRecall
 
 from common.data.dataset import Interactions
 from common.data.site import SiteData
@@ -132,7 +131,13 @@ def ranking_metrics(
     candidates: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Recall@K and NDCG@K of any scorer: ``scores(users)`` gives ``[B, num_items]``,
-    ``seen(user)`` the items to leave out (the user's training items)."""
+    ``seen(user)`` the items to leave out (the user's training items).
+
+    PyG is imported here, not with the module: importing it loads ``transformers``
+    too (its LLM datasets), which a process that only evaluates ratings need not pay.
+    """
+    from torch_geometric.metrics import LinkPredNDCG, LinkPredRecall
+
     recall, ndcg = LinkPredRecall(top_k), LinkPredNDCG(top_k)
     for batch_users in _batches(np.unique(heldout.user)):
         values = _leave_out(scores(batch_users).cpu(), batch_users, seen)

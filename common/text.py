@@ -11,19 +11,20 @@ with ``HF_HUB_OFFLINE=1``); ``text-model`` may name any other model directory or
 Hugging Face model id. Item text is public catalogue data: every site and the
 server encode the same texts with the same model. Vectors are cached on disk
 under ``text-cache-dir``, keyed by the model and a hash of the texts, so a
-catalogue is encoded once per machine.
+catalogue is encoded once per machine. ``transformers`` is imported only when a
+model is loaded: a process that finds the vectors in the cache (every site's
+ClientApp process after the first) does not pay for it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from common.config import RunConfig
 from common.data.dataset import Catalogue
@@ -42,8 +43,14 @@ def model_location(name: str) -> str:
     return name
 
 
+@lru_cache(maxsize=8)
 def text_dimension(name: str) -> int:
     """Length of the model's text vectors (its hidden size), without loading weights."""
+    config_file = Path(model_location(name)) / "config.json"
+    if config_file.is_file():
+        return int(json.loads(config_file.read_text())["hidden_size"])
+    from transformers import AutoConfig
+
     return int(AutoConfig.from_pretrained(model_location(name)).hidden_size)
 
 
@@ -51,6 +58,8 @@ class TextEncoder:
     """Mean-pooled, normalised sentence vectors from a ``transformers`` encoder."""
 
     def __init__(self, name: str, device: torch.device | str = "cpu", batch_size: int = 64):
+        from transformers import AutoModel, AutoTokenizer
+
         location = model_location(name)
         self.tokenizer = AutoTokenizer.from_pretrained(location)
         self.model = AutoModel.from_pretrained(location).to(device).eval()
@@ -60,6 +69,8 @@ class TextEncoder:
     @torch.no_grad()
     def encode(self, texts: list[str], progress: bool = True) -> np.ndarray:
         """``[len(texts), dim]`` float32 unit vectors."""
+        from tqdm.auto import tqdm
+
         out = []
         starts = range(0, len(texts), self.batch_size)
         for start in tqdm(starts, desc="encoding item text", disable=not progress):
