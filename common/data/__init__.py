@@ -132,15 +132,22 @@ def split_dataset(dataset: Dataset, config: RunConfig) -> Split:
     )
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=4096)
 def load_site(config: RunConfig, site_id: int, num_sites: int) -> SiteData:
     """Site ``site_id`` of ``num_sites`` in simulation (same result in every process).
 
-    Cached: a ClientApp process handles many messages of the same run.
+    Cached, and so is the split and partition of the whole dataset that every site's
+    view is cut from: a ClientApp process handles many messages of many sites of the
+    same run, and re-splitting per message was half of a small site's call.
     """
+    dataset, split, site_of_user = _partitioned(config, num_sites)
+    return site_view(dataset, split, site_of_user, site_id)
+
+
+@lru_cache(maxsize=2)
+def _partitioned(config: RunConfig, num_sites: int) -> tuple[Dataset, Split, np.ndarray]:
     dataset = load_dataset(config)
-    site_of_user = partition_sites(dataset, config, num_sites)
-    return site_view(dataset, split_dataset(dataset, config), site_of_user, site_id)
+    return dataset, split_dataset(dataset, config), partition_sites(dataset, config, num_sites)
 
 
 def partition_sites(dataset: Dataset, config: RunConfig, num_sites: int) -> np.ndarray:
