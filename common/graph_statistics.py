@@ -38,6 +38,10 @@ site.
    similarity-weighted mean of the user's own residuals on their most similar
    rated items.
 
+Ratings enter both rounds mapped linearly from the public scale onto
+:data:`REFERENCE_SCALE` (:func:`on_reference_scale`), and predictions are mapped
+back, so the settings and bounds mean the same on any scale.
+
 Without DP and with more than ``item-graph-dense-items`` covered items, round
 2's Gram is exact and sent sparse, and the filter's linear part keeps the
 ``item-graph-top-per-row`` largest entries of each row. Under DP a Gram that
@@ -106,6 +110,11 @@ class RatingNeighbourhood:
 
 RATING_WITH_DP = RatingNeighbourhood(1.0, 0.5, 80, 50.0, None)
 RATING_WITHOUT_DP = RatingNeighbourhood(math.inf, 0.0, 20, 0.1, 100.0)
+REFERENCE_SCALE = (1.0, 5.0)
+"""The rating statistics see every rating mapped linearly from the public scale onto 1..5,
+the scale :class:`RatingNeighbourhood`'s settings were validated on, and predictions are
+mapped back: each user's bound, the shrinkages and the damping mean the same on a 1..10 or
+1..100 scale, and so does the noise relative to the signal."""
 DIAGONAL_FLOOR = 3.0
 """Noisy counts and the noisy covariance's diagonal are floored at (item offsets: shrunk by)
 this many standard deviations of their noise."""
@@ -201,21 +210,23 @@ class ItemGraph:
         """Rating: the predicted rating of each of the site's ``(user, item)`` ``pairs``:
         the user's mean and the item's offset, plus, once round 2 is released, the
         neighbourhood's residual."""
-        mean = _user_means(site, self.item_bias, settings)
+        train = on_reference_scale(site.train, site.catalogue)
+        mean = _user_means(train, site.num_users, self.item_bias, settings)
         predicted = mean[pairs.user] + self.item_bias[pairs.item]
-        if self.similarity is None:
-            return predicted
-        residuals = residual_rows(
-            site.train, site.num_users, site.catalogue.num_items, mean, self.item_bias
-        )
-        return predicted + neighbourhood_residuals(
-            self.similarity,
-            residuals,
-            pairs.user,
-            pairs.item,
-            settings.neighbours,
-            settings.damping,
-        )
+        if self.similarity is not None:
+            residuals = residual_rows(
+                train, site.num_users, site.catalogue.num_items, mean, self.item_bias
+            )
+            predicted = predicted + neighbourhood_residuals(
+                self.similarity,
+                residuals,
+                pairs.user,
+                pairs.item,
+                settings.neighbours,
+                settings.damping,
+            )
+        low, unit = _scale(site.catalogue)
+        return low + (predicted - REFERENCE_SCALE[0]) * unit
 
 
 def sensitivity(config: RunConfig, catalogue: Catalogue, server_round: int) -> float:
@@ -247,12 +258,13 @@ def contribution(config: RunConfig, site: SiteData, server_round: int, graph: It
         gram = gram_sum(bounded_rows(binary[:, graph.items], 0.5, 1.0), dense=dense(config, graph))
         return isometry(gram) if isinstance(gram, np.ndarray) else gram
     settings = rating_settings(config)
+    train = on_reference_scale(site.train, site.catalogue)
     if server_round == 1:
-        mean = _user_means(site, np.zeros(n), settings)
-        sums, counts = item_offset_sums(site.train, site.num_users, n, mean, settings.bound)
+        mean = _user_means(train, site.num_users, np.zeros(n), settings)
+        sums, counts = item_offset_sums(train, site.num_users, n, mean, settings.bound)
         return np.concatenate([sums, counts])
-    mean = _user_means(site, graph.item_bias, settings)
-    residuals = residual_rows(site.train, site.num_users, n, mean, graph.item_bias)
+    mean = _user_means(train, site.num_users, graph.item_bias, settings)
+    residuals = residual_rows(train, site.num_users, n, mean, graph.item_bias)
     grams = [gram_sum(bounded_rows(residuals, settings.exponent, settings.bound))]
     if settings.co_count_shrinkage is not None:
         binary = user_rows(site.train, site.num_users, n)
@@ -323,11 +335,26 @@ def dense(config: RunConfig, graph: ItemGraph) -> bool:
     return config.dp or len(graph.items) <= config.item_graph_dense_items
 
 
+def on_reference_scale(interactions: Interactions, catalogue: Catalogue) -> Interactions:
+    """``interactions`` with their ratings mapped linearly from the public scale onto
+    :data:`REFERENCE_SCALE` (a one-level scale is only shifted onto its start)."""
+    low, unit = _scale(catalogue)
+    rating = REFERENCE_SCALE[0] + (interactions.rating - low) / unit
+    return replace(interactions, rating=rating)
+
+
+def _scale(catalogue: Catalogue) -> tuple[float, float]:
+    """The public scale's lowest level, and its span per unit of :data:`REFERENCE_SCALE`."""
+    levels = catalogue.rating_levels
+    low, high = REFERENCE_SCALE
+    return levels[0], ((levels[-1] - levels[0]) / (high - low)) or 1.0
+
+
 def _user_means(
-    site: SiteData, item_offset: np.ndarray, settings: RatingNeighbourhood
+    train: Interactions, num_users: int, item_offset: np.ndarray, settings: RatingNeighbourhood
 ) -> np.ndarray:
-    """Each user's shrunk mean, from the user's own ratings and the given item offsets
-    (none before round 1's release), shrunk toward the middle of the public scale."""
-    levels = site.catalogue.rating_levels
-    middle = (levels[0] + levels[-1]) / 2
-    return user_means(site.train, site.num_users, item_offset, middle, settings.user_shrinkage)
+    """Each user's shrunk mean, from the user's own ratings (on the reference scale) and
+    the given item offsets (none before round 1's release), shrunk toward the middle of
+    the scale."""
+    middle = sum(REFERENCE_SCALE) / 2
+    return user_means(train, num_users, item_offset, middle, settings.user_shrinkage)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -15,6 +17,7 @@ from common.graph_statistics import (
     contribution,
     isometry,
     length,
+    rating_settings,
     released,
     sensitivity,
     symmetric,
@@ -101,3 +104,35 @@ def test_the_ranking_filter_scores_only_the_covered_items():
     covered = np.zeros(site.catalogue.num_items, bool)
     covered[graph.items] = True
     assert np.isfinite(scores[:, covered]).all() and np.isneginf(scores[:, ~covered]).all()
+
+
+def on_scale(site: SiteData, low: float, high: float) -> SiteData:
+    """The site with its 1..5 ratings mapped linearly onto ``low..high``."""
+    levels = site.catalogue.rating_levels
+
+    def mapped(part):
+        return replace(part, rating=low + (part.rating - levels[0]) * (high - low) / 4)
+
+    catalogue = replace(site.catalogue, rating_levels=tuple(np.unique(mapped(site.train).rating)))
+    return replace(site, catalogue=catalogue, train=mapped(site.train), test=mapped(site.test))
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_ratings_on_a_1_to_100_scale_give_the_same_release_and_predictions_mapped(dp):
+    config = default_config(task="rating", dp=dp, synthetic_users=200, synthetic_items=60)
+    site = load_site(config, 0, 1)
+    assert site.catalogue.rating_levels == (1.0, 2.0, 3.0, 4.0, 5.0)
+    wide = on_scale(site, 1.0, 100.0)
+    graph, wide_graph = ItemGraph(), ItemGraph()
+    for server_round in (1, 2):
+        total = contribution(config, site, server_round, graph)
+        np.testing.assert_allclose(contribution(config, wide, server_round, wide_graph), total)
+        graph = released(config, site.catalogue, server_round, total, graph, 0.5 * dp)
+        wide_graph = released(config, wide.catalogue, server_round, total, wide_graph, 0.5 * dp)
+    settings = rating_settings(config)
+    predicted = graph.predict(site, site.test, settings)
+    wide_predicted = wide_graph.predict(wide, wide.test, settings)
+    np.testing.assert_allclose(wide_predicted, 1.0 + (predicted - 1.0) * 99 / 4)
+    rmse = np.sqrt(np.mean((wide_predicted - wide.test.rating) ** 2))
+    mean_rmse = np.sqrt(np.mean((wide.train.rating.mean() - wide.test.rating) ** 2))
+    assert rmse < 0.85 * mean_rmse
