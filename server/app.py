@@ -123,7 +123,9 @@ def run(
         raise
     out.finish()
     report = write_report(out.path)
-    log(INFO, "Summary:\n%s\nRun directory: %s", summary(report), out.path)
+    best = out.status.get("best-round")
+    chosen = "" if best is None else f"Best validation round: {best} (best-model.pt)\n"
+    log(INFO, "Summary:\n%s\n%sRun directory: %s", summary(report), chosen, out.path)
     return out.path
 
 

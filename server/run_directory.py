@@ -17,7 +17,12 @@
 - ``model.pt``: the latest global item-side parameters (``torch.load`` gives a
   state dict for :class:`common.model.EgoGraphRecommender`); with
   ``keep_models`` also ``model-<round>.pt`` for every round (benchmarks choose
-  a round by validation).
+  a round by validation);
+- ``best-model.pt`` (without DP): the global model of the training round with
+  the best validation metric so far (``val-rmse`` for ratings, ``val-ndcg@K``
+  for ranking), its round in ``status.json`` as ``best-round``. Under DP the
+  validation metrics are not covered by the guarantee, so no round is chosen
+  by them: use the last round's ``model.pt``.
 
 Files are replaced atomically (write, then rename), so a crash leaves the
 previous round's complete files.
@@ -54,6 +59,7 @@ class RunDirectory:
         self.path = path
         self.config = config
         self.keep_models = keep_models
+        self.best_score = -float("inf")
         path.mkdir(parents=True, exist_ok=False)
         self.status = {"status": "running", "reason": None, "dataset": dataset}
         self.status |= {"started": _now(), "finished": None}
@@ -92,8 +98,29 @@ class RunDirectory:
         write_json(self.path / "ledger.json", self.ledger(book))
         with replacing(self.path / "model.pt") as tmp:
             torch.save(arrays.to_torch_state_dict(), tmp)
-        if self.keep_models and book.rounds:
-            shutil.copy(self.path / "model.pt", self.path / f"model-{max(book.rounds)}.pt")
+        if not book.rounds:
+            return
+        latest = max(book.rounds)
+        if self.keep_models:
+            shutil.copy(self.path / "model.pt", self.path / f"model-{latest}.pt")
+        score = self.validation_score(latest, book)
+        if score is not None and score > self.best_score:
+            self.best_score = score
+            shutil.copy(self.path / "model.pt", self.path / "best-model.pt")
+            self.status["best-round"] = latest
+            write_json(self.path / "status.json", self.status)
+
+    def validation_score(self, server_round: int, book: RoundBook) -> float | None:
+        """A training round's validation metric, higher is better (minus the RMSE for
+        ratings); None under DP, for other rounds, or without validation metrics."""
+        config = self.config
+        if config.dp or server_round <= config.statistics_rounds:
+            return None
+        metric = "val-rmse" if config.task == "rating" else f"val-ndcg@{config.top_k}"
+        value = book.round(server_round).aggregated.get(metric)
+        if value is None:
+            return None
+        return -value if config.task == "rating" else value
 
     def ledger(self, book: RoundBook) -> dict[str, Any]:
         """The server's copy of every site's ledger entries for this run."""

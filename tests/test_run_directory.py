@@ -1,0 +1,43 @@
+"""The run directory keeps the best validation round's model without DP, and none under DP."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flwr.app import ArrayRecord
+
+from common.config import default_config
+from server.round_book import RoundBook
+from server.run_directory import RunDirectory
+
+
+def write_rounds(tmp_path, dp: bool, task: str, values: list[float]) -> RunDirectory:
+    """Rounds 0, 1, ... with validation metric ``values``; round r's model holds r."""
+    metric = "val-rmse" if task == "rating" else "val-ndcg@20"
+    config = default_config(item_graph="none", dp=dp, task=task, run_dir=str(tmp_path))
+    out = RunDirectory.create(config, "synthetic")
+    book = RoundBook()
+    for server_round, value in enumerate(values):
+        book.round(server_round).aggregated[metric] = value
+        book.finish(server_round)
+        out.write_round(ArrayRecord({"round": torch.tensor(float(server_round))}), book)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("task", "values", "best"),
+    [("rating", [1.2, 1.0, 0.95, 0.97, 0.99], 2), ("ranking", [0.01, 0.2, 0.3, 0.25], 2)],
+)
+def test_without_dp_the_best_validation_model_is_kept_and_named(tmp_path, task, values, best):
+    out = write_rounds(tmp_path, dp=False, task=task, values=values)
+    assert json.loads((out.path / "status.json").read_text())["best-round"] == best
+    assert torch.load(out.path / "best-model.pt")["round"] == best
+    assert torch.load(out.path / "model.pt")["round"] == len(values) - 1  # the last round
+
+
+def test_under_dp_no_round_is_chosen_by_validation_metrics(tmp_path):
+    out = write_rounds(tmp_path, dp=True, task="rating", values=[1.2, 1.0, 1.1])
+    assert not (out.path / "best-model.pt").exists()
+    assert "best-round" not in json.loads((out.path / "status.json").read_text())
