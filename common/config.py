@@ -173,6 +173,12 @@ class RunConfig:
             return self.item_graph_degree_share
         return 0.1 if self.task == "ranking" else 0.75
 
+    @property
+    def uses_item_text(self) -> bool:
+        """Whether the GCN takes the item text (``item-text``); with ``item-graph =
+        "filter"`` there is no GCN to take it."""
+        return self.item_text and self.item_graph != "filter"
+
     def is_statistics_round(self, server_round: int) -> bool:
         return 1 <= server_round <= self.statistics_rounds
 

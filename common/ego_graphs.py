@@ -54,13 +54,17 @@ class UserEgoGraphs(Dataset):
         counts = np.bincount(interactions.user, minlength=num_users)
         self.indptr = np.concatenate([[0], np.cumsum(counts)])
         self.items = interactions.item[order].astype(np.int64)
-        self.ratings = interactions.rating[order].astype(np.float32)
-        levels = np.asarray(catalogue.rating_levels, dtype=np.float32)
-        self.levels = np.searchsorted(levels, self.ratings).astype(np.int64)
+        ratings = interactions.rating[order]
+        self.ratings = catalogue.to_reference_scale(ratings).astype(np.float32)
+        self.levels = (
+            np.searchsorted(catalogue.rating_levels, ratings).astype(np.int64)
+            if catalogue.edge_types == len(catalogue.rating_levels)
+            else np.zeros(len(ratings), np.int64)  # one weighted edge type (common.model)
+        )
         self.user_keys = np.asarray(user_keys, dtype=np.int64)
         self.user_features = torch.as_tensor(user_features, dtype=torch.float32)
         self.num_items = catalogue.num_items
-        self.rating_range = (float(levels[0]), float(levels[-1]))
+        self.catalogue = catalogue
         self.degree_cap = degree_cap
         self.edge_dropout = edge_dropout
         self.seed = seed

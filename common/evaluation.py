@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from common.data.dataset import Interactions
+from common.data.dataset import REFERENCE_SCALE, Interactions
 from common.data.site import SiteData
 from common.ego_graphs import UserEgoGraphs
 from common.graph_statistics import ItemGraph, RatingNeighbourhood
@@ -73,7 +73,7 @@ def _batches(users: np.ndarray):
 
 
 def _rating_metrics(model, graphs, heldout, context, device) -> dict[str, float]:
-    low, high = graphs.rating_range
+    low, high = REFERENCE_SCALE  # the model's scale; errors on the public one
     errors = []
     for batch_users in _batches(np.unique(heldout.user)):
         z, bias = model.user_vectors(context(batch_users))
@@ -81,7 +81,8 @@ def _rating_metrics(model, graphs, heldout, context, device) -> dict[str, float]
         items = torch.as_tensor(mine.item, device=device)
         rows = torch.as_tensor(rows, device=device)
         prediction = model.score(z[rows], bias[rows], items[:, None]).squeeze(1).clamp(low, high)
-        errors.append((prediction - torch.as_tensor(mine.rating, device=device)).cpu().numpy())
+        predicted = graphs.catalogue.from_reference_scale(prediction.cpu().numpy())
+        errors.append(predicted - mine.rating)
     return rating_metrics(np.concatenate(errors))
 
 

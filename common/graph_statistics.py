@@ -39,8 +39,8 @@ site.
    rated items.
 
 Ratings enter both rounds mapped linearly from the public scale onto
-:data:`REFERENCE_SCALE` (:func:`on_reference_scale`), and predictions are mapped
-back, so the settings and bounds mean the same on any scale.
+``common.data.dataset.REFERENCE_SCALE``, and predictions are mapped back, so the
+settings and bounds mean the same on any scale.
 
 Without DP and with more than ``item-graph-dense-items`` covered items, round
 2's Gram is exact and sent sparse, and the filter's linear part keeps the
@@ -58,7 +58,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from common.config import RunConfig
-from common.data.dataset import Catalogue, Interactions
+from common.data.dataset import REFERENCE_SCALE, Catalogue, Interactions
 from common.data.site import SiteData
 from common.item_graph import (
     ItemFilter,
@@ -110,11 +110,6 @@ class RatingNeighbourhood:
 
 RATING_WITH_DP = RatingNeighbourhood(1.0, 0.5, 80, 50.0, None)
 RATING_WITHOUT_DP = RatingNeighbourhood(math.inf, 0.0, 20, 0.1, 100.0)
-REFERENCE_SCALE = (1.0, 5.0)
-"""The rating statistics see every rating mapped linearly from the public scale onto 1..5,
-the scale :class:`RatingNeighbourhood`'s settings were validated on, and predictions are
-mapped back: each user's bound, the shrinkages and the damping mean the same on a 1..10 or
-1..100 scale, and so does the noise relative to the signal."""
 DIAGONAL_FLOOR = 3.0
 """Noisy counts and the noisy covariance's diagonal are floored at (item offsets: shrunk by)
 this many standard deviations of their noise."""
@@ -210,7 +205,7 @@ class ItemGraph:
         """Rating: the predicted rating of each of the site's ``(user, item)`` ``pairs``:
         the user's mean and the item's offset, plus, once round 2 is released, the
         neighbourhood's residual."""
-        train = on_reference_scale(site.train, site.catalogue)
+        train = _on_reference_scale(site)
         mean = _user_means(train, site.num_users, self.item_bias, settings)
         predicted = mean[pairs.user] + self.item_bias[pairs.item]
         if self.similarity is not None:
@@ -225,8 +220,7 @@ class ItemGraph:
                 settings.neighbours,
                 settings.damping,
             )
-        low, unit = _scale(site.catalogue)
-        return low + (predicted - REFERENCE_SCALE[0]) * unit
+        return site.catalogue.from_reference_scale(predicted)
 
 
 def sensitivity(config: RunConfig, catalogue: Catalogue, server_round: int) -> float:
@@ -258,7 +252,7 @@ def contribution(config: RunConfig, site: SiteData, server_round: int, graph: It
         gram = gram_sum(bounded_rows(binary[:, graph.items], 0.5, 1.0), dense=dense(config, graph))
         return isometry(gram) if isinstance(gram, np.ndarray) else gram
     settings = rating_settings(config)
-    train = on_reference_scale(site.train, site.catalogue)
+    train = _on_reference_scale(site)
     if server_round == 1:
         mean = _user_means(train, site.num_users, np.zeros(n), settings)
         sums, counts = item_offset_sums(train, site.num_users, n, mean, settings.bound)
@@ -335,19 +329,9 @@ def dense(config: RunConfig, graph: ItemGraph) -> bool:
     return config.dp or len(graph.items) <= config.item_graph_dense_items
 
 
-def on_reference_scale(interactions: Interactions, catalogue: Catalogue) -> Interactions:
-    """``interactions`` with their ratings mapped linearly from the public scale onto
-    :data:`REFERENCE_SCALE` (a one-level scale is only shifted onto its start)."""
-    low, unit = _scale(catalogue)
-    rating = REFERENCE_SCALE[0] + (interactions.rating - low) / unit
-    return replace(interactions, rating=rating)
-
-
-def _scale(catalogue: Catalogue) -> tuple[float, float]:
-    """The public scale's lowest level, and its span per unit of :data:`REFERENCE_SCALE`."""
-    levels = catalogue.rating_levels
-    low, high = REFERENCE_SCALE
-    return levels[0], ((levels[-1] - levels[0]) / (high - low)) or 1.0
+def _on_reference_scale(site: SiteData) -> Interactions:
+    """The site's training interactions, their ratings on the reference scale."""
+    return replace(site.train, rating=site.catalogue.to_reference_scale(site.train.rating))
 
 
 def _user_means(

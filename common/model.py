@@ -31,6 +31,13 @@ symmetric normalisation :math:`1/\sqrt{d_u d_i}` is the user's own degree):
 .. math::
     h_u = \frac{1}{\sqrt{|N(u)|}} \sum_{i \in N(u)} W_{r_{ui}}\, q_i
 
+A scale of more than ``MAX_EDGE_TYPES`` levels (``common.data.dataset``) gets one
+edge type weighted by the rating instead of a weight matrix per level:
+:math:`W_{r_{ui}} = W_0 + \tilde r_{ui} W_1`, with :math:`\tilde r_{ui} \in [-1, 1]`
+the rating's place on the scale. Ratings are seen on the reference scale 1..5
+(``Catalogue.to_reference_scale``) and predictions mapped back, so a 1..100 scale
+trains like a 1..5 one.
+
 A second convolution on a star graph would only send :math:`h_u` back to the
 user; multi-hop signal reaches a user through the item embeddings, which the
 federation trains on every site's users.
@@ -78,7 +85,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.config import RunConfig
-from common.data.dataset import Catalogue
+from common.data.dataset import REFERENCE_SCALE, Catalogue
 from common.text import text_dimension
 
 ITEM_ROW_PARAMETERS = ("item_embedding.weight", "item_bias.weight")
@@ -126,7 +133,8 @@ class EgoGraphRecommender(nn.Module):
 
     Args:
         num_items: size of the public catalogue.
-        rating_levels: the public rating scale (one level for implicit data).
+        edge_types: ``Catalogue.edge_types``: one per rating level (one for implicit
+            data), or two for a wide scale (a plain and a rating-weighted edge).
         dim: embedding and hidden size.
         num_user_features: length of the user attribute vector (0: none).
         task: ``"rating"`` (squared error) or ``"ranking"`` (BPR).
@@ -137,7 +145,7 @@ class EgoGraphRecommender(nn.Module):
     def __init__(
         self,
         num_items: int,
-        rating_levels: tuple[float, ...],
+        edge_types: int,
         dim: int,
         num_user_features: int,
         task: str,
@@ -149,12 +157,13 @@ class EgoGraphRecommender(nn.Module):
             raise ValueError(f"task must be 'rating' or 'ranking', got {task!r}")
         self.task = task
         self.dim = dim
-        self.num_levels = len(rating_levels)
+        self.edge_types = edge_types
+        self.weighted_edges = edge_types == 2
         self.user_bias_shrinkage = user_bias_shrinkage if task == "rating" else None
 
         self.item_embedding = nn.Embedding(num_items, dim)
         self.item_bias = nn.Embedding(num_items, 1)
-        self.conv = nn.Linear(dim, self.num_levels * dim, bias=False)
+        self.conv = nn.Linear(dim, edge_types * dim, bias=False)
         self.attributes = nn.Linear(num_user_features, dim) if num_user_features else None
         self.dense = nn.Linear(2 * dim if num_user_features else dim, dim)
         self.item_text_projection = nn.Linear(text_dim, dim + 1, bias=False) if text_dim else None
@@ -164,9 +173,7 @@ class EgoGraphRecommender(nn.Module):
         nn.init.zeros_(self.item_bias.weight)
         self.global_bias = nn.Embedding(1, 1) if task == "rating" else None
         if self.global_bias is not None:
-            nn.init.constant_(
-                self.global_bias.weight, (min(rating_levels) + max(rating_levels)) / 2
-            )
+            nn.init.constant_(self.global_bias.weight, sum(REFERENCE_SCALE) / 2)
 
     @property
     def size(self) -> int:
@@ -212,11 +219,17 @@ class EgoGraphRecommender(nn.Module):
             {"params": others, "weight_decay": 0.0},
         ]
 
-    def _messages(self, q: Tensor, levels: Tensor) -> Tensor:
-        """``W_{r_ui} q_i`` for every edge: one Linear call, then pick the level."""
-        per_level = self.conv(q).unflatten(-1, (self.num_levels, self.dim))
-        index = levels[..., None, None].expand(*levels.shape, 1, self.dim)
-        return per_level.gather(-2, index).squeeze(-2)
+    def _messages(self, q: Tensor, batch: EgoBatch) -> Tensor:
+        """``W_{r_ui} q_i`` for every edge: one Linear call, then pick the level (or, with
+        weighted edges, ``W_0 q_i + r~_ui W_1 q_i``)."""
+        per_type = self.conv(q).unflatten(-1, (self.edge_types, self.dim))
+        if self.weighted_edges:
+            place = (batch.ratings - sum(REFERENCE_SCALE) / 2) / (
+                (REFERENCE_SCALE[1] - REFERENCE_SCALE[0]) / 2
+            )
+            return per_type[..., 0, :] + place[..., None] * per_type[..., 1, :]
+        index = batch.levels[..., None, None].expand(*batch.levels.shape, 1, self.dim)
+        return per_type.gather(-2, index).squeeze(-2)
 
     def _user_vector(self, h: Tensor, batch: EgoBatch) -> Tensor:
         """The dense layer, plus the private embedding; ``h`` is ``[B, d]`` or ``[B, K, d]``."""
@@ -257,7 +270,7 @@ class EgoGraphRecommender(nn.Module):
         q, b = q_all[:, :k], b_all[:, :k]
         context = batch.context
 
-        messages = self._messages(q, batch.levels) * context[..., None]
+        messages = self._messages(q, batch) * context[..., None]
         rest = context.sum(1, keepdim=True) - context  # |N(u) \ {i}| for every target i
         h = (messages.sum(1, keepdim=True) - messages) / rest.clamp(min=1).sqrt()[..., None]
         z = self._user_vector(h, batch)  # [B, K, d]
@@ -280,7 +293,7 @@ class EgoGraphRecommender(nn.Module):
         """
         q, b = self.item_vectors(batch.items)
         context = batch.context
-        messages = self._messages(q, batch.levels) * context[..., None]
+        messages = self._messages(q, batch) * context[..., None]
         degree = context.sum(1)
         h = messages.sum(1) / degree.clamp(min=1).sqrt()[:, None]
         z = self._user_vector(h, batch)
@@ -309,10 +322,10 @@ def build_model(
     (``common.text.item_text_vectors``); the server, which only averages
     parameters, need not.
     """
-    uses_text = config.item_text and catalogue.item_text is not None
+    uses_text = config.uses_item_text and catalogue.item_text is not None
     model = EgoGraphRecommender(
         num_items=catalogue.num_items,
-        rating_levels=catalogue.rating_levels,
+        edge_types=catalogue.edge_types,
         dim=config.embedding_dim,
         num_user_features=len(catalogue.user_feature_names) if config.user_features else 0,
         task=config.task,

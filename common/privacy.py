@@ -476,7 +476,7 @@ def metric_names(config: RunConfig) -> tuple[str, ...]:
     names = [f"{part}-{name}" for part in ("val", "test") for name in base]
     if config.cold_item_fraction > 0:
         names += [f"cold-{name}" for name in base]
-        if config.item_text:
+        if config.uses_item_text:
             names += [f"cold-{name}-without-text" for name in base]
     return tuple(names)
 

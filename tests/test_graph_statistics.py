@@ -106,14 +106,16 @@ def test_the_ranking_filter_scores_only_the_covered_items():
     assert np.isfinite(scores[:, covered]).all() and np.isneginf(scores[:, ~covered]).all()
 
 
-def on_scale(site: SiteData, low: float, high: float) -> SiteData:
-    """The site with its 1..5 ratings mapped linearly onto ``low..high``."""
-    levels = site.catalogue.rating_levels
+def on_1_to_100_scale(site: SiteData) -> SiteData:
+    """The site with its 1..5 ratings mapped linearly onto a scale of quarter points from
+    1 to 100 (397 levels)."""
+    assert site.catalogue.rating_levels == (1.0, 2.0, 3.0, 4.0, 5.0)
 
     def mapped(part):
-        return replace(part, rating=low + (part.rating - levels[0]) * (high - low) / 4)
+        return replace(part, rating=1.0 + (part.rating - 1.0) * 99 / 4)
 
-    catalogue = replace(site.catalogue, rating_levels=tuple(np.unique(mapped(site.train).rating)))
+    levels = tuple(float(x) for x in np.arange(1.0, 100.25, 0.25))
+    catalogue = replace(site.catalogue, rating_levels=levels)
     return replace(site, catalogue=catalogue, train=mapped(site.train), test=mapped(site.test))
 
 
@@ -121,8 +123,7 @@ def on_scale(site: SiteData, low: float, high: float) -> SiteData:
 def test_ratings_on_a_1_to_100_scale_give_the_same_release_and_predictions_mapped(dp):
     config = default_config(task="rating", dp=dp, synthetic_users=200, synthetic_items=60)
     site = load_site(config, 0, 1)
-    assert site.catalogue.rating_levels == (1.0, 2.0, 3.0, 4.0, 5.0)
-    wide = on_scale(site, 1.0, 100.0)
+    wide = on_1_to_100_scale(site)
     graph, wide_graph = ItemGraph(), ItemGraph()
     for server_round in (1, 2):
         total = contribution(config, site, server_round, graph)

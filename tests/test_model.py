@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from test_graph_statistics import on_1_to_100_scale
 
 from client.train import GHOST_ABOVE_ITEMS, make_private, site_graphs, site_model, train_locally
 from common.config import default_config
 from common.data import load_site
+from common.evaluation import evaluate
 from common.model import EgoBatch
 from common.privacy import site_mechanism
 
@@ -140,3 +143,22 @@ def test_auto_grad_sample_mode_takes_ghost_clipping_for_large_catalogues(items, 
     )
     assert isinstance(training.module, GradSampleModuleFastGradientClipping) == ghost
     training.module.remove_hooks()
+
+
+def test_a_1_to_100_scale_trains_one_weighted_edge_type_on_the_reference_scale():
+    config = small_config(dp=False, synthetic_users=300, local_epochs=15, learning_rate=0.02)
+    site = load_site(config, 0, 1)
+    wide = on_1_to_100_scale(site)
+    assert (site.catalogue.edge_types, wide.catalogue.edge_types) == (5, 2)
+    narrow_graphs, wide_graphs = site_graphs(site, config), site_graphs(wide, config)
+    torch.testing.assert_close(wide_graphs[3][2], narrow_graphs[3][2])  # ratings seen on 1..5
+    assert set(wide_graphs.levels.tolist()) == {0}
+
+    torch.manual_seed(0)
+    model = site_model(wide.catalogue, config)
+    assert model.conv.out_features == 2 * config.embedding_dim
+    mechanism = site_mechanism(config, model.size)
+    train_locally(model, wide_graphs, config, mechanism=mechanism, server_round=1, device="cpu")
+    rmse = evaluate(model, wide_graphs, wide.test, config.top_k)["rmse"]
+    mean_rmse = float(np.sqrt(np.mean((wide.train.rating.mean() - wide.test.rating) ** 2)))
+    assert rmse < 0.85 * mean_rmse

@@ -14,6 +14,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+REFERENCE_SCALE = (1.0, 5.0)
+"""Models see every rating mapped linearly from the public scale onto 1..5, the scale
+their settings were validated on (MovieLens), and predictions are mapped back: bounds,
+shrinkages, learning rates and DP noise then mean the same on a 1..10 or 1..100 scale."""
+MAX_EDGE_TYPES = 10
+"""A scale of at most this many levels gives the GCN one edge type per level; a wider
+one, one edge type weighted by the rating (``common.model``)."""
+
 
 @dataclass(frozen=True)
 class Catalogue:
@@ -40,6 +48,28 @@ class Catalogue:
     def implicit(self) -> bool:
         """True when every interaction is a plain "user touched item" event."""
         return len(self.rating_levels) == 1
+
+    @property
+    def edge_types(self) -> int:
+        """The GCN's edge types: one per rating level, or, beyond :data:`MAX_EDGE_TYPES`
+        levels, two (a plain edge and one weighted by the rating)."""
+        levels = len(self.rating_levels)
+        return levels if levels <= MAX_EDGE_TYPES else 2
+
+    def to_reference_scale(self, ratings: np.ndarray) -> np.ndarray:
+        """``ratings`` mapped linearly from the public scale onto :data:`REFERENCE_SCALE`
+        (a one-level scale is only shifted onto its start)."""
+        low, unit = self._scale()
+        return REFERENCE_SCALE[0] + (np.asarray(ratings) - low) / unit
+
+    def from_reference_scale(self, values: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`to_reference_scale`, for predictions."""
+        low, unit = self._scale()
+        return low + (values - REFERENCE_SCALE[0]) * unit
+
+    def _scale(self) -> tuple[float, float]:
+        low, high = self.rating_levels[0], self.rating_levels[-1]
+        return low, ((high - low) / (REFERENCE_SCALE[1] - REFERENCE_SCALE[0])) or 1.0
 
     def fingerprint(self) -> str:
         """SHA-256 of the catalogue's content: sites check they share the server's catalogue."""
