@@ -146,7 +146,11 @@ def audit_mechanism(
     first_canary_item = catalogue.num_items
 
     torch.manual_seed(config.seed)
-    audited = dataclasses.replace(config, grad_sample_mode="hooks", private_user_embedding=False)
+    # Without weight decay: it is post-processing of released parameters, which the
+    # guarantee does not depend on, and would only blur the canaries' signal.
+    audited = dataclasses.replace(
+        config, grad_sample_mode="hooks", private_user_embedding=False, weight_decay=0.0
+    )
     model = site_model(site.catalogue, audited)
     if model.item_text_projection is not None:  # canary items carry no text
         model.item_text[first_canary_item:] = 0.0
@@ -155,7 +159,7 @@ def audit_mechanism(
     loader_graphs = torch.utils.data.Subset(graphs, np.flatnonzero(in_dataset).tolist())
 
     optimizer = torch.optim.AdamW(
-        model.parameter_groups(config.weight_decay), lr=config.learning_rate
+        model.parameter_groups(audited.weight_decay), lr=config.learning_rate
     )
     training = make_private(
         model,
