@@ -45,9 +45,12 @@ def test_the_ceiling_is_what_every_guess_right_would_show():
 
 
 def test_audit_without_noise_reaches_its_ceiling_and_is_well_above_a_small_claim():
-    result = audit(small(dp=False))
+    # Every included canary must be sampled at least once for every guess to be right:
+    # at rate 0.1 over 50 steps about 5 of 1,000 never are, and those tie with the
+    # excluded ones (an inherent miss, not a leak), so the test samples at 0.5 over 20.
+    result = audit(small(dp=False, sample_rate=0.5, num_server_rounds=10))
     assert result["accountant-epsilon"] is None
-    assert result["correct"] >= result["guesses"] - 2
+    assert result["correct"] >= result["guesses"] - 1
     assert result["epsilon-lower-bound"] >= 0.9 * result["epsilon-ceiling"]
     assert result["epsilon-lower-bound"] > 4 * 0.5  # it would refute a claim of 0.5
 
