@@ -29,10 +29,6 @@ contribution :math:`r_u \min(1, C_d / \sqrt{|N(u)|})`.
   of items (restricting a row's columns only lowers its norm). One user changes
   it by :math:`x_u x_u^\top`, Frobenius norm :math:`\lVert x_u \rVert^2 \le C^2`
   (exactly 1 for a binary row at :math:`\eta = 1/2, C = 1`).
-- for subspace iteration, :math:`G V = \sum_u x_u (x_u^\top V)` for a released
-  orthonormal ``[n, k]`` basis :math:`V` (:func:`gram_product_sum`). One user
-  changes it by :math:`\lVert x_u x_u^\top V \rVert_F = \lVert x_u \rVert
-  \lVert V^\top x_u \rVert \le C^2`.
 
 The sums are exactly additive over users, so each user's contribution depends
 only on that user's data and on public or already released values (the
@@ -104,7 +100,6 @@ binary rows (:func:`covariance_similarity`, :func:`neighbourhood_residuals`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,12 +155,6 @@ def gram_sum(rows: sp.csr_matrix, dense: bool = True) -> Matrix:
     to keep each user's full bound on the subset)."""
     gram = (rows.T @ rows).tocsr()
     return gram.toarray() if dense else gram
-
-
-def gram_product_sum(rows: sp.csr_matrix, basis: np.ndarray) -> np.ndarray:
-    """``sum_u x_u (x_u^T V)`` for a released orthonormal ``[n, k]`` basis ``V``:
-    the site's part of ``G V`` in one step of subspace iteration."""
-    return np.asarray(rows.T @ (rows @ basis))
 
 
 # -- Gaussian releases ----------------------------------------------------------
@@ -241,32 +230,6 @@ def top_eigenpairs(matrix: Matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
         values, vectors = scipy.linalg.eigh(matrix, subset_by_index=[n - k, n - 1])
     order = np.argsort(-values)
     return values[order], vectors[:, order]
-
-
-def orthonormal_basis(matrix: np.ndarray) -> np.ndarray:
-    """An orthonormal basis of the columns of ``matrix`` (thin QR)."""
-    return np.linalg.qr(matrix)[0]
-
-
-def noisy_subspace_iteration(
-    gram_times: Callable[[np.ndarray], np.ndarray],
-    num_items: int,
-    k: int,
-    iterations: int,
-    sensitivity: float,
-    noise_multiplier: float,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """Hardt & Price's noisy power method: ``V <- orth(G V + noise)`` from a random
-    (public) orthonormal start, ``gram_times(V)`` being the federated sum ``G V`` (one
-    user changes it by at most ``sensitivity = C^2``). Each iteration is one release at
-    ``noise_multiplier``: ``T`` iterations cost one release at ``z / sqrt(T)``.
-    Returns the final ``[num_items, k]`` basis."""
-    basis = orthonormal_basis(rng.normal(size=(num_items, k)))
-    for _ in range(iterations):
-        noisy = release_vector(gram_times(basis), sensitivity, noise_multiplier, rng)
-        basis = orthonormal_basis(noisy)
-    return basis
 
 
 # -- filters --------------------------------------------------------------------

@@ -15,7 +15,6 @@ from common.item_graph import (
     bounded_rows,
     covariance_similarity,
     ease_filter,
-    gram_product_sum,
     gram_sum,
     graph_filter,
     item_offset_sums,
@@ -23,7 +22,6 @@ from common.item_graph import (
     item_sum,
     keep_top_per_row,
     neighbourhood_residuals,
-    noisy_subspace_iteration,
     release_symmetric,
     release_vector,
     residual_rows,
@@ -96,15 +94,6 @@ def test_restricting_to_items_keeps_the_bound(binary):
     terms = [np.linalg.norm(np.outer(x, x)) for x in rows.toarray()]
     assert max(terms) == pytest.approx(1.0)
     assert gram_sum(rows).shape == (10, 10)
-
-
-def test_gram_product_has_the_gram_bound_for_an_orthonormal_basis(binary):
-    rows = bounded_rows(binary, exponent=0.5, bound=1.0)
-    basis = np.linalg.qr(np.random.default_rng(1).normal(size=(ITEMS, 6)))[0]
-    np.testing.assert_allclose(gram_product_sum(rows, basis), gram_sum(rows) @ basis, atol=1e-12)
-    for u in range(USERS):
-        x = rows[u].toarray().ravel()
-        assert np.linalg.norm(np.outer(x, x) @ basis) <= 1.0 + 1e-12
 
 
 def test_top_items_are_the_largest_degrees_in_catalogue_order():
@@ -206,15 +195,6 @@ def test_keep_top_per_row_keeps_each_rows_largest_entries():
     np.testing.assert_array_equal(
         kept, [[5.0, 0.0, 3.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 4.5, 6.0]]
     )
-
-
-def test_noiseless_subspace_iteration_finds_the_top_eigenspace(binary):
-    gram = gram_sum(bounded_rows(binary, exponent=0.5, bound=1.0))
-    basis = noisy_subspace_iteration(
-        lambda v: gram @ v, ITEMS, 3, 200, 1.0, 0.0, np.random.default_rng(0)
-    )
-    _, vectors = top_eigenpairs(gram, 3)
-    np.testing.assert_allclose(basis @ basis.T, vectors @ vectors.T, atol=1e-6)
 
 
 def test_item_offset_sums_have_the_stated_bound_and_exact_offsets_without_it(data):
