@@ -37,6 +37,15 @@ from server.app import run
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "simulations" / "results"
 DATA = Path(os.environ.get("FEDGRAPHREC_DATA", REPO.parent / "shared" / "datasets"))
+MOVIELENS_IMPLICIT = {
+    "implicit": True,
+    "task": "ranking",
+    "split": "random",
+    "test_fraction": 0.2,
+    "val_fraction": 0.1,
+}
+"""MovieLens-100K as implicit feedback: every rating one interaction, per user 20 % test
+and 10 % validation (``data_config("ml-100k", **MOVIELENS_IMPLICIT)``)."""
 
 
 def data_config(dataset: str, **changes: Any) -> RunConfig:

@@ -44,16 +44,17 @@ from common.data import load_site
 from common.data.site import SiteData
 from common.evaluation import evaluate_graph, ranking_metrics, rating_metrics
 from common.graph_statistics import ItemGraph, contribution, rating_settings, released, sensitivity
-from simulations.harness import RESULTS, TreeMemory, data_config, federate, score, write_results
+from simulations.harness import (
+    MOVIELENS_IMPLICIT,
+    RESULTS,
+    TreeMemory,
+    data_config,
+    federate,
+    score,
+    write_results,
+)
 
 SITES, EPSILON, K = 10, 8.0, 20
-MOVIELENS_IMPLICIT = {
-    "implicit": True,
-    "task": "ranking",
-    "split": "random",
-    "test_fraction": 0.2,
-    "val_fraction": 0.1,
-}
 DP = {"target_epsilon": EPSILON, "min_sites": SITES}
 SECURE = DP | {"secure_aggregation": True, "secagg_min_sites": SITES}
 RANKING = {

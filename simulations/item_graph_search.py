@@ -85,7 +85,7 @@ from common.item_graph import (
     user_means,
     user_rows,
 )
-from simulations.harness import RESULTS, data_config, write_results
+from simulations.harness import MOVIELENS_IMPLICIT, RESULTS, data_config, write_results
 
 K = 20
 NDCG, RECALL = f"ndcg@{K}", f"recall@{K}"
@@ -193,15 +193,7 @@ def spread(values: list[float]) -> dict[str, Any]:
 
 
 def movielens_ranking_site() -> SiteData:
-    config = data_config(
-        "ml-100k",
-        implicit=True,
-        task="ranking",
-        split="random",
-        test_fraction=0.2,
-        val_fraction=0.1,
-    )
-    return load_site(config, 0, 1)
+    return load_site(data_config("ml-100k", **MOVIELENS_IMPLICIT), 0, 1)
 
 
 def movielens_ranking() -> dict:
@@ -453,14 +445,7 @@ def dp_search(
 def movielens_dp(seeds: int) -> dict:
     site = movielens_ranking_site()
     data = ranking_data(site)
-    config = data_config(
-        "ml-100k",
-        implicit=True,
-        task="ranking",
-        split="random",
-        test_fraction=0.2,
-        val_fraction=0.1,
-    )
+    config = data_config("ml-100k", **MOVIELENS_IMPLICIT)
     z = one_release(EPSILON, 1e-5)
     results: dict = {"noise multiplier (one release)": z}
     grid = {

@@ -52,6 +52,7 @@ from common.config import RunConfig
 from common.data import SiteData, load_site
 from common.evaluation import evaluate, ranking_metrics
 from simulations.harness import (
+    MOVIELENS_IMPLICIT,
     best_round,
     data_config,
     federate,
@@ -130,15 +131,7 @@ def seen_in(site: SiteData) -> Callable[[int], np.ndarray]:
 
 
 def movielens(seeds: int) -> dict:
-    base = data_config(
-        "ml-100k",
-        item_graph="none",
-        implicit=True,
-        task="ranking",
-        split="random",
-        test_fraction=0.2,
-        val_fraction=0.1,
-    )
+    base = data_config("ml-100k", item_graph="none", **MOVIELENS_IMPLICIT)
     site = load_site(base, 0, 1)
     seen = seen_in(site)
     results: dict = {}

@@ -17,22 +17,13 @@ import json
 import torch
 from matplotlib.figure import Figure
 
-from simulations.harness import data_config, federate, score, write_results
+from simulations.harness import MOVIELENS_IMPLICIT, data_config, federate, score, write_results
 
 GRID = (0.0, 1e-5, 1e-4, 1e-3)
 SITES, ROUNDS = 10, 30
 TASKS = {
     "u1 ratings": ({"split": "u1"}, "rmse"),
-    "implicit": (
-        {
-            "implicit": True,
-            "task": "ranking",
-            "split": "random",
-            "test_fraction": 0.2,
-            "val_fraction": 0.1,
-        },
-        "ndcg@20",
-    ),
+    "implicit": (MOVIELENS_IMPLICIT, "ndcg@20"),
 }
 
 
