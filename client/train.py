@@ -24,11 +24,9 @@ import logging
 import secrets
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from opacus import PrivacyEngine
-from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
 from common.config import RunConfig
@@ -38,6 +36,9 @@ from common.ego_graphs import UserEgoGraphs
 from common.model import EgoBatch, EgoGraphRecommender, build_model
 from common.privacy import Mechanism
 from common.text import item_text_vectors
+
+if TYPE_CHECKING:
+    from opacus.optimizers import DPOptimizer
 
 PRIVATE_FIT_STEPS = 10
 """Adam steps of the private-embedding refit per round (public, the same for every user)."""
@@ -233,6 +234,11 @@ def make_private(
     cost 2.5x against ghost's 3.6x). Opacus's own accountant is not used: the site's
     ledger accounts every release (``common.privacy.ledger_entry``).
     """
+    # Imported here, not at the top: in deployment every message starts a fresh ClientApp
+    # process, and Opacus's import (0.75 s) is only worth paying when a site trains.
+    from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
+
     if grad_sample_mode == "auto":
         large = model.item_embedding.num_embeddings > GHOST_ABOVE_ITEMS
         grad_sample_mode = "ghost" if large else "hooks"
