@@ -20,12 +20,18 @@ from matplotlib.ticker import MaxNLocator
 
 from server.round_book import RoundLog
 
+NAMED_SITES = 10
+"""A round's log line and the epsilon plot's legend name sites one by one up to this
+many; beyond, the line counts them and the plot shows the lines alone."""
+
 
 def round_line(server_round: int, record: RoundLog) -> str:
     """One line for the log: who trained, declined or failed, and the round's metrics."""
     parts = [f"Round {server_round}:"]
     for label, sites in (("trained", record.train), ("declined", record.declined)):
-        if sites:
+        if len(sites) > NAMED_SITES:
+            parts.append(f"{label} {len(sites):,} sites;")
+        elif sites:
             parts.append(f"{label} {', '.join(f'site {s}' for s in sorted(sites))};")
     if record.failed:
         parts.append(f"failed {', '.join(sorted(record.failed))};")
@@ -223,9 +229,9 @@ def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
             axes.plot(*zip(*points, strict=True), styles[i % 4], marker="o", label=f"site {site}")
     axes.set(xlabel="round", ylabel="epsilon (cumulative)", title="Epsilon per site")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if axes.get_lines():
+    if 0 < len(axes.get_lines()) <= NAMED_SITES:
         axes.legend()
-    else:
+    elif not axes.get_lines():
         axes.text(0.5, 0.5, "no epsilon: dp = false", ha="center", transform=axes.transAxes)
     plots.append(("Epsilon of every site after each round", _png(figure)))
 

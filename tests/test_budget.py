@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import warnings
 
 import pytest
 from flower_helpers import simulate
@@ -23,6 +24,8 @@ from common.data import load_site
 from common.model import item_side_size
 from common.privacy import ledger_entry, site_mechanism
 from server.report import AGREEMENT_TOLERANCE, SCHEMA
+from server.report_render import render_html, round_line
+from server.round_book import RoundLog
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +117,22 @@ def test_report_command_rerenders_from_the_ledger(budget_run, capsys):
     assert "check (dp-accounting)" in printed and "stopped after round 3" in printed
     assert (run_dir / "privacy_report.md").is_file()
     assert fedgraphrec(["report", str(run_dir / "nope")]) == 2
+
+
+def test_the_report_and_log_of_1000_sites_stay_readable(budget_run):
+    """At 1,000 sites the epsilon plot's legend (one entry per site) did not fit the figure,
+    and matplotlib warned in every such run's log; each round's log line named every site.
+    Past 10 sites the plot drops its legend (the lines stay) and the line counts them."""
+    _, run_dir = budget_run
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    site = next(iter(report["sites"].values()))
+    report["sites"] = {str(k): site for k in range(1000)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        page = render_html(report)
+    assert page.count("<img") == 3
+    many = RoundLog(train={k: {} for k in range(1000)}, declined={1000: {}})
+    assert round_line(3, many) == "Round 3: trained 1,000 sites; declined site 1000; no evaluation"
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is not installed")
