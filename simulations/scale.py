@@ -1,16 +1,18 @@
 """Scale: 10, 100 and 1,000 simulated sites on this machine's two cores.
 
 The built-in synthetic data with 6,000 users (600, 60 or 6 per site on average; the
-first seed that leaves no site empty), the GCN with DP on,
-3 rounds, every site training and evaluating every round, one ClientApp at a
-time (2 CPUs per site), so that client compute adds up to wall time. Measured:
-wall time per round (rounds 2 and 3), peak resident memory of the whole
-process tree (the simulation, Ray and its workers; sampled every 0.5 s), the
-sum of the sites' compute (a client mod times every call), and Flower's
-overhead: round wall time minus the sites' compute, as a share of the wall
-time.
+first seed that leaves no site empty), the GCN with DP on, 3 rounds, every site
+training and evaluating every round, ``--cpus-per-site`` CPUs per simulated site
+(1: two sites at a time, each on one torch thread, as Ray sets
+``OMP_NUM_THREADS`` to a site's CPUs). Measured, per round (rounds 2 and 3):
+wall time; the sum of the sites' compute (a client mod times every call); the
+CPU time of the simulation process itself (Flower's engine, the SuperLink state
+and the ServerApp; sampled every 0.5 s), as a share of the round; Flower's
+overhead, the share of the sites' CPU slots (cores / CPUs per site) not spent in
+a site's call; peak resident memory of the whole process tree (the
+simulation, Ray and its workers).
 
-    python -m simulations.scale [--sites 10 100 1000]
+    python -m simulations.scale [--sites 10 100 1000] [--cpus-per-site 1]
 """
 
 from __future__ import annotations
@@ -18,10 +20,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
+import psutil
+import torch
 from flwr.clientapp import ClientApp
 from matplotlib.figure import Figure
 
@@ -33,21 +40,51 @@ from common.errors import InputError
 from common.protocol import CONFIG, SERVER_ROUND
 from simulations.harness import TreeMemory, federate, write_results
 
-USERS, ROUNDS = 6000, 3
+USERS, ROUNDS, CORES = 6000, 3, 2
 
 
 def timed_client_app(log: Path) -> ClientApp:
-    """The site app with a mod that appends ``round seconds`` of every call to ``log``."""
+    """The site app with a mod that appends ``round kind seconds torch-threads`` of every
+    call to ``log`` (kind: ``train`` or ``evaluate``)."""
 
     def timing(msg, context, call_next):
         start = time.perf_counter()
         reply = call_next(msg, context)
         server_round = msg.content.config_records[CONFIG][SERVER_ROUND]
         with open(log, "a") as f:
-            f.write(f"{server_round} {time.perf_counter() - start}\n")
+            seconds = time.perf_counter() - start
+            kind = msg.metadata.message_type
+            f.write(f"{server_round} {kind} {seconds} {torch.get_num_threads()}\n")
         return reply
 
     return make_app([timing, secure_aggregation_mod])
+
+
+class ProcessCpu:
+    """This process's CPU seconds (all its threads), sampled every 0.5 s with the time."""
+
+    def __enter__(self) -> ProcessCpu:
+        self.samples: list[tuple[float, float]] = []
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        process = psutil.Process(os.getpid())
+        while self.running:
+            times = process.cpu_times()
+            self.samples.append((time.time(), times.user + times.system))
+            time.sleep(0.5)
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        self.thread.join()
+
+    def at(self, moment: float) -> float:
+        """CPU seconds used by ``moment`` (interpolated between samples)."""
+        when, seconds = np.array(self.samples).T
+        return float(np.interp(moment, when, seconds))
 
 
 def first_seed_without_empty_sites(config: RunConfig, sites: int) -> RunConfig:
@@ -62,29 +99,43 @@ def first_seed_without_empty_sites(config: RunConfig, sites: int) -> RunConfig:
     raise InputError(f"no seed below 100 leaves none of {sites} sites empty")
 
 
-def measure(sites: int) -> dict[str, float]:
+def measure(sites: int, cpus_per_site: int) -> dict[str, float]:
     log = Path(tempfile.mkdtemp()) / "calls.txt"
     config = default_config(
         item_graph="none", synthetic_users=USERS, num_server_rounds=ROUNDS, min_sites=sites
     )
     config = first_seed_without_empty_sites(config, sites)
-    with TreeMemory() as memory:
-        run_dir = federate(config, sites, cpus_per_site=2.0, app=timed_client_app(log))
+    with TreeMemory() as memory, ProcessCpu() as engine:
+        run_dir = federate(config, sites, cpus_per_site=cpus_per_site, app=timed_client_app(log))
     rounds = json.loads((run_dir / "metrics.json").read_text())
     finished = {int(r): m["finished_at"] for r, m in rounds.items() if m.get("finished_at")}
+    measured = range(2, ROUNDS + 1)
     compute: dict[int, float] = {}
+    calls: dict[str, list[float]] = {"train": [], "evaluate": []}
+    threads = set()
     for line in log.read_text().split("\n"):
         if line:
-            server_round, seconds = line.split()
+            server_round, kind, seconds, torch_threads = line.split()
             compute[int(server_round)] = compute.get(int(server_round), 0.0) + float(seconds)
-    walls = {r: finished[r] - finished[r - 1] for r in range(2, ROUNDS + 1)}
-    overhead = [(walls[r] - compute[r]) / walls[r] for r in walls]
+            threads.add(int(torch_threads))
+            if int(server_round) in measured:
+                calls[kind].append(float(seconds))
+    walls = {r: finished[r] - finished[r - 1] for r in measured}
+    slots = CORES // cpus_per_site
+    overhead = [1 - compute[r] / (slots * walls[r]) for r in measured]
+    engine_share = [
+        (engine.at(finished[r]) - engine.at(finished[r - 1])) / walls[r] for r in measured
+    ]
     return {
         "sites": sites,
         "users-per-site": USERS // sites,
+        "cpus-per-site": cpus_per_site,
+        "torch-threads-per-site": sorted(threads),
         "seed": config.seed,
         "seconds-per-round": sum(walls.values()) / len(walls),
-        "site-compute-seconds-per-round": sum(compute[r] for r in walls) / len(walls),
+        "site-compute-seconds-per-round": sum(compute[r] for r in measured) / len(walls),
+        **{f"milliseconds-per-{k}-call": 1000 * float(np.mean(v)) for k, v in calls.items()},
+        "simulation-process-cpu-share": sum(engine_share) / len(engine_share),
         "flower-overhead-share": sum(overhead) / len(overhead),
         "peak-memory-mb": memory.megabytes,
     }
@@ -114,7 +165,7 @@ def figure_of(results: list[dict]) -> Figure:
         label="overhead %",
     )
     right.axhline(20, color="C3", linewidth=0.8, label="target at 10 sites: < 20 %")
-    right.set(ylabel="Flower overhead, % of round", ylim=(0, 25))
+    right.set(ylabel="Flower overhead, % of the sites' CPU slots", ylim=(0, 100))
     left.legend(loc="upper left", fontsize=7)
     right.legend(loc="lower right", fontsize=7)
     return figure
@@ -123,10 +174,11 @@ def figure_of(results: list[dict]) -> Figure:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--cpus-per-site", type=int, choices=(1, 2), default=1)
     args = parser.parse_args()
     results = []
     for sites in args.sites:
-        results.append(measure(sites))
+        results.append(measure(sites, args.cpus_per_site))
         print(results[-1], flush=True)
     print(
         write_results(
