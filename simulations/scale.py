@@ -153,6 +153,7 @@ def figure_of(results: list[dict]) -> Figure:
         "s--",
         label="sites' compute per round",
     )
+    left.axhline(180, color="C0", linewidth=0.8, label="target at 1,000 sites: 3 min")
     left.set(
         xscale="log", yscale="log", xlabel="sites", ylabel="seconds", title="Simulation at scale"
     )
