@@ -1,6 +1,12 @@
-"""What one deployment message costs a site, stage by stage, in a fresh process.
+"""What a deployment message costs a site, stage by stage, and the simulated rounds.
 
-In deployment Flower 1.42 starts a new ClientApp process for every message, so
+The deployment test's MovieLens-100K run (``tests/test_deployment.py -k movielens``:
+2 site folders, the default pipeline, ``item-text = false``, one server round)
+gives the deployment's round times. This script gives the two figures to read
+them against. First, the same configuration in Flower's simulation
+(``harness.federate``, 2 sites): each round's seconds, round 0 counted from the
+run's ``config.json``, as for the deployment. Second, what a message costs in
+a fresh process. In deployment Flower 1.42 starts a new ClientApp process for every message, so
 each one pays the interpreter's start and the app's imports before the site
 does anything. For ``--repeats`` fresh processes per message kind this times,
 as that process sees it: the interpreter's start and ``import client.app``
@@ -16,7 +22,7 @@ installing the app bundle, and moving the messages.
 This module imports only the standard library at the top, so that a child
 process's imports are the app's alone.
 
-    python -m simulations.message_cost [--repeats 3]
+    python -m simulations.deployment_cost [--repeats 3]
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ def child(folder: str, handler: str, server_round: int, spawned: float) -> None:
     state = build_model(catalogue, config).state_dict()
     values = config.to_mapping() | {
         SERVER_ROUND: server_round,
-        RUN_NAME: "message-cost",
+        RUN_NAME: "deployment-cost",
         CATALOGUE_FINGERPRINT: catalogue.fingerprint(),
     }
     marks = [time.time()]
@@ -66,12 +72,14 @@ def child(folder: str, handler: str, server_round: int, spawned: float) -> None:
 def fresh_process(folder: Path, handler: str, server_round: int) -> dict[str, float]:
     """One message's stages, timed in a new interpreter."""
     code = (
-        "import sys; from simulations.message_cost import child; "
+        "import sys; from simulations.deployment_cost import child; "
         f"child({str(folder)!r}, {handler!r}, {server_round}, float(sys.argv[1]))"
     )
     command = [sys.executable, "-c", code, repr(time.time())]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the child process failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def figure_of(results: dict[str, dict[str, float]]):
@@ -91,6 +99,18 @@ def figure_of(results: dict[str, dict[str, float]]):
     return figure
 
 
+def simulated_rounds() -> list[float]:
+    """Seconds of each round of the deployment test's configuration in the simulation."""
+    from simulations.harness import data_config, federate
+
+    config = data_config("ml-100k", item_text=False, num_server_rounds=1, min_sites=2)
+    run_dir = federate(config, 2)
+    rounds = json.loads((run_dir / "metrics.json").read_text())
+    finished = [(run_dir / "config.json").stat().st_mtime]
+    finished += [rounds[r]["finished_at"] for r in sorted(rounds, key=int)]
+    return [b - a for a, b in itertools.pairwise(finished)]
+
+
 def main() -> None:
     from cli import main as fedgraphrec
     from simulations.harness import DATA, write_results
@@ -98,6 +118,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    simulated = simulated_rounds()
+    print("simulated rounds (s):", [round(s, 2) for s in simulated], flush=True)
     sites = Path(tempfile.mkdtemp()) / "sites"
     partition = ["--dataset", "ml-100k", "--data-path", str(DATA / "ml-100k")]
     if fedgraphrec(["partition", "--sites", "2", "--out", str(sites), *partition]) != 0:
@@ -107,8 +129,8 @@ def main() -> None:
         runs = [fresh_process(sites / "site-0", handler, server_round) for _ in range(args.repeats)]
         results[name] = {stage: sum(r[stage] for r in runs) / len(runs) for stage in STAGES}
         print(name, results[name], flush=True)
-    content = {"repeats": args.repeats, "messages": results}
-    print(write_results("message_cost", content, figure_of(results)))
+    content = {"simulated-round-seconds": simulated, "repeats": args.repeats, "messages": results}
+    print(write_results("deployment_cost", content, figure_of(results)))
 
 
 if __name__ == "__main__":
