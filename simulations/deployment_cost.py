@@ -1,10 +1,10 @@
 """What a deployment message costs a site, stage by stage, and the simulated rounds.
 
 The deployment test's MovieLens-100K run (``tests/test_deployment.py -k movielens``:
-2 site folders, the default pipeline, ``item-text = false``, one server round)
+3 site folders, the default pipeline, ``item-text = false``, one server round)
 gives the deployment's round times. This script gives the two figures to read
 them against. First, the same configuration in Flower's simulation
-(``harness.federate``, 2 sites): each round's seconds, round 0 counted from the
+(``harness.federate``, 3 sites): each round's seconds, round 0 counted from the
 run's ``config.json``, as for the deployment. Second, what a message costs in
 a fresh process. In deployment Flower 1.42 starts a new ClientApp process for every message, so
 each one pays the interpreter's start and the app's imports before the site
@@ -13,7 +13,7 @@ as that process sees it: the interpreter's start and ``import client.app``
 (what loading the ClientApp costs this app), opening the round (reading and
 checking the site folder), building the model from the global state, and the
 handler itself. The messages are the default pipeline's first ones on
-MovieLens-100K over 2 site folders written by ``fedgraphrec partition`` (as
+MovieLens-100K over 3 site folders written by ``fedgraphrec partition`` (as
 the deployment test writes them): round 0's evaluation and round 1's training
 (the item graph's first statistics, with DP). What a deployment round costs
 beyond these stages is Flower's: its own process start and imports,
@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+SITES = 3
+"""As in the deployment test and the README's walkthrough."""
 STAGES = ("start and imports", "open the round", "build the model", "handler")
 MESSAGES = {"round 0 evaluate": ("evaluate", 0), "round 1 train": ("train", 1)}
 
@@ -103,8 +105,8 @@ def simulated_rounds() -> list[float]:
     """Seconds of each round of the deployment test's configuration in the simulation."""
     from simulations.harness import data_config, federate
 
-    config = data_config("ml-100k", item_text=False, num_server_rounds=1, min_sites=2)
-    run_dir = federate(config, 2)
+    config = data_config("ml-100k", item_text=False, num_server_rounds=1, min_sites=SITES)
+    run_dir = federate(config, SITES)
     rounds = json.loads((run_dir / "metrics.json").read_text())
     finished = [(run_dir / "config.json").stat().st_mtime]
     finished += [rounds[r]["finished_at"] for r in sorted(rounds, key=int)]
@@ -122,7 +124,7 @@ def main() -> None:
     print("simulated rounds (s):", [round(s, 2) for s in simulated], flush=True)
     sites = Path(tempfile.mkdtemp()) / "sites"
     partition = ["--dataset", "ml-100k", "--data-path", str(DATA / "ml-100k")]
-    if fedgraphrec(["partition", "--sites", "2", "--out", str(sites), *partition]) != 0:
+    if fedgraphrec(["partition", "--sites", str(SITES), "--out", str(sites), *partition]) != 0:
         raise SystemExit("partition failed")
     results = {}
     for name, (handler, server_round) in MESSAGES.items():

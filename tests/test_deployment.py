@@ -178,7 +178,7 @@ def movielens(tmp_path_factory):
     if not ML_100K.is_dir():
         pytest.skip(f"MovieLens-100K not found at {ML_100K}")
     dataset = ["--dataset", "ml-100k", "--data-path", str(ML_100K)]
-    with deployment(tmp_path_factory.mktemp("deploy-ml-100k"), 2, *dataset) as fed:
+    with deployment(tmp_path_factory.mktemp("deploy-ml-100k"), SITES, *dataset) as fed:
         yield fed
 
 
@@ -206,17 +206,17 @@ class TestMovieLens:
         # The default pipeline, the item graph: its two statistics rounds, evaluated after
         # round 2; item text is left out (it costs a text encoding and is not what this
         # checks), user features are on.
-        finished = fed.run(1, 2, "runs", more="item-text=false")
+        finished = fed.run(1, SITES, "runs", more="item-text=false")
         assert finished.wait(timeout=400) == 0, fed.log("runs")[-3000:]
         run_dir = only_run(fed.base / "runs")
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert sorted(metrics) == ["0", "1", "2"]
         for server_round, log in metrics.items():
             assert log["failed"] == {}, (server_round, log["failed"])
-            expected = [] if server_round == "1" else ["0", "1"]
+            expected = [] if server_round == "1" else ["0", "1", "2"]
             assert sorted(log["evaluate"]) == expected, server_round
         for server_round in ("1", "2"):
-            assert sorted(metrics[server_round]["train"]) == ["0", "1"]
+            assert sorted(metrics[server_round]["train"]) == ["0", "1", "2"]
         assert metrics["2"]["aggregated"]["val-rmse"] < metrics["0"]["aggregated"]["val-rmse"]
         status = json.loads((run_dir / "status.json").read_text())
         assert status == status | {"status": "completed", "dataset": "ml-100k"}
