@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from client.train import PerUserLoss, make_private, site_graphs, site_model
+from client.train import make_private, site_graphs, site_model
 from common.accounting import epsilon
 from common.config import RunConfig
 from common.data import Catalogue, Interactions, SiteData
@@ -175,7 +175,7 @@ def audit_mechanism(
     for columns in training.loader:
         batch = EgoBatch(*columns)
         training.optimizer.zero_grad(set_to_none=True)
-        PerUserLoss()(training.module(batch)).backward()
+        training.backward(batch)
         bias = model.item_bias.weight
         for row, user in enumerate(batch.users.tolist()):
             if user >= users:  # canary user - users: a Dirac, C on its own coordinate

@@ -78,6 +78,22 @@ class PrivateTraining:
     optimizer: DPOptimizer
     loader: DataLoader
     criterion: PerUserLoss
+    ghost: bool
+
+    def backward(self, batch: EgoBatch) -> None:
+        """Leave the sum of ``batch``'s clipped per-user gradients where the optimizer's
+        step reads it (per-sample gradients with hooks, ``p.grad`` with ghost clipping).
+
+        An empty Poisson batch under ghost clipping is not run through the model: Opacus
+        1.6's embedding norm sampler fails on a batch of no users. The sum over no users
+        is zero, so every gradient is set to zero, which is what the backward pass would
+        leave, and the step adds its noise to that as to any other sum.
+        """
+        if self.ghost and len(batch.items) == 0:
+            for parameter in self.optimizer.params:
+                parameter.grad = torch.zeros_like(parameter)
+            return
+        self.criterion(self.module(batch)).backward()
 
 
 def site_graphs(site: SiteData, config: RunConfig) -> UserEgoGraphs:
@@ -140,7 +156,7 @@ def train_locally(
             device=device,
         )
         module, optimizer = private_training.module, private_training.optimizer
-        loader, criterion = private_training.loader, private_training.criterion
+        loader = private_training.loader
     else:
         batch_size = max(1, round(len(graphs) / config.steps_per_epoch))
         loader = DataLoader(graphs, batch_size=batch_size, shuffle=True)
@@ -152,13 +168,15 @@ def train_locally(
         for columns in loader:
             batch = EgoBatch(*columns).with_private(private).to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = criterion(module(batch))
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            if not mechanism.noisy:
+            if mechanism.noisy:
+                private_training.backward(batch)
+            else:
+                loss = criterion(module(batch))
+                loss.backward()
                 total_loss += float(loss.detach())
                 total_users += len(batch.items)
+            optimizer.step()
+            steps += 1
 
     if mechanism.noisy:
         module.remove_hooks()
@@ -262,7 +280,7 @@ def make_private(
         **({"criterion": PerUserLoss()} if ghost else {}),
     )
     criterion = wrapped[2] if ghost else PerUserLoss()
-    return PrivateTraining(wrapped[0], wrapped[1], wrapped[-1], criterion)
+    return PrivateTraining(wrapped[0], wrapped[1], wrapped[-1], criterion, ghost)
 
 
 def clipped_gradient_sum(
@@ -299,7 +317,7 @@ def clipped_gradient_sum(
     (columns,) = list(private_training.loader)
     batch = EgoBatch(*columns).with_private(private).to(device)
     private_training.optimizer.zero_grad(set_to_none=True)
-    private_training.criterion(private_training.module(batch)).backward()
+    private_training.backward(batch)
     private_training.optimizer.pre_step()
     private_training.module.remove_hooks()
     return {name: p.grad.detach().cpu().clone() for name, p in model.named_parameters()}
