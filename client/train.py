@@ -84,16 +84,21 @@ class PrivateTraining:
         """Leave the sum of ``batch``'s clipped per-user gradients where the optimizer's
         step reads it (per-sample gradients with hooks, ``p.grad`` with ghost clipping).
 
-        An empty Poisson batch under ghost clipping is not run through the model: Opacus
-        1.6's embedding norm sampler fails on a batch of no users. The sum over no users
-        is zero, so every gradient is set to zero, which is what the backward pass would
-        leave, and the step adds its noise to that as to any other sum.
+        An empty Poisson batch is not run through the model. The sum over no users is
+        zero, so each parameter gets what the backward pass would leave: no per-sample
+        gradients with hooks, a zero gradient with ghost clipping; the step adds its
+        noise to that as to any other sum. At a site of 6 users and rate 0.1 half the
+        steps are empty, and Opacus 1.6's ghost clipping fails on one (its embedding
+        norm sampler cannot reshape a batch of no users).
         """
-        if self.ghost and len(batch.items) == 0:
-            for parameter in self.optimizer.params:
-                parameter.grad = torch.zeros_like(parameter)
+        if len(batch.items) > 0:
+            self.criterion(self.module(batch)).backward()
             return
-        self.criterion(self.module(batch)).backward()
+        for parameter in self.optimizer.params:
+            if self.ghost:
+                parameter.grad = torch.zeros_like(parameter)
+            else:
+                parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
 
 
 def site_graphs(site: SiteData, config: RunConfig) -> UserEgoGraphs:
