@@ -16,6 +16,11 @@ send anything else.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
+
 CONFIG = "config"
 ARRAYS = "arrays"
 METRICS = "metrics"
@@ -27,6 +32,7 @@ CATALOGUE_FINGERPRINT = "catalogue-fingerprint"
 """The run's catalogue, which every site checks against its own."""
 INSTRUCTION_KEYS = (SERVER_ROUND, RUN_NAME, CATALOGUE_FINGERPRINT)
 """What the server adds to the run configuration in every instruction."""
+
 ITEM_GRAPH = "item-graph-release"
 """What the server has released of the item graph so far (``common.graph_statistics``),
 as bytes; in instructions from round 2 of a run with an item graph."""
@@ -47,3 +53,16 @@ ITEM_SIDE = "<item-side parameters>"
 """Stands for every shared parameter of the model in the release inventory."""
 SECURE_SUM_SHARE = "<masked integer share of the secure sum>"
 """Stands for a site's vector inside SecAgg+ in the release inventory."""
+
+
+def instruction_values(
+    config: RunConfig, run_name: str, catalogue_fingerprint: str, server_round: int | None = None
+) -> dict[str, Any]:
+    """An instruction's content: the run configuration and :data:`INSTRUCTION_KEYS`. The
+    server leaves out ``server_round``, which Flower's strategy adds per round; a site
+    round opened outside Flower (benchmarks, tests) passes it."""
+    values = config.to_mapping() | {
+        RUN_NAME: run_name,
+        CATALOGUE_FINGERPRINT: catalogue_fingerprint,
+    }
+    return values if server_round is None else values | {SERVER_ROUND: server_round}

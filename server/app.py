@@ -35,7 +35,7 @@ from common.data.site_folder import catalogue_folder_dataset, load_catalogue_fol
 from common.errors import InputError
 from common.model import build_model
 from common.privacy import site_mechanism
-from common.protocol import CATALOGUE_FINGERPRINT, RUN_NAME
+from common.protocol import instruction_values
 from server.item_graph import GraphRelease, initialise_item_side
 from server.report import write_report
 from server.report_render import round_line, summary
@@ -83,10 +83,7 @@ def run(
         raise
     out = RunDirectory.create(config, dataset, keep_models)
     log(INFO, "Run directory: %s", out.path)
-    instruction = config.to_mapping() | {
-        RUN_NAME: out.path.name,
-        CATALOGUE_FINGERPRINT: catalogue.fingerprint(),
-    }
+    instruction = instruction_values(config, out.path.name, catalogue.fingerprint())
     book = RoundBook()
     release = GraphRelease(config, catalogue, mechanism, out)
     try:

@@ -28,7 +28,7 @@ from client.site_round import SiteRound
 from common.config import default_config
 from common.data import load_dataset
 from common.model import build_model
-from common.protocol import CATALOGUE_FINGERPRINT, RUN_NAME, SERVER_ROUND
+from common.protocol import instruction_values
 from simulations.scale import USERS, first_seed_without_empty_sites
 
 
@@ -51,11 +51,7 @@ def main() -> None:
     config = first_seed_without_empty_sites(config, args.sites)
     catalogue = load_dataset(config).catalogue
     state = build_model(catalogue, config).state_dict()
-    values = config.to_mapping() | {
-        SERVER_ROUND: 1,
-        RUN_NAME: "call-cost",
-        CATALOGUE_FINGERPRINT: catalogue.fingerprint(),
-    }
+    values = instruction_values(config, "call-cost", catalogue.fingerprint(), server_round=1)
 
     def one_site(site: int) -> np.ndarray:
         """Seconds of the site's train and evaluate calls."""

@@ -50,16 +50,12 @@ def child(folder: str, handler: str, server_round: int, spawned: float) -> None:
     from common.config import default_config
     from common.data.site_folder import load_site_folder
     from common.model import build_model
-    from common.protocol import CATALOGUE_FINGERPRINT, RUN_NAME, SERVER_ROUND
+    from common.protocol import instruction_values
 
     catalogue = load_site_folder(Path(folder)).catalogue  # the server's part: not timed
     config = default_config(dataset="ml-100k")
     state = build_model(catalogue, config).state_dict()
-    values = config.to_mapping() | {
-        SERVER_ROUND: server_round,
-        RUN_NAME: "deployment-cost",
-        CATALOGUE_FINGERPRINT: catalogue.fingerprint(),
-    }
+    values = instruction_values(config, "deployment-cost", catalogue.fingerprint(), server_round)
     marks = [time.time()]
     site_round = SiteRound.open({"data-path": folder}, values)
     marks.append(time.time())

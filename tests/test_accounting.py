@@ -72,14 +72,12 @@ from client.app import SiteRound
 from common.config import default_config
 from common.data import load_dataset
 from common.model import build_model
-from common.protocol import CATALOGUE_FINGERPRINT, RUN_NAME, SERVER_ROUND
+from common.protocol import instruction_values
 
 scratch = tempfile.mkdtemp()
 config = default_config(synthetic_users=60, site_state_dir=scratch, item_text=False)
 catalogue = load_dataset(config).catalogue
-values = config.to_mapping() | {
-    SERVER_ROUND: 0, RUN_NAME: "r", CATALOGUE_FINGERPRINT: catalogue.fingerprint()
-}
+values = instruction_values(config, "r", catalogue.fingerprint(), server_round=0)
 site_round = SiteRound.open({"partition-id": 0, "num-partitions": 2}, values)
 site_round.evaluate(site_round.model(build_model(catalogue, config).state_dict()))
 print(sorted(m for m in ("opacus", "dp_accounting") if m in sys.modules))

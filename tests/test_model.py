@@ -109,12 +109,8 @@ def test_empty_poisson_batches_are_handled_without_a_warning_each(caplog, mode):
     clipping failed on every such round), and Opacus's warning for an empty first batch
     (an expected event, not a fault) is not logged: at 1,000 sites of 6 users it filled
     the run's log."""
-    config = default_config(
-        item_graph="none",
-        synthetic_users=30,
-        synthetic_items=40,
-        degree_cap=8,
-        grad_sample_mode=mode,
+    config = small_config(
+        synthetic_users=30, synthetic_items=40, degree_cap=8, grad_sample_mode=mode
     )
     site = load_site(config, 0, 10)
     assert site.num_users == 2

@@ -30,7 +30,7 @@ from common.data import load_site
 from common.distributed_noise import IntegerCode, centred
 from common.errors import InputError
 from common.model import build_model
-from common.protocol import CATALOGUE_FINGERPRINT, RUN_NAME, SECURE_SUM_SHARE, SERVER_ROUND
+from common.protocol import SECURE_SUM_SHARE, instruction_values
 from server.app import run
 from server.secure_aggregation import check_sum_fits
 
@@ -222,11 +222,7 @@ def test_movielens_sized_sites_complete_secure_rounds_with_the_defaults(tmp_path
 
 def open_round(config) -> SiteRound:
     site = load_site(config, 0, 2)
-    values = config.to_mapping() | {
-        SERVER_ROUND: 1,
-        RUN_NAME: "a-run",
-        CATALOGUE_FINGERPRINT: site.catalogue.fingerprint(),
-    }
+    values = instruction_values(config, "a-run", site.catalogue.fingerprint(), server_round=1)
     return SiteRound.open({"partition-id": 0, "num-partitions": 2}, values)
 
 

@@ -21,7 +21,7 @@ from common.config import default_config
 from common.data import load_dataset, load_site
 from common.data.site_folder import load_catalogue_folder, load_site_folder
 from common.errors import InputError
-from common.protocol import CATALOGUE_FINGERPRINT
+from common.protocol import instruction_values
 
 OVERRIDES = "synthetic-users=90 synthetic-items=40"
 ML_100K = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "ml-100k"
@@ -93,11 +93,7 @@ def test_a_missing_data_path_is_a_clear_error(tmp_path):
 
 
 def instruction(fingerprint: str) -> dict:
-    return default_config().to_mapping() | {
-        "server-round": 1,
-        "run-name": "r",
-        CATALOGUE_FINGERPRINT: fingerprint,
-    }
+    return instruction_values(default_config(), "r", fingerprint, server_round=1)
 
 
 def test_a_site_checks_it_holds_the_servers_catalogue(folders):
