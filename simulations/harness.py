@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import torch
 from flwr.clientapp import ClientApp
@@ -181,10 +182,12 @@ def write_results(name: str, results: dict[str, Any], figure: Figure | None = No
 
 
 class TreeMemory:
-    """Peak resident memory of this process and all its descendants, in MB."""
+    """Peak resident memory of this process and all its descendants, in MB; and, sampled
+    with it every 0.5 s, this process's own CPU time (all its threads)."""
 
     def __enter__(self) -> TreeMemory:
         self.peak, self.running = 0, True
+        self.cpu: list[tuple[float, float]] = []  # (wall-clock time, CPU seconds)
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
         return self
@@ -197,7 +200,14 @@ class TreeMemory:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     total += process.memory_info().rss
             self.peak = max(self.peak, total)
+            times = root.cpu_times()
+            self.cpu.append((time.time(), times.user + times.system))
             time.sleep(0.5)
+
+    def cpu_seconds_at(self, moment: float) -> float:
+        """This process's CPU seconds by wall-clock ``moment`` (interpolated)."""
+        when, seconds = np.array(self.cpu).T
+        return float(np.interp(moment, when, seconds))
 
     def __exit__(self, *exc) -> None:
         self.running = False

@@ -20,14 +20,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 from flwr.clientapp import ClientApp
 from matplotlib.figure import Figure
@@ -60,33 +57,6 @@ def timed_client_app(log: Path) -> ClientApp:
     return make_app([timing, secure_aggregation_mod])
 
 
-class ProcessCpu:
-    """This process's CPU seconds (all its threads), sampled every 0.5 s with the time."""
-
-    def __enter__(self) -> ProcessCpu:
-        self.samples: list[tuple[float, float]] = []
-        self.running = True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self) -> None:
-        process = psutil.Process(os.getpid())
-        while self.running:
-            times = process.cpu_times()
-            self.samples.append((time.time(), times.user + times.system))
-            time.sleep(0.5)
-
-    def __exit__(self, *exc) -> None:
-        self.running = False
-        self.thread.join()
-
-    def at(self, moment: float) -> float:
-        """CPU seconds used by ``moment`` (interpolated between samples)."""
-        when, seconds = np.array(self.samples).T
-        return float(np.interp(moment, when, seconds))
-
-
 def first_seed_without_empty_sites(config: RunConfig, sites: int) -> RunConfig:
     """``config`` with the first seed whose IID partition leaves no site empty: every
     user's site is drawn from the user's own key, so at 6 users per site about one site
@@ -105,7 +75,7 @@ def measure(sites: int, cpus_per_site: int) -> dict[str, float]:
         item_graph="none", synthetic_users=USERS, num_server_rounds=ROUNDS, min_sites=sites
     )
     config = first_seed_without_empty_sites(config, sites)
-    with TreeMemory() as memory, ProcessCpu() as engine:
+    with TreeMemory() as memory:
         run_dir = federate(config, sites, cpus_per_site=cpus_per_site, app=timed_client_app(log))
     rounds = json.loads((run_dir / "metrics.json").read_text())
     finished = {int(r): m["finished_at"] for r, m in rounds.items() if m.get("finished_at")}
@@ -123,9 +93,8 @@ def measure(sites: int, cpus_per_site: int) -> dict[str, float]:
     walls = {r: finished[r] - finished[r - 1] for r in measured}
     slots = CORES // cpus_per_site
     overhead = [1 - compute[r] / (slots * walls[r]) for r in measured]
-    engine_share = [
-        (engine.at(finished[r]) - engine.at(finished[r - 1])) / walls[r] for r in measured
-    ]
+    cpu = {r: memory.cpu_seconds_at(finished[r]) for r in [measured[0] - 1, *measured]}
+    engine_share = [(cpu[r] - cpu[r - 1]) / walls[r] for r in measured]
     return {
         "sites": sites,
         "users-per-site": USERS // sites,
