@@ -123,11 +123,21 @@ def user_rows(
     values: np.ndarray | None = None,
 ) -> sp.csr_matrix:
     """``[num_users, num_items]`` rows of the interactions' users (local indices):
-    ``values`` at each (user, item), 1 when ``values`` is None (binary rows)."""
+    ``values`` at each (user, item), 1 when ``values`` is None (binary rows).
+
+    Every bound in this module assumes one entry per (user, item): a pair given twice
+    would add up (a rating of 5 counted as 10) and break the user's bound, so it raises
+    ``ValueError`` here, where each user's row is built, whatever the caller checked."""
     data = np.ones(len(interactions)) if values is None else np.asarray(values, np.float64)
-    return sp.csr_matrix(
+    rows = sp.csr_matrix(
         (data, (interactions.user, interactions.item)), shape=(num_users, num_items)
     )
+    if rows.nnz != len(interactions):  # the CSR conversion summed repeated pairs
+        raise ValueError(
+            f"{len(interactions) - rows.nnz} repeated (user, item) pair(s): a user's row "
+            "holds each item once (the loaders' on-duplicate decides which rating to keep)"
+        )
+    return rows
 
 
 def bounded_rows(rows: sp.csr_matrix, exponent: float, bound: float) -> sp.csr_matrix:

@@ -55,6 +55,21 @@ def test_one_user_moves_a_sites_sums_by_their_own_bounded_term_only(task, server
     assert max(norms) > 0.3 * bound  # and the bound is not vacuous
 
 
+@pytest.mark.parametrize("task", ["ranking", "rating"])
+@pytest.mark.parametrize("server_round", [1, 2])
+def test_a_repeated_user_item_row_is_refused_where_the_users_row_is_built(task, server_round):
+    """The audit found a duplicated (user, item) row moving the rating round-1 sum by 2.0
+    against a bound of 1.414: the loaders reject duplicates, but the statistics must not
+    trust their caller."""
+    config = default_config(task=task, synthetic_users=60, synthetic_items=40)
+    site = load_site(config, 0, 2)
+    graph = ItemGraph() if server_round == 1 else graph_after_round_1(config, site)
+    first = np.flatnonzero(site.train.user == 0)[0]
+    repeated = site.train.select(np.append(np.arange(len(site.train)), first))
+    with pytest.raises(ValueError, match="1 repeated \\(user, item\\) pair"):
+        contribution(config, replace(site, train=repeated), server_round, graph)
+
+
 def test_the_gram_travels_as_an_isometry_of_its_frobenius_norm():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(7, 7))
