@@ -58,7 +58,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def check_data(config: RunConfig, sites: int) -> str:
-    """What a run would load: sizes, rating scale, degrees, split and users per site."""
+    """What a run would load: sizes, rating scale, degrees, split and users per site, and
+    what of the catalogue was taken from the data rather than given."""
     import numpy as np
 
     from common.data import load_dataset, partition_sites, split_dataset
@@ -82,6 +83,11 @@ def check_data(config: RunConfig, sites: int) -> str:
         f"test {len(split.test)}",
         f"sites         {config.partition}: users per site {np.bincount(site_of_user).tolist()}",
     ]
+    if catalogue.derived_from_data:
+        lines.append(
+            f"derived       {', '.join(catalogue.derived_from_data)} taken from the data, not "
+            "public (dp = false only; see the README's Data section)"
+        )
     return "\n".join(lines)
 
 

@@ -42,6 +42,7 @@ class RunConfig:
     val_path: str
     catalogue_path: str
     item_text_path: str
+    rating_scale: str
     download: bool
     on_duplicate: str
     implicit: bool

@@ -159,8 +159,9 @@ def test_split_fraction_per_is_checked():
 
 @pytest.fixture
 def own_split(tmp_path):
-    """A training, a validation and a test file of one's own."""
+    """A training, a validation and a test file of one's own, and the catalogue file."""
     data = generate_synthetic(num_users=30, num_items=25, seed=1)
+    (tmp_path / "items.csv").write_text("item\n" + "".join(f"{i}\n" for i in range(25)))
     inter = data.interactions
     part = np.arange(len(inter)) % 10
     parts = {"train": part >= 2, "val": part == 1, "test": part == 0}
@@ -180,6 +181,8 @@ def test_a_split_of_ones_own_is_used_as_given(own_split):
         data_path=str(folder / "train.csv"),
         test_path=str(folder / "test.csv"),
         val_path=str(folder / "val.csv"),
+        item_text_path=str(folder / "items.csv"),
+        rating_scale="1..5",
         split="canonical",
     )
     split = split_dataset(load_dataset(config), config)

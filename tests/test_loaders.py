@@ -16,6 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.config import RunConfig, default_config
+from common.data import load_dataset, load_site
+from common.data._parse import parse_rating_scale
+from common.data.dataset import Catalogue
 from common.data.download import ensure_raw_files
 from common.data.interactions_file import load_interactions_file, read_csv
 from common.data.lightgcn import load_lightgcn
@@ -26,7 +30,9 @@ from common.data.movielens import (
     load_movielens_100k,
     load_movielens_dat,
 )
+from common.data.site_folder import load_catalogue_folder
 from common.errors import InputError
+from common.graph_statistics import ItemGraph, contribution, length, sensitivity
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"
 
@@ -280,7 +286,7 @@ def test_movielens_10m(tmp_path: Path) -> None:
         ("users.dat", "6::F::1::21::55117\n", "users.dat:1:", "field 'occupation'"),
         ("users.dat", "6::F::1::1::\n", "users.dat:1:", "field 'zip code'"),
         ("ratings.dat", "6::1::0::1\n", "ratings.dat:1:", "field 'rating'"),
-        ("ratings.dat", "6::1::4.5::1\n6::1::5.5::2\n", "ratings.dat:2:", "field 'rating'"),
+        ("ratings.dat", "6::1::4::1\n6::1::4.5::2\n", "ratings.dat:2:", "users.dat is present"),
         ("ratings.dat", "6::1::nan::1\n", "ratings.dat:1:", "field 'rating'"),
         ("ratings.dat", "6::1::4::1.5\n", "ratings.dat:1:", "field 'timestamp'"),
         ("ratings.dat", "7::1::4::1\n", "ratings.dat:1:", "field 'user'"),
@@ -292,6 +298,18 @@ def test_movielens_dat_bad_input(tmp_path: Path, file: str, text: str, where: st
     write(tmp_path / "ratings.dat", "6::1::4::1\n")
     write(tmp_path / file, text)
     with raises(where, field):
+        load_movielens_dat(tmp_path)
+
+
+def test_movielens_dat_scale_is_the_releases_not_the_ratings_present(tmp_path: Path) -> None:
+    """ML-1M (users.dat) rates 1..5 and ML-10M (no users.dat) 0.5..5, whatever is rated."""
+    write(tmp_path / "movies.dat", "1::Été tardif (2001)::Comedy\n")
+    write(tmp_path / "ratings.dat", "5::1::3::1\n9::1::5::2\n")
+    data = load_movielens_dat(tmp_path)  # whole stars only, yet ML-10M's files
+    assert data.name == "ml-10m" and data.catalogue.rating_levels == HALF_STARS
+    assert data.catalogue.derived_from_data == ()
+    write(tmp_path / "ratings.dat", "5::1::3::1\n9::1::5.5::2\n")
+    with raises("ratings.dat:2:", "field 'rating'", "half-star rating 0.5-5.0", "'5.5'"):
         load_movielens_dat(tmp_path)
 
 
@@ -422,13 +440,53 @@ def test_interactions_rating_levels(tmp_path: Path) -> None:
     write(tmp_path / "r.csv", "user,item,rating\n1,2,3\n1,3,5\n")
     data = load_interactions_file(tmp_path / "r.csv", rating_levels=[5, 1, 2, 3, 4])
     assert data.catalogue.rating_levels == STARS
-    with raises("r.csv:3:", "field 'rating'"):
+    assert data.catalogue.derived_from_data == ("item ids",)
+    with raises("r.csv:3:", "field 'rating'", "on the scale 1, 2, 3 (rating-scale)", "'5'"):
         load_interactions_file(tmp_path / "r.csv", rating_levels=[1, 2, 3])
     write(tmp_path / "i.csv", "user,item\n1,2\n")
-    with raises("rating levels", "no rating column"):
-        load_interactions_file(tmp_path / "i.csv", rating_levels=[1])
-    with raises("rating levels", "non-empty"):
+    with raises("rating-scale", "no rating column"):
+        load_interactions_file(tmp_path / "i.csv", rating_levels=[1, 2])
+    assert load_interactions_file(tmp_path / "i.csv", rating_levels=[1]).catalogue.implicit
+    with raises("rating-scale", "no level"):
         load_interactions_file(tmp_path / "r.csv", rating_levels=[])
+
+
+@pytest.mark.parametrize(
+    ("text", "levels"),
+    [
+        ("1..5", STARS),
+        (" 1 .. 10 ", tuple(map(float, range(1, 11)))),
+        ("0.5..5 step 0.5", HALF_STARS),
+        ("0.1..0.5 step 0.1", (0.1, 0.2, 0.3, 0.4, 0.5)),
+        ("-2..2", (-2.0, -1.0, 0.0, 1.0, 2.0)),
+        ("1,2,3,4,5", STARS),
+        ("5, 1, 3", (1.0, 3.0, 5.0)),
+    ],
+)
+def test_rating_scale_forms(text: str, levels: tuple[float, ...]) -> None:
+    assert parse_rating_scale(text) == levels
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("", "neither a range nor a list"),
+        ("1-5", "neither a range nor a list"),
+        ("1..5 step x", "neither a range nor a list"),
+        ("1,two,3", "neither a range nor a list"),
+        ("0.5..5", "without a step needs whole-number ends"),
+        ("5..1", "a start below its end"),
+        ("1..5 step 0", "a positive step"),
+        ("1..5 step 3", "not on the grid"),
+        ("1..100000", "more than 1000 levels"),
+        ("1,2,2", "listed twice"),
+        ("1,nan", "not a finite number"),
+        ("3", "two levels at least"),
+    ],
+)
+def test_rating_scale_errors_name_the_key_the_value_and_the_forms(text: str, problem: str):
+    with raises("rating-scale: ", problem, f"got {text!r}", '"1..5"', '"0.5..5 step 0.5"', "1,2,3"):
+        parse_rating_scale(text)
 
 
 def test_interactions_encoding(tmp_path: Path) -> None:
@@ -529,6 +587,141 @@ def test_interactions_keep_latest(tmp_path: Path) -> None:
     data = load_interactions_file(tmp_path / "r.csv", on_duplicate="keep-latest")
     assert data.interactions.rating.tolist() == [5.0, 4.0]
     assert data.catalogue.rating_levels == (3.0, 4.0, 5.0)
+
+
+# --- Public catalogue and scale: the audit of issue 24 ---------------------------------------
+
+ITEMS = tuple(f"m{k:02d}" for k in range(40))
+NEW_ITEM = ITEMS[-1]  # in the catalogue file, rated by nobody but the user added
+ADDED_LINE = 62  # after the header and the 60 ratings of audit_data
+
+
+def audit_data(folder: Path, name: str, added: str = "") -> Path:
+    """Five users rating 12 items each of a 40-item catalogue on 1..5 (nobody rates
+    ``NEW_ITEM``), then the lines ``added``. One file per content: loads are cached by path."""
+    rng = np.random.default_rng(0)
+    lines = ["user,item,rating"]
+    for user in range(5):
+        for item in rng.choice(len(ITEMS) - 1, size=12, replace=False):
+            lines.append(f"u{user},{ITEMS[item]},{rng.integers(1, 6)}")
+    return write(folder / f"{name}.csv", "\n".join(lines) + "\n" + added)
+
+
+def audit_config(data: Path, **overrides) -> RunConfig:
+    """DP (the default) with the public catalogue file and ``rating-scale = "1..5"``."""
+    write(data.parent / "items.csv", "item\n" + "\n".join(ITEMS) + "\n")
+    keys = {"item_text_path": str(data.parent / "items.csv"), "rating_scale": "1..5"}
+    return default_config(dataset="csv", data_path=str(data), **keys | overrides)
+
+
+def round_1(config: RunConfig) -> tuple[np.ndarray, Catalogue]:
+    """Round 1's sum over every user (all at one site) and the catalogue."""
+    site = load_site(config, 0, 1)
+    return contribution(config, site, 1, ItemGraph()), site.catalogue
+
+
+@pytest.mark.parametrize("task", ["rating", "ranking"])
+def test_a_rating_off_the_scale_is_an_error_and_one_user_moves_only_their_own_term(
+    tmp_path: Path, task: str
+) -> None:
+    """The audit's first case: a user who rates 10 on a 1..5 file no longer rescales
+    everyone's ratings; it is an error, and a user on the scale adds their own term only."""
+    off_scale = audit_data(tmp_path, "off-scale", "intruder,m09,10\n")
+    with raises(f"{off_scale}:{ADDED_LINE}:", "field 'rating'", "1, 2, 3, 4, 5 (rating-scale)"):
+        load_dataset(audit_config(off_scale))
+    ratings = "intruder,m03,5\nintruder,m07,1\n"
+    before, catalogue = round_1(audit_config(audit_data(tmp_path, "others"), task=task))
+    after, catalogue_after = round_1(audit_config(audit_data(tmp_path, "all", ratings), task=task))
+    alone_data = write(tmp_path / "alone.csv", "user,item,rating\n" + ratings)
+    alone, _ = round_1(audit_config(alone_data, task=task))
+    assert catalogue_after == catalogue and catalogue.rating_levels == STARS
+    assert catalogue.derived_from_data == ()
+    np.testing.assert_allclose(after - before, alone, atol=1e-9)  # nobody else's term moved
+    bound = sensitivity(audit_config(tmp_path / "all.csv", task=task), catalogue, 1)
+    assert 0 < np.linalg.norm(after - before) <= bound + 1e-9
+
+
+def test_a_user_alone_on_an_item_leaves_the_release_length_as_it_is(tmp_path: Path) -> None:
+    """The audit's second case: a user who rates an item nobody else has."""
+    config = audit_config(audit_data(tmp_path, "others"))
+    with_user = audit_config(audit_data(tmp_path, "all", f"loner,{NEW_ITEM},4\n"))
+    before, catalogue = round_1(config)
+    after, catalogue_after = round_1(with_user)
+    assert catalogue_after == catalogue and catalogue.num_items == len(ITEMS)
+    empty = ItemGraph()
+    assert length(config, catalogue, 1, empty) == length(with_user, catalogue_after, 1, empty)
+    assert before.shape == after.shape == (2 * len(ITEMS),)
+    assert np.linalg.norm(after - before) <= sensitivity(config, catalogue, 1) + 1e-9
+    outside = audit_data(tmp_path, "outside", "loner,m99,4\n")
+    with raises(f"{outside}:{ADDED_LINE}:", "field 'item'", "'m99' is not in the item-text file"):
+        load_dataset(audit_config(outside))
+
+
+def test_under_dp_csv_data_needs_a_public_catalogue_and_scale(tmp_path: Path) -> None:
+    data = audit_data(tmp_path, "ratings")
+    with raises(
+        "item-text-path: dp = true needs the public catalogue of csv data, e.g. ",
+        'item-text-path = "/data/items.csv"',
+        'catalogue-path = "/data/catalogue"',
+        "rating-scale: dp = true needs the public rating scale of csv data, e.g. ",
+        'rating-scale = "1..5"',
+    ):
+        load_dataset(default_config(dataset="csv", data_path=str(data)))
+    with raises("rating-scale: dp = true", 'rating-scale = "1..5"'):
+        load_dataset(audit_config(data, rating_scale=""))
+    with raises("item-text-path: dp = true", 'item-text-path = "/data/items.csv"'):
+        load_dataset(audit_config(data, item_text_path=""))
+    assert load_dataset(audit_config(data, rating_scale="", implicit=True)).catalogue.implicit
+    derived = load_dataset(default_config(dataset="csv", data_path=str(data), dp=False))
+    assert derived.catalogue.derived_from_data == ("item ids", "rating scale")
+    assert derived.catalogue.num_items < len(ITEMS)  # the items rated, not the file's
+    implicit = write(tmp_path / "clicks.csv", "user,item\na,m01\n")
+    assert load_dataset(audit_config(implicit, rating_scale="")).catalogue.implicit
+
+
+def test_a_catalogue_folder_gives_csv_data_its_catalogue_and_scale(tmp_path: Path) -> None:
+    folder = tmp_path / "catalogue"
+    folder.mkdir()
+    write(folder / "items.csv", "item,text\n" + "".join(f"{i},Film {i}\n" for i in ITEMS))
+    write(folder / "catalogue.json", '{"rating-levels": [5, 4, 3, 2, 1]}')
+    data = audit_data(tmp_path, "ratings")
+    config = default_config(dataset="csv", data_path=str(data), catalogue_path=str(folder))
+    catalogue = load_dataset(config).catalogue
+    assert catalogue == load_catalogue_folder(folder)  # the one the server builds the model from
+    assert catalogue.rating_levels == STARS and catalogue.item_text[0] == "Film m00"
+    assert load_dataset(config.replace(rating_scale="1,2,3,4,5")).catalogue == catalogue
+    with raises("rating-scale: 1, 2, 3, 4, 5, 6 differs from the rating-levels 1, 2, 3, 4, 5"):
+        load_dataset(config.replace(rating_scale="1..6"))
+    with raises("item-text-path, catalogue-path", "give one"):
+        load_dataset(config.replace(item_text_path=str(folder / "items.csv")))
+    derived = tmp_path / "derived"
+    derived.mkdir()
+    write(derived / "items.csv", (folder / "items.csv").read_text())
+    levels = '"rating-levels": [1, 2, 3, 4, 5]'
+    write(derived / "catalogue.json", f'{{{levels}, "derived-from-data": ["item ids"]}}')
+    with raises(f"catalogue-path: dp = true needs a public catalogue, and {derived}/catalogue"):
+        load_dataset(config.replace(catalogue_path=str(derived)))
+
+
+def test_a_rating_scale_must_equal_a_published_one(lightgcn: Path) -> None:
+    assert load_dataset(default_config(rating_scale="1..5")).catalogue.rating_levels == STARS
+    with raises("rating-scale: dataset = 'synthetic' has the published scale 1, 2, 3, 4, 5"):
+        load_dataset(default_config(rating_scale="1..10"))
+    config = default_config(dataset="lightgcn", data_path=str(lightgcn), rating_scale="1..5")
+    with raises("rating-scale: dataset = 'lightgcn' has the published scale 1, got '1..5'"):
+        load_dataset(config)
+    with raises("rating-scale: ", "neither a range nor a list", "'1 to 5'"):
+        load_dataset(default_config(rating_scale="1 to 5"))
+
+
+def test_lightgcn_without_item_list_needs_dp_off(lightgcn: Path) -> None:
+    config = default_config(dataset="lightgcn", data_path=str(lightgcn), task="ranking")
+    with raises("data-path: dp = true", f"{lightgcn}/item_list.txt, which is missing"):
+        load_dataset(config)
+    assert load_lightgcn(lightgcn).catalogue.derived_from_data == ("item ids",)
+    assert load_dataset(config.replace(dp=False)).num_items == 4
+    write(lightgcn / "item_list.txt", "org_id remap_id\na 0\nb 1\nc 2\nd 3\n")
+    assert load_lightgcn(lightgcn).catalogue.derived_from_data == ()
 
 
 # --- Download --------------------------------------------------------------------------------

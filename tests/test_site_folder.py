@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,42 @@ def test_a_site_checks_it_holds_the_servers_catalogue(folders):
 def test_partition_refuses_a_folder_in_use(folders, capsys):
     assert fedgraphrec(["partition", "--sites", "2", "--out", str(folders)]) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_what_was_derived_from_the_data_travels_with_the_catalogue(tmp_path, capsys):
+    """Without DP, csv data may lack a catalogue and scale: check-data says so, and the
+    catalogue folder records it; under DP (the default) both commands refuse such data."""
+    data = tmp_path / "ratings.csv"
+    data.write_text("user,item,rating\na,1,4\na,2,3\nb,2,5\nb,3,1\nc,1,2\n")
+    keys = f'dataset="csv" data-path="{data}" split-fraction-per="dataset"'
+    without_dp = ["--sites", "1", "-c", f"{keys} dp=false"]
+    assert fedgraphrec(["check-data", "--sites", "1", "-c", keys]) == 2
+    assert 'rating-scale = "1..5"' in capsys.readouterr().err
+    assert fedgraphrec(["check-data", *without_dp]) == 0
+    assert "derived       item ids, rating scale taken from the data" in capsys.readouterr().out
+    out = tmp_path / "sites"
+    assert fedgraphrec(["partition", *without_dp, "--out", str(out)]) == 0
+    catalogue = load_catalogue_folder(out / "catalogue")
+    assert catalogue.derived_from_data == ("item ids", "rating scale")
+    assert catalogue.fingerprint() == replace(catalogue, derived_from_data=()).fingerprint()
+    assert load_site_folder(out / "site-0").catalogue == catalogue
+    public = f'{keys} rating-scale="1..5"'
+    assert fedgraphrec(["check-data", "--sites", "1", "-c", f"{public} dp=false"]) == 0
+    assert "derived       item ids taken from the data" in capsys.readouterr().out
+
+
+def test_a_catalogue_folder_written_by_hand(tmp_path):
+    (tmp_path / "items.csv").write_text("item\nb\na\n")
+    (tmp_path / "catalogue.json").write_text('{"rating-levels": [1, 2, 3]}')
+    catalogue = load_catalogue_folder(tmp_path)
+    assert (catalogue.item_ids, catalogue.item_text) == (("a", "b"), None)
+    assert catalogue.user_feature_names == catalogue.derived_from_data == ()
+    (tmp_path / "catalogue.json").write_text('{"rating-levels": [1, 2, 2]}')
+    with pytest.raises(InputError, match=r"catalogue.json: field 'rating-levels': .*listed twice"):
+        load_catalogue_folder(tmp_path)
+    (tmp_path / "catalogue.json").write_text('{"levels": [1, 2]}')
+    with pytest.raises(InputError, match=r"catalogue.json: expected JSON with 'rating-levels'"):
+        load_catalogue_folder(tmp_path)
 
 
 def test_certificates_for_tls_and_node_authentication(tmp_path):

@@ -143,7 +143,15 @@ def test_removing_a_movielens_user_changes_no_other_users_data(tmp_path_factory,
 @pytest.mark.parametrize("split", ["random", "time"])
 @pytest.mark.parametrize("per", ["user", "dataset"])
 def test_removing_a_synthetic_user_changes_no_other_users_data(tmp_path, split, per):
-    common = {"dataset": "csv", "split": split, "split_fraction_per": per}
+    items = tmp_path / "items.csv"
+    items.write_text("item\n" + "".join(f"{i}\n" for i in range(90)))
+    common = {
+        "dataset": "csv",
+        "split": split,
+        "split_fraction_per": per,
+        "item_text_path": str(items),  # the public catalogue and scale
+        "rating_scale": "1..5",
+    }
     full = per_user({**common, "data_path": str(synthetic_csv(tmp_path / "all.csv"))})
     smaller = synthetic_csv(tmp_path / "without.csv", without="3")
     without = per_user({**common, "data_path": str(smaller)})

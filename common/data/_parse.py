@@ -1,5 +1,6 @@
 """Parsing helpers shared by the loaders: text decoding, delimited tables that
-remember line numbers, re-indexing of original ids, and the duplicate policy.
+remember line numbers, re-indexing of original ids, the duplicate policy, and the
+public rating scale (the ``rating-scale`` key).
 
 Every problem is reported as an :class:`~common.errors.InputError` that names the
 file and, where they apply, the 1-based line and the field. Lines that hold only whitespace carry no
@@ -10,6 +11,7 @@ optional. ``\\r\\n`` line ends are accepted.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,14 +25,95 @@ from common.errors import InputError, file_error
 logger = logging.getLogger(__name__)
 
 ON_DUPLICATE = ("error", "keep-latest")
+MAX_RATING_LEVELS = 1000
+"""The most levels a rating scale may have (``"1..1000000"`` is a typo, not a scale)."""
+RATING_SCALE_FORMS = (
+    '"a..b" (the integers from a to b, e.g. "1..5"), "a..b step s" (e.g. "0.5..5 step 0.5") '
+    'or a list (e.g. "1,2,3,4,5")'
+)
+
+ITEM_IDS, RATING_SCALE = "item ids", "rating scale"
+"""What a loader records in ``Catalogue.derived_from_data`` when it takes them from the
+interactions."""
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
+_NUMBER = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+_RANGE = re.compile(rf"\s*({_NUMBER})\s*\.\.\s*({_NUMBER})(?:\s+step\s+({_NUMBER}))?\s*")
 
 
 def check_on_duplicate(on_duplicate: str) -> None:
     """Raise unless ``on_duplicate`` names a policy in :data:`ON_DUPLICATE`."""
     if on_duplicate not in ON_DUPLICATE:
         raise InputError(f"on-duplicate: expected one of {ON_DUPLICATE}, got {on_duplicate!r}")
+
+
+def parse_rating_scale(text: str) -> tuple[float, ...]:
+    """The levels of the public rating scale that the ``rating-scale`` key ``text`` names.
+
+    Forms: ``"a..b"``, the integers from ``a`` to ``b`` (``"1..5"``); ``"a..b step s"``,
+    ``a``, ``a + s``, ... up to ``b``, which must be on that grid (``"0.5..5 step
+    0.5"``); or a comma-separated list of numbers (``"1,2,3,4,5"``). A scale has two
+    levels at least (one level is implicit feedback, which needs no scale) and at most
+    :data:`MAX_RATING_LEVELS`. Anything else is an :class:`InputError` that names the
+    key, the value and the accepted forms.
+    """
+
+    def error(problem: str) -> InputError:
+        return InputError(f"rating-scale: {problem}; expected {RATING_SCALE_FORMS}, got {text!r}")
+
+    match = _RANGE.fullmatch(text)
+    if match is None:
+        try:
+            levels = tuple(sorted(float(value) for value in text.split(",")))
+        except ValueError:
+            raise error("neither a range nor a list of numbers") from None
+    else:
+        start, end = float(match[1]), float(match[2])
+        if match[3] is None and not (start.is_integer() and end.is_integer()):
+            raise error("a range without a step needs whole-number ends")
+        step = 1.0 if match[3] is None else float(match[3])
+        if not (step > 0 and start < end < math.inf):
+            raise error("a range needs a start below its end and a positive step")
+        count = (end - start) / step
+        if count >= MAX_RATING_LEVELS:
+            raise error(f"more than {MAX_RATING_LEVELS} levels")
+        if not math.isclose(count, round(count), abs_tol=1e-9):
+            raise error("the end is not on the grid of the step")
+        levels = tuple(round(start + k * step, 12) for k in range(round(count) + 1))
+    problem = _scale_problem(levels)
+    if problem is None and len(levels) < 2:
+        problem = "a scale has two levels at least (implicit feedback needs no scale)"
+    if problem is not None:
+        raise error(problem)
+    return levels
+
+
+def checked_levels(values: Sequence[float], where: str) -> tuple[float, ...]:
+    """``values`` sorted, as a rating scale: 1 to :data:`MAX_RATING_LEVELS` distinct
+    finite numbers; otherwise an :class:`InputError` that starts with ``where``."""
+    levels = tuple(sorted(float(value) for value in values))
+    problem = _scale_problem(levels)
+    if problem is not None:
+        raise InputError(f"{where}: {problem}, got {list(values)!r}")
+    return levels
+
+
+def _scale_problem(levels: tuple[float, ...]) -> str | None:
+    """What makes sorted ``levels`` no rating scale, or ``None``."""
+    if not levels:
+        return "no level"
+    if len(levels) > MAX_RATING_LEVELS:
+        return f"more than {MAX_RATING_LEVELS} levels"
+    if not all(map(math.isfinite, levels)):
+        return "a level is not a finite number"
+    if len(set(levels)) < len(levels):
+        return "a level is listed twice"
+    return None
+
+
+def show_levels(levels: Sequence[float]) -> str:
+    """A rating scale as it reads in a message: ``1, 2, 3, 4, 5``."""
+    return ", ".join(f"{level:g}" for level in levels)
 
 
 def read_text(path: Path, encodings: Sequence[str], remedy: str = "") -> str:

@@ -33,12 +33,18 @@ class Catalogue:
         rating_levels: the public rating scale in increasing order, e.g.
             ``(1.0, 2.0, 3.0, 4.0, 5.0)``; ``(1.0,)`` for implicit feedback.
         user_feature_names: names of the columns of ``Dataset.user_features``.
+        derived_from_data: what of the above a loader took from the interactions
+            because no public source gave it, e.g. ``("item ids", "rating scale")``;
+            empty when all of it is public. Not part of :meth:`fingerprint`: it
+            records where the content came from, and the run refuses it under DP
+            (``common.data.load_dataset``).
     """
 
     item_ids: tuple[str, ...]
     item_text: tuple[str, ...] | None
     rating_levels: tuple[float, ...]
     user_feature_names: tuple[str, ...] = ()
+    derived_from_data: tuple[str, ...] = ()
 
     @property
     def num_items(self) -> int:

@@ -24,19 +24,32 @@ Format of the interactions file:
   are dropped.
 * Blank lines are passed over. Text is decoded with ``encoding``.
 
-The rating scale (``Catalogue.rating_levels``) is public schema, shared by every
-site: it is ``rating_levels`` when given (every rating must be one of them),
-else the sorted distinct ratings present in the files.
+The catalogue and the rating scale are public, shared by every site, and under DP
+they must come from no user's data: one user who rated 10 on a 1..5 file, or
+rated an item nobody else has, would otherwise change every other user's
+release. They are, in this order:
+
+* catalogue: the item file (``item_text_path``, key ``item-text-path``; same
+  delimiter rules, header ``item`` or ``item,text``, one row per item), or a
+  catalogue folder (``catalogue``, key ``catalogue-path``, as read by
+  :func:`common.data.site_folder.load_catalogue_folder`; taken as it is, so
+  that the server's catalogue and the sites' are the same). Every item of the
+  interactions must be in it; items without interactions are kept. Without
+  either, the catalogue is the set of items in the training file, with no text.
+* scale: ``rating_levels`` (key ``rating-scale``, see
+  :func:`common.data._parse.parse_rating_scale`), or the catalogue folder's
+  ``rating-levels`` (if both are given they must be equal). Every rating must be
+  on it. Without either, the scale is the sorted distinct ratings present. A
+  file without a rating column is implicit feedback and needs no scale.
+
+What was taken from the interactions is recorded in
+``Catalogue.derived_from_data``; :func:`common.data.load_dataset` refuses it under
+DP and allows it without.
 
 A split of one's own (``test-path``, optionally ``val-path``; same format and
 columns): the interactions file is then the training set and the other files
 are kept as given, as the dataset's canonical split. Their users must have
 training interactions and their items must be in the catalogue.
-
-The optional item-text file (same delimiter rules) has the header ``item,text``
-and one row per item: it defines the catalogue, so every item of the
-interactions must be in it, and items without interactions are kept. Without
-it, the catalogue is the set of items in the interactions and has no text.
 """
 
 from __future__ import annotations
@@ -50,12 +63,16 @@ from pathlib import Path
 import numpy as np
 
 from common.data._parse import (
+    ITEM_IDS,
+    RATING_SCALE,
     Table,
     check_on_duplicate,
+    checked_levels,
     drop_duplicates,
     is_integer,
     make_table,
     read_text,
+    show_levels,
     sorted_ids,
     table_interactions,
 )
@@ -70,6 +87,7 @@ def load_interactions_file(
     path: str | Path,
     item_text_path: str | Path | None = None,
     *,
+    catalogue: Catalogue | None = None,
     test_path: str | Path | None = None,
     val_path: str | Path | None = None,
     delimiter: str | None = None,
@@ -78,9 +96,11 @@ def load_interactions_file(
     on_duplicate: str = "error",
     name: str | None = None,
 ) -> Dataset:
-    """Load interactions (and optionally item texts) from CSV/TSV files.
+    """Load interactions (and optionally the public catalogue and scale) from CSV/TSV files.
 
-    See the module docstring for the format. ``test_path`` and ``val_path``
+    See the module docstring for the format and for where the catalogue
+    (``item_text_path`` or ``catalogue``, not both) and the scale
+    (``rating_levels``) come from. ``test_path`` and ``val_path``
     (optional, same format) give a split of one's own: ``path`` is then the
     training set, and ``Dataset.canonical_split`` / ``canonical_val`` hold the
     parts as given. Their users must have training interactions in ``path``,
@@ -92,6 +112,8 @@ def load_interactions_file(
     ``test_path``). ``name`` defaults to the file name without its extension.
     """
     check_on_duplicate(on_duplicate)
+    if item_text_path is not None and catalogue is not None:
+        raise InputError("item-text-path, catalogue-path: each gives the catalogue; give one")
     paths = [Path(p) for p in (path, val_path, test_path) if p is not None]
     tables = [
         read_csv(p, ("user", "item"), ("rating", "timestamp"), delimiter, encoding) for p in paths
@@ -99,21 +121,18 @@ def load_interactions_file(
     train = tables[0]
     for table in tables[1:]:
         _check_same_columns(train, table)
-    ratings, levels = _ratings(tables, _levels(rating_levels))
-    if item_text_path is None:
-        item_ids, item_text = sorted_ids(train.columns["item"]), None
-        items_from = f"the training data {train.path}"
-    else:
-        texts = read_csv(Path(item_text_path), ("item", "text"), (), delimiter, encoding)
-        item_ids, rows = texts.distinct("item")
-        item_text = tuple(texts.columns["text"][row] for row in rows)
-        items_from = f"the item-text file {item_text_path}"
+    levels, scale_from = _given_scale(rating_levels, catalogue)
+    ratings, scale = _ratings(tables, levels, scale_from)
+    derived_scale = levels is None and "rating" in train.columns
+    catalogue, items_from = _catalogue(
+        train, item_text_path, catalogue, scale, derived_scale, delimiter, encoding
+    )
     user_ids = sorted_ids(train.columns["user"])
     located = [
         table_interactions(
             table,
             user_ids,
-            item_ids,
+            catalogue.item_ids,
             rating,
             parse_timestamps(table) if "timestamp" in table.columns else None,
             users_from=f"the training data {train.path}",
@@ -121,16 +140,65 @@ def load_interactions_file(
         )
         for table, rating in zip(tables, ratings, strict=True)
     ]
-    parts = drop_duplicates(located, on_duplicate, user_ids, item_ids)
+    parts = drop_duplicates(located, on_duplicate, user_ids, catalogue.item_ids)
     return Dataset(
         name=name or train.path.stem,
-        catalogue=Catalogue(item_ids=item_ids, item_text=item_text, rating_levels=levels),
+        catalogue=catalogue,
         user_ids=user_ids,
         interactions=Interactions.concat(parts),
         user_features=np.zeros((len(user_ids), 0), dtype=np.float32),
         canonical_split=None if test_path is None else (parts[0], parts[-1]),
         canonical_val=None if val_path is None else parts[1],
     )
+
+
+def _given_scale(
+    rating_levels: Sequence[float] | None, catalogue: Catalogue | None
+) -> tuple[tuple[float, ...] | None, str]:
+    """The public scale (``rating_levels``, else the catalogue folder's) and the key that
+    gives it; ``None`` when neither gives one. Both given must be equal."""
+    levels = None if rating_levels is None else checked_levels(rating_levels, "rating-scale")
+    if catalogue is None:
+        return levels, "rating-scale"
+    if levels is not None and levels != catalogue.rating_levels:
+        raise InputError(
+            f"rating-scale: {show_levels(levels)} differs from the rating-levels "
+            f"{show_levels(catalogue.rating_levels)} of the catalogue (catalogue-path); "
+            "give one scale"
+        )
+    return catalogue.rating_levels, "catalogue-path"
+
+
+def _catalogue(
+    train: Table,
+    item_text_path: str | Path | None,
+    folder: Catalogue | None,
+    levels: tuple[float, ...],
+    derived_scale: bool,
+    delimiter: str | None,
+    encoding: str,
+) -> tuple[Catalogue, str]:
+    """The catalogue, and where its items come from (for messages): the catalogue
+    folder's as it is, else the item file's, else the items of ``train``; what came from
+    the interactions (the items, the scale ``levels`` when ``derived_scale``) is
+    recorded in ``derived_from_data``."""
+    if folder is not None:
+        if folder.user_feature_names:
+            raise InputError(
+                f"catalogue-path: the catalogue names {len(folder.user_feature_names)} user "
+                "features, and csv data has none"
+            )
+        return folder, "the catalogue of catalogue-path"
+    derived = (RATING_SCALE,) if derived_scale else ()
+    if item_text_path is None:
+        item_ids = sorted_ids(train.columns["item"])
+        catalogue = Catalogue(item_ids, None, levels, derived_from_data=(ITEM_IDS, *derived))
+        return catalogue, f"the training data {train.path}"
+    items = read_csv(Path(item_text_path), ("item",), ("text",), delimiter, encoding)
+    item_ids, rows = items.distinct("item")
+    text = tuple(items.columns["text"][row] for row in rows) if "text" in items.columns else None
+    catalogue = Catalogue(item_ids, text, levels, derived_from_data=derived)
+    return catalogue, f"the item-text file {item_text_path}"
 
 
 def _check_same_columns(train: Table, other: Table) -> None:
@@ -147,23 +215,26 @@ def _check_same_columns(train: Table, other: Table) -> None:
 
 
 def _ratings(
-    tables: list[Table], levels: tuple[float, ...] | None
+    tables: list[Table], levels: tuple[float, ...] | None, scale_from: str
 ) -> tuple[list[np.ndarray], tuple[float, ...]]:
-    """Each table's ratings and the rating scale (``levels``, else the ratings present).
+    """Each table's ratings, checked to be on the scale ``levels`` (given by
+    ``scale_from``), and the scale: ``levels``, else the sorted distinct ratings present.
 
     Without a rating column every rating is 1.0 and the scale is ``(1.0,)``.
     """
     if "rating" not in tables[0].columns:
-        if levels is not None:
+        if levels not in (None, (1.0,)):
             raise InputError(
-                f"rating levels: {tables[0].path} has no rating column to check them against"
+                f"{scale_from}: {tables[0].path} has no rating column (implicit feedback "
+                f"needs no scale), got the scale {show_levels(levels)}"
             )
         return [np.ones(len(table)) for table in tables], (1.0,)
     ratings = [table.floats("rating", "a number") for table in tables]
     if levels is None:
-        levels = tuple(np.unique(np.concatenate(ratings)).tolist())
+        return ratings, tuple(np.unique(np.concatenate(ratings)).tolist())
     for table, rating in zip(tables, ratings, strict=True):
-        table.check_in("rating", rating, levels, f"a rating in {levels}")
+        expected = f"a rating on the scale {show_levels(levels)} ({scale_from})"
+        table.check_in("rating", rating, levels, expected)
     return ratings, levels
 
 
@@ -237,17 +308,6 @@ def _header(
     if missing:
         raise file_error(path, f"missing from the header; {expected}", line=line, field=missing[0])
     return columns
-
-
-def _levels(rating_levels: Sequence[float] | None) -> tuple[float, ...] | None:
-    if rating_levels is None:
-        return None
-    levels = tuple(sorted({float(level) for level in rating_levels}))
-    if not levels or not np.isfinite(levels).all():
-        raise InputError(
-            f"rating levels: expected a non-empty list of finite numbers, got {rating_levels!r}"
-        )
-    return levels
 
 
 def parse_timestamps(table: Table) -> np.ndarray:

@@ -1,7 +1,10 @@
 """The LightGCN / NGCF text format (Gowalla, Yelp2018, Amazon-Book as shipped with LightGCN).
 
 Implicit feedback already split into train and test, with ids already re-indexed
-to ``0..n-1`` by the data's publisher; those indices are kept as they are.
+to ``0..n-1`` by the data's publisher; those indices are kept as they are. The
+published ``item_list.txt`` is the public catalogue; without it the catalogue is
+taken from the interactions (``Catalogue.derived_from_data``), which
+:func:`common.data.load_dataset` refuses under DP.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from common.data._parse import (
+    ITEM_IDS,
     Located,
     check_on_duplicate,
     drop_duplicates,
@@ -60,7 +64,9 @@ def load_lightgcn(
       ``org_id remap_id``, then one ``original-id index`` line per id with the
       indices 0, 1, ... in order. When present they define the users / items
       (an index outside them is an error) and give the original ids; without
-      them there are ``max index + 1`` users / items named by their index.
+      them there are ``max index + 1`` users / items named by their index
+      (for the items: derived from the data, recorded as ``"item ids"`` in
+      ``Catalogue.derived_from_data``).
 
     Every interaction has rating 1.0 (``rating_levels == (1.0,)``) and no
     timestamp; there is no item text and no user feature. A (user, item) pair
@@ -74,9 +80,8 @@ def load_lightgcn(
     user_ids = _original_ids(
         root / "user_list.txt", "user", [(f.path, f.user, f.line) for f in files]
     )
-    item_ids = _original_ids(
-        root / "item_list.txt", "item", [(f.path, f.item, f.item_line) for f in files]
-    )
+    item_list = root / "item_list.txt"
+    item_ids = _original_ids(item_list, "item", [(f.path, f.item, f.item_line) for f in files])
     parts = [
         Located(
             f.path,
@@ -94,7 +99,12 @@ def load_lightgcn(
     )
     return Dataset(
         name=name or root.resolve().name,
-        catalogue=Catalogue(item_ids=item_ids, item_text=None, rating_levels=(1.0,)),
+        catalogue=Catalogue(
+            item_ids=item_ids,
+            item_text=None,
+            rating_levels=(1.0,),
+            derived_from_data=() if item_list.is_file() else (ITEM_IDS,),
+        ),
         user_ids=user_ids,
         interactions=Interactions.concat([train, test]),
         user_features=np.zeros((len(user_ids), 0), dtype=np.float32),

@@ -13,6 +13,11 @@ the users are those in the ratings file and there are no user features.
 
 Original user and movie ids must be integers; they are re-indexed in numeric
 order. Blank lines are passed over.
+
+The catalogue (the movie file) and the rating scale are those of the published
+release, never taken from the ratings: ML-100K and ML-1M rate in whole stars
+1..5, ML-10M in half stars 0.5..5, and ML-1M is told from ML-10M by its files
+(ML-1M ships ``users.dat``, ML-10M does not). Every rating must be on the scale.
 """
 
 from __future__ import annotations
@@ -153,10 +158,12 @@ def load_movielens_dat(root: str | Path, on_duplicate: str = "error") -> Dataset
     Files:
 
     * ``ratings.dat``: ``UserID::MovieID::Rating::Timestamp``. The scale is
-      decided by the values present: if any rating is not an integer, the
-      half-star scale 0.5, 1.0, ..., 5.0 (ML-10M, dataset name ``"ml-10m"``),
-      else the integer scale 1-5 (ML-1M, ``"ml-1m"``). Every rating must be on
-      the scale. Read as Latin-1 (the file is ASCII).
+      the published one of the release that the files are: with ``users.dat``,
+      ML-1M (dataset name ``"ml-1m"``), the integers 1-5; without it, ML-10M
+      (``"ml-10m"``), the half stars 0.5, 1.0, ..., 5.0. It never depends on
+      the ratings present, which are private; every rating must be on it, else
+      the error names the file, line and field. Read as Latin-1 (the file is
+      ASCII).
     * ``movies.dat``: ``MovieID::Title::Genres`` with ``|``-separated genres.
       Decoded as UTF-8 (ML-10M) when that succeeds, else as Latin-1 (ML-1M).
       Every movie listed is in the catalogue; a rating of a movie not listed
@@ -172,19 +179,20 @@ def load_movielens_dat(root: str | Path, on_duplicate: str = "error") -> Dataset
     check_on_duplicate(on_duplicate)
     movies = _read_movies_dat(root / "movies.dat")
     ratings = _read_ratings(root / "ratings.dat", "::")
-    rating = ratings.floats("rating", "a number")
-    half_stars = not np.array_equal(rating, np.round(rating))
-    levels = HALF_STARS if half_stars else STARS
-    scale = "a half-star rating 0.5-5.0" if half_stars else "an integer rating 1-5"
+    ml_1m = (root / "users.dat").is_file()
+    levels, name = (STARS, "ml-1m") if ml_1m else (HALF_STARS, "ml-10m")
+    scale = (
+        "an integer rating 1-5 (ML-1M: users.dat is present)"
+        if ml_1m
+        else "a half-star rating 0.5-5.0 (ML-10M: there is no users.dat)"
+    )
+    rating = ratings.floats("rating", scale)
     ratings.check_in("rating", rating, levels, scale)
-    if (root / "users.dat").is_file():
-        users = _read_users_1m(root / "users.dat")
-    else:
-        users = _users_of(ratings)
+    users = _read_users_1m(root / "users.dat") if ml_1m else _users_of(ratings)
     (interactions,) = drop_duplicates(
         [_located(ratings, rating, users, movies)], on_duplicate, users.ids, movies.ids
     )
-    return _dataset("ml-10m" if half_stars else "ml-1m", movies, users, levels, interactions)
+    return _dataset(name, movies, users, levels, interactions)
 
 
 def _dataset(

@@ -7,7 +7,8 @@ Layout (all text files UTF-8 CSV with a header row, original ids)::
                                  SHA-256 of every file below
       catalogue/items.csv        item[,text]: the public catalogue, every item
       catalogue/catalogue.json   {"dataset": name, "rating-levels": [...],
-                                  "user-feature-names": [...]}
+                                  "user-feature-names": [...],
+                                  "derived-from-data": [...]}
       train.csv                  user,item,rating[,timestamp]: the site's users only
       val.csv, test.csv          the same columns; optional
       cold.csv                   the same columns: interactions with the run's held-out
@@ -20,6 +21,10 @@ Layout (all text files UTF-8 CSV with a header row, original ids)::
 ``fedgraphrec partition`` also writes ``<out>/catalogue/`` for the coordinator:
 the server builds the global model from it (``catalogue-path``) and every site
 checks that its own catalogue is the same (:meth:`Catalogue.fingerprint`).
+``derived-from-data`` lists what of the catalogue a loader took from the
+interactions (``Catalogue.derived_from_data``). A catalogue folder written by
+hand needs only ``items.csv`` (``item`` or ``item,text``) and ``"rating-levels"``;
+the ``csv`` loader takes it as its public catalogue and scale (``catalogue-path``).
 
 A site that prepares its own folder writes the same files; the manifest's
 checksums catch a file changed or truncated after it was written. A site's
@@ -37,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data._parse import drop_duplicates, sorted_ids, table_interactions
+from common.data._parse import checked_levels, drop_duplicates, sorted_ids, table_interactions
 from common.data.dataset import Catalogue, Dataset, Interactions
 from common.data.interactions_file import parse_timestamps, read_csv
 from common.data.keys import user_keys
@@ -101,6 +106,7 @@ def _write_catalogue(catalogue: Catalogue, dataset: str, folder: Path) -> None:
         "dataset": dataset,
         "rating-levels": list(catalogue.rating_levels),
         "user-feature-names": list(catalogue.user_feature_names),
+        "derived-from-data": list(catalogue.derived_from_data),
     }
     (folder / "catalogue.json").write_text(json.dumps(description, indent=2))
 
@@ -133,24 +139,29 @@ def _sha256(path: Path) -> str:
 
 
 def load_catalogue_folder(folder: str | Path) -> Catalogue:
-    """The catalogue in ``folder`` (``items.csv`` and ``catalogue.json``)."""
+    """The catalogue in ``folder``: ``items.csv`` (``item[,text]``) and ``catalogue.json``
+    with ``"rating-levels"`` (numbers) and optionally ``"user-feature-names"``,
+    ``"derived-from-data"`` (lists of strings, default empty) and ``"dataset"``."""
     folder = Path(folder).expanduser()
     description_path = folder / "catalogue.json"
     if not description_path.is_file():
         raise file_error(folder, "not a catalogue folder (expected catalogue.json and items.csv)")
     try:
         description = json.loads(description_path.read_text(encoding="utf-8"))
-        levels = tuple(float(v) for v in description["rating-levels"])
-        names = tuple(str(v) for v in description["user-feature-names"])
+        values = [float(v) for v in description["rating-levels"]]
+        names = tuple(map(str, description.get("user-feature-names", [])))
+        derived = tuple(map(str, description.get("derived-from-data", [])))
     except (ValueError, KeyError, TypeError) as error:
         raise file_error(
             description_path,
-            f"expected JSON with 'rating-levels' (numbers) and 'user-feature-names' ({error})",
+            "expected JSON with 'rating-levels' (numbers) and optionally 'user-feature-names', "
+            f"'derived-from-data' (lists of strings) and 'dataset' ({error})",
         ) from None
+    levels = checked_levels(values, f"{description_path}: field 'rating-levels'")
     items = read_csv(folder / "items.csv", ("item",), ("text",), None, "utf-8")
     item_ids, rows = items.distinct("item")
     text = tuple(items.columns["text"][r] for r in rows) if "text" in items.columns else None
-    return Catalogue(item_ids, text, levels, names)
+    return Catalogue(item_ids, text, levels, names, derived)
 
 
 def catalogue_folder_dataset(folder: str | Path) -> str:
