@@ -12,13 +12,14 @@ round sequences:
   sum, or the statistics) as a share of the secure sum
   (``common.distributed_noise``);
 - :meth:`SiteRound.evaluate`: validation, test and cold-start metrics, of the
-  model or of the released item graph.
+  model or of the released item graph: exact, or under ``evaluation = "dp"`` as
+  per-user sums with Gaussian noise (``common.metric_release``).
 
-Training and sharing follow one sequence: if the round would take the site
-past ``max-epsilon`` it declines (its reply says ``declined``, and under secure
+Every release follows one sequence: if it would take the site past
+``max-epsilon`` the site declines (its reply says ``declined``, and under secure
 aggregation its share is noise alone, so the sum keeps all its noise and the
-site's users are not touched); otherwise it computes, then records the round in
-its ledger *before* anything leaves (spent budget stays spent, whatever
+site's users are not touched); otherwise it computes, then records the release
+in its ledger *before* anything leaves (spent budget stays spent, whatever
 happens next), then replies. Every reply is checked against the release
 inventory (``common.privacy.released_quantities``) before it is returned.
 """
@@ -50,11 +51,12 @@ from common.data.site_folder import load_site_folder
 from common.distributed_noise import IntegerCode, encode, round_seed
 from common.ego_graphs import UserEgoGraphs
 from common.errors import InputError
-from common.evaluation import evaluate, evaluate_graph
+from common.evaluation import RankingSums, RatingErrors, evaluate, evaluate_graph
 from common.graph_statistics import ItemGraph, contribution, rating_settings
 from common.graph_statistics import length as statistics_length
 from common.graph_statistics import sensitivity as statistics_sensitivity
 from common.item_graph import release_vector
+from common.metric_release import evaluation_parts, noisy_sums
 from common.model import EgoGraphRecommender, build_model, item_side_size
 from common.privacy import (
     LedgerEntry,
@@ -189,8 +191,8 @@ class SiteRound:
         return model.to(self.device)
 
     @property
-    def release(self) -> RoundRelease:
-        """What this round releases: the item graph's statistics, or DP-SGD."""
+    def training_release(self) -> RoundRelease:
+        """What this round's training releases: the item graph's statistics, or DP-SGD."""
         if not self.config.is_statistics_round(self.server_round):
             return self.mechanism.training()
         catalogue, server_round = self.site.catalogue, self.server_round
@@ -205,8 +207,8 @@ class SiteRound:
 
     def train(self, model: EgoGraphRecommender) -> SiteReply:
         """Local training (Message API): the item side or the statistics, or a decline."""
-        if self.declines():
-            return self.checked("train", self.record(trained=False).metrics())
+        if self.declines(self.training_release):
+            return self.checked("train", self.record(self.training_release, False).metrics())
         if self.config.is_statistics_round(self.server_round):
             return self.noisy_statistics()
         private = self.private_embeddings()
@@ -219,7 +221,7 @@ class SiteRound:
             device=self.device,
             private=private,
         )
-        entry = self.record(trained=True)
+        entry = self.record(self.training_release, trained=True)
         if private is not None:
             self.state.save_private_embeddings(self.site.user_keys, private)
         arrays = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -231,11 +233,11 @@ class SiteRound:
 
     def noisy_statistics(self) -> SiteReply:
         """This round's statistics, with the site's Gaussian noise under DP."""
-        total, release = self.statistics, self.release
+        total, release = self.statistics, self.training_release
         if release.noise_multiplier > 0:
             rng = np.random.default_rng(secrets.randbits(128))
             total = release_vector(total, release.sensitivity, release.noise_multiplier, rng)
-        entry = self.record(trained=True)
+        entry = self.record(release, trained=True)
         metrics = entry.metrics() if self.config.dp else {NUM_EXAMPLES: self.site.num_users}
         return self.checked("train", metrics, statistics_arrays(total))
 
@@ -263,12 +265,13 @@ class SiteRound:
                 f"least secagg-min-sites = {expected[0]} sites, range {expected[1]} and "
                 f"{expected[2]} levels; refusing to send"
             )
-        if self.declines():
+        release = self.training_release
+        if self.declines(release):
             gradient = np.zeros(code.dimension)  # the share is noise alone
-            entry = self.record(trained=False)
+            entry = self.record(release, trained=False)
         elif statistics_round:
             gradient = self.statistics
-            entry = self.record(trained=True)
+            entry = self.record(release, trained=True)
         else:
             private = self.private_embeddings()
             if private is not None:  # fit to the released item side first, then use it
@@ -291,7 +294,7 @@ class SiteRound:
                 private=private,
             )
             gradient = torch.cat([sums[k].flatten() for k in model.state_dict()]).double().numpy()
-            entry = self.record(trained=True)
+            entry = self.record(release, trained=True)
         seed = round_seed(self.run_name, self.server_round)
         share = encode(gradient, code, seed, np.random.default_rng(secrets.randbits(128)))
         metrics = entry.metrics() | {NUM_EXAMPLES: PUBLIC_WEIGHT}
@@ -309,7 +312,36 @@ class SiteRound:
     def evaluate(self, model: EgoGraphRecommender) -> SiteReply:
         """Validation and test metrics (of the item graph once it is complete with
         ``item-graph = "filter"``, else of the model), and the cold-start metrics with
-        and without text."""
+        and without text: exact, or as noisy per-user sums (``evaluation = "dp"``)."""
+        site, config = self.site, self.config
+        if not config.releases_metrics_in(self.server_round):
+            return self.checked("evaluate", {})  # the check-in: the site's id alone
+        if config.evaluation == "dp":
+            release = self.mechanism.evaluation()
+            if self.declines(release):
+                return self.checked("evaluate", self.record(release, False).metrics())
+            results = self.heldout_results(model)
+            rng = np.random.default_rng(secrets.randbits(128))
+            sums = noisy_sums(config, results, release.noise_multiplier, rng)
+            entry = self.record(release, trained=True)
+            return self.checked("evaluate", entry.metrics() | sums)
+        metrics: dict[str, float | int] = {
+            f"{prefix}{name}{suffix}": value
+            for (prefix, suffix), result in self.heldout_results(model).items()
+            for name, value in result.metrics().items()
+        }
+        if not config.dp:
+            metrics[NUM_EXAMPLES] = site.num_users
+        elif config.secure_aggregation:
+            metrics[NUM_EXAMPLES] = PUBLIC_WEIGHT
+        return self.checked("evaluate", metrics)
+
+    def heldout_results(
+        self, model: EgoGraphRecommender
+    ) -> dict[tuple[str, str], RatingErrors | RankingSums]:
+        """What evaluation finds on each held-out part (``common.metric_release``'s
+        parts): validation, test (validation items left out), and the cold-start items
+        ranked among themselves, with and without the model's text."""
         site, config = self.site, self.config
         if config.item_graph == "filter" and self.graph.complete:
             settings = rating_settings(config)
@@ -323,37 +355,42 @@ class SiteRound:
                 device=self.device,
                 private=self.private_embeddings(),
             )
-        metrics: dict[str, float | int] = {f"val-{k}": v for k, v in run(site.val).items()}
-        metrics |= {f"test-{k}": v for k, v in run(site.test, exclude=site.val).items()}
-        if len(site.cold_items):
+        results = {("val-", ""): run(site.val), ("test-", ""): run(site.test, exclude=site.val)}
+        parts = evaluation_parts(config)
+        if ("cold-", "") in parts:
             cold = partial(run, site.cold, candidates=site.cold_items)
-            metrics |= {f"cold-{k}": v for k, v in cold().items()}
-            if model.item_text_projection is not None:
+            results[("cold-", "")] = cold()
+            if ("cold-", "-without-text") in parts:
                 with model.text_disabled():
-                    metrics |= {f"cold-{k}-without-text": v for k, v in cold().items()}
-        if not config.dp:
-            metrics[NUM_EXAMPLES] = site.num_users
-        elif config.secure_aggregation:
-            metrics[NUM_EXAMPLES] = PUBLIC_WEIGHT
-        return self.checked("evaluate", metrics)
+                    results[("cold-", "-without-text")] = cold()
+        return results
 
-    def declines(self) -> bool:
-        """Whether this round would take the site past ``max-epsilon``."""
+    def declines(self, release: RoundRelease) -> bool:
+        """Whether ``release`` would take the site past ``max-epsilon``."""
         if not self.config.dp or self.config.max_epsilon is None:
             return False
-        return self.entry(trained=True).epsilon > self.config.max_epsilon
+        return self.entry(release, trained=True).epsilon > self.config.max_epsilon
 
-    def entry(self, trained: bool) -> LedgerEntry:
-        """The ledger entry of this round, trained or declined (not yet recorded)."""
+    def entry(self, release: RoundRelease, trained: bool) -> LedgerEntry:
+        """The ledger entry of ``release`` in this round, made or declined (not yet
+        recorded)."""
         return ledger_entry(
-            self.mechanism, self.release, self.ledger, self.run_name, self.server_round, trained
+            self.mechanism, release, self.ledger, self.run_name, self.server_round, trained
         )
 
-    def record(self, trained: bool) -> LedgerEntry:
-        """Append this round to the site's ledger (before any reply leaves)."""
-        entry = self.entry(trained)
-        self.state.record(entry)
-        return entry
+    def record(self, release: RoundRelease, trained: bool) -> LedgerEntry:
+        """Append ``release`` to the site's ledger (before any reply leaves), composed
+        with the ledger as it is when written (others may share it in simulation)."""
+        return self.state.record(
+            partial(
+                ledger_entry,
+                self.mechanism,
+                release,
+                run=self.run_name,
+                server_round=self.server_round,
+                trained=trained,
+            )
+        )
 
     def private_embeddings(self) -> torch.Tensor | None:
         if not self.config.private_user_embedding:

@@ -1,31 +1,40 @@
 """A site's persistent state: its privacy ledger and its private user embeddings.
 
-Both live in one folder on the site's own disk and never leave it:
+Both live on the site's own disk and never leave it:
 
-- ``ledger.json``: every round the site took part in, across runs
-  (:class:`common.privacy.LedgerEntry`). The site appends an entry after
-  training and before replying, so a crash never loses budget that was spent,
-  and a later or resumed run composes with everything before it.
+- ``ledger.json``: every release the site made (statistics, DP-SGD, metrics),
+  across runs (:class:`common.privacy.LedgerEntry`). The site appends an entry
+  after computing and before replying, so a crash never loses budget that was
+  spent, and a later or resumed run composes with everything before it. A
+  release recorded twice (the same run, round and release) is one release.
 - ``private-user-embeddings.pt``: the ``p_u`` table keyed by user, so users
   keep their rows when the site's user list changes.
 
-Files are replaced atomically (write, then rename).
+Files are replaced atomically (write, then rename) under an exclusive lock,
+and are private to the site's operator (mode 0600, like keys).
 
-Files are private to the site's operator (mode 0600, like keys).
+**Whose budget a ledger tracks.** Never a set of users: a ledger that follows
+who the users are starts again from zero when one user is added, or when a new
+partition moves users between sites.
 
-In simulation the folder is ``<site-state-dir>/site<id>-<fingerprint>``: the
-fingerprint hashes the catalogue's item ids and the site's user keys, and
-nothing else (not the seed, the data path or the rating scale), so every later
-run on the same users continues the same ledger (delete the folder to start a
-fresh budget on synthetic data). A different partition gives other users to a
-site and a new ledger, so in simulation a user's budget is only tracked while
-they stay at one site.
+- Deployment: the site's identity, its state folder ``<data-path>/state``.
+- Simulation: the dataset. Every simulated site of every run on a dataset
+  shares one ledger, ``<site-state-dir>/dataset-<fingerprint>/ledger.json``,
+  the fingerprint hashing the catalogue's item ids and nothing else (not the
+  seed, the partition, the users, the data path or the rating scale). A new seed
+  or partition can move any user to any site, so every user is charged every
+  release any site made: each run's largest per-site epsilon, composed over
+  runs. Delete the folder to start a fresh budget on synthetic data.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,20 +47,26 @@ from common.privacy import NEIGHBOURING_RELATION, PRIVACY_UNIT, LedgerEntry
 
 
 class SiteState:
-    """The state folder of one site (see the module docstring)."""
+    """The state of one site (see the module docstring).
 
-    def __init__(self, folder: Path) -> None:
+    Args:
+        folder: the site's own folder (private embeddings; the ledger by default).
+        ledger_path: the ledger, when it lives elsewhere (shared in simulation).
+    """
+
+    def __init__(self, folder: Path, ledger_path: Path | None = None) -> None:
         self.folder = folder
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.ledger_path = ledger_path or folder / "ledger.json"
+        for path in (folder, self.ledger_path.parent):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     @classmethod
     def in_simulation(cls, root: str | Path, site: SiteData) -> SiteState:
-        """The state folder of a simulated site under ``root`` (``site-state-dir``)."""
-        return cls(Path(root).expanduser() / f"site{site.site_id}-{users_fingerprint(site)}")
-
-    @property
-    def ledger_path(self) -> Path:
-        return self.folder / "ledger.json"
+        """The state of a simulated site under ``root`` (``site-state-dir``): its folder
+        and the dataset's shared ledger."""
+        dataset = Path(root).expanduser() / f"dataset-{dataset_fingerprint(site)}"
+        dataset.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return cls(dataset / f"site{site.site_id}", dataset / "ledger.json")
 
     def ledger(self) -> list[LedgerEntry]:
         if not self.ledger_path.exists():
@@ -59,17 +74,40 @@ class SiteState:
         content = json.loads(self.ledger_path.read_text())
         return [LedgerEntry.from_dict(e) for e in content["entries"]]
 
-    def record(self, entry: LedgerEntry) -> None:
-        """Append ``entry`` to the ledger, atomically."""
-        write_json(
-            self.ledger_path,
-            {
-                "privacy-unit": PRIVACY_UNIT,
-                "neighbouring-relation": NEIGHBOURING_RELATION,
-                "entries": [e.as_dict() for e in [*self.ledger(), entry]],
-            },
-            mode=PRIVATE,
-        )
+    def record(self, entry_after: Callable[[list[LedgerEntry]], LedgerEntry]) -> LedgerEntry:
+        """Append the entry ``entry_after(earlier entries)`` to the ledger, under the
+        ledger's lock, and return it. A release the ledger already holds (same run,
+        round and release, as every simulated site of a round records) is kept once:
+        a made release replaces a declined one, and is never counted twice."""
+        with self._locked():
+            entries = self.ledger()
+            entry = entry_after(entries)
+            same = [e for e in entries if e.same_release(entry)]
+            if same and (same[0].trained or not entry.trained):
+                return same[0]
+            entries = [e for e in entries if not e.same_release(entry)]
+            write_json(
+                self.ledger_path,
+                {
+                    "privacy-unit": PRIVACY_UNIT,
+                    "neighbouring-relation": NEIGHBOURING_RELATION,
+                    "entries": [e.as_dict() for e in [*entries, entry]],
+                },
+                mode=PRIVATE,
+            )
+            return entry
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive lock on the ledger, across processes (simulated sites run in
+        parallel and share it)."""
+        lock = self.ledger_path.with_name(self.ledger_path.name + ".lock")
+        descriptor = os.open(lock, os.O_CREAT | os.O_RDWR, PRIVATE)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)  # releases the lock
 
     @property
     def private_path(self) -> Path:
@@ -99,9 +137,6 @@ class SiteState:
             )
 
 
-def users_fingerprint(site: SiteData) -> str:
-    """Who the site's users are: a hash of the catalogue's item ids (which dataset) and of
-    the site's sorted user keys (which people in it), and of nothing else."""
-    digest = hashlib.sha256(json.dumps(list(site.catalogue.item_ids)).encode())
-    digest.update(np.sort(np.asarray(site.user_keys, dtype=np.int64)).tobytes())
-    return digest.hexdigest()[:12]
+def dataset_fingerprint(site: SiteData) -> str:
+    """Which dataset a simulated site is cut from: a hash of the catalogue's item ids."""
+    return hashlib.sha256(json.dumps(list(site.catalogue.item_ids)).encode()).hexdigest()[:12]

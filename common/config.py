@@ -9,7 +9,8 @@ message, so both sides use the same values. Field ``foo_bar`` is key
 TOML has no null, so two spellings stand for "none" there and become explicit
 here: ``target-epsilon = 0`` and ``max-epsilon = 0`` (off) are ``None``, and
 ``delta = "auto"`` is resolved to the number it stands for
-(:func:`auto_delta`).
+(:func:`auto_delta`), ``evaluation = "auto"`` to ``"dp"`` under DP and
+``"exact"`` without.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class RunConfig:
     item_graph_top_per_row: int | None
     top_k: int
     evaluate_every: int
+    evaluation: str
+    evaluation_noise_multiplier: float
     device: str
     run_dir: str
     site_state_dir: str
@@ -125,6 +128,8 @@ class RunConfig:
                 typed[field.name] = None
             elif key == "delta" and value == "auto":
                 typed[field.name] = AUTO_DELTA
+            elif key == "evaluation" and value == "auto":
+                typed[field.name] = "dp" if _typed("dp", values["dp"], "bool") else "exact"
             else:
                 typed[field.name] = _typed(key, value, field.type.removesuffix(" | None"))
         if typed["delta"] is AUTO_DELTA:
@@ -186,11 +191,30 @@ class RunConfig:
     def evaluates_in(self, server_round: int) -> bool:
         """Whether round ``server_round`` ends with a federated evaluation: round 0, the
         round that completes the item graph, every ``evaluate-every``-th training round
-        and the last round."""
+        and the last round. Round 0 is every site's check-in (it opens its data and says
+        which site it is), whatever ``evaluation`` says; later rounds evaluate unless
+        ``evaluation = "off"``."""
+        if server_round == 0:
+            return True
+        if self.evaluation == "off":
+            return False
         training_round = server_round - self.statistics_rounds
         return server_round in (0, self.total_rounds) or (
             training_round >= 0 and training_round % self.evaluate_every == 0
         )
+
+    def releases_metrics_in(self, server_round: int) -> bool:
+        """Whether a site's evaluation in round ``server_round`` sends metrics: every
+        evaluation but round 0's under ``evaluation = "dp"`` (the model before any
+        release, not worth a release of its own) and any with ``"off"``."""
+        if self.evaluation == "off" or (self.evaluation == "dp" and server_round == 0):
+            return False
+        return self.evaluates_in(server_round)
+
+    @property
+    def metric_release_rounds(self) -> list[int]:
+        """The rounds whose evaluation sends metrics (:meth:`releases_metrics_in`)."""
+        return [r for r in range(self.total_rounds + 1) if self.releases_metrics_in(r)]
 
     @property
     def steps_per_round(self) -> int:
@@ -212,6 +236,7 @@ class RunConfig:
             "on-duplicate": (self.on_duplicate, ("error", "keep-latest")),
             "split-fraction-per": (self.split_fraction_per, ("user", "dataset")),
             "item-graph": (self.item_graph, ("none", "filter", "filter+gcn")),
+            "evaluation": (self.evaluation, ("dp", "off", "exact")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -248,6 +273,16 @@ class RunConfig:
             raise InputError(f"weight-decay: expected >= 0, got {self.weight_decay}")
         if self.noise_multiplier < 0:
             raise InputError(f"noise-multiplier: expected >= 0, got {self.noise_multiplier}")
+        if self.evaluation == "dp" and not self.dp:
+            raise InputError(
+                'evaluation: "dp" releases metrics with noise under dp = true; without DP use '
+                '"exact" or "off"'
+            )
+        if self.evaluation == "dp" and self.evaluation_noise_multiplier <= 0:
+            raise InputError(
+                "evaluation-noise-multiplier: expected a positive number for evaluation = "
+                f'"dp", got {self.evaluation_noise_multiplier}'
+            )
         if not 0 < self.delta < 1:
             raise InputError(f'delta: expected "auto" or a number in (0, 1), got {self.delta!r}')
         for key, value in (

@@ -13,11 +13,17 @@
 
 A user's representation is built from their training ego graph only
 (:meth:`UserEgoGraphs.context`).
+
+:func:`evaluate` and :func:`evaluate_graph` return what they found
+(:class:`RatingErrors`, :class:`RankingSums`), from which ``.metrics()`` gives
+the exact metrics and ``common.metric_release`` the per-user sums that a site
+releases with noise under ``evaluation = "dp"``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,6 +37,49 @@ from common.model import EgoBatch, EgoGraphRecommender
 USERS_PER_BATCH = 256
 
 
+@dataclass(frozen=True)
+class RatingErrors:
+    """The errors of a rating evaluation.
+
+    Attributes:
+        users: the (local) user of each held-out rating.
+        errors: prediction (limited to the public scale) minus rating, on the public scale.
+        unit: one step of :data:`REFERENCE_SCALE` on the public scale (errors divided by
+            it are on the reference scale).
+    """
+
+    users: np.ndarray
+    errors: np.ndarray
+    unit: float
+
+    def metrics(self) -> dict[str, float]:
+        """RMSE and MAE over every held-out rating (empty when there is none)."""
+        return rating_metrics(self.errors) if len(self.errors) else {}
+
+
+@dataclass(frozen=True)
+class RankingSums:
+    """The per-user metrics of a ranking evaluation, summed over the users ranked.
+
+    Attributes:
+        top_k: K.
+        recall, ndcg: the sums over users of Recall@K and NDCG@K (each in [0, 1]).
+        users: the number of users with at least one held-out item.
+    """
+
+    top_k: int
+    recall: float
+    ndcg: float
+    users: int
+
+    def metrics(self) -> dict[str, float]:
+        """Recall@K and NDCG@K averaged over users (empty when no user was ranked)."""
+        if not self.users:
+            return {}
+        k = self.top_k
+        return {f"recall@{k}": self.recall / self.users, f"ndcg@{k}": self.ndcg / self.users}
+
+
 @torch.no_grad()
 def evaluate(
     model: EgoGraphRecommender,
@@ -41,30 +90,42 @@ def evaluate(
     device: torch.device | str = "cpu",
     private: torch.Tensor | None = None,
     candidates: np.ndarray | None = None,
-) -> dict[str, float]:
-    """Metrics of ``model`` on ``heldout`` (users are local indices of ``graphs``).
+) -> RatingErrors | RankingSums:
+    """The evaluation of ``model`` on ``heldout`` (users are local indices of ``graphs``).
 
     ``private`` is the site's table of private user embeddings, if it has one.
     ``candidates`` limits the ranking to those items (cold-start evaluation
     ranks the held-out items among themselves).
-
-    Returns ``{"rmse", "mae"}`` for the rating task and ``{"recall@K", "ndcg@K"}``
-    for ranking; empty when ``heldout`` is empty.
     """
     if len(heldout) == 0:
-        return {}
+        return _nothing_held_out(model.task, top_k, graphs.catalogue.from_reference_scale)
     model.eval()
 
     def context(users: np.ndarray) -> EgoBatch:
         return graphs.context(users).with_private(private).to(device)
 
     if model.task == "rating":
-        return _rating_metrics(model, graphs, heldout, context, device)
+        return _rating_errors(model, graphs, heldout, context, device)
 
     def scores(users: np.ndarray) -> torch.Tensor:
         return model.score_catalogue(model.user_vectors(context(users))[0])
 
-    return ranking_metrics(scores, graphs.item_set, heldout, top_k, exclude, candidates)
+    return ranking_sums(scores, graphs.item_set, heldout, top_k, exclude, candidates)
+
+
+def _nothing_held_out(
+    task: str, top_k: int, from_reference_scale: Callable[[np.ndarray], np.ndarray]
+) -> RatingErrors | RankingSums:
+    if task == "rating":
+        empty = np.zeros(0)
+        return RatingErrors(empty.astype(np.int64), empty, _unit(from_reference_scale))
+    return RankingSums(top_k, 0.0, 0.0, 0)
+
+
+def _unit(from_reference_scale: Callable[[np.ndarray], np.ndarray]) -> float:
+    """One step of the reference scale on the public scale."""
+    low, high = from_reference_scale(np.array(REFERENCE_SCALE))
+    return float((high - low) / (REFERENCE_SCALE[1] - REFERENCE_SCALE[0]))
 
 
 def _batches(users: np.ndarray):
@@ -72,9 +133,9 @@ def _batches(users: np.ndarray):
         yield users[start : start + USERS_PER_BATCH]
 
 
-def _rating_metrics(model, graphs, heldout, context, device) -> dict[str, float]:
+def _rating_errors(model, graphs, heldout, context, device) -> RatingErrors:
     low, high = REFERENCE_SCALE  # the model's scale; errors on the public one
-    errors = []
+    users, errors = [], []
     for batch_users in _batches(np.unique(heldout.user)):
         z, bias = model.user_vectors(context(batch_users))
         rows, mine = _in_batch(heldout, batch_users)
@@ -82,8 +143,10 @@ def _rating_metrics(model, graphs, heldout, context, device) -> dict[str, float]
         rows = torch.as_tensor(rows, device=device)
         prediction = model.score(z[rows], bias[rows], items[:, None]).squeeze(1).clamp(low, high)
         predicted = graphs.catalogue.from_reference_scale(prediction.cpu().numpy())
+        users.append(mine.user)
         errors.append(predicted - mine.rating)
-    return rating_metrics(np.concatenate(errors))
+    unit = _unit(graphs.catalogue.from_reference_scale)
+    return RatingErrors(np.concatenate(users), np.concatenate(errors), unit)
 
 
 def rating_metrics(errors: np.ndarray) -> dict[str, float]:
@@ -99,16 +162,18 @@ def evaluate_graph(
     settings: RatingNeighbourhood,
     exclude: Interactions | None = None,
     candidates: np.ndarray | None = None,
-) -> dict[str, float]:
-    """Metrics of a released item graph on ``heldout`` (the site's local users), as
-    :func:`evaluate` computes them for a model: each user scored from their own
-    training rows (``settings``: the rating predictor's)."""
+) -> RatingErrors | RankingSums:
+    """The evaluation of a released item graph on ``heldout`` (the site's local users), as
+    :func:`evaluate` does it for a model: each user scored from their own training rows
+    (``settings``: the rating predictor's)."""
+    task = "rating" if graph.item_bias is not None else "ranking"
     if len(heldout) == 0:
-        return {}
-    if graph.item_bias is not None:  # the rating task
+        return _nothing_held_out(task, top_k, site.catalogue.from_reference_scale)
+    if task == "rating":
         levels = site.catalogue.rating_levels
         prediction = np.clip(graph.predict(site, heldout, settings), levels[0], levels[-1])
-        return rating_metrics(prediction - heldout.rating)
+        unit = _unit(site.catalogue.from_reference_scale)
+        return RatingErrors(heldout.user, prediction - heldout.rating, unit)
     train = site.train
     order = np.argsort(train.user, kind="stable")
     starts = np.searchsorted(train.user[order], np.arange(site.num_users + 1))
@@ -119,10 +184,9 @@ def evaluate_graph(
     def scores(users: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(graph.scores(site, users))
 
-    return ranking_metrics(scores, seen, heldout, top_k, exclude, candidates)
+    return ranking_sums(scores, seen, heldout, top_k, exclude, candidates)
 
 
-@torch.no_grad()
 def ranking_metrics(
     scores: Callable[[np.ndarray], torch.Tensor],
     seen: Callable[[int], np.ndarray],
@@ -131,8 +195,21 @@ def ranking_metrics(
     exclude: Interactions | None = None,
     candidates: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Recall@K and NDCG@K of any scorer: ``scores(users)`` gives ``[B, num_items]``,
-    ``seen(user)`` the items to leave out (the user's training items).
+    """Recall@K and NDCG@K of any scorer (:func:`ranking_sums`, averaged over users)."""
+    return ranking_sums(scores, seen, heldout, top_k, exclude, candidates).metrics()
+
+
+@torch.no_grad()
+def ranking_sums(
+    scores: Callable[[np.ndarray], torch.Tensor],
+    seen: Callable[[int], np.ndarray],
+    heldout: Interactions,
+    top_k: int,
+    exclude: Interactions | None = None,
+    candidates: np.ndarray | None = None,
+) -> RankingSums:
+    """Recall@K and NDCG@K of any scorer, summed over users: ``scores(users)`` gives
+    ``[B, num_items]``, ``seen(user)`` the items to leave out (the user's training items).
 
     PyG is imported here, not with the module: importing it loads ``transformers``
     too (its LLM datasets), which a process that only evaluates ratings need not pay.
@@ -154,7 +231,8 @@ def ranking_metrics(
         label_index = torch.stack([torch.as_tensor(rows), torch.as_tensor(mine.item)])
         recall.update(top, label_index)
         ndcg.update(top, label_index)
-    return {f"recall@{top_k}": float(recall.compute()), f"ndcg@{top_k}": float(ndcg.compute())}
+    # PyG keeps the sum of each user's value (accum) and the users with a label (total)
+    return RankingSums(top_k, float(recall.accum), float(ndcg.accum), int(recall.total))
 
 
 @torch.no_grad()

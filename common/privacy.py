@@ -29,9 +29,16 @@ public bound :math:`n` = ``max-users-per-site``). None of it depends on how
 many users a site has, so the guarantee holds under add/remove-one-user, and
 the epsilon, delta and sigma a site reports reveal nothing about its data.
 
+**Evaluation** (``evaluation``). Under DP a site releases its held-out metrics
+only as per-user sums with Gaussian noise (``"dp"``, the default;
+``common.metric_release``), one Gaussian release per evaluation round, or sends
+none (``"off"``); ``"exact"`` sends exact metrics, which the guarantee does not
+cover and the report says so first.
+
 **Accounting** (``common.accounting``). Every release whose result can reach
-the server is composed over all rounds a site ever trained in: the site's
-:class:`LedgerEntry` list, kept on the site's disk. A round trained with
+the server (statistics rounds, DP-SGD steps, metric releases) is composed over
+all rounds a site ever took part in: the site's :class:`LedgerEntry` list,
+kept on the site's disk. A round trained with
 ``dp = false`` makes every later epsilon infinite. Releasing the item-side
 parameters after every round, and anything computed from them, is
 post-processing.
@@ -53,6 +60,8 @@ from common.config import RunConfig
 from common.distributed_noise import ROUNDING_INFLATION, IntegerCode
 from common.errors import InputError
 from common.item_graph import split_noise_multiplier
+from common.metric_release import evaluation_parts, sum_names
+from common.metric_release import sensitivity as evaluation_sensitivity
 from common.protocol import (
     DECLINED,
     ITEM_COUNTS,
@@ -75,7 +84,7 @@ class RoundRelease:
     """What a site releases about its users in one round, as its ledger records it.
 
     Attributes:
-        name: ``"dp-sgd"`` or ``"item-graph statistics <k>"``.
+        name: ``"dp-sgd"``, ``"item-graph statistics <k>"`` or ``"evaluation"``.
         noise_multiplier: the noise of what the server sees, over the sensitivity.
         noise_share: the noise this site adds itself (all of it without secure
             aggregation).
@@ -115,6 +124,9 @@ class Mechanism:
             (``common.graph_statistics``; empty without an item graph).
         dimension: the item side's size, the length of a DP-SGD secure share.
         secure_sum: ``(secagg-bits, secagg-min-sites)`` under secure aggregation.
+        evaluation_noise, evaluation_sensitivity: the noise multiplier and the
+            sensitivity of each release of metric sums (``evaluation = "dp"``;
+            noise 0 otherwise).
     """
 
     noise_multiplier: float
@@ -128,10 +140,19 @@ class Mechanism:
     statistics_noise: tuple[float, ...] = ()
     dimension: int = 0
     secure_sum: tuple[int, int] | None = None
+    evaluation_noise: float = 0.0
+    evaluation_sensitivity: float = 0.0
 
     @property
     def noisy(self) -> bool:
         return self.noise_multiplier > 0 or any(z > 0 for z in self.statistics_noise)
+
+    def evaluation(self) -> RoundRelease:
+        """One release of a site's metric sums (``common.metric_release``): a Gaussian
+        release over every user, outside any secure sum."""
+        return self._release(
+            "evaluation", self.evaluation_noise, 1.0, 1, self.evaluation_sensitivity, None
+        )
 
     def integer_code(self, dimension: int, sensitivity: float, noise: float) -> IntegerCode:
         """The secure sum's integer code for a vector of ``dimension`` values."""
@@ -201,13 +222,15 @@ def site_mechanism(config: RunConfig, dimension: int) -> Mechanism:
     """The mechanism of every site under ``config``; ``dimension`` is the number of
     item-side parameters (it sizes the DP-SGD secure share).
 
-    With ``target-epsilon`` the budget is planned over the whole run: the item
-    graph's statistics rounds (all of it with ``item-graph = "filter"``, else
-    ``item-graph-budget-share`` of it, split between the two rounds by
+    The metric releases of ``evaluation = "dp"`` (one per evaluation round) have the
+    fixed noise ``evaluation-noise-multiplier``. With ``target-epsilon`` the rest of
+    the budget is planned over the whole run, after them: the item graph's
+    statistics rounds (everything up to the target with ``item-graph = "filter"``,
+    else up to ``item-graph-budget-share`` of it, split between the two rounds by
     ``item-graph-degree-share`` of :math:`1/z^2`, so that together they cost what
     one Gaussian release of noise :math:`z` costs), then the DP-SGD steps, whose
     noise is planned so that everything composes to the target in one
-    accountant. Without it every release uses ``noise-multiplier``.
+    accountant. Without it every other release uses ``noise-multiplier``.
     """
     steps = config.training_rounds * config.steps_per_round
     secure = config.secure_aggregation
@@ -225,15 +248,20 @@ def site_mechanism(config: RunConfig, dimension: int) -> Mechanism:
     }
     if not config.dp:
         return Mechanism(0.0, 0.0, statistics_noise=tuple(0.0 for _ in shares), **common)
+    if config.evaluation == "dp":
+        common |= {
+            "evaluation_noise": config.evaluation_noise_multiplier,
+            "evaluation_sensitivity": evaluation_sensitivity(config),
+        }
     sigma = statistics = config.noise_multiplier
     if config.target_epsilon is not None:
         # plan on the accountant's scale; the integer code's rounding costs ROUNDING_INFLATION
-        before: list[Event] = []
+        before = evaluation_events(config)
         if shares:
             share = 1.0 if not steps else config.item_graph_budget_share
             planned = Event(0.0, 1.0, 1, discrete=secure)
-            statistics = _planned(config, planned, config.target_epsilon * share)
-            before = [
+            statistics = _planned(config, planned, config.target_epsilon * share, before)
+            before += [
                 Event(z, 1.0, 1, discrete=secure)
                 for z in split_noise_multiplier(statistics, shares)
             ]
@@ -249,6 +277,15 @@ def site_mechanism(config: RunConfig, dimension: int) -> Mechanism:
         statistics_noise=tuple(split_noise_multiplier(statistics, list(shares)) if shares else ()),
         **common,
     )
+
+
+def evaluation_events(config: RunConfig) -> list[Event]:
+    """The metric releases a run plans (``evaluation = "dp"``): one Gaussian release of
+    noise ``evaluation-noise-multiplier`` over every user per evaluation round."""
+    rounds = len(config.metric_release_rounds)
+    if not config.dp or config.evaluation != "dp" or not rounds:
+        return []
+    return [Event(config.evaluation_noise_multiplier, 1.0, rounds)]
 
 
 MAX_NOISE_MULTIPLIER = 100.0
@@ -271,10 +308,18 @@ def _planned(
             if planned.sample_rate < 1
             else "the item graph's statistics"
         )
+        evaluations = (
+            f" after {len(config.metric_release_rounds)} metric releases at "
+            f"evaluation-noise-multiplier = {config.evaluation_noise_multiplier:g}"
+            if config.evaluation == "dp"
+            else ""
+        )
         raise InputError(
-            f"target-epsilon: {target:g} at delta {config.delta:g} for {what} needs "
-            f"noise-multiplier > {MAX_NOISE_MULTIPLIER:g}, which leaves nothing to learn; raise "
-            "target-epsilon, or lower num-server-rounds, local-epochs or sample-rate"
+            f"target-epsilon: {target:g} at delta {config.delta:g} for {what}{evaluations} "
+            f"needs noise-multiplier > {MAX_NOISE_MULTIPLIER:g}, which leaves nothing to "
+            "learn; raise target-epsilon or evaluation-noise-multiplier, or lower "
+            "num-server-rounds, local-epochs, sample-rate or the evaluations (evaluate-every, "
+            'evaluation = "off")'
         )
     return sigma
 
@@ -350,6 +395,11 @@ class LedgerEntry:
         values = self.as_dict()
         return {k: float(values[k]) for k in LEDGER_METRICS} | {DECLINED: float(not self.trained)}
 
+    def same_release(self, other: LedgerEntry) -> bool:
+        """Whether both record one release: the same run, round and release (every
+        simulated site of a round records it in the dataset's shared ledger)."""
+        return (self.run, self.round, self.release) == (other.run, other.round, other.release)
+
     @property
     def without_noise(self) -> bool:
         """A round trained with ``dp = false``: no bound on what it revealed."""
@@ -398,7 +448,8 @@ def ledger_entry(
 ) -> LedgerEntry:
     r"""The entry of round ``server_round``, which ``release``\ s (or declines to), after the
     site's ``earlier`` entries: its mechanism and the epsilons of the whole ledger with it
-    (infinite once any round, this one included, trained without noise)."""
+    (infinite once any round, this one included, trained without noise). An earlier entry
+    of the same release (:meth:`LedgerEntry.same_release`) is this one, not counted twice."""
     steps = release.steps if trained else 0
     entry = LedgerEntry(
         run=run,
@@ -423,7 +474,7 @@ def ledger_entry(
         earlier_epsilon=math.inf,
         release=release.name,
     )
-    entries = [*earlier, entry]
+    entries = [*(e for e in earlier if not e.same_release(entry)), entry]
     if any(e.without_noise for e in entries):
         return entry
     events, singles = ledger_events(entries), ledger_events(entries, single_message=True)
@@ -473,26 +524,19 @@ def metric_names(config: RunConfig) -> tuple[str, ...]:
         if config.task == "rating"
         else (f"recall@{config.top_k}", f"ndcg@{config.top_k}")
     )
-    names = [f"{part}-{name}" for part in ("val", "test") for name in base]
-    if config.cold_item_fraction > 0:
-        names += [f"cold-{name}" for name in base]
-        if config.uses_item_text:
-            names += [f"cold-{name}-without-text" for name in base]
-    return tuple(names)
+    return tuple(
+        f"{prefix}{name}{suffix}" for prefix, suffix in evaluation_parts(config) for name in base
+    )
 
 
 def released_quantities(config: RunConfig) -> list[Release]:
     """Every value a site sends under ``config``, with its privacy status."""
     identity = "the site's public identity"
-    releases = [
-        Release("metrics", SITE_ID, "train", True, identity),
-        Release("metrics", SITE_ID, "evaluate", True, identity),
-    ]
+    releases = [Release("metrics", SITE_ID, "train", True, identity)]
     trains = config.training_rounds > 0
     if not config.dp:
         releases += [
             Release("metrics", NUM_EXAMPLES, "train", False, "dp = false: exact user count"),
-            Release("metrics", NUM_EXAMPLES, "evaluate", False, "dp = false: exact user count"),
         ]
         releases += [
             Release("arrays", ITEM_SIDE, "train", False, "dp = false: trained without noise"),
@@ -519,7 +563,6 @@ def released_quantities(config: RunConfig) -> list[Release]:
                 "noise-multiplier / sqrt(secagg-min-sites) (single-message-epsilon)",
             ),
             Release("metrics", NUM_EXAMPLES, "train", True, "the constant public weight 1"),
-            Release("metrics", NUM_EXAMPLES, "evaluate", True, "the constant 1"),
         ]
     elif trains:
         releases.append(
@@ -550,40 +593,63 @@ def released_quantities(config: RunConfig) -> list[Release]:
             for key in statistics
         ]
     if config.dp:
-        public = "a function of public configuration and of the rounds the site trained in"
-        releases += [
-            *(
-                Release("metrics", key, "train", True, public)
-                for key in (
-                    "epsilon",
-                    "independent-epsilon",
-                    "single-message-epsilon",
-                    "run-epsilon",
-                    "earlier-epsilon",
-                )
-            ),
-            Release("metrics", "delta", "train", True, "public configuration"),
-            Release("metrics", "noise-multiplier", "train", True, "planned from public keys"),
-            Release("metrics", "steps", "train", True, "public configuration (1/q per epoch)"),
-            Release(
-                "metrics",
-                DECLINED,
-                "train",
-                True,
-                "whether the next round would exceed max-epsilon: a function of the values above",
-            ),
-        ]
-    releases += [
+        releases += _ledger_releases("train")
+    return releases + _evaluation_releases(config)
+
+
+def _ledger_releases(message: str) -> list[Release]:
+    """The ledger values a site reports with a ``message`` reply under DP."""
+    public = "a function of public configuration and of the releases the site made"
+    return [
+        *(
+            Release("metrics", key, message, True, public)
+            for key in (
+                "epsilon",
+                "independent-epsilon",
+                "single-message-epsilon",
+                "run-epsilon",
+                "earlier-epsilon",
+            )
+        ),
+        Release("metrics", "delta", message, True, "public configuration"),
+        Release("metrics", "noise-multiplier", message, True, "planned from public keys"),
+        Release("metrics", "steps", message, True, "public configuration (1/q per epoch)"),
         Release(
             "metrics",
-            name,
-            "evaluate",
-            False,
-            "computed on the site's private validation/test interactions without noise",
-        )
-        for name in metric_names(config)
+            DECLINED,
+            message,
+            True,
+            "whether the release would exceed max-epsilon: a function of the values above",
+        ),
     ]
-    return releases
+
+
+def _evaluation_releases(config: RunConfig) -> list[Release]:
+    """What an evaluation reply holds (``evaluation``; with ``"off"`` only round 0's
+    check-in, the site's id)."""
+    releases = [Release("metrics", SITE_ID, "evaluate", True, "the site's public identity")]
+    if config.evaluation == "off":
+        return releases  # round 0's check-in
+    if config.evaluation == "dp":
+        why = (
+            "sum over the site's users of per-user values, each user bounded "
+            "(common.metric_release), with Gaussian noise of evaluation-noise-multiplier x "
+            "sensitivity; one release per evaluation round, in the site's epsilon"
+        )
+        releases += [Release("metrics", name, "evaluate", True, why) for name in sum_names(config)]
+        return releases + _ledger_releases("evaluate")
+    if not config.dp:
+        why = "dp = false: exact user count"
+        releases.append(Release("metrics", NUM_EXAMPLES, "evaluate", False, why))
+    elif config.secure_aggregation:
+        releases.append(Release("metrics", NUM_EXAMPLES, "evaluate", True, "the constant 1"))
+    why = (
+        'evaluation = "exact": computed on the site\'s private validation/test interactions '
+        "without noise"
+    )
+    return releases + [
+        Release("metrics", name, "evaluate", False, why) for name in metric_names(config)
+    ]
 
 
 def undeclared_releases(

@@ -43,10 +43,12 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     final_round = max(utility) if utility else None
     sites = {site: _site_summary(entries, config) for site, entries in ledger["sites"].items()}
     finite = [s["epsilon"] for s in sites.values() if s["epsilon"] is not None]
+    releases = _read(run_dir / "releases.json")
     return {
         "schema": SCHEMA,
         "run": run_dir.name,
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "warnings": _warnings(config, releases),
         "dp": config.dp,
         "privacy-unit": ledger["privacy-unit"],
         "neighbouring-relation": ledger["neighbouring-relation"],
@@ -64,6 +66,10 @@ def build_report(run_dir: Path) -> dict[str, Any]:
             "max-epsilon": config.max_epsilon,
             "delta": config.delta,
             "max-users-per-site": config.max_users_per_site,
+            "evaluation": config.evaluation,
+            "evaluation-noise-multiplier": (
+                config.evaluation_noise_multiplier if config.evaluation == "dp" else None
+            ),
             "accountant": _accountant(config),
             "independent-accountant": _independent_accountant(config),
         },
@@ -71,7 +77,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "largest-epsilon": max(finite) if len(finite) == len(sites) and finite else None,
         "stopped-after-round": ledger["stopped-after-round"],
         "dropouts": _dropouts(rounds),
-        "releases": _read(run_dir / "releases.json"),
+        "releases": releases,
         "utility": {
             "metrics": list(names),
             "by-round": {str(r): v for r, v in sorted(utility.items())},
@@ -81,6 +87,24 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "audit": _read(audit_path) if audit_path.exists() else None,
         "assumptions": assumptions(config),
     }
+
+
+def _warnings(config: RunConfig, releases: list[dict[str, Any]]) -> list[str]:
+    """What a reader must see first: under DP, anything sent outside the guarantee."""
+    if not config.dp:
+        return []
+    uncovered = sorted({r["key"] for r in releases if not r["covered"]})
+    if not uncovered:
+        return []
+    why = (
+        ' (evaluation = "exact": exact validation and test metrics)'
+        if config.evaluation == "exact"
+        else ""
+    )
+    return [
+        f"Released outside epsilon{why}: {', '.join(uncovered)}. The (epsilon, delta) "
+        "below does not cover these values."
+    ]
 
 
 def _algorithm(config: RunConfig) -> str:
@@ -98,6 +122,12 @@ def _algorithm(config: RunConfig) -> str:
         parts.append(
             "DP-SGD (Opacus): Poisson sampling of users, per-user clipping, Gaussian noise on "
             "the sum"
+        )
+    if config.evaluation == "dp":
+        parts.append(
+            "evaluation: per-user metric sums, each user bounded, with Gaussian noise "
+            f"(noise multiplier {config.evaluation_noise_multiplier:g}), one release per "
+            "evaluation round"
         )
     where = (
         "at each site, each adding all of the noise"
@@ -139,14 +169,17 @@ def _dropouts(rounds: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 
 def _site_summary(entries: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
-    trained = [e for e in entries if not e["declined"]]
+    training = [e for e in entries if e.get("message", "train") == "train"]
+    trained = [e for e in training if not e["declined"]]
+    evaluations = [e for e in entries if e.get("message") == "evaluate"]
     last = entries[-1] if entries else {}
     epsilon = last.get("epsilon")
     check = last.get("independent-epsilon")
     bounded = config.dp and epsilon is not None and math.isfinite(epsilon)
     return {
         "rounds-trained": [e["round"] for e in trained],
-        "rounds-declined": [e["round"] for e in entries if e["declined"]],
+        "rounds-declined": [e["round"] for e in training if e["declined"]],
+        "metric-releases": [e["round"] for e in evaluations if not e["declined"]],
         "delta": last.get("delta"),
         "noise-multiplier": last.get("noise-multiplier"),
         "epsilon": epsilon if bounded else None,
@@ -157,7 +190,12 @@ def _site_summary(entries: list[dict[str, Any]], config: RunConfig) -> dict[str,
         "earlier-epsilon": _finite(last.get("earlier-epsilon")) if bounded else None,
         "guarantee": "(epsilon, delta)-DP" if bounded else "none: trained without noise",
         "epsilon-by-round": [
-            {"round": e["round"], "epsilon": e.get("epsilon"), "declined": e["declined"]}
+            {
+                "round": e["round"],
+                "message": e.get("message", "train"),
+                "epsilon": e.get("epsilon"),
+                "declined": e["declined"],
+            }
             for e in entries
         ],
     }

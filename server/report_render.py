@@ -47,7 +47,8 @@ def round_line(server_round: int, record: RoundLog) -> str:
 def summary(report: dict[str, Any]) -> str:
     """The table printed at the end of a run: utility per round, then each site's budget."""
     names = report["utility"]["metrics"]
-    lines = ["round  " + "  ".join(f"{n:>14}" for n in names)]
+    lines = [f"WARNING: {warning}" for warning in report.get("warnings", [])]
+    lines.append("round  " + "  ".join(f"{n:>14}" for n in names))
     for server_round, values in report["utility"]["by-round"].items():
         cells = "  ".join(_number(values.get(n), 14) for n in names)
         lines.append(f"{server_round:>5}  {cells}")
@@ -122,9 +123,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     sigma = mechanism["noise-multiplier"] or (
         f"planned per site for target epsilon {mechanism['target-epsilon']}"
     )
-    lines = [
-        f"# Privacy report: {report['run']}",
-        "",
+    lines = [f"# Privacy report: {report['run']}", ""]
+    lines += [f"**Warning.** {warning}\n" for warning in report.get("warnings", [])]
+    lines += [
         f"- Privacy unit: {report['privacy-unit']}",
         f"- Neighbouring relation: {report['neighbouring-relation']}",
         f"- Mechanism: {mechanism['algorithm']}",
@@ -134,6 +135,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"steps per training round, clip norm {mechanism['clip-norm']}, noise multiplier {sigma}",
         f"- Accountant: {mechanism['accountant']}; "
         f"checked with {mechanism['independent-accountant']}",
+        f"- Evaluation: {_evaluation(mechanism)}",
         f"- Budget limit per site (max-epsilon): {mechanism['max-epsilon'] or 'none'}",
         "",
         "## Budget spent per site",
@@ -174,6 +176,17 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
     lines += ["## Assumptions", ""] + [f"- {a}" for a in report["assumptions"]]
     return "\n".join(lines) + "\n"
+
+
+def _evaluation(mechanism: dict[str, Any]) -> str:
+    """How the metrics were released (``evaluation``)."""
+    kind = mechanism.get("evaluation", "exact")
+    if kind == "dp":
+        return (
+            "per-user metric sums with Gaussian noise (noise multiplier "
+            f"{mechanism['evaluation-noise-multiplier']:g}), in each site's epsilon"
+        )
+    return "none sent" if kind == "off" else "exact metrics"
 
 
 def _utility_table(report: dict[str, Any]) -> str:

@@ -23,6 +23,8 @@ import numpy as np
 from flwr.app import MetricRecord
 from flwr.common import log
 
+from common.metric_release import is_sum, metrics_from_sums
+from common.privacy import LEDGER_METRICS
 from common.protocol import DECLINED, NUM_EXAMPLES, SITE_ID
 
 
@@ -98,15 +100,27 @@ class RoundBook:
     def record_evaluation(
         self, server_round: int, replies: Iterable[Mapping[str, object]], weighted: bool
     ) -> MetricRecord | None:
-        """Log each site's evaluation metrics and their mean (weighted by ``num-examples``
-        when ``weighted``); returns the mean, or None when no site replied."""
+        """Log each site's evaluation reply and the federation's metrics: from the sites'
+        noisy sums (``evaluation = "dp"``, ``common.metric_release``), or the mean of
+        their exact metrics (weighted by ``num-examples`` when ``weighted``). Returns
+        them, or None when no site replied."""
         record = self.round(server_round)
         collected = [MetricRecord(dict(m)) for m in replies if SITE_ID in m]
         for metrics in collected:
             record.evaluate[int(metrics[SITE_ID])] = dict(metrics)
+            if metrics.get(DECLINED) == 1.0:
+                log(
+                    WARNING,
+                    "Round %d: site %d declined to evaluate: max-epsilon reached",
+                    server_round,
+                    int(metrics[SITE_ID]),
+                )
         if not collected:
             return None
-        aggregated = mean_metrics(collected, weighted=weighted, skip=(SITE_ID,))
+        not_metrics = {SITE_ID, DECLINED, *LEDGER_METRICS}
+        not_metrics |= {key for metrics in collected for key in metrics if is_sum(key)}
+        aggregated = mean_metrics(collected, weighted=weighted, skip=tuple(not_metrics))
+        aggregated = MetricRecord(dict(aggregated) | metrics_from_sums(collected))
         record.aggregated = dict(aggregated)
         return aggregated
 

@@ -9,20 +9,24 @@
 - ``releases.json``: every value a site sends, and whether DP covers it;
 - ``metrics.json``: per round, each site's training and evaluation metrics,
   the aggregated evaluation metrics, rejected updates and failures;
-- ``ledger.json``: per site, each round's ledger entry as the site reported
-  it (epsilon after the round, its independent recomputation, delta, noise
-  multiplier, steps, or that it declined), with the privacy unit and mechanism;
+- ``ledger.json``: per site, each release's ledger entry as the site reported
+  it (its round, ``message``: ``train`` for statistics and DP-SGD, ``evaluate``
+  for a metric release; epsilon after it, its independent recomputation,
+  delta, noise multiplier, steps, or that the site declined), with the privacy
+  unit and mechanism;
 - ``item_graph.npz``: the released item graph (``common.graph_statistics.ItemGraph``;
   ``ItemGraph.from_bytes`` reads it), once its statistics rounds are complete;
 - ``model.pt``: the latest global item-side parameters (``torch.load`` gives a
   state dict for :class:`common.model.EgoGraphRecommender`); with
   ``keep_models`` also ``model-<round>.pt`` for every round (benchmarks choose
   a round by validation);
-- ``best-model.pt`` (without DP): the global model of the training round with
-  the best validation metric so far (``val-rmse`` for ratings, ``val-ndcg@K``
-  for ranking), its round in ``status.json`` as ``best-round``. Under DP the
-  validation metrics are not covered by the guarantee, so no round is chosen
-  by them: use the last round's ``model.pt``.
+- ``best-model.pt``: the global model of the training round with the best
+  validation metric so far (``val-rmse`` for ratings, ``val-ndcg@K`` for
+  ranking), its round in ``status.json`` as ``best-round``: without DP, or under
+  DP with ``evaluation = "dp"``, whose noisy metrics the guarantee covers (the
+  choice is post-processing). With ``evaluation = "exact"`` under DP the
+  metrics are not covered, so no round is chosen by them: use the last round's
+  ``model.pt``.
 
 Files are replaced atomically (write, then rename), so a crash leaves the
 previous round's complete files.
@@ -47,6 +51,7 @@ from common.privacy import (
     PRIVACY_UNIT,
     released_quantities,
 )
+from common.protocol import DECLINED
 from server.round_book import RoundBook
 
 
@@ -112,9 +117,11 @@ class RunDirectory:
 
     def validation_score(self, server_round: int, book: RoundBook) -> float | None:
         """A training round's validation metric, higher is better (minus the RMSE for
-        ratings); None under DP, for other rounds, or without validation metrics."""
+        ratings); None for other rounds, without validation metrics, or under DP unless
+        the metrics were released under it (``evaluation = "dp"``)."""
         config = self.config
-        if config.dp or server_round <= config.statistics_rounds:
+        uncovered = config.dp and config.evaluation != "dp"
+        if uncovered or server_round <= config.statistics_rounds:
             return None
         metric = "val-rmse" if config.task == "rating" else f"val-ndcg@{config.top_k}"
         value = book.round(server_round).aggregated.get(metric)
@@ -127,11 +134,19 @@ class RunDirectory:
         config = self.config
         sites: dict[str, list[dict[str, Any]]] = {}
         for server_round, record in sorted(book.rounds.items()):
-            for declined, reports in ((False, record.train), (True, record.declined)):
-                for site_id, metrics in reports.items():
-                    entry = {"round": server_round, "declined": declined}
-                    entry |= {k: metrics[k] for k in LEDGER_METRICS if k in metrics}
-                    sites.setdefault(str(site_id), []).append(entry)
+            replies = [
+                *(("train", False, site, m) for site, m in record.train.items()),
+                *(("train", True, site, m) for site, m in record.declined.items()),
+                *(
+                    ("evaluate", m.get(DECLINED) == 1.0, site, m)
+                    for site, m in record.evaluate.items()
+                    if "epsilon" in m  # a metric release (evaluation = "dp")
+                ),
+            ]
+            for message, declined, site_id, metrics in replies:
+                entry = {"round": server_round, "message": message, "declined": declined}
+                entry |= {k: metrics[k] for k in LEDGER_METRICS if k in metrics}
+                sites.setdefault(str(site_id), []).append(entry)
         return {
             "dp": config.dp,
             "privacy-unit": PRIVACY_UNIT,

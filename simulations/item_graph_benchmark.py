@@ -102,7 +102,7 @@ def graph_test(config: RunConfig, run_dir: Path, site: SiteData) -> dict[str, fl
     """Test metrics of the graph a run released, over every user of the split."""
     graph = ItemGraph.from_bytes((run_dir / "item_graph.npz").read_bytes())
     settings = rating_settings(config)
-    return evaluate_graph(graph, site, site.test, K, settings, exclude=site.val)
+    return evaluate_graph(graph, site, site.test, K, settings, exclude=site.val).metrics()
 
 
 def federated(name: str, config: RunConfig, site: SiteData, runs: int) -> dict[str, Any]:
@@ -282,7 +282,7 @@ def pipeline_validation(config: RunConfig, site: SiteData) -> dict[str, float]:
     run_dir = federate(config, SITES)
     if config.item_graph == "filter":
         graph = ItemGraph.from_bytes((run_dir / "item_graph.npz").read_bytes())
-        return evaluate_graph(graph, site, site.val, K, rating_settings(config))
+        return evaluate_graph(graph, site, site.val, K, rating_settings(config)).metrics()
     best = run_dir / "best-model.pt"  # without DP: the best validation round's
     return score(config, torch.load(best if best.exists() else run_dir / "model.pt"), "val")
 

@@ -201,7 +201,7 @@ def central_by_validation(config: RunConfig, site: SiteData, epochs: int) -> dic
     best = None
     for epoch in range(1, epochs + 1):
         train_central(model, graphs, config, epoch)
-        val = evaluate(model, graphs, site.val, K)[f"recall@{K}"]
+        val = evaluate(model, graphs, site.val, K).metrics()[f"recall@{K}"]
         if best is None or val > best[0]:
             best = (val, epoch, {k: v.clone() for k, v in model.state_dict().items()})
     return {"epoch": best[1], "val": best[0], "test": score(config, best[2])}
@@ -281,7 +281,11 @@ def timed_ours(config: RunConfig, site: SiteData, checkpoints: list[float]) -> l
         trained += time.perf_counter() - start
         while len(records) < len(checkpoints) and trained >= checkpoints[len(records)]:
             records.append(
-                {"seconds": trained, "epoch": epoch, **evaluate(model, graphs, site.test, K)}
+                {
+                    "seconds": trained,
+                    "epoch": epoch,
+                    **evaluate(model, graphs, site.test, K).metrics(),
+                }
             )
     return records
 

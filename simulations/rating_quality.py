@@ -110,7 +110,7 @@ def centralized(config: RunConfig, epochs: int) -> dict:
     best = None
     for epoch in range(1, epochs + 1):
         train_central(model, graphs, config, epoch)
-        val = evaluate(model, graphs, site.val, config.top_k)["rmse"]
+        val = evaluate(model, graphs, site.val, config.top_k).metrics()["rmse"]
         if best is None or val < best[0]:
             best = (val, epoch, {k: v.clone() for k, v in model.state_dict().items()})
     return {"epoch": best[1], "val-rmse": best[0], "test": score(config, best[2])}

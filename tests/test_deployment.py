@@ -204,8 +204,9 @@ class TestMovieLens:
     def test_sites_with_movielens_folders_complete_the_default_pipeline(self, movielens):
         fed = movielens
         # The default pipeline, the item graph: its two statistics rounds, evaluated after
-        # round 2; item text is left out (it costs a text encoding and is not what this
-        # checks), user features are on.
+        # round 2 by a metric release (round 0 is the sites' check-in, which under DP
+        # releases no metric); item text is left out (it costs a text encoding and is not
+        # what this checks), user features are on.
         finished = fed.run(1, SITES, "runs", more="item-text=false")
         assert finished.wait(timeout=400) == 0, fed.log("runs")[-3000:]
         run_dir = only_run(fed.base / "runs")
@@ -217,7 +218,8 @@ class TestMovieLens:
             assert sorted(log["evaluate"]) == expected, server_round
         for server_round in ("1", "2"):
             assert sorted(metrics[server_round]["train"]) == ["0", "1", "2"]
-        assert metrics["2"]["aggregated"]["val-rmse"] < metrics["0"]["aggregated"]["val-rmse"]
+        assert all("val-squared-error-sum" in m for m in metrics["2"]["evaluate"].values())
+        assert 0.5 < metrics["2"]["aggregated"]["val-rmse"] < 1.5  # from 943 users' noisy sums
         status = json.loads((run_dir / "status.json").read_text())
         assert status == status | {"status": "completed", "dataset": "ml-100k"}
         assert "ml-100k" in run_dir.name
@@ -237,7 +239,8 @@ def test_tls_and_node_auth_run_completes_and_writes_the_report(federation):
     assert sorted(report["sites"]) == ["0", "1", "2"]
     assert all(s["rounds-trained"] == [1, 2] for s in report["sites"].values())
     for site in range(SITES):  # each site's ledger lives in its own data folder
-        assert [e["round"] for e in ledger_of(fed, site)] == [1, 2]
+        releases = [(e["round"], e["release"]) for e in ledger_of(fed, site)]
+        assert releases == [(1, "dp-sgd"), (1, "evaluation"), (2, "dp-sgd"), (2, "evaluation")]
 
 
 def test_a_supernode_with_an_unregistered_key_is_rejected(federation):
@@ -276,9 +279,12 @@ def test_killing_a_supernode_mid_run_lets_the_others_finish(federation):
     assert report["sites"]["2"]["rounds-trained"] == [1]
     assert report["sites"]["0"]["rounds-trained"] == [1, 2, 3]
     assert "dropped out: site 2" in fed.log("runs-b")
-    # Sites 0 and 1 kept counting from the first run: five rounds in their ledgers.
-    epsilon = [e["epsilon"] for e in ledger_of(fed, 0)]
-    assert len(epsilon) == 5 and epsilon == sorted(epsilon)
+    # Sites 0 and 1 kept counting from the first run: five rounds in their ledgers, each
+    # with its metric release.
+    entries = ledger_of(fed, 0)
+    epsilon = [e["epsilon"] for e in entries]
+    assert len([e for e in entries if e["release"] == "dp-sgd"]) == 5
+    assert len(epsilon) == 10 and epsilon == sorted(epsilon)
 
 
 def test_a_restarted_supernode_keeps_its_spent_budget(federation):

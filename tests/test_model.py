@@ -211,6 +211,6 @@ def test_a_1_to_100_scale_trains_one_weighted_edge_type_on_the_reference_scale()
     assert model.conv.out_features == 2 * config.embedding_dim
     mechanism = site_mechanism(config, model.size)
     train_locally(model, wide_graphs, config, mechanism=mechanism, server_round=1, device="cpu")
-    rmse = evaluate(model, wide_graphs, wide.test, config.top_k)["rmse"]
+    rmse = evaluate(model, wide_graphs, wide.test, config.top_k).metrics()["rmse"]
     mean_rmse = float(np.sqrt(np.mean((wide.train.rating.mean() - wide.test.rating) ** 2)))
     assert rmse < 0.85 * mean_rmse

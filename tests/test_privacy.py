@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import stat
@@ -16,9 +17,11 @@ from client.site_state import SiteState
 from common.accounting import Event, epsilon, independent_epsilon
 from common.config import default_config
 from common.data import load_site
+from common.errors import InputError
 from common.model import item_side_size
 from common.privacy import (
     LedgerEntry,
+    evaluation_events,
     ledger_entry,
     ledger_events,
     released_quantities,
@@ -49,12 +52,29 @@ def test_the_mechanism_does_not_depend_on_how_many_users_a_site_has():
 @pytest.mark.parametrize("target", [1.0, 4.0, 8.0])
 def test_target_epsilon_plans_sigma_so_the_whole_run_lands_at_or_under_target(target):
     config = default_config(
-        item_graph="none", target_epsilon=target, num_server_rounds=6, local_epochs=2
+        item_graph="none",
+        target_epsilon=target,
+        num_server_rounds=6,
+        local_epochs=2,
+        evaluate_every=6,  # one metric release, after the last round
     )
     mechanism = site_mechanism(config, 1000)
     assert mechanism.steps_planned == 6 * 2 * 10
-    spent = epsilon([whole_run(mechanism)], config.delta, config.accountant)
+    assert evaluation_events(config) == [Event(10.0, 1.0, 1)]
+    events = [whole_run(mechanism), *evaluation_events(config)]
+    spent = epsilon(events, config.delta, config.accountant)
     assert 0.97 * target <= spent <= target  # within target, and no budget wasted
+    assert epsilon([whole_run(mechanism)], config.delta, config.accountant) < spent
+
+
+def test_a_target_too_small_for_the_metric_releases_names_them():
+    config = default_config(item_graph="none", target_epsilon=1.0, num_server_rounds=6)
+    with pytest.raises(InputError, match="after 6 metric releases at evaluation-noise-mult"):
+        site_mechanism(config, 1000)
+    off = default_config(
+        item_graph="none", target_epsilon=1.0, num_server_rounds=6, evaluation="off"
+    )
+    assert evaluation_events(off) == [] and site_mechanism(off, 1000).evaluation_noise == 0
 
 
 def whole_run(mechanism) -> Event:
@@ -76,7 +96,7 @@ def test_secure_aggregation_plans_the_discrete_sum_and_shares_its_noise():
         item_graph="none", secure_aggregation=True, secagg_min_sites=4, target_epsilon=4.0
     )
     mechanism = site_mechanism(config, 5000)
-    spent = epsilon([whole_run(mechanism)], config.delta, config.accountant)
+    spent = epsilon([whole_run(mechanism), *evaluation_events(config)], config.delta, "rdp")
     assert 0.97 * 4.0 <= spent <= 4.0
     assert mechanism.noise_share == pytest.approx(mechanism.noise_multiplier / 2)
     assert mechanism.training().event.discrete and mechanism.code.min_sites == 4
@@ -100,7 +120,9 @@ def test_the_item_graph_alone_spends_the_whole_target_split_between_its_rounds(s
     assert mechanism.steps_planned == 0
     first, second = mechanism.statistics_noise
     assert (first / second) ** 2 == pytest.approx(0.9 / 0.1)  # shares of 1/z^2
-    spent = epsilon(statistics_events(mechanism), config.delta, config.accountant)
+    assert evaluation_events(config) == [Event(10.0, 1.0, 1)]  # after round 2
+    events = [*statistics_events(mechanism), *evaluation_events(config)]
+    spent = epsilon(events, config.delta, config.accountant)
     assert 0.97 * 8.0 <= spent <= 8.0
 
 
@@ -115,27 +137,32 @@ def test_statistics_and_dp_sgd_compose_to_the_target_and_match_dp_accounting():
         delta=1e-5,
     )
     mechanism = site_mechanism(config, 5000)
-    statistics = statistics_events(mechanism)
+    statistics = [*statistics_events(mechanism), *evaluation_events(config)]
     alone = epsilon(statistics, config.delta, "prv")
-    assert 0.97 * 4.0 <= alone <= 4.0  # half the target for the statistics
+    assert 0.97 * 4.0 <= alone <= 4.0  # half the target for the statistics and metrics
     events = [*statistics, whole_run(mechanism)]
     spent = epsilon(events, config.delta, "prv")
     assert 0.97 * 8.0 <= spent <= 8.0
     assert abs(spent - independent_epsilon(events, config.delta, "prv")) / spent < 0.02
 
 
-def entry(round_, trained=True, sigma=1.0) -> LedgerEntry:
+def entry(round_, trained=True, sigma=1.0, earlier=(), run="r") -> LedgerEntry:
     mechanism = site_mechanism(
         default_config(item_graph="none", noise_multiplier=sigma, dp=sigma > 0), 1000
     )
-    return ledger_entry(mechanism, mechanism.training(), [], "r", round_, trained)
+    return ledger_entry(mechanism, mechanism.training(), list(earlier), run, round_, trained)
+
+
+def record(state: SiteState, round_, trained=True, run="r") -> LedgerEntry:
+    """Record a DP-SGD round in ``state``'s ledger, composed with what it holds."""
+    return state.record(lambda earlier: entry(round_, trained, earlier=earlier, run=run))
 
 
 def test_site_ledger_persists_appends_and_survives_a_new_process(tmp_path):
     state = SiteState(tmp_path / "site")
-    state.record(entry(1))
-    state.record(entry(2, trained=False))
-    state.record(entry(3))
+    record(state, 1)
+    record(state, 2, trained=False)
+    record(state, 3)
     again = SiteState(tmp_path / "site")  # as a restarted SuperNode would see it
     assert [e.round for e in again.ledger()] == [1, 2, 3]
     assert ledger_events(again.ledger()) == [Event(1.0, 0.1, 10), Event(1.0, 0.1, 10)]
@@ -189,21 +216,53 @@ ML_100K = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "ml-100k
 
 
 @pytest.mark.skipif(not ML_100K.is_dir(), reason=f"MovieLens-100K not found at {ML_100K}")
-def test_the_same_users_keep_one_ledger_whatever_the_seed_or_path_spelling(tmp_path):
-    """The ledger folder depends on who the users are, not on how the run was configured."""
-    folders = set()
-    for seed, path in ((0, f"{ML_100K}"), (1, f"{ML_100K}/"), (0, f"{ML_100K.parent}//ml-100k")):
+def test_a_dataset_keeps_one_ledger_whatever_the_seed_partition_site_or_users(tmp_path):
+    """In simulation the ledger follows the dataset, never who a site's users are: a new
+    seed repartitions them, and a ledger keyed on them would start again at zero."""
+    ledgers, sites = set(), set()
+    for seed, path, num_sites in (
+        (0, f"{ML_100K}", 1),
+        (1, f"{ML_100K}/", 3),
+        (0, f"{ML_100K.parent}//ml-100k", 2),
+    ):
         config = default_config(
             item_graph="none", dataset="ml-100k", data_path=path, seed=seed, implicit=seed == 1
         )
-        folders.add(SiteState.in_simulation(tmp_path, load_site(config, 0, 1)).folder)
-    assert len(folders) == 1
+        for site_id in range(num_sites):
+            state = SiteState.in_simulation(tmp_path, load_site(config, site_id, num_sites))
+            ledgers.add(state.ledger_path)
+            sites.add(state.folder)
+    assert len(ledgers) == 1 and len(sites) == 3  # private embeddings stay per site
+
+
+def test_a_release_recorded_by_several_sites_is_one_release(tmp_path):
+    """Every simulated site of a round records it in the shared ledger: kept once, and a
+    made release replaces a declined one."""
+    state = SiteState(tmp_path / "dataset")
+    first = record(state, 1)
+    assert record(state, 1) == first and record(state, 1, trained=False) == first
+    record(state, 2, trained=False)
+    made = record(state, 2)
+    assert [(e.round, e.trained) for e in state.ledger()] == [(1, True), (2, True)]
+    assert made.epsilon == entry(2, earlier=[first]).epsilon  # composed once, not twice
+
+
+def test_records_from_parallel_processes_all_land(tmp_path):
+    """Simulated sites run in parallel processes and share the dataset's ledger."""
+    with concurrent.futures.ProcessPoolExecutor(2) as pool:
+        list(pool.map(record_in, [tmp_path] * 8, range(1, 9)))
+    rounds = sorted(e.round for e in SiteState(tmp_path).ledger())
+    assert rounds == list(range(1, 9))
+
+
+def record_in(folder: Path, round_: int) -> None:
+    record(SiteState(folder), round_)
 
 
 def test_site_state_files_are_private_to_the_operator(tmp_path):
     state = SiteState(tmp_path / "site")
-    state.record(entry(1))
-    state.record(entry(2))
+    record(state, 1)
+    record(state, 2)
     state.save_private_embeddings(np.array([1, 2]), torch.zeros(2, 3))
     for path in (state.ledger_path, state.private_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path

@@ -297,6 +297,7 @@ def test_the_item_graph_statistics_go_through_the_secure_sum(tmp_path, monkeypat
     assert sorted(metrics) == ["0", "1", "2"] and metrics["2"]["aggregated"]
     ledger = json.loads((result["run_dir"] / "ledger.json").read_text())
     for entries in ledger["sites"].values():
-        assert [e["steps"] for e in entries] == [1, 1]
-        assert 7.7 <= entries[-1]["epsilon"] <= 8.0
+        releases = [(e["round"], e["message"], e["steps"]) for e in entries]
+        assert releases == [(1, "train", 1), (2, "train", 1), (2, "evaluate", 1)]
+        assert 7.7 <= entries[-1]["epsilon"] <= 8.0  # the metric release included
         assert entries[-1]["single-message-epsilon"] > entries[-1]["epsilon"]

@@ -20,7 +20,7 @@ from client.app import make_app
 from common.config import default_config
 from common.data import load_site
 from common.model import build_model
-from common.privacy import released_quantities
+from common.privacy import LEDGER_METRICS, released_quantities
 from common.protocol import ITEM_SIDE, STATISTICS
 from server.round_book import NoSiteCompleted
 
@@ -40,6 +40,7 @@ def dp_run(tmp_path_factory):
         private_user_embedding=True,
         delta=1e-5,
         cold_item_fraction=0.1,
+        evaluation="exact",  # to compare rounds on 600 users; the noisy release: graph_run
     )
     return config, simulate(config, 3, base / "messages"), base / "messages"
 
@@ -125,13 +126,47 @@ def test_the_item_graph_rounds_release_only_declared_statistics_of_public_size(g
         assert all((reply["type"], "metrics", key) in declared for key in reply["metrics"])
         assert "num-examples" not in reply["metrics"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert sorted(metrics) == ["0", "1", "2"] and metrics["1"]["aggregated"] == {}
-    assert metrics["2"]["aggregated"]["val-ndcg@20"] > 2 * metrics["0"]["aggregated"]["val-ndcg@20"]
+    assert sorted(metrics) == ["0", "1", "2"]
+    assert metrics["0"]["aggregated"] == {} == metrics["1"]["aggregated"]
+    # round 0 is the sites' check-in (their ids alone), round 2's metrics come from noisy
+    # per-user sums only (common.metric_release)
+    evaluated = [r for r in replies if r["type"] == "evaluate" and len(r["metrics"]) > 1]
+    assert len(evaluated) == 3 and len(replies) == 2 * 3 + 2 * 3
+    assert all(set(r["metrics"]) >= {"val-ndcg@20-sum", "val-users", "epsilon"} for r in evaluated)
+    assert not any("val-ndcg@20" in r["metrics"] for r in evaluated)
+    assert 0 < metrics["2"]["aggregated"]["val-ndcg@20"] < 1
     report = json.loads((run_dir / "privacy_report.json").read_text())
-    for site in report["sites"].values():
+    for site in report["sites"].values():  # the target includes the metric release
         assert 7.7 <= site["epsilon"] <= 8.0 and site["relative-gap"] < 0.02
+        assert site["metric-releases"] == [2]
+    assert [r for r in report["releases"] if not r["covered"]] == [] and not report["warnings"]
     ledger = json.loads((run_dir / "ledger.json").read_text())
     assert {e["steps"] for entries in ledger["sites"].values() for e in entries} == {1}
+
+
+def test_with_evaluation_off_no_metric_leaves_a_site(tmp_path):
+    (tmp_path / "messages").mkdir()
+    config = default_config(
+        task="ranking",
+        min_sites=2,
+        evaluation="off",
+        run_dir=str(tmp_path / "runs"),
+        site_state_dir=str(tmp_path / "sites"),
+        synthetic_users=120,
+        synthetic_items=60,
+    )
+    run_dir = simulate(config, 2, tmp_path / "messages")
+    replies = [json.loads(p.read_text()) for p in (tmp_path / "messages").glob("*.json")]
+    train = [r for r in replies if r["type"] == "train"]
+    check_in = [r for r in replies if r["type"] == "evaluate"]  # round 0: the site's id
+    assert len(train) == 2 * 2 and len(check_in) == 2
+    assert all(set(r["metrics"]) <= {*LEDGER_METRICS, "declined", "site-id"} for r in train)
+    assert all(set(r["metrics"]) == {"site-id"} for r in check_in)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert all(m["aggregated"] == {} for m in metrics.values())
+    assert [sorted(m["evaluate"]) for m in metrics.values()] == [["0", "1"], [], []]
+    evaluate = [r.key for r in released_quantities(config) if r.message == "evaluate"]
+    assert evaluate == ["site-id"]
 
 
 def test_epsilon_sent_is_a_function_of_public_configuration_only(dp_run):
@@ -240,7 +275,8 @@ def test_flwr_run_cli_logs_once_and_marks_failed_runs_failed(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())  # the default item graph
     assert sorted(metrics) == ["0", "1", "2"]
     assert sorted(metrics["1"]["train"]) == sorted(metrics["2"]["train"]) == ["0", "1"]
-    assert 0 < metrics["2"]["aggregated"]["val-rmse"] < 2
+    assert sorted(metrics["2"]["evaluate"]) == ["0", "1"]  # noisy sums of 150 users
+    assert "val-squared-error-sum" in metrics["2"]["evaluate"]["0"]
     report = json.loads((run_dir / "privacy_report.json").read_text())
     assert report["mechanism"]["delta"] == 1e-6 and sorted(report["sites"]) == ["0", "1"]
     assert (run_dir / "privacy_report.html").is_file()

@@ -81,7 +81,7 @@ def test_cold_start_items_are_ranked_by_their_text():
         )
 
     def cold_recall() -> float:
-        metrics = evaluate(model, graphs, site.cold, 20, candidates=site.cold_items)
+        metrics = evaluate(model, graphs, site.cold, 20, candidates=site.cold_items).metrics()
         return metrics["recall@20"]
 
     with_text = cold_recall()
