@@ -1,6 +1,6 @@
 """The privacy-budget report of a run: what each site's users gave up, and the evidence.
 
-Built from the run directory alone (``config.json``, ``ledger.json``,
+Built from the run directory alone (``config.json``, ``status.json``, ``ledger.json``,
 ``metrics.json``, ``releases.json`` and, after ``fedgraphrec audit``,
 ``audit.json``), so ``fedgraphrec report RUN_DIR`` can re-render it at any
 time. Writes, atomically:
@@ -44,11 +44,12 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     sites = {site: _site_summary(entries, config) for site, entries in ledger["sites"].items()}
     finite = [s["epsilon"] for s in sites.values() if s["epsilon"] is not None]
     releases = _read(run_dir / "releases.json")
+    derived = _read(run_dir / "status.json").get("derived-from-data", [])
     return {
         "schema": SCHEMA,
         "run": run_dir.name,
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "warnings": _warnings(config, releases),
+        "warnings": _warnings(config, releases, derived),
         "dp": config.dp,
         "privacy-unit": ledger["privacy-unit"],
         "neighbouring-relation": ledger["neighbouring-relation"],
@@ -89,10 +90,14 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def _warnings(config: RunConfig, releases: list[dict[str, Any]]) -> list[str]:
-    """What a reader must see first: under DP, anything sent outside the guarantee."""
+def _warnings(config: RunConfig, releases: list[dict[str, Any]], derived: list[str]) -> list[str]:
+    """What a reader must see first: under DP, anything sent outside the guarantee;
+    without DP, a catalogue taken from the users' interactions."""
     if not config.dp:
-        return []
+        return [
+            f"The catalogue's {' and '.join(derived)} were taken from the interactions "
+            "(allowed with dp = false): they are users' data, not public schema."
+        ][: bool(derived)]
     uncovered = sorted({r["key"] for r in releases if not r["covered"]})
     if not uncovered:
         return []

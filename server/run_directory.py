@@ -3,8 +3,10 @@
 ``<run-dir>/<UTC time>-<dataset>-<task>/`` holds
 
 - ``status.json``: ``running``, then ``completed`` or ``failed`` with the
-  reason, and the dataset the run is on (in deployment the one the
-  coordinator's catalogue folder was written from);
+  reason, the dataset the run is on (in deployment the one the
+  coordinator's catalogue folder was written from), and what of its
+  catalogue was taken from the interactions (``derived-from-data``; only
+  without DP);
 - ``config.json``: the run configuration;
 - ``releases.json``: every value a site sends, and whether DP covers it;
 - ``metrics.json``: per round, each site's training and evaluation metrics,
@@ -59,7 +61,12 @@ class RunDirectory:
     """Writes one run's outputs (see the module docstring)."""
 
     def __init__(
-        self, path: Path, config: RunConfig, dataset: str, keep_models: bool = False
+        self,
+        path: Path,
+        config: RunConfig,
+        dataset: str,
+        keep_models: bool = False,
+        derived_from_data: tuple[str, ...] = (),
     ) -> None:
         self.path = path
         self.config = config
@@ -67,13 +74,20 @@ class RunDirectory:
         self.best_score = -float("inf")
         path.mkdir(parents=True, exist_ok=False)
         self.status = {"status": "running", "reason": None, "dataset": dataset}
+        self.status["derived-from-data"] = list(derived_from_data)
         self.status |= {"started": _now(), "finished": None}
         write_json(path / "status.json", self.status)
         write_json(path / "config.json", config.to_mapping())
         write_json(path / "releases.json", [r.as_dict() for r in released_quantities(config)])
 
     @classmethod
-    def create(cls, config: RunConfig, dataset: str, keep_models: bool = False) -> RunDirectory:
+    def create(
+        cls,
+        config: RunConfig,
+        dataset: str,
+        keep_models: bool = False,
+        derived_from_data: tuple[str, ...] = (),
+    ) -> RunDirectory:
         """A new folder ``<run-dir>/<UTC time>-<dataset>-<task>`` (suffixed if taken)."""
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         root = Path(config.run_dir).expanduser()
@@ -82,7 +96,7 @@ class RunDirectory:
         while path.exists():
             suffix += 1
             path = root / f"{stamp}-{dataset}-{config.task}-{suffix}"
-        return cls(path, config, dataset, keep_models)
+        return cls(path, config, dataset, keep_models, derived_from_data)
 
     def write_item_graph(self, graph: bytes) -> None:
         """Persist the released item graph (the recommender itself with ``item-graph =

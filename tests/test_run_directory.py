@@ -10,6 +10,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from common.config import default_config
+from server.report import write_report
 from server.round_book import RoundBook
 from server.run_directory import RunDirectory
 
@@ -52,3 +53,16 @@ def test_under_dp_the_round_is_chosen_by_metrics_released_under_dp(tmp_path):
     """Choosing by noisy metrics that the guarantee covers is post-processing."""
     out = write_rounds(tmp_path, dp=True, task="rating", values=[1.2, 1.0, 1.1])
     assert json.loads((out.path / "status.json").read_text())["best-round"] == 1
+
+
+def test_the_report_says_first_when_the_catalogue_came_from_the_interactions(tmp_path):
+    """Without DP a csv's items and scale may come from the data; the report says so."""
+    config = default_config(item_graph="none", dp=False, run_dir=str(tmp_path))
+    out = RunDirectory.create(config, "ratings", derived_from_data=("item ids", "rating scale"))
+    out.write_round(ArrayRecord({"round": torch.tensor(0.0)}), RoundBook())
+    out.finish()
+    report = write_report(out.path)
+    (warning,) = report["warnings"]
+    assert "item ids and rating scale were taken from the interactions" in warning
+    markdown = (out.path / "privacy_report.md").read_text().splitlines()
+    assert markdown[2].startswith("**Warning.** The catalogue's item ids and rating scale")
