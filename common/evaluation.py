@@ -187,18 +187,6 @@ def evaluate_graph(
     return ranking_sums(scores, seen, heldout, top_k, exclude, candidates)
 
 
-def ranking_metrics(
-    scores: Callable[[np.ndarray], torch.Tensor],
-    seen: Callable[[int], np.ndarray],
-    heldout: Interactions,
-    top_k: int,
-    exclude: Interactions | None = None,
-    candidates: np.ndarray | None = None,
-) -> dict[str, float]:
-    """Recall@K and NDCG@K of any scorer (:func:`ranking_sums`, averaged over users)."""
-    return ranking_sums(scores, seen, heldout, top_k, exclude, candidates).metrics()
-
-
 @torch.no_grad()
 def ranking_sums(
     scores: Callable[[np.ndarray], torch.Tensor],

@@ -42,7 +42,7 @@ from common.accounting import Event, noise_multiplier_for
 from common.config import RunConfig
 from common.data import load_site
 from common.data.site import SiteData
-from common.evaluation import evaluate_graph, ranking_metrics, rating_metrics
+from common.evaluation import evaluate_graph, ranking_sums, rating_metrics
 from common.graph_statistics import ItemGraph, contribution, rating_settings, released, sensitivity
 from simulations.harness import (
     MOVIELENS_IMPLICIT,
@@ -151,7 +151,7 @@ def popularity(degrees: np.ndarray, site: SiteData) -> dict[str, float]:
     def scores(users: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.tile(degrees.astype(np.float32), (len(users), 1)))
 
-    return ranking_metrics(scores, seen, site.test, K, exclude=site.val)
+    return ranking_sums(scores, seen, site.test, K, exclude=site.val).metrics()
 
 
 def dp_release(
@@ -214,9 +214,9 @@ def lightgcn_reference(config: RunConfig, site: SiteData) -> dict[str, Any]:
             return
         best["last"] = epoch
         scores_of = scorer()
-        val = ranking_metrics(scores_of, seen, site.val, K)[f"recall@{K}"]
+        val = ranking_sums(scores_of, seen, site.val, K).metrics()[f"recall@{K}"]
         if val > best["val"]:
-            test = ranking_metrics(scores_of, seen, site.test, K, exclude=site.val)
+            test = ranking_sums(scores_of, seen, site.test, K, exclude=site.val).metrics()
             best.update(val=val, since=0, epoch=epoch, test=test)
         else:
             best["since"] += 1

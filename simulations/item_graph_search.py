@@ -64,7 +64,7 @@ from matplotlib.figure import Figure
 from common.accounting import Event, noise_multiplier_for
 from common.data import Interactions, SiteData, load_dataset, load_site
 from common.data import partition_sites as site_of_each_user
-from common.evaluation import ranking_metrics
+from common.evaluation import ranking_sums
 from common.item_graph import (
     ItemFilter,
     bounded_rows,
@@ -144,9 +144,9 @@ def evaluate(
     if users is not None:
         heldout = heldout.select(np.isin(heldout.user, users))
     exclude = data.exclude_at_test if part == "test" else None
-    return ranking_metrics(
+    return ranking_sums(
         lambda batch: torch.from_numpy(scores(batch)), data.seen, heldout, K, exclude
-    )
+    ).metrics()
 
 
 def filter_scores(item_filter: ItemFilter, data: RankingData) -> Callable:

@@ -50,7 +50,7 @@ from torch_geometric.nn import LightGCN
 from client.train import site_graphs, site_model
 from common.config import RunConfig
 from common.data import SiteData, load_site
-from common.evaluation import evaluate, ranking_metrics
+from common.evaluation import evaluate, ranking_sums
 from simulations.harness import (
     MOVIELENS_IMPLICIT,
     best_round,
@@ -144,9 +144,9 @@ def movielens(seeds: int) -> dict:
             return None
         best["last"] = epoch
         scores_of = scorer()
-        val = ranking_metrics(scores_of, seen, site.val, K)[f"recall@{K}"]
+        val = ranking_sums(scores_of, seen, site.val, K).metrics()[f"recall@{K}"]
         if val > best["val"]:
-            test = ranking_metrics(scores_of, seen, site.test, K, exclude=site.val)
+            test = ranking_sums(scores_of, seen, site.test, K, exclude=site.val).metrics()
             best.update(val=val, since=0, epoch=epoch, test=test, seconds=seconds)
         else:
             best["since"] += 1
@@ -224,7 +224,11 @@ def gowalla(budget_minutes: float) -> dict:
         if not due:
             return None
         done.update(due)
-        return {"seconds": seconds, "epoch": epoch, **ranking_metrics(scorer(), seen, site.test, K)}
+        return {
+            "seconds": seconds,
+            "epoch": epoch,
+            **ranking_sums(scorer(), seen, site.test, K).metrics(),
+        }
 
     results["LightGCN (PyG), centralized"] = lightgcn(site, lambda _, s: s >= budget, check)
     print("gowalla lightgcn", results["LightGCN (PyG), centralized"], flush=True)
