@@ -170,7 +170,7 @@ class SiteRound:
 
     @cached_property
     def graphs(self) -> UserEgoGraphs:
-        return site_graphs(self.site, self.config)
+        return site_graphs(self.site, self.config, self.graph)
 
     @cached_property
     def ledger(self) -> list[LedgerEntry]:
@@ -181,7 +181,7 @@ class SiteRound:
     ) -> EgoGraphRecommender:
         """The global item side, as a state dict or as arrays in state-dict order (legacy
         API), with the catalogue's text vectors."""
-        model = site_model(self.site.catalogue, self.config, self.device)
+        model = site_model(self.site.catalogue, self.config, self.device, self.graph)
         if not isinstance(parameters, Mapping):
             parameters = {
                 key: torch.from_numpy(np.array(array))

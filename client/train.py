@@ -26,6 +26,8 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader
 
@@ -33,7 +35,9 @@ from common.config import RunConfig
 from common.data.dataset import Catalogue
 from common.data.site import SiteData
 from common.ego_graphs import UserEgoGraphs
-from common.model import EgoBatch, EgoGraphRecommender, build_model
+from common.graph_statistics import GraphFeatures, ItemGraph, rating_settings
+from common.item_graph import strongest_neighbours
+from common.model import EgoBatch, EgoGraphRecommender, Propagation, build_model
 from common.privacy import Mechanism
 from common.text import item_text_vectors
 
@@ -101,25 +105,70 @@ class PrivateTraining:
                 parameter.grad_sample = parameter.new_zeros((0, *parameter.shape))
 
 
-def site_graphs(site: SiteData, config: RunConfig) -> UserEgoGraphs:
-    """The ego graphs of the site's users, built from their training interactions."""
-    features = site.user_features if config.user_features else site.user_features[:, :0]
+def site_graphs(site: SiteData, config: RunConfig, graph: ItemGraph | None = None) -> UserEgoGraphs:
+    """The ego graphs of the site's users, built from their training interactions; with
+    the learned model on the item graph, the released ``graph``'s features of each."""
+    attributes = site.user_features if config.user_features else site.user_features[:, :0]
+    features = None
+    if learns_on(config, graph):
+        features = GraphFeatures(graph, site, rating_settings(config))
     return UserEgoGraphs(
         site.train,
         site.user_keys,
-        features,
+        attributes,
         site.catalogue,
         config.degree_cap,
         config.edge_dropout,
         config.seed,
+        features,
     )
 
 
 def site_model(
-    catalogue: Catalogue, config: RunConfig, device: torch.device | str = "cpu"
+    catalogue: Catalogue,
+    config: RunConfig,
+    device: torch.device | str = "cpu",
+    graph: ItemGraph | None = None,
 ) -> EgoGraphRecommender:
-    """The model as a site uses it: with the catalogue's text vectors when item text is on."""
-    return build_model(catalogue, config, item_text_vectors(catalogue, config, device))
+    """The model as a site uses it: with the catalogue's text vectors when item text is on,
+    and propagating over the released ``graph`` (``gcn-layers`` hops) when it learns on it."""
+    text = item_text_vectors(catalogue, config, device)
+    model = build_model(catalogue, config, text)
+    if learns_on(config, graph) and config.gcn_layers:
+        model.set_propagation(propagation(graph, catalogue.num_items, config.gcn_layers, text))
+    return model
+
+
+def learns_on(config: RunConfig, graph: ItemGraph | None) -> bool:
+    """Whether the model learns on a released item graph (``item-graph = "filter+gcn"``,
+    once the graph is complete)."""
+    return config.item_graph == "filter+gcn" and graph is not None and graph.complete
+
+
+GCN_NEIGHBOURS = 10
+"""How many neighbours of an item each propagation hop keeps (``Propagation``)."""
+
+
+def propagation(
+    graph: ItemGraph, num_items: int, hops: int, text: np.ndarray | None
+) -> Propagation:
+    """The released ``graph`` as the model propagates over it: each item's
+    ``GCN_NEIGHBOURS`` strongest neighbours per hop, and the ``text`` vectors propagated
+    over the same neighbours (a public function of released values)."""
+    neighbours, weights = strongest_neighbours(
+        graph.propagation_matrix(num_items), hops, GCN_NEIGHBOURS
+    )
+    propagated = None
+    if text is not None:
+        rows = np.repeat(np.arange(num_items), neighbours.shape[2])
+        hops_text = [
+            sp.csr_matrix((w.ravel(), (rows, ids.ravel())), shape=(num_items, num_items)) @ text
+            for ids, w in zip(neighbours, weights, strict=True)
+        ]
+        propagated = torch.from_numpy(np.stack(hops_text).astype(np.float32))
+    return Propagation(
+        torch.from_numpy(neighbours), torch.from_numpy(weights.astype(np.float32)), propagated
+    )
 
 
 def entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:

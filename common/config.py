@@ -94,6 +94,7 @@ class RunConfig:
     item_graph_budget_share: float
     item_graph_dense_items: int
     item_graph_top_per_row: int | None
+    gcn_layers: int
     top_k: int
     evaluate_every: int
     evaluation: str
@@ -205,9 +206,12 @@ class RunConfig:
 
     def releases_metrics_in(self, server_round: int) -> bool:
         """Whether a site's evaluation in round ``server_round`` sends metrics: every
-        evaluation but round 0's under ``evaluation = "dp"`` (the model before any
-        release, not worth a release of its own) and any with ``"off"``."""
-        if self.evaluation == "off" or (self.evaluation == "dp" and server_round == 0):
+        evaluation but any with ``evaluation = "off"``, and but round 0's when an item
+        graph comes first (nothing to evaluate yet) or under ``"dp"`` (the model before
+        any release is not worth a release of its own)."""
+        if self.evaluation == "off":
+            return False
+        if server_round == 0 and (self.evaluation == "dp" or self.item_graph != "none"):
             return False
         return self.evaluates_in(server_round)
 
@@ -269,6 +273,8 @@ class RunConfig:
             raise InputError(
                 f"edge-dropout: expected a probability in [0, 1), got {self.edge_dropout}"
             )
+        if self.gcn_layers < 0:
+            raise InputError(f"gcn-layers: expected >= 0, got {self.gcn_layers}")
         if self.weight_decay < 0:
             raise InputError(f"weight-decay: expected >= 0, got {self.weight_decay}")
         if self.noise_multiplier < 0:

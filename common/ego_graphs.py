@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from common.data.dataset import Catalogue, Interactions
+from common.graph_statistics import GraphFeatures
 from common.model import EgoBatch
 
 EVALUATION_EPOCH = 2**31 - 1
@@ -37,6 +38,8 @@ class UserEgoGraphs(Dataset):
         edge_dropout: probability that a training edge is left out of the ego
             graph (it stays a target); 0 at evaluation.
         seed: base seed of the per-user generators.
+        features: the released item graph's features of the site's users (the learned
+            model on the item graph), added to every sample; ``None`` without.
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class UserEgoGraphs(Dataset):
         degree_cap: int,
         edge_dropout: float,
         seed: int,
+        features: GraphFeatures | None = None,
     ) -> None:
         num_users = len(user_keys)
         order = np.argsort(interactions.user, kind="stable")
@@ -68,6 +72,7 @@ class UserEgoGraphs(Dataset):
         self.degree_cap = degree_cap
         self.edge_dropout = edge_dropout
         self.seed = seed
+        self.features = features
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -107,16 +112,13 @@ class UserEgoGraphs(Dataset):
         context = mask.copy()
         if epoch != EVALUATION_EPOCH and self.edge_dropout > 0:
             context *= rng.random(k) >= self.edge_dropout
-        return (
-            torch.from_numpy(items),
-            torch.from_numpy(levels),
-            torch.from_numpy(ratings),
-            torch.from_numpy(mask),
-            torch.from_numpy(context),
-            torch.from_numpy(negatives),
-            self.user_features[user],
-            torch.tensor(user),
-        )
+        columns = [items, levels, ratings, mask, context, negatives]
+        sample = [torch.from_numpy(c) for c in columns]
+        sample += [self.user_features[user], torch.tensor(user)]
+        if self.features is not None:
+            graph = self.features.of_targets(user, items, ratings, negatives)
+            sample += [torch.from_numpy(part.astype(np.float32)) for part in graph]
+        return tuple(sample)
 
     def __getitem__(self, user: int) -> tuple[torch.Tensor, ...]:
         return self.sample(user, self.epoch)

@@ -108,9 +108,27 @@ def evaluate(
         return _rating_errors(model, graphs, heldout, context, device)
 
     def scores(users: np.ndarray) -> torch.Tensor:
-        return model.score_catalogue(model.user_vectors(context(users))[0])
+        graph = _graph_features(graphs, device, users)
+        return model.score_catalogue(model.user_vectors(context(users))[0], graph)
 
     return ranking_sums(scores, graphs.item_set, heldout, top_k, exclude, candidates)
+
+
+def _graph_features(
+    graphs: UserEgoGraphs,
+    device: torch.device | str,
+    users: np.ndarray,
+    items: np.ndarray | None = None,
+) -> torch.Tensor | None:
+    """The released graph's features of ``users`` for every catalogue item, or of the pairs
+    ``(users, items)`` as ``[P, 1, G]`` (``None`` without an item graph)."""
+    if graphs.features is None:
+        return None
+    if items is None:
+        features = graphs.features.of_catalogue(users)
+    else:
+        features = graphs.features.of_pairs(users, items)[:, None, :]
+    return torch.as_tensor(features, dtype=torch.float32, device=device)
 
 
 def _nothing_held_out(
@@ -141,7 +159,9 @@ def _rating_errors(model, graphs, heldout, context, device) -> RatingErrors:
         rows, mine = _in_batch(heldout, batch_users)
         items = torch.as_tensor(mine.item, device=device)
         rows = torch.as_tensor(rows, device=device)
-        prediction = model.score(z[rows], bias[rows], items[:, None]).squeeze(1).clamp(low, high)
+        graph = _graph_features(graphs, device, mine.user, mine.item)
+        prediction = model.score(z[rows], bias[rows], items[:, None], graph)
+        prediction = prediction.squeeze(1).clamp(low, high)
         predicted = graphs.catalogue.from_reference_scale(prediction.cpu().numpy())
         users.append(mine.user)
         errors.append(predicted - mine.rating)
@@ -236,7 +256,8 @@ def recommend(
     their own training items left out: ``[len(users), k]`` item indices."""
     model.eval()
     z, _ = model.user_vectors(graphs.context(users).with_private(private).to(device))
-    return _leave_out(model.score_catalogue(z), users, graphs.item_set).topk(k, dim=1).indices
+    scores = model.score_catalogue(z, _graph_features(graphs, device, users))
+    return _leave_out(scores, users, graphs.item_set).topk(k, dim=1).indices
 
 
 def _leave_out(

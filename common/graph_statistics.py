@@ -184,13 +184,10 @@ class ItemGraph:
                 values[f.name] = value.item() if value.ndim == 0 else value
         return cls(**values)
 
-    def scores(self, site: SiteData, users: np.ndarray) -> np.ndarray:
-        """Ranking: ``[len(users), num_items]`` scores of the site's ``users`` from their
-        own training rows (items the graph does not cover score minus infinity)."""
-        n = site.catalogue.num_items
-        rows = user_rows(site.train, site.num_users, n)[users]
-        item_filter = ItemFilter(
-            n,
+    def item_filter(self, num_items: int) -> ItemFilter:
+        """Ranking: the released filter over a catalogue of ``num_items`` items."""
+        return ItemFilter(
+            num_items,
             self.items,
             self.linear,
             self.eigenvectors,
@@ -198,30 +195,34 @@ class ItemGraph:
             self.input_scale,
             self.output_scale,
         )
-        return item_filter.scores(rows)
+
+    def propagation_matrix(self, num_items: int) -> sp.csr_matrix:
+        r""":math:`\hat P` over the catalogue, what the learned model propagates item
+        representations over: the ranking filter's linear part (zero outside the items it
+        covers), or the rating residuals' similarity."""
+        if self.similarity is not None:
+            return sp.csr_matrix(self.similarity)
+        linear = sp.coo_matrix(self.linear)
+        return sp.csr_matrix(
+            (linear.data, (self.items[linear.row], self.items[linear.col])),
+            shape=(num_items, num_items),
+        )
+
+    def scores(self, site: SiteData, users: np.ndarray) -> np.ndarray:
+        """Ranking: ``[len(users), num_items]`` scores of the site's ``users`` from their
+        own training rows (items the graph does not cover score minus infinity)."""
+        n = site.catalogue.num_items
+        rows = user_rows(site.train, site.num_users, n)[users]
+        return self.item_filter(n).scores(rows)
 
     def predict(
         self, site: SiteData, pairs: Interactions, settings: RatingNeighbourhood
     ) -> np.ndarray:
         """Rating: the predicted rating of each of the site's ``(user, item)`` ``pairs``:
         the user's mean and the item's offset, plus, once round 2 is released, the
-        neighbourhood's residual."""
-        train = _on_reference_scale(site)
-        mean = _user_means(train, site.num_users, self.item_bias, settings)
-        predicted = mean[pairs.user] + self.item_bias[pairs.item]
-        if self.similarity is not None:
-            residuals = residual_rows(
-                train, site.num_users, site.catalogue.num_items, mean, self.item_bias
-            )
-            predicted = predicted + neighbourhood_residuals(
-                self.similarity,
-                residuals,
-                pairs.user,
-                pairs.item,
-                settings.neighbours,
-                settings.damping,
-            )
-        return site.catalogue.from_reference_scale(predicted)
+        neighbourhood's residual (the sum of :class:`GraphFeatures`)."""
+        features = GraphFeatures(self, site, settings).of_pairs(pairs.user, pairs.item)
+        return site.catalogue.from_reference_scale(features.sum(1))
 
 
 def sensitivity(config: RunConfig, catalogue: Catalogue, server_round: int) -> float:
@@ -343,3 +344,99 @@ def _user_means(
     the scale."""
     middle = sum(REFERENCE_SCALE) / 2
     return user_means(train, num_users, item_offset, middle, settings.user_shrinkage)
+
+
+FEATURE_NAMES = {
+    "ranking": ("linear", "low-pass"),
+    "rating": ("user mean", "item offset", "neighbourhood"),
+}
+"""The parts of the released graph's score of a user and an item, in :class:`GraphFeatures`'
+order; the graph's score is their sum."""
+
+
+class GraphFeatures:
+    r"""What the released graph says about a site's users, part by part
+    (:data:`FEATURE_NAMES`): the features :math:`\phi_{ui}` of the learned model, whose
+    score is :math:`\theta^\top \phi_{ui}` plus a learned correction
+    (``common.model``); :math:`\theta = 1` is the graph's own score.
+
+    Ranking: the filter's linear and low-pass parts of :math:`s_u` (``ItemFilter``).
+    Rating: the user's shrunk mean :math:`m_u`, the item's offset :math:`b_i` and the
+    neighbourhood's residual :math:`\hat e_{ui}` (0 before round 2), on the reference
+    scale. A user's features are a function of that user's own training row and of the
+    released graph alone.
+
+    Training targets are the user's own training items, so their features leave the
+    target out of the user's row (ranking: the row minus the item, the paired negative
+    scored from the same row; rating: the mean without the rating): the model is
+    trained on what it will see for an item the user has not rated yet.
+    """
+
+    def __init__(self, graph: ItemGraph, site: SiteData, settings: RatingNeighbourhood) -> None:
+        self.graph = graph
+        self.settings = settings
+        self.num_items = site.catalogue.num_items
+        self.rows = user_rows(site.train, site.num_users, self.num_items)
+        self.ranking = graph.item_bias is None
+        if self.ranking:
+            self.filter = graph.item_filter(self.num_items)
+            return
+        train = _on_reference_scale(site)
+        self.counts = np.bincount(train.user, minlength=site.num_users).astype(np.float64)
+        self.means = _user_means(train, site.num_users, graph.item_bias, settings)
+        self.residuals = residual_rows(
+            train, site.num_users, self.num_items, self.means, graph.item_bias
+        )
+
+    @property
+    def count(self) -> int:
+        return len(FEATURE_NAMES["ranking" if self.ranking else "rating"])
+
+    def of_pairs(
+        self, users: np.ndarray, items: np.ndarray, ratings: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``[P, F]`` for the pairs ``(users[p], items[p])``; with ``ratings`` (the
+        reference-scale training ratings of the pairs) each pair is left out of its
+        user's row."""
+        if self.ranking:
+            features = self.filter.features(self.rows[users], items[:, None])[:, 0]
+            if ratings is None:
+                return features
+            return features - self.filter.item_features(items, items[:, None])[:, 0]
+        means = self.means[users]
+        if ratings is not None:
+            shrinkage = self.settings.user_shrinkage
+            total = means * (self.counts[users] + shrinkage)
+            left = ratings - self.graph.item_bias[items]
+            means = (total - left) / (self.counts[users] - 1 + shrinkage)
+        neighbourhood = np.zeros(len(users))
+        if self.graph.similarity is not None:
+            neighbourhood = neighbourhood_residuals(
+                self.graph.similarity,
+                self.residuals,
+                users,
+                items,
+                self.settings.neighbours,
+                self.settings.damping,
+            )
+        return np.stack([means, self.graph.item_bias[items], neighbourhood], 1)
+
+    def of_targets(
+        self, user: int, items: np.ndarray, ratings: np.ndarray, negatives: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """A training sample's features: ``[K, F]`` of the user's target ``items`` (each
+        left out, ``ratings`` on the reference scale) and ``[K, F]`` of the ``negatives``
+        paired with them (ranking; zeros for rating)."""
+        users = np.full(len(items), user)
+        if not self.ranking:
+            return self.of_pairs(users, items, ratings), np.zeros((len(items), self.count))
+        candidates = np.stack([items, negatives], 1)  # [K, 2]
+        row = self.filter.features(self.rows[[user]], candidates.reshape(1, -1))
+        left = self.filter.item_features(items, candidates)  # [K, 2, F]
+        features = row.reshape(len(items), 2, self.count) - left
+        return features[:, 0], features[:, 1]
+
+    def of_catalogue(self, users: np.ndarray) -> np.ndarray:
+        """Ranking: ``[B, num_items, F]`` for every catalogue item."""
+        candidates = np.broadcast_to(np.arange(self.num_items), (len(users), self.num_items))
+        return self.filter.features(self.rows[users], candidates)

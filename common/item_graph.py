@@ -268,6 +268,62 @@ class ItemFilter:
     input_scale: np.ndarray
     output_scale: np.ndarray
 
+    @property
+    def positions(self) -> np.ndarray:
+        """``[num_items]``: each catalogue item's row in the filter, -1 where not covered."""
+        position = np.full(self.num_items, -1, np.int64)
+        position[self.items] = np.arange(len(self.items))
+        return position
+
+    def features(self, rows: Matrix, candidates: np.ndarray) -> np.ndarray:
+        """``[B, C, 2]``: the linear and low-pass parts of each user's scores (``scores`` is
+        their sum) at ``candidates`` ``[B, C]`` (catalogue items), from the users' ``[B,
+        num_items]`` rows; zero at items the filter does not cover."""
+        position = self.positions[candidates]
+        covered = position >= 0
+        at = np.where(covered, position, 0)
+        rows = rows[:, self.items]
+        linear = np.zeros(candidates.shape)
+        if self.linear is not None:
+            product = rows @ self.linear
+            product = product.toarray() if sp.issparse(product) else np.asarray(product)
+            linear = np.take_along_axis(product, at, axis=1)
+        low_pass = np.zeros(candidates.shape)
+        if self.eigenvectors.shape[1] and self.alpha:
+            scaled = (
+                rows @ sp.diags(self.input_scale) if sp.issparse(rows) else rows * self.input_scale
+            )
+            basis = np.asarray(scaled @ self.eigenvectors)  # [B, k]
+            low_pass = (
+                self.alpha
+                * np.einsum("bk,bck->bc", basis, self.eigenvectors[at])
+                * self.output_scale[at]
+            )
+        return np.where(covered[..., None], np.stack([linear, low_pass], -1), 0.0)
+
+    def item_features(self, sources: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """``[S, C, 2]``: :meth:`features` at ``targets`` ``[S, C]`` of a row holding the one
+        item ``sources[s]``: what one item of a user's row adds to the scores (a user's
+        scores with item ``i`` left out are theirs minus ``item_features(i, .)``)."""
+        position = self.positions
+        source, target = position[sources][:, None], position[targets]
+        covered = (source >= 0) & (target >= 0)
+        source, target = np.where(covered, source, 0), np.where(covered, target, 0)
+        source = np.broadcast_to(source, target.shape)
+        linear = np.zeros(target.shape)
+        if self.linear is not None:
+            values = self.linear[source.ravel(), target.ravel()]
+            linear = np.asarray(values).reshape(target.shape)
+        low_pass = np.zeros(target.shape)
+        if self.eigenvectors.shape[1] and self.alpha:
+            low_pass = (
+                self.alpha
+                * self.input_scale[source]
+                * np.einsum("sck,sck->sc", self.eigenvectors[source], self.eigenvectors[target])
+                * self.output_scale[target]
+            )
+        return np.where(covered[..., None], np.stack([linear, low_pass], -1), 0.0)
+
     def scores(self, rows: Matrix, batch_size: int = 1024) -> np.ndarray:
         """``[B, num_items]`` float32 scores of users given their ``[B, num_items]``
         rows (dense or CSR), ``batch_size`` users at a time."""
@@ -355,6 +411,48 @@ def keep_top_per_row(matrix: Matrix, count: int) -> sp.csr_matrix:
     return sp.csr_matrix(
         (matrix.data[keep], (rows[keep], matrix.indices[keep])), shape=matrix.shape
     )
+
+
+def strongest_neighbours(matrix: Matrix, hops: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    r"""``[hops, n, count]`` neighbours and weights of every item in :math:`\hat P^k`,
+    :math:`k = 1..` ``hops``: each row of ``matrix`` keeps its ``count`` entries of largest
+    absolute value, scaled so that their absolute values sum to 1 (a row of zeros stays
+    zero), and hop :math:`k` is hop :math:`k - 1` times hop 1, kept and scaled the same way."""
+    one = _strongest(sp.csr_matrix(matrix), count)
+    current, neighbours, weights = one, [], []
+    for _ in range(hops):
+        ids, values = _as_lists(current, count)
+        neighbours.append(ids)
+        weights.append(values)
+        current = _strongest(current @ one, count)
+    return np.stack(neighbours), np.stack(weights)
+
+
+def _strongest(matrix: sp.csr_matrix, count: int) -> sp.csr_matrix:
+    """Each row's ``count`` entries of largest absolute value, scaled to absolute sum 1."""
+    matrix = sp.csr_matrix(matrix)
+    matrix.eliminate_zeros()
+    rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    order = np.lexsort((-np.abs(matrix.data), rows))
+    rank = np.arange(len(order)) - matrix.indptr[rows[order]]
+    keep = order[rank < count]
+    kept = sp.csr_matrix(
+        (matrix.data[keep], (rows[keep], matrix.indices[keep])), shape=matrix.shape
+    )
+    total = np.asarray(abs(kept).sum(axis=1)).ravel()
+    return sp.csr_matrix(sp.diags(1.0 / np.where(total > 0, total, 1.0)) @ kept)
+
+
+def _as_lists(matrix: sp.csr_matrix, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """A CSR matrix with at most ``count`` entries per row as ``[n, count]`` column ids
+    and values (padded with item 0 at weight 0)."""
+    n = matrix.shape[0]
+    ids, values = np.zeros((n, count), np.int64), np.zeros((n, count))
+    lengths = np.diff(matrix.indptr)
+    rows = np.repeat(np.arange(n), lengths)
+    slots = np.arange(len(rows)) - matrix.indptr[rows]
+    ids[rows, slots], values[rows, slots] = matrix.indices, matrix.data
+    return ids, values
 
 
 # -- ratings --------------------------------------------------------------------

@@ -86,6 +86,7 @@ from torch import Tensor, nn
 
 from common.config import RunConfig
 from common.data.dataset import REFERENCE_SCALE, Catalogue
+from common.graph_statistics import FEATURE_NAMES
 from common.text import text_dimension
 
 ITEM_ROW_PARAMETERS = ("item_embedding.weight", "item_bias.weight")
@@ -94,7 +95,7 @@ ITEM_ROW_PARAMETERS = ("item_embedding.weight", "item_bias.weight")
 
 @dataclass
 class EgoBatch:
-    """A batch of users' ego graphs, padded to a fixed ``degree_cap`` K.
+    r"""A batch of users' ego graphs, padded to a fixed ``degree_cap`` K.
 
     Attributes:
         items: ``[B, K]`` item index of each edge (0 where padded).
@@ -106,6 +107,10 @@ class EgoBatch:
         negatives: ``[B, K]`` one negative item per edge (ranking task only).
         features: ``[B, F]`` user attributes (``F`` may be 0).
         users: ``[B]`` the users' local indices at their site.
+        graph: ``[B, K, G]`` the released graph's features :math:`\phi` of each edge's
+            item with that edge left out (``common.graph_statistics.GraphFeatures``), or
+            ``None`` without an item graph.
+        graph_negatives: ``[B, K, G]`` the same for each edge's negative (ranking).
         private: ``[B, d]`` the users' private embeddings :math:`p_u`, or ``None``.
     """
 
@@ -117,6 +122,8 @@ class EgoBatch:
     negatives: Tensor
     features: Tensor
     users: Tensor
+    graph: Tensor | None = None
+    graph_negatives: Tensor | None = None
     private: Tensor | None = None
 
     def with_private(self, table: Tensor | None) -> EgoBatch:
@@ -126,6 +133,26 @@ class EgoBatch:
     def to(self, device: torch.device | str) -> EgoBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return EgoBatch(**{k: None if v is None else v.to(device) for k, v in moved.items()})
+
+
+GRAPH_SCALE = {"rating": 1.0, "ranking": 30.0}
+""":math:`\theta` at the start: the graph's own score (rating), or its ranking at a scale
+where BPR's loss saturates on the pairs the graph already orders well, so that the
+correction learns from the graph's mistakes (ranking; chosen on validation,
+MovieLens-100K implicit)."""
+
+
+@dataclass(frozen=True)
+class Propagation:
+    r"""The released item graph as the model propagates over it: per hop :math:`k = 1..H`,
+    each item's ``M`` strongest neighbours in :math:`\hat P^k` and their weights
+    (``[H, num_items, M]``; a row's absolute weights sum to 1, or are all 0 for an item
+    with no neighbour), and the item text vectors propagated the same way
+    (``[H, num_items, text_dim]``, or ``None``)."""
+
+    neighbours: Tensor
+    weights: Tensor
+    text: Tensor | None
 
 
 class EgoGraphRecommender(nn.Module):
@@ -140,6 +167,10 @@ class EgoGraphRecommender(nn.Module):
         task: ``"rating"`` (squared error) or ``"ranking"`` (BPR).
         user_bias_shrinkage: :math:`\\lambda` of the closed-form user bias
             (rating task); ``None`` turns the user bias off.
+        text_dim: size of the item text vectors (0: no item text).
+        graph_features: :math:`G`, the released item graph's features per user and item
+            (``common.graph_statistics.GraphFeatures``; 0: no item graph). With them the
+            model is a residual on the graph: see the module docstring.
     """
 
     def __init__(
@@ -151,6 +182,7 @@ class EgoGraphRecommender(nn.Module):
         task: str,
         user_bias_shrinkage: float | None,
         text_dim: int = 0,
+        graph_features: int = 0,
     ) -> None:
         super().__init__()
         if task not in ("rating", "ranking"):
@@ -171,9 +203,18 @@ class EgoGraphRecommender(nn.Module):
 
         nn.init.normal_(self.item_embedding.weight, std=0.1)
         nn.init.zeros_(self.item_bias.weight)
-        self.global_bias = nn.Embedding(1, 1) if task == "rating" else None
+        self.global_bias = nn.Embedding(1, 1) if task == "rating" and not graph_features else None
         if self.global_bias is not None:
             nn.init.constant_(self.global_bias.weight, sum(REFERENCE_SCALE) / 2)
+        self.graph_weights = nn.Linear(graph_features, 1, bias=False) if graph_features else None
+        if self.graph_weights is not None:  # the residual on the graph starts as the graph
+            nn.init.constant_(self.graph_weights.weight, GRAPH_SCALE[task])
+            nn.init.zeros_(self.dense.weight)
+            nn.init.zeros_(self.dense.bias)
+            if self.item_text_projection is not None:
+                nn.init.zeros_(self.item_text_projection.weight[-1])  # the text's item bias
+            self.user_bias_shrinkage = None  # the graph's user mean is a feature
+        self.hops = 0
 
     @property
     def size(self) -> int:
@@ -183,6 +224,17 @@ class EgoGraphRecommender(nn.Module):
     def set_item_text(self, vectors: Tensor) -> None:
         """The public text vectors ``[num_items, text_dim]`` (a buffer: never sent)."""
         self.register_buffer("item_text", vectors.to(self.item_embedding.weight), persistent=False)
+
+    def set_propagation(self, propagation: Propagation) -> None:
+        """Propagate item representations over the released item graph (buffers: public,
+        never sent): ``propagation.neighbours`` and ``.weights`` ``[H, num_items, M]``,
+        and ``.text`` ``[H, num_items, text_dim]`` when the model reads item text."""
+        weight = self.item_embedding.weight
+        self.hops = propagation.neighbours.shape[0]
+        self.register_buffer("neighbours", propagation.neighbours.to(weight.device), False)
+        self.register_buffer("neighbour_weights", propagation.weights.to(weight), False)
+        if propagation.text is not None:
+            self.register_buffer("propagated_text", propagation.text.to(weight), False)
 
     @contextmanager
     def text_disabled(self) -> Iterator[None]:
@@ -194,15 +246,37 @@ class EgoGraphRecommender(nn.Module):
             self.use_text = self.item_text_projection is not None
 
     def item_vectors(self, items: Tensor) -> tuple[Tensor, Tensor]:
-        """``(q_i, b_i)`` of ``items`` (any shape): one call of each item-side layer."""
-        q = self.item_embedding(items)
+        r"""``(q_i, b_i)`` of ``items`` (any shape): one call of each item-side layer.
+
+        With propagation, :math:`q_i` is the mean over hops :math:`k = 0..H` of the
+        item's neighbourhood :math:`\sum_j (\hat P^k)_{ij} x_j` of
+        :math:`x_j = e_j + P t_j` (the item itself at :math:`k = 0`)."""
+        ids, weights = items[..., None], torch.ones_like(items, dtype=torch.float)[..., None]
+        if self.hops:
+            around = (self.neighbours[:, items], self.neighbour_weights[:, items])
+            ids = torch.cat([ids, around[0].movedim(0, -2).flatten(-2)], -1)
+            weights = torch.cat([weights, around[1].movedim(0, -2).flatten(-2)], -1)
+        # Opacus's ghost clipping reads an embedding's input as [B, T]: flatten the hops
+        embedded = self.item_embedding(ids.flatten(-2)).unflatten(-2, ids.shape[-2:])
+        q = (embedded * weights[..., None]).sum(-2) / (self.hops + 1)
         b = self.item_bias(items).squeeze(-1)
         if self.global_bias is not None:
             b = b + self.global_bias(torch.zeros_like(items)).squeeze(-1)
         if self.item_text_projection is None or not self.use_text:
             return q, b
-        text = self.item_text_projection(self.item_text[items])
-        return q + text[..., :-1], b + text[..., -1]
+        vectors = self.item_text[items][..., None, :]
+        if self.hops:
+            vectors = torch.cat([vectors, self.propagated_text[:, items].movedim(0, -2)], -2)
+        text = self.item_text_projection(vectors.flatten(-3, -2)).unflatten(
+            -2, vectors.shape[-3:-1]
+        )
+        return q + text[..., :-1].sum(-2) / (self.hops + 1), b + text[..., 0, -1]
+
+    def graph_score(self, graph: Tensor | None) -> Tensor | float:
+        r""":math:`\theta^\top \phi` of the released graph's features (0 without)."""
+        if self.graph_weights is None:
+            return 0.0
+        return self.graph_weights(graph).squeeze(-1)
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer groups: weight decay on the embedding tables (item offsets included:
@@ -265,8 +339,12 @@ class EgoGraphRecommender(nn.Module):
         ``[B, K]`` scores of their paired negatives under the same user vector.
         """
         k = batch.items.shape[1]
-        ids = batch.items if self.task == "rating" else torch.cat([batch.items, batch.negatives], 1)
+        ranking = self.task == "ranking"
+        ids = torch.cat([batch.items, batch.negatives], 1) if ranking else batch.items
         q_all, b_all = self.item_vectors(ids)
+        if self.graph_weights is not None:  # each layer is called once (ghost clipping)
+            graph = torch.cat([batch.graph, batch.graph_negatives], 1) if ranking else batch.graph
+            b_all = b_all + self.graph_score(graph)
         q, b = q_all[:, :k], b_all[:, :k]
         context = batch.context
 
@@ -276,7 +354,7 @@ class EgoGraphRecommender(nn.Module):
         z = self._user_vector(h, batch)  # [B, K, d]
 
         score = (z * q).sum(-1) + b
-        if self.task == "ranking":
+        if ranking:
             return score, (z * q_all[:, k:]).sum(-1) + b_all[:, k:]
         if self.user_bias_shrinkage is not None:
             residual = (batch.ratings - b.detach()) * context
@@ -302,15 +380,19 @@ class EgoGraphRecommender(nn.Module):
         residual = ((batch.ratings - b) * context).sum(1)
         return z, residual / (self.user_bias_shrinkage + degree)
 
-    def score(self, z: Tensor, user_bias: Tensor, items: Tensor) -> Tensor:
-        """Scores of ``items`` (``[B, T]``) for users ``(z, user_bias)``."""
+    def score(
+        self, z: Tensor, user_bias: Tensor, items: Tensor, graph: Tensor | None = None
+    ) -> Tensor:
+        """Scores of ``items`` (``[B, T]``) for users ``(z, user_bias)``, with the released
+        graph's features ``graph`` ``[B, T, G]`` of the pairs (item graph only)."""
         q, b = self.item_vectors(items)
-        return (z[:, None, :] * q).sum(-1) + b + user_bias[:, None]
+        return (z[:, None, :] * q).sum(-1) + b + user_bias[:, None] + self.graph_score(graph)
 
-    def score_catalogue(self, z: Tensor) -> Tensor:
-        """Scores of every catalogue item, ``[B, num_items]`` (ranking; no user bias)."""
+    def score_catalogue(self, z: Tensor, graph: Tensor | None = None) -> Tensor:
+        """Scores of every catalogue item, ``[B, num_items]`` (ranking; no user bias), with
+        the released graph's features ``graph`` ``[B, num_items, G]`` (item graph only)."""
         q, b = self.item_vectors(torch.arange(self.item_embedding.num_embeddings, device=z.device))
-        return z @ q.T + b
+        return z @ q.T + b + self.graph_score(graph)
 
 
 def build_model(
@@ -331,6 +413,7 @@ def build_model(
         task=config.task,
         user_bias_shrinkage=config.user_bias_shrinkage if config.user_bias else None,
         text_dim=text_dimension(config.text_model) if uses_text else 0,
+        graph_features=len(FEATURE_NAMES[config.task]) if config.item_graph == "filter+gcn" else 0,
     )
     if uses_text and text_vectors is not None:
         model.set_item_text(torch.from_numpy(text_vectors))

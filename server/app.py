@@ -36,7 +36,7 @@ from common.errors import InputError
 from common.model import build_model
 from common.privacy import site_mechanism
 from common.protocol import instruction_values
-from server.item_graph import GraphRelease, initialise_item_side
+from server.item_graph import GraphRelease
 from server.report import write_report
 from server.report_render import round_line, summary
 from server.round_book import RoundBook
@@ -104,9 +104,6 @@ def run(
                     timeout=config.round_timeout,
                 )
                 arrays = strategy.aggregate_train(server_round, replies)[0] or arrays
-                if server_round == config.statistics_rounds and config.item_graph == "filter+gcn":
-                    initialise_item_side(model, release.graph)
-                    arrays = ArrayRecord(model.state_dict())
                 if book.stopped_after is None:
                     evaluate(grid, strategy, server_round, arrays, instruction, config)
                 end_of_round(server_round, arrays, book, out)

@@ -3,10 +3,8 @@
 In statistics rounds (``common.graph_statistics``) the server adds up the sites'
 statistics (or receives their secure sum), releases what the round allows
 (post-processing of the noisy total), and from then on sends the release with
-every instruction. With ``item-graph = "filter+gcn"`` the released graph also
-initialises the model's item side before the DP-SGD rounds: the item
-embeddings from the filter's top eigenvectors (rating: the item biases from
-the released item offsets).
+every instruction. With ``item-graph = "filter+gcn"`` the sites then learn on
+it (``common.model``): the model starts as the released graph's own score.
 """
 
 from __future__ import annotations
@@ -15,12 +13,10 @@ import math
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
 from common.config import RunConfig
 from common.data.dataset import Catalogue
 from common.graph_statistics import ItemGraph, Total, length, released, sensitivity
-from common.model import EgoGraphRecommender
 from common.privacy import Mechanism
 from common.protocol import ITEM_GRAPH, STATISTICS, STATISTICS_COLUMNS, STATISTICS_ROWS
 from server.run_directory import RunDirectory
@@ -83,22 +79,3 @@ class GraphRelease:
         )
         if self.graph.complete:
             self.out.write_item_graph(self.graph.to_bytes())
-
-
-def initialise_item_side(model: EgoGraphRecommender, graph: ItemGraph) -> None:
-    """Start the model's item side from the released graph (``item-graph = "filter+gcn"``):
-    ranking, the item embeddings from the filter's top eigenvectors (as many as the
-    embedding has dimensions, the rest zero; uncovered items zero); rating, the item
-    biases from the released item offsets."""
-    with torch.no_grad():
-        if graph.eigenvectors is not None:
-            k = min(graph.eigenvectors.shape[1], model.dim)
-            embedding = torch.zeros_like(model.item_embedding.weight)
-            embedding[torch.as_tensor(graph.items), :k] = torch.as_tensor(
-                graph.eigenvectors[:, :k], dtype=embedding.dtype
-            )
-            model.item_embedding.weight.copy_(embedding)
-        if graph.item_bias is not None:
-            model.item_bias.weight.copy_(
-                torch.as_tensor(graph.item_bias[:, None], dtype=model.item_bias.weight.dtype)
-            )

@@ -44,7 +44,8 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     sites = {site: _site_summary(entries, config) for site, entries in ledger["sites"].items()}
     finite = [s["epsilon"] for s in sites.values() if s["epsilon"] is not None]
     releases = _read(run_dir / "releases.json")
-    derived = _read(run_dir / "status.json").get("derived-from-data", [])
+    status = run_dir / "status.json"
+    derived = _read(status).get("derived-from-data", []) if status.exists() else []
     return {
         "schema": SCHEMA,
         "run": run_dir.name,

@@ -19,7 +19,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import WARNING
 
-import numpy as np
 from flwr.app import MetricRecord
 from flwr.common import log
 
@@ -152,12 +151,16 @@ def last_line(reason: str) -> str:
 def mean_metrics(
     records: list[MetricRecord], weighted: bool, skip: tuple[str, ...] = ()
 ) -> MetricRecord:
-    """Mean of every metric over sites; weighted by ``num-examples`` when ``weighted``."""
-    weights = np.array([float(r[NUM_EXAMPLES]) if weighted else 1.0 for r in records])
+    """Mean of every metric over the sites that report it; weighted by ``num-examples``
+    when ``weighted`` (a reply with no metric, such as round 0's check-in, has none)."""
     keys = sorted(set().union(*records) - set(skip) - {NUM_EXAMPLES})
     out = {}
     for key in keys:
-        have = [(w, float(r[key])) for w, r in zip(weights, records, strict=True) if key in r]
+        have = [
+            (float(r[NUM_EXAMPLES]) if weighted else 1.0, float(r[key]))
+            for r in records
+            if key in r
+        ]
         total = sum(w for w, _ in have)
         out[key] = sum(w * v for w, v in have) / total
     return MetricRecord(out)

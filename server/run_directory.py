@@ -115,6 +115,8 @@ class RunDirectory:
         rounds = {str(r): asdict(record) for r, record in sorted(book.rounds.items())}
         write_json(self.path / "metrics.json", rounds)
         write_json(self.path / "ledger.json", self.ledger(book))
+        if not self.config.training_rounds:
+            return  # the item graph's filter alone trains nothing: item_graph.npz is it
         with replacing(self.path / "model.pt") as tmp:
             torch.save(arrays.to_torch_state_dict(), tmp)
         if not book.rounds:
@@ -130,12 +132,14 @@ class RunDirectory:
             write_json(self.path / "status.json", self.status)
 
     def validation_score(self, server_round: int, book: RoundBook) -> float | None:
-        """A training round's validation metric, higher is better (minus the RMSE for
-        ratings); None for other rounds, without validation metrics, or under DP unless
-        the metrics were released under it (``evaluation = "dp"``)."""
+        """A round's validation metric, higher is better (minus the RMSE for ratings): a
+        training round's, or the item graph's last statistics round's (the learned model
+        then is the released graph's score); None for other rounds, without validation
+        metrics, or under DP unless the metrics were released under it (``evaluation =
+        "dp"``)."""
         config = self.config
         uncovered = config.dp and config.evaluation != "dp"
-        if uncovered or server_round <= config.statistics_rounds:
+        if uncovered or server_round < config.statistics_rounds:
             return None
         metric = "val-rmse" if config.task == "rating" else f"val-ndcg@{config.top_k}"
         value = book.round(server_round).aggregated.get(metric)

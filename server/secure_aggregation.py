@@ -57,7 +57,7 @@ from common.graph_statistics import sensitivity
 from common.model import EgoGraphRecommender
 from common.privacy import Mechanism
 from common.protocol import RUN_NAME, SERVER_ROUND
-from server.item_graph import GraphRelease, initialise_item_side
+from server.item_graph import GraphRelease
 from server.report_render import round_line
 from server.round_book import NoSiteCompleted, RoundBook, RoundLog, last_line
 from server.run_directory import RunDirectory
@@ -149,11 +149,6 @@ class SecureSumStrategy(FedAvg):
         largest = max(float(fit.metrics["epsilon"]) for _, fit in results)
         if statistics_round:
             self.release.add(server_round, total, len(results))
-            if (
-                server_round == self.config.statistics_rounds
-                and self.config.item_graph == "filter+gcn"
-            ):
-                initialise_item_side(self.model, self.release.graph)
             return ndarrays_to_parameters(item_side_arrays(self.model)), {"max-epsilon": largest}
         gradient = total
         self.optimizer.zero_grad(set_to_none=True)

@@ -31,6 +31,7 @@ from common.config import RunConfig, default_config
 from common.data import load_site
 from common.ego_graphs import UserEgoGraphs
 from common.evaluation import evaluate
+from common.graph_statistics import ItemGraph
 from common.model import EgoGraphRecommender, item_side_size
 from common.privacy import site_mechanism
 from server.app import run
@@ -123,14 +124,18 @@ def train_central(
 
 
 def score(
-    config: RunConfig, state_dict: dict[str, torch.Tensor], part: str = "test"
+    config: RunConfig,
+    state_dict: dict[str, torch.Tensor],
+    part: str = "test",
+    graph: ItemGraph | None = None,
 ) -> dict[str, float]:
     """Metrics of a global model over every user at once: all ``test`` (or ``val``)
-    interactions, as a centralized evaluation would count them."""
+    interactions, as a centralized evaluation would count them; ``graph`` is the released
+    item graph the model learned on (``item-graph = "filter+gcn"``)."""
     everyone = load_site(config, 0, 1)
-    model = site_model(everyone.catalogue, config)
+    model = site_model(everyone.catalogue, config, graph=graph)
     model.load_state_dict(state_dict)
-    graphs = site_graphs(everyone, config)
+    graphs = site_graphs(everyone, config, graph)
     if part == "val":
         return evaluate(model, graphs, everyone.val, config.top_k).metrics()
     return evaluate(model, graphs, everyone.test, config.top_k, exclude=everyone.val).metrics()

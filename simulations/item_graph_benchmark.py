@@ -283,8 +283,12 @@ def pipeline_validation(config: RunConfig, site: SiteData) -> dict[str, float]:
     if config.item_graph == "filter":
         graph = ItemGraph.from_bytes((run_dir / "item_graph.npz").read_bytes())
         return evaluate_graph(graph, site, site.val, K, rating_settings(config)).metrics()
-    best = run_dir / "best-model.pt"  # without DP: the best validation round's
-    return score(config, torch.load(best if best.exists() else run_dir / "model.pt"), "val")
+    graph = None
+    if config.item_graph == "filter+gcn":
+        graph = ItemGraph.from_bytes((run_dir / "item_graph.npz").read_bytes())
+    best = run_dir / "best-model.pt"  # the best validation round's (no DP, or DP metrics)
+    state = torch.load(best if best.exists() else run_dir / "model.pt")
+    return score(config, state, "val", graph)
 
 
 def pipelines() -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Model shapes, leave-one-out targets, and DP-SGD in both per-sample modes."""
+"""Model shapes, leave-one-out targets, DP-SGD in both per-sample modes, and the learned
+model on the released item graph."""
 
 from __future__ import annotations
 
@@ -7,23 +8,24 @@ import logging
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from test_graph_statistics import on_1_to_100_scale
+from test_independence import released_graph
 
 from client.train import GHOST_ABOVE_ITEMS, make_private, site_graphs, site_model, train_locally
 from common.config import default_config
 from common.data import load_site
 from common.evaluation import evaluate
-from common.model import EgoBatch
+from common.graph_statistics import GraphFeatures, rating_settings
+from common.model import GRAPH_SCALE, EgoBatch
 from common.privacy import site_mechanism
 
 
 def small_config(**changes):
-    return default_config(
-        item_graph="none",
-        **({"synthetic_users": 90, "synthetic_items": 50, "degree_cap": 10} | changes),
-    )
+    defaults = {"item_graph": "none", "synthetic_users": 90, "synthetic_items": 50}
+    return default_config(**(defaults | {"degree_cap": 10} | changes))
 
 
 def batch_of(graphs, users):
@@ -214,3 +216,72 @@ def test_a_1_to_100_scale_trains_one_weighted_edge_type_on_the_reference_scale()
     rmse = evaluate(model, wide_graphs, wide.test, config.top_k).metrics()["rmse"]
     mean_rmse = float(np.sqrt(np.mean((wide.train.rating.mean() - wide.test.rating) ** 2)))
     assert rmse < 0.85 * mean_rmse
+
+
+@pytest.mark.parametrize("task", ["ranking", "rating"])
+def test_the_learned_model_starts_as_the_released_graph(task):
+    """With item-graph = "filter+gcn" the score is theta . phi plus a correction that
+    starts at zero, so before any training the model scores as the released graph (for
+    ranking at a larger scale, which orders the items the same)."""
+    config = small_config(item_graph="filter+gcn", task=task, synthetic_users=120)
+    site = load_site(config, 0, 1)
+    graph = released_graph(config, site)
+    torch.manual_seed(0)
+    model = site_model(site.catalogue, config, graph=graph).eval()
+    graphs = site_graphs(site, config, graph)
+    users = np.arange(12)
+    with torch.no_grad():
+        z, user_bias = model.user_vectors(graphs.context(users))
+        if task == "ranking":
+            features = torch.as_tensor(graphs.features.of_catalogue(users), dtype=torch.float32)
+            scores = model.score_catalogue(z, features) / GRAPH_SCALE["ranking"]  # same order
+            np.testing.assert_allclose(scores, graph.scores(site, users), rtol=1e-5, atol=1e-6)
+            return
+        pairs = site.test.select(np.isin(site.test.user, users))
+        rows = torch.as_tensor(pairs.user)
+        phi = graphs.features.of_pairs(pairs.user, pairs.item)[:, None, :]
+        items = torch.as_tensor(pairs.item)[:, None]
+        scores = model.score(z[rows], user_bias[rows], items, torch.as_tensor(phi).float())
+    expected = site.catalogue.to_reference_scale(
+        graph.predict(site, pairs, rating_settings(config))
+    )
+    np.testing.assert_allclose(scores.squeeze(1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_training_targets_features_leave_the_target_out_of_the_users_row():
+    """Ranking: the features of a user's own item i (and of the negative paired with it)
+    are those of the user's row without i, so the model learns what it will face for an
+    item the user has not seen."""
+    config = small_config(item_graph="filter+gcn", task="ranking", synthetic_users=120)
+    site = load_site(config, 0, 1)
+    graph = released_graph(config, site)
+    features = GraphFeatures(graph, site, rating_settings(config))
+    user = 3
+    items = site.train.item[site.train.user == user][:4]
+    negatives = np.array([0, 5, 9, 11])
+    on_targets, on_negatives = features.of_targets(user, items, np.ones(4), negatives)
+    for k, item in enumerate(items):
+        rows = features.rows[[user]].toarray()
+        rows[0, item] = 0.0  # the row without the target
+        candidates = np.array([[item, negatives[k]]])
+        expected = features.filter.features(sp.csr_matrix(rows), candidates)[0]
+        np.testing.assert_allclose(on_targets[k], expected[0], atol=1e-12)
+        np.testing.assert_allclose(on_negatives[k], expected[1], atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("task", ["rating", "ranking"])
+def test_the_learned_model_trains_under_dp_on_the_released_graph(mode, task):
+    config = small_config(
+        item_graph="filter+gcn", task=task, grad_sample_mode=mode, synthetic_users=120
+    )
+    site = load_site(config, 0, 1)
+    graph = released_graph(config, site)
+    model = site_model(site.catalogue, config, graph=graph)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mechanism = site_mechanism(config, model.size)
+    graphs = site_graphs(site, config, graph)
+    train_locally(model, graphs, config, mechanism=mechanism, server_round=1, device="cpu")
+    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    metrics = evaluate(model, graphs, site.val, config.top_k).metrics()
+    assert all(np.isfinite(v) for v in metrics.values())
