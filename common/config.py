@@ -10,7 +10,7 @@ TOML has no null, so two spellings stand for "none" there and become explicit
 here: ``target-epsilon = 0`` and ``max-epsilon = 0`` (off) are ``None``, and
 ``delta = "auto"`` is resolved to the number it stands for
 (:func:`auto_delta`), ``evaluation = "auto"`` to ``"dp"`` under DP and
-``"exact"`` without.
+``"exact"`` without, and ``secagg-min-sites = 0`` to ``min-sites``.
 """
 
 from __future__ import annotations
@@ -129,6 +129,8 @@ class RunConfig:
                 typed[field.name] = None
             elif key == "delta" and value == "auto":
                 typed[field.name] = AUTO_DELTA
+            elif key == "secagg-min-sites" and value == 0:
+                typed[field.name] = _typed("min-sites", values["min-sites"], "int")
             elif key == "evaluation" and value == "auto":
                 typed[field.name] = "dp" if _typed("dp", values["dp"], "bool") else "exact"
             else:

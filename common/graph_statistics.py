@@ -28,8 +28,12 @@ site.
 1. round 1: each site computes its users' shrunk means :math:`m_u` from their
    own ratings, and sums :math:`\sum_u w_u (r_u - m_u)` and :math:`\sum_u w_u
    1_{N(u)}` with :math:`w_u = \min(1, C_1 / \max(\lVert r_u - m_u \rVert,
-   \sqrt{|N(u)|}))`, sensitivity :math:`\sqrt 2\, C_1`. Released: the item
-   offsets :math:`b_i`;
+   \sqrt{|N(u)|}))`, and :math:`c \sum_u \delta_u`, :math:`c \sum_u 1` with
+   :math:`\delta_u \in [-1, 1]` the user's mean rating's place on the scale
+   (:func:`global_mean_sums`); sensitivity :math:`\sqrt 2 \sqrt{C_1^2 + c^2}`.
+   Released: the item offsets :math:`b_i` and the global mean :math:`\mu`, toward
+   which every user's mean is shrunk from then on (before it was released, the
+   middle of the scale);
 2. round 2: the covariance :math:`\sum_u e_u e_u^\top` of each user's
    residuals :math:`e_{ui} = r_{ui} - m_u - b_i` (:math:`m_u` recomputed by the
    site against the released :math:`b_i`), each row bounded to :math:`C_2`,
@@ -110,6 +114,12 @@ class RatingNeighbourhood:
 
 RATING_WITH_DP = RatingNeighbourhood(1.0, 0.5, 80, 50.0, None)
 RATING_WITHOUT_DP = RatingNeighbourhood(math.inf, 0.0, 20, 0.1, 100.0)
+NOISY_COUNTS = 3.5
+"""The item offsets' shrinkage is at least this many standard deviations of the noise on
+the released counts (public): an item's offset then weighs its noisy sum by how many
+ratings it surely has, so per-site noise, which is larger by the square root of the
+number of sites, shrinks them more. Chosen on validation (MovieLens-100K u1, epsilon 8,
+``simulations/item_graph_benchmark.py``)."""
 DIAGONAL_FLOOR = 3.0
 """The noisy covariance's diagonal is floored at this many standard deviations of its
 noise. (The item offsets are not shrunk further by their counts' noise: on validation,
@@ -133,6 +143,8 @@ class ItemGraph:
         degrees: released item degrees over the catalogue (ranking).
         degree_noise: standard deviation of the noise on ``degrees`` (0 without DP).
         item_bias: the item offsets :math:`b_i` (rating).
+        global_mean: the users' means averaged (rating), the prior of every user's
+            shrunk mean after round 1.
         linear, eigenvectors, alpha, input_scale, output_scale: the ranking filter
             (``common.item_graph.ItemFilter``), from round 2.
         similarity: the residuals' similarity (rating), from round 2.
@@ -142,6 +154,7 @@ class ItemGraph:
     degrees: np.ndarray | None = None
     degree_noise: float = 0.0
     item_bias: np.ndarray | None = None
+    global_mean: float | None = None
     variance_noise: float = 0.0
     linear: np.ndarray | sp.csr_matrix | None = None
     eigenvectors: np.ndarray | None = None
@@ -230,7 +243,9 @@ def sensitivity(config: RunConfig, catalogue: Catalogue, server_round: int) -> f
     if config.task == "ranking":
         return config.item_graph_degree_bound if server_round == 1 else 1.0
     bound = rating_settings(config).bound
-    return math.sqrt(2.0) * bound if server_round == 1 else bound**2
+    if server_round == 2:
+        return bound**2
+    return math.sqrt(2.0) * math.sqrt(bound**2 + GLOBAL_MEAN_WEIGHT**2)
 
 
 def length(config: RunConfig, catalogue: Catalogue, server_round: int, graph: ItemGraph) -> int:
@@ -238,7 +253,7 @@ def length(config: RunConfig, catalogue: Catalogue, server_round: int, graph: It
     know it before anything is computed)."""
     n = catalogue.num_items
     if server_round == 1:
-        return n if config.task == "ranking" else 2 * n
+        return n if config.task == "ranking" else 2 * n + 2
     m = len(graph.items)
     grams = 2 if config.task == "rating" and rating_settings(config).co_count_shrinkage else 1
     return grams * m * (m + 1) // 2
@@ -258,8 +273,8 @@ def contribution(config: RunConfig, site: SiteData, server_round: int, graph: It
     if server_round == 1:
         mean = _user_means(train, site.num_users, np.zeros(n), settings)
         sums, counts = item_offset_sums(train, site.num_users, n, mean, settings.bound)
-        return np.concatenate([sums, counts])
-    mean = _user_means(train, site.num_users, graph.item_bias, settings)
+        return np.concatenate([sums, counts, global_mean_sums(train, site.num_users)])
+    mean = _user_means(train, site.num_users, graph.item_bias, settings, graph.global_mean)
     residuals = residual_rows(train, site.num_users, n, mean, graph.item_bias)
     grams = [gram_sum(bounded_rows(residuals, settings.exponent, settings.bound))]
     if settings.co_count_shrinkage is not None:
@@ -284,9 +299,13 @@ def released(
         items = np.arange(n) if limit is None or limit >= n else top_items(total, limit)
         return replace(graph, items=items, degrees=total, degree_noise=noise_std)
     if server_round == 1:
-        shrinkage = rating_settings(config).item_shrinkage
+        shrinkage = max(rating_settings(config).item_shrinkage, NOISY_COUNTS * noise_std)
+        offsets = item_offsets(total[:n], total[n : 2 * n], shrinkage)
         return replace(
-            graph, items=np.arange(n), item_bias=item_offsets(total[:n], total[n:], shrinkage)
+            graph,
+            items=np.arange(n),
+            item_bias=offsets,
+            global_mean=global_mean(total[2 * n :]),
         )
     if config.task == "rating":
         settings = rating_settings(config)
@@ -337,13 +356,43 @@ def _on_reference_scale(site: SiteData) -> Interactions:
 
 
 def _user_means(
-    train: Interactions, num_users: int, item_offset: np.ndarray, settings: RatingNeighbourhood
+    train: Interactions,
+    num_users: int,
+    item_offset: np.ndarray,
+    settings: RatingNeighbourhood,
+    prior: float | None = None,
 ) -> np.ndarray:
     """Each user's shrunk mean, from the user's own ratings (on the reference scale) and
-    the given item offsets (none before round 1's release), shrunk toward the middle of
-    the scale."""
-    middle = sum(REFERENCE_SCALE) / 2
-    return user_means(train, num_users, item_offset, middle, settings.user_shrinkage)
+    the given item offsets (none before round 1's release), shrunk toward ``prior``: the
+    released global mean, or before it the middle of the scale."""
+    prior = sum(REFERENCE_SCALE) / 2 if prior is None else prior
+    return user_means(train, num_users, item_offset, prior, settings.user_shrinkage)
+
+
+GLOBAL_MEAN_WEIGHT = 0.25
+""":math:`c`: each user's weight in round 1's two global-mean coordinates."""
+
+
+def global_mean_sums(train: Interactions, num_users: int) -> np.ndarray:
+    r"""Round 1's global-mean coordinates: :math:`c \sum_u \delta_u` and :math:`c` times the
+    users, with :math:`\delta_u \in [-1, 1]` the user's mean rating's place on the
+    reference scale; one user moves them by at most :math:`\sqrt 2 c`."""
+    counts = np.bincount(train.user, minlength=num_users)
+    rated = counts > 0
+    means = np.bincount(train.user, train.rating, num_users)[rated] / counts[rated]
+    half = (REFERENCE_SCALE[1] - REFERENCE_SCALE[0]) / 2
+    place = (means - sum(REFERENCE_SCALE) / 2) / half
+    return GLOBAL_MEAN_WEIGHT * np.array([place.sum(), float(rated.sum())])
+
+
+def global_mean(released_sums: np.ndarray) -> float:
+    """The global mean (users' means averaged, on the reference scale) from round 1's
+    released coordinates (post-processing: a noisy count below one user counts as one,
+    and the mean is kept on the scale)."""
+    place, users = released_sums / GLOBAL_MEAN_WEIGHT
+    half = (REFERENCE_SCALE[1] - REFERENCE_SCALE[0]) / 2
+    mean = sum(REFERENCE_SCALE) / 2 + half * place / max(users, 1.0)
+    return float(np.clip(mean, *REFERENCE_SCALE))
 
 
 FEATURE_NAMES = {
@@ -383,7 +432,9 @@ class GraphFeatures:
             return
         train = _on_reference_scale(site)
         self.counts = np.bincount(train.user, minlength=site.num_users).astype(np.float64)
-        self.means = _user_means(train, site.num_users, graph.item_bias, settings)
+        self.means = _user_means(
+            train, site.num_users, graph.item_bias, settings, graph.global_mean
+        )
         self.residuals = residual_rows(
             train, site.num_users, self.num_items, self.means, graph.item_bias
         )

@@ -50,7 +50,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "schema": SCHEMA,
         "run": run_dir.name,
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "warnings": _warnings(config, releases, derived),
+        "warnings": _warnings(config, releases, derived) + _regression(config, utility),
         "dp": config.dp,
         "privacy-unit": ledger["privacy-unit"],
         "neighbouring-relation": ledger["neighbouring-relation"],
@@ -111,6 +111,22 @@ def _warnings(config: RunConfig, releases: list[dict[str, Any]], derived: list[s
         f"Released outside epsilon{why}: {', '.join(uncovered)}. The (epsilon, delta) "
         "below does not cover these values."
     ]
+
+
+def _regression(config: RunConfig, utility: dict[int, dict[str, float]]) -> list[str]:
+    """A warning when the last evaluated round validates worse than the first."""
+    metric = "val-rmse" if config.task == "rating" else f"val-ndcg@{config.top_k}"
+    rounds = sorted(r for r, values in utility.items() if metric in values)
+    if len(rounds) < 2:
+        return []
+    first, last = utility[rounds[0]][metric], utility[rounds[-1]][metric]
+    if (last > first) if config.task == "rating" else (last < first):
+        return [
+            f"The last round's {metric} ({last:.4f}, round {rounds[-1]}) is worse than "
+            f"round {rounds[0]}'s ({first:.4f}): training made the model worse on validation"
+            + (" (or the metrics' noise moved them)" if config.evaluation == "dp" else "")
+        ]
+    return []
 
 
 def _algorithm(config: RunConfig) -> str:

@@ -13,6 +13,7 @@ from common.config import default_config
 from common.data import load_site
 from common.data.site import SiteData
 from common.graph_statistics import (
+    NOISY_COUNTS,
     ItemGraph,
     contribution,
     isometry,
@@ -152,3 +153,32 @@ def test_ratings_on_a_1_to_100_scale_give_the_same_release_and_predictions_mappe
     rmse = np.sqrt(np.mean((wide_predicted - wide.test.rating) ** 2))
     mean_rmse = np.sqrt(np.mean((wide.train.rating.mean() - wide.test.rating) ** 2))
     assert rmse < 0.85 * mean_rmse
+
+
+def test_round_1_releases_the_users_mean_rating_that_users_means_shrink_toward():
+    """Users' means were shrunk toward the middle of the scale; they now shrink toward the
+    released global mean (the users' mean ratings averaged)."""
+    config = default_config(dp=False, synthetic_users=120, synthetic_items=60)
+    site = load_site(config, 0, 1)
+    graph = graph_after_round_1(config, site)
+    ratings = site.catalogue.to_reference_scale(site.train.rating)
+    counts = np.bincount(site.train.user, minlength=site.num_users)
+    means = np.bincount(site.train.user, ratings, site.num_users) / counts
+    assert graph.global_mean == pytest.approx(means.mean())
+    assert abs(graph.global_mean - 3.0) > 0.05  # not the middle of the scale
+    users = contribution(config, site, 2, graph)  # round 2 shrinks toward it
+    middle = contribution(config, site, 2, replace(graph, global_mean=None))
+    assert not np.allclose(users, middle)
+
+
+def test_noisier_counts_shrink_the_item_offsets_more():
+    """The offsets' shrinkage is at least NOISY_COUNTS noise standard deviations."""
+    config = default_config(synthetic_users=120, synthetic_items=60)
+    site = load_site(config, 0, 1)
+    n = site.catalogue.num_items
+    total = contribution(config, site, 1, ItemGraph())
+    quiet = released(config, site.catalogue, 1, total, ItemGraph(), 0.1).item_bias
+    loud = released(config, site.catalogue, 1, total, ItemGraph(), 4.0).item_bias
+    counts = np.maximum(total[n : 2 * n], 0)
+    np.testing.assert_allclose(quiet, total[:n] / (counts + rating_settings(config).item_shrinkage))
+    np.testing.assert_allclose(loud, total[:n] / (counts + NOISY_COUNTS * 4.0))

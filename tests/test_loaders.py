@@ -650,7 +650,7 @@ def test_a_user_alone_on_an_item_leaves_the_release_length_as_it_is(tmp_path: Pa
     assert catalogue_after == catalogue and catalogue.num_items == len(ITEMS)
     empty = ItemGraph()
     assert length(config, catalogue, 1, empty) == length(with_user, catalogue_after, 1, empty)
-    assert before.shape == after.shape == (2 * len(ITEMS),)
+    assert before.shape == after.shape == (2 * len(ITEMS) + 2,)  # offsets, global mean
     assert np.linalg.norm(after - before) <= sensitivity(config, catalogue, 1) + 1e-9
     outside = audit_data(tmp_path, "outside", "loner,m99,4\n")
     with raises(f"{outside}:{ADDED_LINE}:", "field 'item'", "'m99' is not in the item-text file"):

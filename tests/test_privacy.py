@@ -267,3 +267,11 @@ def test_site_state_files_are_private_to_the_operator(tmp_path):
     for path in (state.ledger_path, state.private_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert stat.S_IMODE(state.folder.stat().st_mode) == 0o700
+
+
+def test_the_secure_sum_needs_every_site_unless_told_otherwise():
+    """secagg-min-sites was 2 by default, so with 10 sites each one's noise share was
+    sized for 2 survivors; it now defaults to min-sites."""
+    assert default_config(min_sites=10).secagg_min_sites == 10
+    assert default_config(min_sites=10, secagg_min_sites=4).secagg_min_sites == 4
+    assert default_config(min_sites=10).to_mapping()["secagg-min-sites"] == 10

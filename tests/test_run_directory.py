@@ -66,3 +66,23 @@ def test_the_report_says_first_when_the_catalogue_came_from_the_interactions(tmp
     assert "item ids and rating scale were taken from the interactions" in warning
     markdown = (out.path / "privacy_report.md").read_text().splitlines()
     assert markdown[2].startswith("**Warning.** The catalogue's item ids and rating scale")
+
+
+@pytest.mark.parametrize(
+    ("task", "values", "warned"),
+    [
+        ("rating", [0.90, 0.88, 0.93], True),
+        ("rating", [0.90, 0.95, 0.89], False),
+        ("ranking", [0.20, 0.25, 0.19], True),
+    ],
+)
+def test_a_run_whose_last_round_validates_worse_than_its_first_says_so(
+    tmp_path, task, values, warned
+):
+    out = write_rounds(tmp_path, dp=False, task=task, values=values)
+    out.finish()
+    warnings = write_report(out.path)["warnings"]
+    assert bool(warnings) == warned
+    if warned:
+        assert "worse than round 0's" in warnings[0]
+        assert "worse than round 0" in (out.path / "privacy_report.md").read_text()
