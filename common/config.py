@@ -10,7 +10,11 @@ TOML has no null, so two spellings stand for "none" there and become explicit
 here: ``target-epsilon = 0`` and ``max-epsilon = 0`` (off) are ``None``, and
 ``delta = "auto"`` is resolved to the number it stands for
 (:func:`auto_delta`), ``evaluation = "auto"`` to ``"dp"`` under DP and
-``"exact"`` without, and ``secagg-min-sites = 0`` to ``min-sites``.
+``"exact"`` without, ``secagg-min-sites = 0`` to ``min-sites``,
+``item-graph = "auto"`` to the pipeline that won on validation for the task
+and privacy (:func:`auto_pipeline`), and ``num-server-rounds = 0`` to that
+pipeline's own number of training rounds (:data:`TRAINING_ROUNDS`: none for the
+filter alone).
 """
 
 from __future__ import annotations
@@ -129,6 +133,10 @@ class RunConfig:
                 typed[field.name] = None
             elif key == "delta" and value == "auto":
                 typed[field.name] = AUTO_DELTA
+            elif key == "num-server-rounds" and value == 0:
+                typed[field.name] = TRAINING_ROUNDS.get(_pipeline(values), 0)
+            elif key == "item-graph" and value == "auto":
+                typed[field.name] = _pipeline(values)
             elif key == "secagg-min-sites" and value == 0:
                 typed[field.name] = _typed("min-sites", values["min-sites"], "int")
             elif key == "evaluation" and value == "auto":
@@ -167,8 +175,8 @@ class RunConfig:
 
     @property
     def training_rounds(self) -> int:
-        """DP-SGD rounds: ``num-server-rounds``, none with the item graph's filter alone."""
-        return 0 if self.item_graph == "filter" else self.num_server_rounds
+        """DP-SGD rounds: ``num-server-rounds`` (none with the item graph's filter alone)."""
+        return self.num_server_rounds
 
     @property
     def total_rounds(self) -> int:
@@ -247,8 +255,19 @@ class RunConfig:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise InputError(f"{key}: expected one of {allowed}, got {value!r}")
+        if self.item_graph == "filter" and self.num_server_rounds:
+            raise InputError(
+                f'num-server-rounds: item-graph = "filter" trains nothing (its two statistics '
+                f"rounds are all it runs), got {self.num_server_rounds}; to train for that "
+                'many rounds on the released graph set item-graph = "filter+gcn", or leave '
+                "num-server-rounds at 0"
+            )
+        if self.item_graph != "filter" and self.num_server_rounds <= 0:
+            raise InputError(
+                f"num-server-rounds: expected a positive number (0 in the configuration: the "
+                f"pipeline's own), got {self.num_server_rounds}"
+            )
         positive = {
-            "num-server-rounds": self.num_server_rounds,
             "min-sites": self.min_sites,
             "round-timeout": self.round_timeout,
             "secagg-min-sites": self.secagg_min_sites,
@@ -343,6 +362,8 @@ class RunConfig:
             )
 
 
+TRAINING_ROUNDS = {"filter": 0, "filter+gcn": 5, "none": 5}
+"""``num-server-rounds = 0``: each pipeline's own number of DP-SGD rounds."""
 OFF_WHEN_ZERO = (
     "target-epsilon",
     "max-epsilon",
@@ -354,6 +375,22 @@ OFF_WHEN_ZERO = (
 AUTO_DELTA = object()
 MIN_SECAGG_BITS, MAX_SECAGG_BITS = 16, 30
 """SecAgg+ holds each site's integers as int32 and the sites' count times 2^bits in 2^32."""
+
+
+def auto_pipeline(task: str, dp: bool) -> str:
+    """``item-graph = "auto"``: the learned model on the item graph (``"filter+gcn"``),
+    but for ranking under DP, where the filter alone validated better
+    (``simulations/item_graph_benchmark.py --cases pipelines``, README *Results*)."""
+    return "filter" if task == "ranking" and dp else "filter+gcn"
+
+
+def _pipeline(values: Mapping[str, Any]) -> str:
+    """The ``item-graph`` that ``values`` (kebab-case keys) ask for, ``"auto"`` resolved."""
+    pipeline = _typed("item-graph", values["item-graph"], "str")
+    if pipeline != "auto":
+        return pipeline
+    task = _typed("task", values["task"], "str")
+    return auto_pipeline(task, _typed("dp", values["dp"], "bool"))
 
 
 def auto_delta(max_users_per_site: int) -> float:

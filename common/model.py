@@ -61,6 +61,17 @@ a trained parameter):
 .. math::
     b_u = \frac{\sum_{i \in N(u)} (r_{ui} - b_i)}{\lambda + |N(u)|}
 
+**On the released item graph** (``graph_features`` :math:`G > 0`, ``item-graph =
+"filter+gcn"``): the score adds :math:`\theta^\top \phi_{ui}`, the released graph's
+features of the user and item (``common.graph_statistics.GraphFeatures``), and the
+rest of the model is a correction of it: :math:`W_d` and the item offsets start at
+zero and :math:`\theta` at :data:`GRAPH_SCALE`, so that before training the model
+scores as the graph; the global bias and the closed-form user bias give way to the
+graph's own user mean and item offset (rating). For ranking, BPR is applied to the
+whole score and to the correction alone: the graph already orders most pairs, and
+the second term keeps the correction a ranker of its own, which is all there is for
+an item the graph has never seen (cold start).
+
 **Training targets, leave-one-out.** During training every interaction of the
 user is a target, and its own edge is removed from the ego graph when it is
 scored (:math:`N(u) \setminus \{i\}` in both formulas above), so the model never
@@ -326,14 +337,23 @@ class EgoGraphRecommender(nn.Module):
         keeps every user's loss on one scale.
         """
         score, score_negative = self.leave_one_out_scores(batch)
+        graph, graph_negative = 0.0, 0.0
+        if self.graph_weights is not None:  # one call of the layer (ghost clipping)
+            k = batch.items.shape[1]
+            both = [batch.graph] + ([batch.graph_negatives] if self.task == "ranking" else [])
+            scores = self.graph_score(torch.cat(both, 1))
+            graph, graph_negative = scores[:, :k], scores[:, k:]
         if self.task == "rating":
-            per_target = (score - batch.ratings) ** 2
+            per_target = (score + graph - batch.ratings) ** 2
         else:
-            per_target = -F.logsigmoid(score - score_negative)
+            per_target = -F.logsigmoid(score + graph - score_negative - graph_negative)
+            if self.graph_weights is not None:  # the correction alone ranks too (see above)
+                per_target = per_target - F.logsigmoid(score - score_negative)
         return (per_target * batch.mask).sum(1) / batch.mask.shape[1]
 
     def leave_one_out_scores(self, batch: EgoBatch) -> tuple[Tensor, Tensor | None]:
-        """Score of every edge ``(u, i)`` with the edge itself removed from the ego graph.
+        """Score of every edge ``(u, i)`` with the edge itself removed from the ego graph,
+        without the released graph's term (:meth:`forward` adds it).
 
         Returns ``[B, K]`` scores of the edges' items and, for the ranking task,
         ``[B, K]`` scores of their paired negatives under the same user vector.
@@ -342,9 +362,6 @@ class EgoGraphRecommender(nn.Module):
         ranking = self.task == "ranking"
         ids = torch.cat([batch.items, batch.negatives], 1) if ranking else batch.items
         q_all, b_all = self.item_vectors(ids)
-        if self.graph_weights is not None:  # each layer is called once (ghost clipping)
-            graph = torch.cat([batch.graph, batch.graph_negatives], 1) if ranking else batch.graph
-            b_all = b_all + self.graph_score(graph)
         q, b = q_all[:, :k], b_all[:, :k]
         context = batch.context
 

@@ -19,7 +19,8 @@
 - ``item_graph.npz``: the released item graph (``common.graph_statistics.ItemGraph``;
   ``ItemGraph.from_bytes`` reads it), once its statistics rounds are complete;
 - ``model.pt``: the latest global item-side parameters (``torch.load`` gives a
-  state dict for :class:`common.model.EgoGraphRecommender`); with
+  state dict for :class:`common.model.EgoGraphRecommender`; not written with
+  ``item-graph = "filter"``, which trains nothing); with
   ``keep_models`` also ``model-<round>.pt`` for every round (benchmarks choose
   a round by validation);
 - ``best-model.pt``: the global model of the training round with the best

@@ -40,8 +40,9 @@ def all_sums(round_: SiteRound, model) -> np.ndarray:
 
 
 CASES = {
-    "graph-rating": {"task": "rating"},
-    "graph-ranking": {"task": "ranking", "item_graph_items": 40},
+    "graph-rating": {"task": "rating", "item_graph": "filter"},
+    "graph-ranking": {"task": "ranking", "item_graph": "filter", "item_graph_items": 40},
+    "learned-rating": {"task": "rating", "item_graph": "filter+gcn"},
     "model-rating-cold": {"task": "rating", "item_graph": "none", "cold_item_fraction": 0.1},
     "model-ranking-cold": {"task": "ranking", "item_graph": "none", "cold_item_fraction": 0.1},
 }
@@ -53,9 +54,9 @@ def test_removing_a_user_moves_a_sites_metric_sums_by_at_most_the_sensitivity(ca
     the graph is released from the site with every user, as the federation would."""
     config = default_config(synthetic_users=120, synthetic_items=60, item_text=False, **CASES[case])
     site = load_site(config, 0, 2)
-    graph = released_graph(config, site) if config.item_graph == "filter" else ItemGraph()
+    graph = released_graph(config, site) if config.item_graph != "none" else ItemGraph()
     torch.manual_seed(0)
-    model = site_model(site.catalogue, config, torch.device("cpu"))
+    model = site_model(site.catalogue, config, torch.device("cpu"), graph)
     everyone = all_sums(site_round(config, site, graph, tmp_path), model)
     assert len(everyone) == len(sum_names(config)) == 3 * len(evaluation_parts(config))
     bound = sensitivity(config)
@@ -68,7 +69,9 @@ def test_removing_a_user_moves_a_sites_metric_sums_by_at_most_the_sensitivity(ca
 
 
 def test_noise_has_the_stated_spread_and_the_server_divides_the_added_sums(tmp_path):
-    config = default_config(task="ranking", synthetic_users=200, synthetic_items=60)
+    config = default_config(
+        task="ranking", item_graph="filter", synthetic_users=200, synthetic_items=60
+    )
     site = load_site(config, 0, 1)
     model = site_model(site.catalogue, config, torch.device("cpu"))
     results = site_round(config, site, released_graph(config, site), tmp_path).heldout_results(

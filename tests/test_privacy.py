@@ -275,3 +275,14 @@ def test_the_secure_sum_needs_every_site_unless_told_otherwise():
     assert default_config(min_sites=10).secagg_min_sites == 10
     assert default_config(min_sites=10, secagg_min_sites=4).secagg_min_sites == 4
     assert default_config(min_sites=10).to_mapping()["secagg-min-sites"] == 10
+
+
+def test_num_server_rounds_means_the_pipelines_training_rounds():
+    """0 (the default) is each pipeline's own; the filter alone trains nothing and says so
+    when asked for rounds instead of ignoring the key."""
+    assert default_config(item_graph="filter").total_rounds == 2
+    assert default_config(item_graph="filter+gcn").total_rounds == 2 + 5
+    assert default_config(item_graph="filter+gcn", num_server_rounds=3).total_rounds == 5
+    assert default_config(item_graph="none").total_rounds == 5
+    with pytest.raises(InputError, match='num-server-rounds: item-graph = "filter" trains'):
+        default_config(item_graph="filter", num_server_rounds=3)

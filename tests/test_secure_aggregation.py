@@ -280,7 +280,7 @@ def test_the_item_graph_statistics_go_through_the_secure_sum(tmp_path, monkeypat
     integer shares of the statistics, releases the graph and evaluates it."""
     result = simulate_secure(
         tmp_path,
-        1,  # no DP-SGD round follows the graph's
+        0,  # the filter's own rounds: no DP-SGD round follows the graph's
         monkeypatch=monkeypatch,
         item_graph="filter",
         task="ranking",

@@ -252,7 +252,7 @@ def test_flwr_run_cli_logs_once_and_marks_failed_runs_failed(tmp_path):
         )
 
     try:
-        good = flwr_run("num-server-rounds=1 synthetic-users=150")
+        good = flwr_run('item-graph="filter" synthetic-users=150')
         bad = flwr_run(f'dataset="csv" data-path="{tmp_path / "missing.csv"}"')
         listed = subprocess.run(
             [flwr, "ls", "--format", "json"], env=env, capture_output=True, text=True, cwd=tmp_path
