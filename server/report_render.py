@@ -48,6 +48,11 @@ def summary(report: dict[str, Any]) -> str:
     """The table printed at the end of a run: utility per round, then each site's budget."""
     names = report["utility"]["metrics"]
     lines = [f"WARNING: {warning}" for warning in report.get("warnings", [])]
+    if report["mechanism"].get("evaluation") == "dp":
+        lines.append(
+            'Metrics from per-user sums with DP noise (evaluation = "dp"): over a few '
+            "hundred users per site their noise can exceed the differences between rounds."
+        )
     lines.append("round  " + "  ".join(f"{n:>14}" for n in names))
     for server_round, values in report["utility"]["by-round"].items():
         cells = "  ".join(_number(values.get(n), 14) for n in names)

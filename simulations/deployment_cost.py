@@ -101,7 +101,7 @@ def simulated_rounds() -> list[float]:
     """Seconds of each round of the deployment test's configuration in the simulation."""
     from simulations.harness import data_config, federate
 
-    config = data_config("ml-100k", item_text=False, min_sites=SITES)
+    config = data_config("ml-100k", item_graph="filter", item_text=False, min_sites=SITES)
     run_dir = federate(config, SITES)
     rounds = json.loads((run_dir / "metrics.json").read_text())
     finished = [(run_dir / "config.json").stat().st_mtime]

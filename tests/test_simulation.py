@@ -144,19 +144,25 @@ def test_the_item_graph_rounds_release_only_declared_statistics_of_public_size(g
     assert {e["steps"] for entries in ledger["sites"].values() for e in entries} == {1}
 
 
-def test_with_evaluation_off_no_metric_leaves_a_site(tmp_path):
+def small_run(tmp_path, **changes) -> tuple:
+    """Two sites of 120 synthetic users under ``changes``: the configuration, the run
+    directory and every reply the sites sent."""
     (tmp_path / "messages").mkdir()
     config = default_config(
-        task="ranking",
         min_sites=2,
-        evaluation="off",
         run_dir=str(tmp_path / "runs"),
         site_state_dir=str(tmp_path / "sites"),
         synthetic_users=120,
         synthetic_items=60,
+        **changes,
     )
     run_dir = simulate(config, 2, tmp_path / "messages")
     replies = [json.loads(p.read_text()) for p in (tmp_path / "messages").glob("*.json")]
+    return config, run_dir, replies
+
+
+def test_with_evaluation_off_no_metric_leaves_a_site(tmp_path):
+    config, run_dir, replies = small_run(tmp_path, task="ranking", evaluation="off")
     train = [r for r in replies if r["type"] == "train"]
     check_in = [r for r in replies if r["type"] == "evaluate"]  # round 0: the site's id
     assert len(train) == 2 * 2 and len(check_in) == 2
@@ -186,19 +192,8 @@ def test_epsilon_sent_is_a_function_of_public_configuration_only(dp_run):
 
 
 def test_without_dp_counts_are_sent_and_declared_not_covered(tmp_path):
-    (tmp_path / "messages").mkdir()
-    config = default_config(
-        item_graph="none",
-        dp=False,
-        num_server_rounds=1,
-        min_sites=2,
-        run_dir=str(tmp_path / "runs"),
-        site_state_dir=str(tmp_path / "sites"),
-        synthetic_users=120,
-        synthetic_items=60,
-    )
-    run_dir = simulate(config, 2, tmp_path / "messages")
-    replies = [json.loads(p.read_text()) for p in (tmp_path / "messages").glob("*.json")]
+    changes = {"item_graph": "none", "dp": False, "num_server_rounds": 1}
+    config, run_dir, replies = small_run(tmp_path, **changes)
     train = [r for r in replies if r["type"] == "train"]
     assert all("item-counts" in r["arrays"] and "num-examples" in r["metrics"] for r in train)
     not_covered = {r.key for r in released_quantities(config) if not r.covered}
