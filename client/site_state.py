@@ -65,7 +65,6 @@ class SiteState:
         """The state of a simulated site under ``root`` (``site-state-dir``): its folder
         and the dataset's shared ledger."""
         dataset = Path(root).expanduser() / f"dataset-{dataset_fingerprint(site)}"
-        dataset.mkdir(mode=0o700, parents=True, exist_ok=True)
         return cls(dataset / f"site{site.site_id}", dataset / "ledger.json")
 
     def ledger(self) -> list[LedgerEntry]:

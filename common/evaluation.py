@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.data.dataset import REFERENCE_SCALE, Interactions
+from common.data.dataset import REFERENCE_SCALE, Catalogue, Interactions
 from common.data.site import SiteData
 from common.ego_graphs import UserEgoGraphs
 from common.graph_statistics import ItemGraph, RatingNeighbourhood
@@ -98,7 +98,7 @@ def evaluate(
     ranks the held-out items among themselves).
     """
     if len(heldout) == 0:
-        return _nothing_held_out(model.task, top_k, graphs.catalogue.from_reference_scale)
+        return _nothing_held_out(model.task, top_k, graphs.catalogue)
     model.eval()
 
     def context(users: np.ndarray) -> EgoBatch:
@@ -131,19 +131,11 @@ def _graph_features(
     return torch.as_tensor(features, dtype=torch.float32, device=device)
 
 
-def _nothing_held_out(
-    task: str, top_k: int, from_reference_scale: Callable[[np.ndarray], np.ndarray]
-) -> RatingErrors | RankingSums:
+def _nothing_held_out(task: str, top_k: int, catalogue: Catalogue) -> RatingErrors | RankingSums:
     if task == "rating":
         empty = np.zeros(0)
-        return RatingErrors(empty.astype(np.int64), empty, _unit(from_reference_scale))
+        return RatingErrors(empty.astype(np.int64), empty, catalogue.reference_unit)
     return RankingSums(top_k, 0.0, 0.0, 0)
-
-
-def _unit(from_reference_scale: Callable[[np.ndarray], np.ndarray]) -> float:
-    """One step of the reference scale on the public scale."""
-    low, high = from_reference_scale(np.array(REFERENCE_SCALE))
-    return float((high - low) / (REFERENCE_SCALE[1] - REFERENCE_SCALE[0]))
 
 
 def _batches(users: np.ndarray):
@@ -165,7 +157,7 @@ def _rating_errors(model, graphs, heldout, context, device) -> RatingErrors:
         predicted = graphs.catalogue.from_reference_scale(prediction.cpu().numpy())
         users.append(mine.user)
         errors.append(predicted - mine.rating)
-    unit = _unit(graphs.catalogue.from_reference_scale)
+    unit = graphs.catalogue.reference_unit
     return RatingErrors(np.concatenate(users), np.concatenate(errors), unit)
 
 
@@ -188,11 +180,11 @@ def evaluate_graph(
     (``settings``: the rating predictor's)."""
     task = "rating" if graph.item_bias is not None else "ranking"
     if len(heldout) == 0:
-        return _nothing_held_out(task, top_k, site.catalogue.from_reference_scale)
+        return _nothing_held_out(task, top_k, site.catalogue)
     if task == "rating":
         levels = site.catalogue.rating_levels
         prediction = np.clip(graph.predict(site, heldout, settings), levels[0], levels[-1])
-        unit = _unit(site.catalogue.from_reference_scale)
+        unit = site.catalogue.reference_unit
         return RatingErrors(heldout.user, prediction - heldout.rating, unit)
     train = site.train
     order = np.argsort(train.user, kind="stable")

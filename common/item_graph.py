@@ -101,6 +101,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.linalg
@@ -268,7 +269,7 @@ class ItemFilter:
     input_scale: np.ndarray
     output_scale: np.ndarray
 
-    @property
+    @cached_property
     def positions(self) -> np.ndarray:
         """``[num_items]``: each catalogue item's row in the filter, -1 where not covered."""
         position = np.full(self.num_items, -1, np.int64)

@@ -95,10 +95,12 @@ def _warnings(config: RunConfig, releases: list[dict[str, Any]], derived: list[s
     """What a reader must see first: under DP, anything sent outside the guarantee;
     without DP, a catalogue taken from the users' interactions."""
     if not config.dp:
+        if not derived:
+            return []
         return [
             f"The catalogue's {' and '.join(derived)} were taken from the interactions "
             "(allowed with dp = false): they are users' data, not public schema."
-        ][: bool(derived)]
+        ]
     uncovered = sorted({r["key"] for r in releases if not r["covered"]})
     if not uncovered:
         return []

@@ -134,21 +134,21 @@ def federated(name: str, config: RunConfig, site: SiteData, runs: int) -> dict[s
     return summarised(results)
 
 
-def summarised(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and spread of every test metric over runs (one run: its values)."""
-    metrics = results[0]["test"]
+def summarised(results: list[dict[str, Any]], part: str = "test") -> dict[str, Any]:
+    """Mean and spread of every ``part`` metric over runs (one run: its values)."""
+    metrics = results[0][part]
     summary = {
         m: {
-            "mean": statistics.mean(r["test"][m] for r in results),
-            "spread": statistics.pstdev(r["test"][m] for r in results),
+            "mean": statistics.mean(r[part][m] for r in results),
+            "spread": statistics.pstdev(r[part][m] for r in results),
         }
         for m in metrics
     }
-    return {"test": summary, "runs": results}
+    return {part: summary, "runs": results}
 
 
-def popularity(degrees: np.ndarray, site: SiteData) -> dict[str, float]:
-    """Test metrics of ranking every user's unseen items by ``degrees``."""
+def popularity(degrees: np.ndarray, site: SiteData, part: str = "test") -> dict[str, float]:
+    """Test (or ``val``) metrics of ranking every user's unseen items by ``degrees``."""
     order = np.argsort(site.train.user, kind="stable")
     starts = np.searchsorted(site.train.user[order], np.arange(site.num_users + 1))
 
@@ -158,6 +158,8 @@ def popularity(degrees: np.ndarray, site: SiteData) -> dict[str, float]:
     def scores(users: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.tile(degrees.astype(np.float32), (len(users), 1)))
 
+    if part == "val":
+        return ranking_sums(scores, seen, site.val, K).metrics()
     return ranking_sums(scores, seen, site.test, K, exclude=site.val).metrics()
 
 
@@ -175,36 +177,42 @@ def dp_release(
     return total + rng.normal(0.0, scale * np.sqrt(sites), total.shape), scale * np.sqrt(sites)
 
 
-def ranking_baselines(config: RunConfig, site: SiteData, runs: int) -> dict[str, Any]:
+def ranking_baselines(
+    config: RunConfig, site: SiteData, runs: int, part: str = "test"
+) -> dict[str, Any]:
     degrees = np.bincount(site.train.item, minlength=site.catalogue.num_items)
-    results: dict[str, Any] = {"MostPop": {"test": popularity(degrees, site)}}
+    results: dict[str, Any] = {"MostPop": {part: popularity(degrees, site, part)}}
     for name, split in (("noise once on the sum", None), ("noise at every site", SITES)):
         draws = [
-            {"test": popularity(dp_release(config, site, split, s)[0], site)} for s in range(runs)
+            {part: popularity(dp_release(config, site, split, s)[0], site, part)}
+            for s in range(runs)
         ]
-        results[f"DP MostPop, epsilon 8, {name}"] = summarised(draws)
+        results[f"DP MostPop, epsilon 8, {name}"] = summarised(draws, part)
     return results
 
 
-def rating_baselines(config: RunConfig, site: SiteData, runs: int) -> dict[str, Any]:
+def rating_baselines(
+    config: RunConfig, site: SiteData, runs: int, part: str = "test"
+) -> dict[str, Any]:
     levels = site.catalogue.rating_levels
+    heldout = site.val if part == "val" else site.test
     mean = float(site.train.rating.mean())
     results: dict[str, Any] = {
-        "global mean": {"test": rating_metrics(np.full(len(site.test), mean) - site.test.rating)}
+        "global mean": {part: rating_metrics(np.full(len(heldout), mean) - heldout.rating)}
     }
 
     def offsets_only(total: np.ndarray, noise_std: float, cfg: RunConfig) -> dict[str, float]:
         graph = released(cfg, site.catalogue, 1, total, ItemGraph(), noise_std)
-        prediction = graph.predict(site, site.test, rating_settings(cfg))
-        return rating_metrics(np.clip(prediction, levels[0], levels[-1]) - site.test.rating)
+        prediction = graph.predict(site, heldout, rating_settings(cfg))
+        return rating_metrics(np.clip(prediction, levels[0], levels[-1]) - heldout.rating)
 
     exact = config.replace(dp=False, target_epsilon=None)
     total = contribution(exact, site, 1, ItemGraph())
-    results["user mean + item offset"] = {"test": offsets_only(total, 0.0, exact)}
-    draws = [
-        {"test": offsets_only(*dp_release(config, site, None, s), config)} for s in range(runs)
-    ]
-    results["DP user mean + item offset, epsilon 8, noise once on the sum"] = summarised(draws)
+    results["user mean + item offset"] = {part: offsets_only(total, 0.0, exact)}
+    draws = [{part: offsets_only(*dp_release(config, site, None, s), config)} for s in range(runs)]
+    results["DP user mean + item offset, epsilon 8, noise once on the sum"] = summarised(
+        draws, part
+    )
     return results
 
 
@@ -333,15 +341,30 @@ the number of training rounds is the one its validation run kept (``pipelines()`
 implicit round 7, u1 round 8, after the graph's 2); under DP its rounds as validated."""
 
 
+PIPELINE_DATA = (
+    ("implicit", data_config("ml-100k", **MOVIELENS_IMPLICIT, **FILTER), f"ndcg@{K}"),
+    ("u1 ratings", data_config("ml-100k", split="u1", **FILTER), "rmse"),
+)
+
+
+def pipeline_baselines(runs: int = 2) -> dict[str, Any]:
+    """The pipelines table's baselines on the same validation split, by the same code as
+    the test tables' (the DP ones at epsilon 8, delta 1e-5)."""
+    results: dict[str, Any] = {}
+    for data, base, _ in PIPELINE_DATA:
+        site = load_site(base, 0, 1)
+        baselines = ranking_baselines if data == "implicit" else rating_baselines
+        for name, value in baselines(base.replace(delta=1e-5), site, runs, "val").items():
+            results[f"{data}, {name}"] = {"val": value["val"]}
+    return results
+
+
 def pipelines() -> dict[str, Any]:
     """The default pipeline's choice, on validation only: the item graph's filter, the
     learned model on it (``filter+gcn``), and the GCN alone, without DP and at epsilon 8
     through the secure sum (MovieLens-100K implicit and u1 ratings)."""
-    results: dict[str, Any] = {}
-    for data, base, metric in (
-        ("implicit", data_config("ml-100k", **MOVIELENS_IMPLICIT, **FILTER), f"ndcg@{K}"),
-        ("u1 ratings", data_config("ml-100k", split="u1", **FILTER), "rmse"),
-    ):
+    results = pipeline_baselines()
+    for data, base, metric in PIPELINE_DATA:
         site = load_site(base, 0, 1)
         settings = RANKING if data == "implicit" else RATING
         for privacy in ("no DP", "secure sum"):
@@ -397,12 +420,17 @@ CASES = {
     "gowalla-dp": lambda args: gowalla(args.seeds, dp=True),
     "pipelines": lambda args: pipelines(),
     "cold": lambda args: cold_items(),
+    "pipeline-baselines": lambda args: pipeline_baselines(args.seeds),
 }
 
 
 def figure_of(results: dict[str, Any]) -> Figure:
     figure = Figure(figsize=(13, 4))
-    panels = [c for c in CASES if c in results and c not in ("pipelines", "cold")]
+    panels = [
+        c
+        for c in CASES
+        if c in results and c in ("ml-ranking", "ml-rating", "gowalla", "gowalla-dp")
+    ]
     for axes, case in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         metric = "rmse" if case == "ml-rating" else f"ndcg@{K}"
         names = list(results[case])

@@ -73,6 +73,11 @@ class Catalogue:
         low, unit = self._scale()
         return low + (values - REFERENCE_SCALE[0]) * unit
 
+    @property
+    def reference_unit(self) -> float:
+        """One step of :data:`REFERENCE_SCALE` on the public scale."""
+        return self._scale()[1]
+
     def _scale(self) -> tuple[float, float]:
         low, high = self.rating_levels[0], self.rating_levels[-1]
         return low, ((high - low) / (REFERENCE_SCALE[1] - REFERENCE_SCALE[0])) or 1.0
