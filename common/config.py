@@ -89,15 +89,15 @@ class RunConfig:
     secagg_min_sites: int
     secagg_bits: int
     item_graph: str
-    item_graph_items: int | None
-    item_graph_exponent: float
-    item_graph_rank: int
-    item_graph_alpha: float
+    item_graph_items: int | str | None
+    item_graph_exponent: float | str
+    item_graph_rank: int | str
+    item_graph_alpha: float | str
     item_graph_degree_bound: float
     item_graph_degree_share: float | None
     item_graph_budget_share: float
     item_graph_dense_items: int
-    item_graph_top_per_row: int | None
+    item_graph_top_per_row: int | str | None
     gcn_layers: int
     top_k: int
     evaluate_every: int
@@ -255,6 +255,17 @@ class RunConfig:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise InputError(f"{key}: expected one of {allowed}, got {value!r}")
+        for key, value, least in (
+            ("item-graph-items", self.item_graph_items, 1),
+            ("item-graph-exponent", self.item_graph_exponent, 0),
+            ("item-graph-rank", self.item_graph_rank, 1),
+            ("item-graph-alpha", self.item_graph_alpha, 0),
+            ("item-graph-top-per-row", self.item_graph_top_per_row, 1),
+        ):
+            if isinstance(value, str) and value != "auto":
+                raise InputError(f'{key}: expected "auto" or a number, got {value!r}')
+            if isinstance(value, int | float) and value < least:
+                raise InputError(f'{key}: expected "auto" or a number >= {least}, got {value}')
         if self.item_graph == "filter" and self.num_server_rounds:
             raise InputError(
                 f'num-server-rounds: item-graph = "filter" trains nothing (its two statistics '
@@ -279,7 +290,6 @@ class RunConfig:
             "clip-norm": self.clip_norm,
             "top-k": self.top_k,
             "evaluate-every": self.evaluate_every,
-            "item-graph-rank": self.item_graph_rank,
             "item-graph-degree-bound": self.item_graph_degree_bound,
             "item-graph-dense-items": self.item_graph_dense_items,
         }

@@ -12,7 +12,8 @@ site.
 1. round 1: item degrees :math:`d = \sum_u r_u \min(1, C_d / \sqrt{|N(u)|})`,
    sensitivity :math:`C_d` (``item-graph-degree-bound``). Released: :math:`d`,
    and the items :math:`S` the graph covers: the ``item-graph-items`` of
-   largest released degree (every item when 0);
+   largest released degree (0: every item; ``"auto"``: :func:`ranking_filter`'s
+   rule, about :math:`10 \sqrt n` of :math:`n` under DP, every item without);
 2. round 2: :math:`G_S = \sum_u x_u x_u^\top` with :math:`x_u = r_{u,S} /
    \sqrt{|N_S(u)|}`, sensitivity 1 in Frobenius norm, sent as its Frobenius
    isometry :math:`(G_{ii}, \sqrt 2\, G_{ij})_{i<j}` (:func:`isometry`), on
@@ -48,8 +49,8 @@ settings and bounds mean the same on any scale.
 
 Without DP and with more than ``item-graph-dense-items`` covered items, round
 2's Gram is exact and sent sparse, and the filter's linear part keeps the
-``item-graph-top-per-row`` largest entries of each row. Under DP a Gram that
-large cannot be released dense: set ``item-graph-items``.
+``item-graph-top-per-row`` largest entries of each row. Under DP the Gram is
+always dense, over the covered items.
 """
 
 from __future__ import annotations
@@ -129,6 +130,61 @@ MovieLens-100K u1 at epsilon 8, that made the RMSE worse.)"""
 
 def rating_settings(config: RunConfig) -> RatingNeighbourhood:
     return RATING_WITH_DP if config.dp else RATING_WITHOUT_DP
+
+
+@dataclass(frozen=True)
+class RankingFilter:
+    r"""The ranking filter's settings for one catalogue: each ``item-graph-*`` key's
+    value, or with ``"auto"`` (the default) the rule of :func:`ranking_filter`.
+
+    Attributes:
+        items: items the graph covers, the top ones by released degree (None: all).
+        exponent, rank, alpha: the degree exponent :math:`\beta`, the low-pass rank
+            :math:`k` and its weight :math:`\alpha`.
+        top_per_row: entries kept in each row of a sparse linear part (None: all).
+    """
+
+    items: int | None
+    exponent: float
+    rank: int
+    alpha: float
+    top_per_row: int | None
+
+
+SMALL_CATALOGUE = RankingFilter(None, 0.25, 16, 1.0, None)
+LARGE_CATALOGUE = RankingFilter(None, 0.5, 256, 0.1, 1000)
+"""The settings chosen on validation (``simulations/item_graph_search.py``) for
+MovieLens-100K (1,682 items, dense Gram) and Gowalla (40,981 items, exact sparse Gram)."""
+COVERED_ITEMS_PER_ROOT = 10
+"""Under DP the graph covers about ``10 sqrt(n)`` of ``n`` items: validation chose 300
+(600 within 0.2 %) of MovieLens-100K's 1,682 and 2,000 of Gowalla's 40,981."""
+
+
+def ranking_filter(config: RunConfig, num_items: int) -> RankingFilter:
+    r"""The ranking filter's settings: the keys' values where set, else a rule of public
+    quantities (the catalogue's size ``n``, DP, ``item-graph-dense-items``):
+
+    - under DP the graph covers the top :math:`\min(n, \max(100, 10 \sqrt n))` items
+      by released degree (rounded to a hundred), whose Gram is released dense;
+    - the filter is :data:`LARGE_CATALOGUE`'s when the Gram is exact and sparse (no DP,
+      more than ``item-graph-dense-items`` items), else :data:`SMALL_CATALOGUE`'s.
+    """
+    covered = num_items
+    if config.dp:
+        covered = min(num_items, max(100, int(round(COVERED_ITEMS_PER_ROOT * num_items**0.5, -2))))
+    large = not config.dp and num_items > config.item_graph_dense_items
+    rule = replace(
+        LARGE_CATALOGUE if large else SMALL_CATALOGUE,
+        items=covered if covered < num_items else None,
+    )
+    keys = {
+        "items": config.item_graph_items,
+        "exponent": config.item_graph_exponent,
+        "rank": config.item_graph_rank,
+        "alpha": config.item_graph_alpha,
+        "top_per_row": config.item_graph_top_per_row,
+    }
+    return replace(rule, **{name: v for name, v in keys.items() if v != "auto"})
 
 
 Total = np.ndarray | sp.csr_matrix
@@ -295,8 +351,9 @@ def released(
     """The graph after round ``server_round``'s ``total`` (post-processing only);
     ``noise_std`` is the standard deviation of the noise on each coordinate of it."""
     n = catalogue.num_items
+    ranking = ranking_filter(config, n)
     if config.task == "ranking" and server_round == 1:
-        limit = config.item_graph_items
+        limit = ranking.items
         items = np.arange(n) if limit is None or limit >= n else top_items(total, limit)
         return replace(graph, items=items, degrees=total, degree_noise=noise_std)
     if server_round == 1:
@@ -326,16 +383,16 @@ def released(
     item_filter = graph_filter(
         gram,
         graph.degrees[graph.items],
-        config.item_graph_exponent,
-        config.item_graph_rank,
-        config.item_graph_alpha,
+        ranking.exponent,
+        ranking.rank,
+        ranking.alpha,
         n,
         graph.items,
         floor=max(1.0, graph.degree_noise),
     )
     linear = item_filter.linear
-    if sp.issparse(linear) and config.item_graph_top_per_row is not None:
-        linear = keep_top_per_row(linear, config.item_graph_top_per_row)
+    if sp.issparse(linear) and ranking.top_per_row is not None:
+        linear = keep_top_per_row(linear, ranking.top_per_row)
     return replace(
         graph,
         linear=linear,

@@ -12,12 +12,15 @@ from test_independence import without_user
 from common.config import default_config
 from common.data import load_site
 from common.data.site import SiteData
+from common.errors import InputError
 from common.graph_statistics import (
     NOISY_COUNTS,
     ItemGraph,
+    RankingFilter,
     contribution,
     isometry,
     length,
+    ranking_filter,
     rating_settings,
     released,
     sensitivity,
@@ -120,6 +123,28 @@ def test_the_ranking_filter_scores_only_the_covered_items():
     covered = np.zeros(site.catalogue.num_items, bool)
     covered[graph.items] = True
     assert np.isfinite(scores[:, covered]).all() and np.isneginf(scores[:, ~covered]).all()
+
+
+@pytest.mark.parametrize(
+    ("dp", "items", "expected"),
+    [
+        (False, 1682, RankingFilter(None, 0.25, 16, 1.0, None)),
+        (False, 40981, RankingFilter(None, 0.5, 256, 0.1, 1000)),
+        (True, 1682, RankingFilter(400, 0.25, 16, 1.0, None)),
+        (True, 40981, RankingFilter(2000, 0.25, 16, 1.0, None)),
+        (True, 60, RankingFilter(None, 0.25, 16, 1.0, None)),
+    ],
+)
+def test_auto_ranking_filter_is_a_rule_of_the_catalogue_size_and_dp(dp, items, expected):
+    assert ranking_filter(default_config(task="ranking", dp=dp), items) == expected
+    keys = default_config(task="ranking", dp=dp, item_graph_items=0, item_graph_rank=8)
+    assert ranking_filter(keys, items) == replace(expected, items=None, rank=8)
+
+
+@pytest.mark.parametrize("value", ["many", -1])
+def test_an_item_graph_setting_is_auto_or_a_number_in_range(value):
+    with pytest.raises(InputError, match='item-graph-rank: expected "auto" or a number'):
+        default_config(task="ranking", item_graph_rank=value)
 
 
 def on_1_to_100_scale(site: SiteData) -> SiteData:
