@@ -7,7 +7,7 @@ round sequences:
 
 - :meth:`SiteRound.train`: local DP-SGD, then the item side; or, in the item
   graph's statistics rounds, the site's statistics with its Gaussian noise
-  (``common.graph_statistics``);
+  (``common.graph.release``);
 - :meth:`SiteRound.secure_share`: the same vector (one step's clipped gradient
   sum, or the statistics) as a share of the secure sum
   (``common.distributed_noise``);
@@ -52,10 +52,10 @@ from common.distributed_noise import IntegerCode, encode, round_seed
 from common.ego_graphs import UserEgoGraphs
 from common.errors import InputError
 from common.evaluation import RankingSums, RatingErrors, evaluate, evaluate_graph
-from common.graph_statistics import ItemGraph, contribution, rating_settings
-from common.graph_statistics import length as statistics_length
-from common.graph_statistics import sensitivity as statistics_sensitivity
-from common.item_graph import release_vector
+from common.graph.filters import release_vector
+from common.graph.release import ItemGraph, contribution, rating_settings
+from common.graph.release import length as statistics_length
+from common.graph.release import sensitivity as statistics_sensitivity
 from common.metric_release import evaluation_parts, noisy_sums
 from common.model import EgoGraphRecommender, build_model, item_side_size
 from common.privacy import (
@@ -202,7 +202,7 @@ class SiteRound:
 
     @cached_property
     def statistics(self) -> np.ndarray | sp.csr_matrix:
-        """The site's exact statistics of this round (``common.graph_statistics``)."""
+        """The site's exact statistics of this round (``common.graph.release``)."""
         return contribution(self.config, self.site, self.server_round, self.graph)
 
     def train(self, model: EgoGraphRecommender) -> SiteReply:

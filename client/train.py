@@ -26,8 +26,6 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader
 
@@ -35,9 +33,10 @@ from common.config import RunConfig
 from common.data.dataset import Catalogue
 from common.data.site import SiteData
 from common.ego_graphs import UserEgoGraphs
-from common.graph_statistics import GraphFeatures, ItemGraph, rating_settings
-from common.item_graph import strongest_neighbours
-from common.model import EgoBatch, EgoGraphRecommender, Propagation, build_model
+from common.graph.features import GraphFeatures
+from common.graph.propagation import propagation
+from common.graph.release import ItemGraph, rating_settings
+from common.model import EgoBatch, EgoGraphRecommender, build_model
 from common.privacy import Mechanism
 from common.text import item_text_vectors
 
@@ -143,32 +142,6 @@ def learns_on(config: RunConfig, graph: ItemGraph | None) -> bool:
     """Whether the model learns on a released item graph (``item-graph = "filter+gcn"``,
     once the graph is complete)."""
     return config.item_graph == "filter+gcn" and graph is not None and graph.complete
-
-
-GCN_NEIGHBOURS = 10
-"""How many neighbours of an item each propagation hop keeps (``Propagation``)."""
-
-
-def propagation(
-    graph: ItemGraph, num_items: int, hops: int, text: np.ndarray | None
-) -> Propagation:
-    """The released ``graph`` as the model propagates over it: each item's
-    ``GCN_NEIGHBOURS`` strongest neighbours per hop, and the ``text`` vectors propagated
-    over the same neighbours (a public function of released values)."""
-    neighbours, weights = strongest_neighbours(
-        graph.propagation_matrix(num_items), hops, GCN_NEIGHBOURS
-    )
-    propagated = None
-    if text is not None:
-        rows = np.repeat(np.arange(num_items), neighbours.shape[2])
-        hops_text = [
-            sp.csr_matrix((w.ravel(), (rows, ids.ravel())), shape=(num_items, num_items)) @ text
-            for ids, w in zip(neighbours, weights, strict=True)
-        ]
-        propagated = torch.from_numpy(np.stack(hops_text).astype(np.float32))
-    return Propagation(
-        torch.from_numpy(neighbours), torch.from_numpy(weights.astype(np.float32)), propagated
-    )
 
 
 def entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:

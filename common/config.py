@@ -170,7 +170,7 @@ class RunConfig:
 
     @property
     def statistics_rounds(self) -> int:
-        """Rounds of the item-graph phase, which come first (``common.graph_statistics``)."""
+        """Rounds of the item-graph phase, which come first (``common.graph.release``)."""
         return 0 if self.item_graph == "none" else 2
 
     @property

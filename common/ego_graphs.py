@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from common.data.dataset import Catalogue, Interactions
-from common.graph_statistics import GraphFeatures
+from common.graph.features import GraphFeatures
 from common.model import EgoBatch
 
 EVALUATION_EPOCH = 2**31 - 1

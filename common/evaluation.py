@@ -31,7 +31,8 @@ import torch
 from common.data.dataset import REFERENCE_SCALE, Catalogue, Interactions
 from common.data.site import SiteData
 from common.ego_graphs import UserEgoGraphs
-from common.graph_statistics import ItemGraph, RatingNeighbourhood
+from common.graph.features import GraphFeatures
+from common.graph.release import ItemGraph, RatingNeighbourhood
 from common.model import EgoBatch, EgoGraphRecommender
 
 USERS_PER_BATCH = 256
@@ -181,9 +182,10 @@ def evaluate_graph(
     task = "rating" if graph.item_bias is not None else "ranking"
     if len(heldout) == 0:
         return _nothing_held_out(task, top_k, site.catalogue)
+    features = GraphFeatures(graph, site, settings)
     if task == "rating":
         levels = site.catalogue.rating_levels
-        prediction = np.clip(graph.predict(site, heldout, settings), levels[0], levels[-1])
+        prediction = np.clip(features.predict(heldout), levels[0], levels[-1])
         unit = site.catalogue.reference_unit
         return RatingErrors(heldout.user, prediction - heldout.rating, unit)
     train = site.train
@@ -194,7 +196,7 @@ def evaluate_graph(
         return train.item[order[starts[user] : starts[user + 1]]]
 
     def scores(users: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(graph.scores(site, users))
+        return torch.from_numpy(features.scores(users))
 
     return ranking_sums(scores, seen, heldout, top_k, exclude, candidates)
 

@@ -63,7 +63,7 @@ a trained parameter):
 
 **On the released item graph** (``graph_features`` :math:`G > 0`, ``item-graph =
 "filter+gcn"``): the score adds :math:`\theta^\top \phi_{ui}`, the released graph's
-features of the user and item (``common.graph_statistics.GraphFeatures``), and the
+features of the user and item (``common.graph.release.GraphFeatures``), and the
 rest of the model is a correction of it: :math:`W_d` and the item offsets start at
 zero and :math:`\theta` at :data:`GRAPH_SCALE`, so that before training the model
 scores as the graph; the global bias and the closed-form user bias give way to the
@@ -97,7 +97,8 @@ from torch import Tensor, nn
 
 from common.config import RunConfig
 from common.data.dataset import REFERENCE_SCALE, Catalogue
-from common.graph_statistics import FEATURE_NAMES
+from common.graph.features import FEATURE_NAMES
+from common.graph.propagation import Propagation
 from common.text import text_dimension
 
 ITEM_ROW_PARAMETERS = ("item_embedding.weight", "item_bias.weight")
@@ -119,7 +120,7 @@ class EgoBatch:
         features: ``[B, F]`` user attributes (``F`` may be 0).
         users: ``[B]`` the users' local indices at their site.
         graph: ``[B, K, G]`` the released graph's features :math:`\phi` of each edge's
-            item with that edge left out (``common.graph_statistics.GraphFeatures``), or
+            item with that edge left out (``common.graph.release.GraphFeatures``), or
             ``None`` without an item graph.
         graph_negatives: ``[B, K, G]`` the same for each edge's negative (ranking).
         private: ``[B, d]`` the users' private embeddings :math:`p_u`, or ``None``.
@@ -154,19 +155,6 @@ validation split of MovieLens-100K implicit, by an exploration whose script is n
 the repository)."""
 
 
-@dataclass(frozen=True)
-class Propagation:
-    r"""The released item graph as the model propagates over it: per hop :math:`k = 1..H`,
-    each item's ``M`` strongest neighbours in :math:`\hat P^k` and their weights
-    (``[H, num_items, M]``; a row's absolute weights sum to 1, or are all 0 for an item
-    with no neighbour), and the item text vectors propagated the same way
-    (``[H, num_items, text_dim]``, or ``None``)."""
-
-    neighbours: Tensor
-    weights: Tensor
-    text: Tensor | None
-
-
 class EgoGraphRecommender(nn.Module):
     """See the module docstring for the formulas.
 
@@ -181,7 +169,7 @@ class EgoGraphRecommender(nn.Module):
             (rating task); ``None`` turns the user bias off.
         text_dim: size of the item text vectors (0: no item text).
         graph_features: :math:`G`, the released item graph's features per user and item
-            (``common.graph_statistics.GraphFeatures``; 0: no item graph). With them the
+            (``common.graph.release.GraphFeatures``; 0: no item graph). With them the
             model is a residual on the graph: see the module docstring.
     """
 

@@ -59,7 +59,7 @@ from common.accounting import Event, epsilon, independent_epsilon, noise_multipl
 from common.config import RunConfig
 from common.distributed_noise import ROUNDING_INFLATION, IntegerCode
 from common.errors import InputError
-from common.item_graph import split_noise_multiplier
+from common.graph.filters import split_noise_multiplier
 from common.metric_release import evaluation_parts, sum_names
 from common.metric_release import sensitivity as evaluation_sensitivity
 from common.protocol import (
@@ -121,7 +121,7 @@ class Mechanism:
         delta: :math:`\delta`.
         accountant: ``"prv"`` or ``"rdp"``.
         statistics_noise: the noise multiplier of each item-graph statistics round
-            (``common.graph_statistics``; empty without an item graph).
+            (``common.graph.release``; empty without an item graph).
         dimension: the item side's size, the length of a DP-SGD secure share.
         secure_sum: ``(secagg-bits, secagg-min-sites)`` under secure aggregation.
         evaluation_noise, evaluation_sensitivity: the noise multiplier and the

@@ -34,7 +34,7 @@ INSTRUCTION_KEYS = (SERVER_ROUND, RUN_NAME, CATALOGUE_FINGERPRINT)
 """What the server adds to the run configuration in every instruction."""
 
 ITEM_GRAPH = "item-graph-release"
-"""What the server has released of the item graph so far (``common.graph_statistics``),
+"""What the server has released of the item graph so far (``common.graph.release``),
 as bytes; in instructions from round 2 of a run with an item graph."""
 
 SITE_ID = "site-id"

@@ -1,6 +1,6 @@
 """The server's side of the item-graph phase, for either strategy.
 
-In statistics rounds (``common.graph_statistics``) the server adds up the sites'
+In statistics rounds (``common.graph.release``) the server adds up the sites'
 statistics (or receives their secure sum), releases what the round allows
 (post-processing of the noisy total), and from then on sends the release with
 every instruction. With ``item-graph = "filter+gcn"`` the sites then learn on
@@ -16,7 +16,7 @@ import scipy.sparse as sp
 
 from common.config import RunConfig
 from common.data.dataset import Catalogue
-from common.graph_statistics import ItemGraph, Total, length, released, sensitivity
+from common.graph.release import ItemGraph, Total, length, released, sensitivity
 from common.privacy import Mechanism
 from common.protocol import ITEM_GRAPH, STATISTICS, STATISTICS_COLUMNS, STATISTICS_ROWS
 from server.run_directory import RunDirectory

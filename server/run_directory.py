@@ -16,7 +16,7 @@
   for a metric release; epsilon after it, its independent recomputation,
   delta, noise multiplier, steps, or that the site declined), with the privacy
   unit and mechanism;
-- ``item_graph.npz``: the released item graph (``common.graph_statistics.ItemGraph``;
+- ``item_graph.npz``: the released item graph (``common.graph.release.ItemGraph``;
   ``ItemGraph.from_bytes`` reads it), once its statistics rounds are complete;
 - ``model.pt``: the latest global item-side parameters (``torch.load`` gives a
   state dict for :class:`common.model.EgoGraphRecommender`; not written with

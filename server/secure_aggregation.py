@@ -53,7 +53,7 @@ from flwr.serverapp import Grid
 from common.config import RunConfig
 from common.distributed_noise import IntegerCode, decode, round_seed
 from common.errors import InputError
-from common.graph_statistics import sensitivity
+from common.graph.release import sensitivity
 from common.model import EgoGraphRecommender
 from common.privacy import Mechanism
 from common.protocol import RUN_NAME, SERVER_ROUND

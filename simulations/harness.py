@@ -31,7 +31,7 @@ from common.config import RunConfig, default_config
 from common.data import load_site
 from common.ego_graphs import UserEgoGraphs
 from common.evaluation import evaluate
-from common.graph_statistics import ItemGraph
+from common.graph.release import ItemGraph
 from common.model import EgoGraphRecommender, item_side_size
 from common.privacy import site_mechanism
 from server.app import run

@@ -44,7 +44,8 @@ from common.config import RunConfig
 from common.data import load_site
 from common.data.site import SiteData
 from common.evaluation import evaluate, evaluate_graph, ranking_sums, rating_metrics
-from common.graph_statistics import ItemGraph, contribution, rating_settings, released, sensitivity
+from common.graph.features import GraphFeatures
+from common.graph.release import ItemGraph, contribution, rating_settings, released, sensitivity
 from simulations.harness import (
     MOVIELENS_IMPLICIT,
     RESULTS,
@@ -207,7 +208,7 @@ def rating_baselines(
 
     def offsets_only(total: np.ndarray, noise_std: float, cfg: RunConfig) -> dict[str, float]:
         graph = released(cfg, site.catalogue, 1, total, ItemGraph(), noise_std)
-        prediction = graph.predict(site, heldout, rating_settings(cfg))
+        prediction = GraphFeatures(graph, site, rating_settings(cfg)).predict(heldout)
         return rating_metrics(np.clip(prediction, levels[0], levels[-1]) - heldout.rating)
 
     exact = config.replace(dp=False, target_epsilon=None)

@@ -1,6 +1,6 @@
 """Item-graph filters from federated sums: which configuration works, with and without DP.
 
-Every filter here is a function of sums over users (``common.item_graph``): item
+Every filter here is a function of sums over users (``common.graph.filters``): item
 degrees and the item-item Gram matrix, released once with the Gaussian
 mechanism under DP. Hyper-parameters are chosen on validation only; each
 reported test figure is computed once, for the setting chosen. DP figures are
@@ -65,7 +65,7 @@ from common.accounting import Event, noise_multiplier_for
 from common.data import Interactions, SiteData, load_dataset, load_site
 from common.data import partition_sites as site_of_each_user
 from common.evaluation import ranking_sums
-from common.item_graph import (
+from common.graph.filters import (
     ItemFilter,
     bounded_rows,
     covariance_similarity,

@@ -17,7 +17,7 @@ from client.train import USERS_PER_CHUNK, fit_private_embeddings, site_graphs, s
 from common.config import default_config
 from common.data import Interactions, load_site
 from common.data.site import SiteData
-from common.graph_statistics import ItemGraph, contribution, released
+from common.graph.release import ItemGraph, contribution, released
 from common.model import EgoBatch
 
 

@@ -32,7 +32,7 @@ from common.data.movielens import (
 )
 from common.data.site_folder import load_catalogue_folder
 from common.errors import InputError
-from common.graph_statistics import ItemGraph, contribution, length, sensitivity
+from common.graph.release import ItemGraph, contribution, length, sensitivity
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_graph_statistics import graph_after_round_1
+from test_graph_release import graph_after_round_1
 from test_independence import without_user
 
 from client.site_round import SiteRound
@@ -14,7 +14,7 @@ from client.train import site_model
 from common.config import default_config
 from common.data import load_site
 from common.evaluation import RatingErrors
-from common.graph_statistics import ItemGraph, contribution, released
+from common.graph.release import ItemGraph, contribution, released
 from common.metric_release import (
     evaluation_parts,
     metrics_from_sums,

@@ -1,6 +1,6 @@
 r"""The item-graph phase: what sites sum in two statistics rounds, and what the server releases.
 
-Everything here is a sum over users (``common.item_graph`` has the maths and
+Everything here is a sum over users (``common.graph.filters`` has the maths and
 each user's bound): a site sums its own users, the federation sums the sites
 (exactly, with per-site Gaussian noise, or through the secure sum), and the
 server post-processes the totals into an :class:`ItemGraph`, with which each
@@ -18,7 +18,7 @@ site.
    \sqrt{|N_S(u)|}`, sensitivity 1 in Frobenius norm, sent as its Frobenius
    isometry :math:`(G_{ii}, \sqrt 2\, G_{ij})_{i<j}` (:func:`isometry`), on
    which Gaussian noise is the symmetric release of
-   ``common.item_graph.release_symmetric``. Released: the filter
+   ``common.graph.filters.release_symmetric``. Released: the filter
    :math:`s_u = r_u L + \alpha\, (r_u D^{-\beta}) V_k V_k^\top D^{\beta}` over
    :math:`S` (``item-graph-exponent`` :math:`\beta`, ``item-graph-rank``
    :math:`k`, ``item-graph-alpha`` :math:`\alpha`), the released degrees
@@ -65,7 +65,7 @@ import scipy.sparse as sp
 from common.config import RunConfig
 from common.data.dataset import REFERENCE_SCALE, Catalogue, Interactions
 from common.data.site import SiteData
-from common.item_graph import (
+from common.graph.filters import (
     ItemFilter,
     bounded_rows,
     covariance_similarity,
@@ -76,7 +76,6 @@ from common.item_graph import (
     item_offsets,
     item_sum,
     keep_top_per_row,
-    neighbourhood_residuals,
     residual_rows,
     symmetric,
     top_items,
@@ -203,7 +202,7 @@ class ItemGraph:
         global_mean: the users' means averaged (rating), the prior of every user's
             shrunk mean after round 1.
         linear, eigenvectors, alpha, input_scale, output_scale: the ranking filter
-            (``common.item_graph.ItemFilter``), from round 2.
+            (``common.graph.filters.ItemFilter``), from round 2.
         similarity: the residuals' similarity (rating), from round 2.
     """
 
@@ -278,22 +277,6 @@ class ItemGraph:
             shape=(num_items, num_items),
         )
 
-    def scores(self, site: SiteData, users: np.ndarray) -> np.ndarray:
-        """Ranking: ``[len(users), num_items]`` scores of the site's ``users`` from their
-        own training rows (items the graph does not cover score minus infinity)."""
-        n = site.catalogue.num_items
-        rows = user_rows(site.train, site.num_users, n)[users]
-        return self.item_filter(n).scores(rows)
-
-    def predict(
-        self, site: SiteData, pairs: Interactions, settings: RatingNeighbourhood
-    ) -> np.ndarray:
-        """Rating: the predicted rating of each of the site's ``(user, item)`` ``pairs``:
-        the user's mean and the item's offset, plus, once round 2 is released, the
-        neighbourhood's residual (the sum of :class:`GraphFeatures`)."""
-        features = GraphFeatures(self, site, settings).of_pairs(pairs.user, pairs.item)
-        return site.catalogue.from_reference_scale(features.sum(1))
-
 
 def sensitivity(config: RunConfig, catalogue: Catalogue, server_round: int) -> float:
     """How far one user moves round ``server_round``'s sum, in L2 (Frobenius) norm."""
@@ -326,12 +309,12 @@ def contribution(config: RunConfig, site: SiteData, server_round: int, graph: It
         gram = gram_sum(bounded_rows(binary[:, graph.items], 0.5, 1.0), dense=dense(config, graph))
         return isometry(gram) if isinstance(gram, np.ndarray) else gram
     settings = rating_settings(config)
-    train = _on_reference_scale(site)
+    train = on_reference_scale(site)
     if server_round == 1:
-        mean = _user_means(train, site.num_users, np.zeros(n), settings)
+        mean = shrunk_user_means(train, site.num_users, np.zeros(n), settings)
         sums, counts = item_offset_sums(train, site.num_users, n, mean, settings.bound)
         return np.concatenate([sums, counts, global_mean_sums(train, site.num_users)])
-    mean = _user_means(train, site.num_users, graph.item_bias, settings, graph.global_mean)
+    mean = shrunk_user_means(train, site.num_users, graph.item_bias, settings, graph.global_mean)
     residuals = residual_rows(train, site.num_users, n, mean, graph.item_bias)
     grams = [gram_sum(bounded_rows(residuals, settings.exponent, settings.bound))]
     if settings.co_count_shrinkage is not None:
@@ -408,12 +391,12 @@ def dense(config: RunConfig, graph: ItemGraph) -> bool:
     return config.dp or len(graph.items) <= config.item_graph_dense_items
 
 
-def _on_reference_scale(site: SiteData) -> Interactions:
+def on_reference_scale(site: SiteData) -> Interactions:
     """The site's training interactions, their ratings on the reference scale."""
     return replace(site.train, rating=site.catalogue.to_reference_scale(site.train.rating))
 
 
-def _user_means(
+def shrunk_user_means(
     train: Interactions,
     num_users: int,
     item_offset: np.ndarray,
@@ -451,101 +434,3 @@ def global_mean(released_sums: np.ndarray) -> float:
     half = (REFERENCE_SCALE[1] - REFERENCE_SCALE[0]) / 2
     mean = sum(REFERENCE_SCALE) / 2 + half * place / max(users, 1.0)
     return float(np.clip(mean, *REFERENCE_SCALE))
-
-
-FEATURE_NAMES = {
-    "ranking": ("linear", "low-pass"),
-    "rating": ("user mean", "item offset", "neighbourhood"),
-}
-"""The parts of the released graph's score of a user and an item, in :class:`GraphFeatures`'
-order; the graph's score is their sum."""
-
-
-class GraphFeatures:
-    r"""What the released graph says about a site's users, part by part
-    (:data:`FEATURE_NAMES`): the features :math:`\phi_{ui}` of the learned model, whose
-    score is :math:`\theta^\top \phi_{ui}` plus a learned correction
-    (``common.model``); :math:`\theta = 1` is the graph's own score.
-
-    Ranking: the filter's linear and low-pass parts of :math:`s_u` (``ItemFilter``).
-    Rating: the user's shrunk mean :math:`m_u`, the item's offset :math:`b_i` and the
-    neighbourhood's residual :math:`\hat e_{ui}` (0 before round 2), on the reference
-    scale. A user's features are a function of that user's own training row and of the
-    released graph alone.
-
-    Training targets are the user's own training items, so their features leave the
-    target out of the user's row (ranking: the row minus the item, the paired negative
-    scored from the same row; rating: the mean without the rating): the model is
-    trained on what it will see for an item the user has not rated yet.
-    """
-
-    def __init__(self, graph: ItemGraph, site: SiteData, settings: RatingNeighbourhood) -> None:
-        self.graph = graph
-        self.settings = settings
-        self.num_items = site.catalogue.num_items
-        self.rows = user_rows(site.train, site.num_users, self.num_items)
-        self.ranking = graph.item_bias is None
-        if self.ranking:
-            self.filter = graph.item_filter(self.num_items)
-            return
-        train = _on_reference_scale(site)
-        self.counts = np.bincount(train.user, minlength=site.num_users).astype(np.float64)
-        self.means = _user_means(
-            train, site.num_users, graph.item_bias, settings, graph.global_mean
-        )
-        self.residuals = residual_rows(
-            train, site.num_users, self.num_items, self.means, graph.item_bias
-        )
-
-    @property
-    def count(self) -> int:
-        return len(FEATURE_NAMES["ranking" if self.ranking else "rating"])
-
-    def of_pairs(
-        self, users: np.ndarray, items: np.ndarray, ratings: np.ndarray | None = None
-    ) -> np.ndarray:
-        """``[P, F]`` for the pairs ``(users[p], items[p])``; with ``ratings`` (the
-        reference-scale training ratings of the pairs) each pair is left out of its
-        user's row."""
-        if self.ranking:
-            features = self.filter.features(self.rows[users], items[:, None])[:, 0]
-            if ratings is None:
-                return features
-            return features - self.filter.item_features(items, items[:, None])[:, 0]
-        means = self.means[users]
-        if ratings is not None:
-            shrinkage = self.settings.user_shrinkage
-            total = means * (self.counts[users] + shrinkage)
-            left = ratings - self.graph.item_bias[items]
-            means = (total - left) / (self.counts[users] - 1 + shrinkage)
-        neighbourhood = np.zeros(len(users))
-        if self.graph.similarity is not None:
-            neighbourhood = neighbourhood_residuals(
-                self.graph.similarity,
-                self.residuals,
-                users,
-                items,
-                self.settings.neighbours,
-                self.settings.damping,
-            )
-        return np.stack([means, self.graph.item_bias[items], neighbourhood], 1)
-
-    def of_targets(
-        self, user: int, items: np.ndarray, ratings: np.ndarray, negatives: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """A training sample's features: ``[K, F]`` of the user's target ``items`` (each
-        left out, ``ratings`` on the reference scale) and ``[K, F]`` of the ``negatives``
-        paired with them (ranking; zeros for rating)."""
-        users = np.full(len(items), user)
-        if not self.ranking:
-            return self.of_pairs(users, items, ratings), np.zeros((len(items), self.count))
-        candidates = np.stack([items, negatives], 1)  # [K, 2]
-        row = self.filter.features(self.rows[[user]], candidates.reshape(1, -1))
-        left = self.filter.item_features(items, candidates)  # [K, 2, F]
-        features = row.reshape(len(items), 2, self.count) - left
-        return features[:, 0], features[:, 1]
-
-    def of_catalogue(self, users: np.ndarray) -> np.ndarray:
-        """Ranking: ``[B, num_items, F]`` for every catalogue item."""
-        candidates = np.broadcast_to(np.arange(self.num_items), (len(users), self.num_items))
-        return self.filter.features(self.rows[users], candidates)

@@ -13,7 +13,8 @@ from common.config import default_config
 from common.data import load_site
 from common.data.site import SiteData
 from common.errors import InputError
-from common.graph_statistics import (
+from common.graph.features import GraphFeatures
+from common.graph.release import (
     NOISY_COUNTS,
     ItemGraph,
     RankingFilter,
@@ -119,7 +120,7 @@ def test_the_ranking_filter_scores_only_the_covered_items():
     graph = graph_after_round_1(config, site)
     assert len(graph.items) == 30
     graph = released(config, site.catalogue, 2, contribution(config, site, 2, graph), graph, 0.0)
-    scores = graph.scores(site, np.arange(5))
+    scores = GraphFeatures(graph, site, rating_settings(config)).scores(np.arange(5))
     covered = np.zeros(site.catalogue.num_items, bool)
     covered[graph.items] = True
     assert np.isfinite(scores[:, covered]).all() and np.isneginf(scores[:, ~covered]).all()
@@ -172,8 +173,8 @@ def test_ratings_on_a_1_to_100_scale_give_the_same_release_and_predictions_mappe
         graph = released(config, site.catalogue, server_round, total, graph, 0.5 * dp)
         wide_graph = released(config, wide.catalogue, server_round, total, wide_graph, 0.5 * dp)
     settings = rating_settings(config)
-    predicted = graph.predict(site, site.test, settings)
-    wide_predicted = wide_graph.predict(wide, wide.test, settings)
+    predicted = GraphFeatures(graph, site, settings).predict(site.test)
+    wide_predicted = GraphFeatures(wide_graph, wide, settings).predict(wide.test)
     np.testing.assert_allclose(wide_predicted, 1.0 + (predicted - 1.0) * 99 / 4)
     rmse = np.sqrt(np.mean((wide_predicted - wide.test.rating) ** 2))
     mean_rmse = np.sqrt(np.mean((wide.train.rating.mean() - wide.test.rating) ** 2))

@@ -11,7 +11,7 @@ from dp_accounting.pld import pld_privacy_accountant
 from common.accounting import Event, noise_multiplier_for
 from common.data.dataset import Interactions
 from common.data.synthetic import generate_synthetic
-from common.item_graph import (
+from common.graph.filters import (
     bounded_rows,
     covariance_similarity,
     ease_filter,
