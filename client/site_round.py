@@ -29,7 +29,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property, partial
+from functools import cached_property, lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,7 @@ class SiteRound:
         values = dict(values)
         instruction = {key: values.pop(key) for key in INSTRUCTION_KEYS}
         released = values.pop(ITEM_GRAPH, None)
-        graph = ItemGraph() if released is None else ItemGraph.from_bytes(released)
+        graph = ItemGraph() if released is None else released_graph(released)
         config = RunConfig.from_mapping(values)
         if "data-path" in node_config:
             folder = Path(str(node_config["data-path"])).expanduser()
@@ -414,6 +414,13 @@ class SiteRound:
                 f"refusing to send values missing from the release inventory: {undeclared}"
             )
         return reply
+
+
+@lru_cache(maxsize=1)
+def released_graph(payload: bytes) -> ItemGraph:
+    """The item graph an instruction carries, parsed once per process: every message of a
+    run carries the same release once it is complete."""
+    return ItemGraph.from_bytes(payload)
 
 
 def statistics_arrays(total: np.ndarray | sp.csr_matrix) -> dict[str, torch.Tensor]:

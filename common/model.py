@@ -394,10 +394,21 @@ class EgoGraphRecommender(nn.Module):
         q, b = self.item_vectors(items)
         return (z[:, None, :] * q).sum(-1) + b + user_bias[:, None] + self.graph_score(graph)
 
-    def score_catalogue(self, z: Tensor, graph: Tensor | None = None) -> Tensor:
-        """Scores of every catalogue item, ``[B, num_items]`` (ranking; no user bias), with
-        the released graph's features ``graph`` ``[B, num_items, G]`` (item graph only)."""
-        q, b = self.item_vectors(torch.arange(self.item_embedding.num_embeddings, device=z.device))
+    def catalogue_vectors(self) -> tuple[Tensor, Tensor]:
+        """``(q_i, b_i)`` of every catalogue item (:meth:`item_vectors`)."""
+        weight = self.item_embedding.weight
+        return self.item_vectors(torch.arange(weight.shape[0], device=weight.device))
+
+    def score_catalogue(
+        self,
+        z: Tensor,
+        graph: Tensor | None = None,
+        vectors: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """Scores of every catalogue item, ``[B, num_items]`` (no user bias), with the
+        released graph's features ``graph`` ``[B, num_items, G]`` (item graph only);
+        ``vectors``: :meth:`catalogue_vectors`, when the caller keeps them."""
+        q, b = self.catalogue_vectors() if vectors is None else vectors
         return z @ q.T + b + self.graph_score(graph)
 
 

@@ -81,7 +81,7 @@ def run(
     except InputError as error:
         log(ERROR, "Run failed: %s", error)
         raise
-    out = RunDirectory.create(config, dataset, keep_models, catalogue.derived_from_data)
+    out = RunDirectory.create(config, dataset, catalogue, keep_models)
     log(INFO, "Run directory: %s", out.path)
     instruction = instruction_values(config, out.path.name, catalogue.fingerprint())
     book = RoundBook()

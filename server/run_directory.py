@@ -8,6 +8,8 @@
   catalogue was taken from the interactions (``derived-from-data``; only
   without DP);
 - ``config.json``: the run configuration;
+- ``catalogue/``: the public catalogue the run used (``items.csv`` with the item
+  text where the data has it, ``catalogue.json``), as in a site folder;
 - ``releases.json``: every value a site sends, and whether DP covers it;
 - ``metrics.json``: per round, each site's training and evaluation metrics,
   the aggregated evaluation metrics, rejected updates and failures;
@@ -31,6 +33,13 @@
   metrics are not covered, so no round is chosen by them: use the last round's
   ``model.pt``.
 
+- ``recommender.json``, once the run has completed: the saved recommender's
+  manifest (:data:`RECOMMENDER_FORMAT`, version :data:`RECOMMENDER_VERSION`):
+  the pipeline and task, and which of the files above a site scores with (the
+  configuration, the catalogue, the item graph, and the model:
+  ``best-model.pt`` where a round was chosen, else ``model.pt``, none with the
+  filter alone). ``client.recommender.load_recommender`` reads it.
+
 Files are replaced atomically (write, then rename), so a crash leaves the
 previous round's complete files.
 """
@@ -47,6 +56,8 @@ import torch
 from flwr.app import ArrayRecord
 
 from common.config import RunConfig
+from common.data.dataset import Catalogue
+from common.data.site_folder import write_catalogue_folder
 from common.files import replacing, write_json
 from common.privacy import (
     LEDGER_METRICS,
@@ -57,6 +68,11 @@ from common.privacy import (
 from common.protocol import DECLINED
 from server.round_book import RoundBook
 
+RECOMMENDER_FORMAT = "fedgraphrec-recommender"
+RECOMMENDER_VERSION = 1
+"""The saved recommender's format and version (``recommender.json``): a reader refuses a
+version newer than its own."""
+
 
 class RunDirectory:
     """Writes one run's outputs (see the module docstring)."""
@@ -66,8 +82,8 @@ class RunDirectory:
         path: Path,
         config: RunConfig,
         dataset: str,
+        catalogue: Catalogue,
         keep_models: bool = False,
-        derived_from_data: tuple[str, ...] = (),
     ) -> None:
         self.path = path
         self.config = config
@@ -75,10 +91,11 @@ class RunDirectory:
         self.best_score = -float("inf")
         path.mkdir(parents=True, exist_ok=False)
         self.status = {"status": "running", "reason": None, "dataset": dataset}
-        self.status["derived-from-data"] = list(derived_from_data)
+        self.status["derived-from-data"] = list(catalogue.derived_from_data)
         self.status |= {"started": _now(), "finished": None}
         write_json(path / "status.json", self.status)
         write_json(path / "config.json", config.to_mapping())
+        write_catalogue_folder(catalogue, dataset, path / "catalogue")
         write_json(path / "releases.json", [r.as_dict() for r in released_quantities(config)])
 
     @classmethod
@@ -86,8 +103,8 @@ class RunDirectory:
         cls,
         config: RunConfig,
         dataset: str,
+        catalogue: Catalogue,
         keep_models: bool = False,
-        derived_from_data: tuple[str, ...] = (),
     ) -> RunDirectory:
         """A new folder ``<run-dir>/<UTC time>-<dataset>-<task>`` (suffixed if taken)."""
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -97,7 +114,7 @@ class RunDirectory:
         while path.exists():
             suffix += 1
             path = root / f"{stamp}-{dataset}-{config.task}-{suffix}"
-        return cls(path, config, dataset, keep_models, derived_from_data)
+        return cls(path, config, dataset, catalogue, keep_models)
 
     def write_item_graph(self, graph: bytes) -> None:
         """Persist the released item graph (the recommender itself with ``item-graph =
@@ -109,7 +126,26 @@ class RunDirectory:
         """Mark the run ``completed``, or ``failed`` with the reason, in ``status.json``."""
         self.status |= {"status": "failed" if failed else "completed", "reason": failed}
         self.status["finished"] = _now()
+        if not failed:
+            write_json(self.path / "recommender.json", self.recommender())
         write_json(self.path / "status.json", self.status)
+
+    def recommender(self) -> dict[str, Any]:
+        """The saved recommender's manifest (the module docstring)."""
+        model = None
+        if self.config.training_rounds:
+            model = "best-model.pt" if "best-round" in self.status else "model.pt"
+        return {
+            "format": RECOMMENDER_FORMAT,
+            "version": RECOMMENDER_VERSION,
+            "task": self.config.task,
+            "item-graph": self.config.item_graph,
+            "config": "config.json",
+            "catalogue": "catalogue",
+            "graph": "item_graph.npz" if self.config.item_graph != "none" else None,
+            "model": model,
+            "round": self.status.get("best-round"),
+        }
 
     def write_round(self, arrays: ArrayRecord, book: RoundBook) -> None:
         """Persist the global model and everything logged up to now."""

@@ -99,7 +99,7 @@ def test_the_released_graph_travels_as_bytes_dense_or_sparse():
     assert again.complete and again.alpha == 0.5 and sp.issparse(again.linear)
     assert (again.linear != graph.linear).nnz == 0
     np.testing.assert_array_equal(again.eigenvectors, graph.eigenvectors)
-    assert ItemGraph.from_bytes(ItemGraph().to_bytes()) == ItemGraph()
+    assert ItemGraph.from_bytes(ItemGraph().to_bytes()).items is None
 
 
 def test_large_catalogues_send_an_exact_sparse_gram_without_dp_only():

@@ -4,15 +4,19 @@ when the metrics were released under it."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from flwr.app import ArrayRecord
 
 from common.config import default_config
+from common.data.dataset import Catalogue
 from server.report import write_report
 from server.round_book import RoundBook
 from server.run_directory import RunDirectory
+
+CATALOGUE = Catalogue(("a", "b"), None, (1.0, 2.0, 3.0, 4.0, 5.0))
 
 
 def write_rounds(
@@ -23,7 +27,7 @@ def write_rounds(
     config = default_config(
         item_graph="none", dp=dp, task=task, run_dir=str(tmp_path), evaluation=evaluation
     )
-    out = RunDirectory.create(config, "synthetic")
+    out = RunDirectory.create(config, "synthetic", CATALOGUE)
     book = RoundBook()
     for server_round, value in enumerate(values):
         book.round(server_round).aggregated[metric] = value
@@ -58,7 +62,8 @@ def test_under_dp_the_round_is_chosen_by_metrics_released_under_dp(tmp_path):
 def test_the_report_says_first_when_the_catalogue_came_from_the_interactions(tmp_path):
     """Without DP a csv's items and scale may come from the data; the report says so."""
     config = default_config(item_graph="none", dp=False, run_dir=str(tmp_path))
-    out = RunDirectory.create(config, "ratings", derived_from_data=("item ids", "rating scale"))
+    derived = replace(CATALOGUE, derived_from_data=("item ids", "rating scale"))
+    out = RunDirectory.create(config, "ratings", derived)
     out.write_round(ArrayRecord({"round": torch.tensor(0.0)}), RoundBook())
     out.finish()
     report = write_report(out.path)

@@ -59,12 +59,12 @@ def write_site_folders(
 ) -> list[Path]:
     """Write ``<out>/catalogue`` and one ``<out>/site-<k>`` folder per site."""
     catalogue = dataset.catalogue
-    _write_catalogue(catalogue, dataset.name, out / "catalogue")
+    write_catalogue_folder(catalogue, dataset.name, out / "catalogue")
     num_sites = int(site_of_user.max()) + 1
     folders = []
     for site in range(num_sites):
         folder = out / f"site-{site}"
-        _write_catalogue(catalogue, dataset.name, folder / "catalogue")
+        write_catalogue_folder(catalogue, dataset.name, folder / "catalogue")
         mine = site_of_user == site
         counts = {}
         parts = (split.train, split.val, split.test, split.cold)
@@ -92,7 +92,9 @@ def write_site_folders(
     return folders
 
 
-def _write_catalogue(catalogue: Catalogue, dataset: str, folder: Path) -> None:
+def write_catalogue_folder(catalogue: Catalogue, dataset: str, folder: Path) -> None:
+    """``items.csv`` and ``catalogue.json`` in ``folder`` (:func:`load_catalogue_folder`
+    reads them back)."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "items.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)

@@ -295,11 +295,12 @@ class ItemFilter:
                 rows @ sp.diags(self.input_scale) if sp.issparse(rows) else rows * self.input_scale
             )
             basis = np.asarray(scaled @ self.eigenvectors)  # [B, k]
-            low_pass = (
-                self.alpha
-                * np.einsum("bk,bck->bc", basis, self.eigenvectors[at])
-                * self.output_scale[at]
-            )
+            if candidates.shape[1] * self.eigenvectors.shape[1] < len(self.items):
+                # a few candidates each (pairs): their rows of the basis, [B, C, k]
+                projected = np.einsum("bk,bck->bc", basis, self.eigenvectors[at])
+            else:  # many (the catalogue): every covered item at once, [B, m]
+                projected = np.take_along_axis(basis @ self.eigenvectors.T, at, axis=1)
+            low_pass = self.alpha * projected * self.output_scale[at]
         return np.where(covered[..., None], np.stack([linear, low_pass], -1), 0.0)
 
     def item_features(self, sources: np.ndarray, targets: np.ndarray) -> np.ndarray:

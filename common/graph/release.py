@@ -190,7 +190,7 @@ Total = np.ndarray | sp.csr_matrix
 """A round's sum: a vector, or (large catalogue without DP) a sparse Gram."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ItemGraph:
     """What the server has released of the item graph: after round 1, then after round 2.
 
@@ -204,6 +204,10 @@ class ItemGraph:
         linear, eigenvectors, alpha, input_scale, output_scale: the ranking filter
             (``common.graph.filters.ItemFilter``), from round 2.
         similarity: the residuals' similarity (rating), from round 2.
+
+    A release is compared and hashed by identity: a process that parses one keeps it
+    (``client.site_round.released_graph``) and what is derived from it
+    (``common.graph.propagation``).
     """
 
     items: np.ndarray | None = None
@@ -259,7 +263,7 @@ class ItemGraph:
             num_items,
             self.items,
             self.linear,
-            self.eigenvectors,
+            np.ascontiguousarray(self.eigenvectors),  # rows @ it: scipy ravels it per call
             self.alpha,
             self.input_scale,
             self.output_scale,
