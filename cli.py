@@ -16,6 +16,11 @@ around a run:
   a CA, the SuperLink's TLS certificate and one SuperNode key pair per site.
 - ``fedgraphrec report RUN_DIR`` re-renders a run's privacy report from its
   ledger and metrics.
+- ``fedgraphrec recommend RUN_DIR --data --user 196 -k 10`` prints a user's top
+  items from the recommender a completed run saved (``--site SITE_DIR`` for a
+  deployed site's users; ``--format json`` for scripts).
+- ``fedgraphrec serve RUN_DIR --data`` (or ``--site SITE_DIR``) answers the same
+  over HTTP for one site (``client.serve``), on 127.0.0.1:8000 unless told otherwise.
 - ``fedgraphrec audit RUN_DIR`` runs the one-run canary audit of the run's
   mechanism (on synthetic users: no site's data, no budget) and adds the
   empirical lower bound to the report.
@@ -40,8 +45,8 @@ from common.errors import InputError
 
 DESCRIPTION = (
     "Prepare data folders, TLS certificates and site keys for fedgraphrec, a federated graph "
-    "recommender with user-level differential privacy, and report on its runs "
-    "(a run itself starts with `flwr run`)."
+    "recommender with user-level differential privacy, report on its runs, and serve a "
+    "completed run's recommendations (a run itself starts with `flwr run`)."
 )
 
 
@@ -174,6 +179,47 @@ def audit(folder: Path, canaries: int, guesses: int, users: int, seed: int) -> s
     return "\n".join(lines) + "\n" + report(folder)
 
 
+def site_recommender(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The run's saved recommender and the site's users (``--site`` or ``--data``)."""
+    from client.recommender import load_recommender, site_users
+
+    recommender = load_recommender(args.run_dir)
+    return recommender, site_users(recommender, args.site)
+
+
+def recommend(args: argparse.Namespace) -> str:
+    """A site user's top ``-k`` items, as a table or as JSON."""
+    from client.recommender import ranked
+
+    recommender, users = site_recommender(args)
+    rows = ranked(recommender.recommend(users.user(args.user), args.k, not args.include_seen))
+    if args.format == "json":
+        return json.dumps({"user": args.user, "items": rows}, indent=2)
+    score = "predicted rating" if recommender.config.task == "rating" else "score"
+    width = max([4] + [len(r["item"]) for r in rows])
+    lines = [f"{'rank':>4}  {'item':<{width}}  {score:>16}  title"]
+    for r in rows:
+        title = (r["text"] or "").split(". Genres:")[0][:60]
+        lines.append(f"{r['rank']:>4}  {r['item']:<{width}}  {r['score']:>16.3f}  {title}")
+    return "\n".join(lines)
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Serve the site's recommendations over HTTP until stopped."""
+    import uvicorn
+
+    from client.serve import make_app
+
+    recommender, users = site_recommender(args)
+    app = make_app(recommender, users, Path(args.run_dir).expanduser())
+    print(
+        f"Serving {users.site.num_users} users, {recommender.catalogue.num_items} items on "
+        f"http://{args.host}:{args.port} (stop with Ctrl-C)",
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def count(minimum: int) -> Callable[[str], int]:
     """An argparse type: a whole number of at least ``minimum``."""
 
@@ -241,6 +287,27 @@ def build_parser() -> argparse.ArgumentParser:
     check_run.add_argument(
         "--seed", type=count(0), default=0, help="seed of canary inclusion (default 0)"
     )
+    answer = command("recommend", "print a user's top items from a completed run")
+    service = command("serve", "serve a site's recommendations over HTTP from a completed run")
+    for sub in (answer, service):
+        sub.add_argument("run_dir", help="the completed run's directory (holds recommender.json)")
+        users = sub.add_mutually_exclusive_group(required=True)
+        users.add_argument("--site", help="a deployed site's data folder: its users")
+        users.add_argument(
+            "--data",
+            action="store_true",
+            help="the users of the data the run's configuration names (a simulation)",
+        )
+    answer.add_argument("--user", required=True, help="the user's id as the data has it")
+    answer.add_argument("-k", type=count(1), default=10, help="how many items (default 10)")
+    answer.add_argument(
+        "--include-seen", action="store_true", help="keep the items the user already has"
+    )
+    answer.add_argument(
+        "--format", choices=("table", "json"), default="table", help="output (default table)"
+    )
+    service.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    service.add_argument("--port", type=count(1), default=8000, help="port (default 8000)")
     return parser
 
 
@@ -254,6 +321,11 @@ def run(args: argparse.Namespace) -> str:
         return certificates(Path(args.out).expanduser(), args.hosts, args.sites, args.days)
     if args.command == "report":
         return report(run_directory(args.run_dir))
+    if args.command == "recommend":
+        return recommend(args)
+    if args.command == "serve":
+        serve(args)
+        return ""
     folder = run_directory(args.run_dir)
     return audit(folder, args.canaries, args.guesses, args.users, args.seed)
 
@@ -261,7 +333,9 @@ def run(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        print(run(args))
+        output = run(args)
+        if output:
+            print(output)
     except InputError as error:
         print(f"fedgraphrec: {error}", file=sys.stderr)
         return 2

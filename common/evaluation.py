@@ -237,23 +237,6 @@ def ranking_sums(
     return RankingSums(top_k, float(recall.accum), float(ndcg.accum), int(recall.total))
 
 
-@torch.no_grad()
-def recommend(
-    model: EgoGraphRecommender,
-    graphs: UserEgoGraphs,
-    users: np.ndarray,
-    k: int,
-    private: torch.Tensor | None = None,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """The top-``k`` items of the full catalogue for each of ``users`` (local indices),
-    their own training items left out: ``[len(users), k]`` item indices."""
-    model.eval()
-    z, _ = model.user_vectors(graphs.context(users).with_private(private).to(device))
-    scores = model.score_catalogue(z, _graph_features(graphs, device, users))
-    return _leave_out(scores, users, graphs.item_set).topk(k, dim=1).indices
-
-
 def _leave_out(
     scores: torch.Tensor, users: np.ndarray, seen: Callable[[int], np.ndarray]
 ) -> torch.Tensor:

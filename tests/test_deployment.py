@@ -225,6 +225,17 @@ class TestMovieLens:
         assert status == status | {"status": "completed", "dataset": "ml-100k"}
         assert "ml-100k" in run_dir.name
 
+    def test_a_site_recommends_to_its_own_users_from_the_run(self, movielens, capsys):
+        fed = movielens
+        run_dir, site = only_run(fed.base / "runs"), fed.data / "site-0"
+        user = (site / "train.csv").read_text().splitlines()[1].split(",")[0]
+        assert fedgraphrec(["recommend", str(run_dir), "--site", str(site), "--user", user]) == 0
+        table = capsys.readouterr().out.splitlines()
+        assert len(table) == 11 and all(len(line.split()) > 3 for line in table[1:])  # titles
+        other = (fed.data / "site-1" / "train.csv").read_text().splitlines()[1].split(",")[0]
+        assert fedgraphrec(["recommend", str(run_dir), "--site", str(site), "--user", other]) == 2
+        assert "not a user of this site" in capsys.readouterr().err
+
 
 def test_tls_and_node_auth_run_completes_and_writes_the_report(federation):
     fed = federation

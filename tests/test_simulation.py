@@ -16,6 +16,7 @@ import psutil
 import pytest
 from flower_helpers import child_environment, free_port, simulate, stop_processes_of
 
+import cli
 from client.app import make_app
 from common.config import default_config
 from common.data import load_site
@@ -224,7 +225,7 @@ def test_a_run_no_site_can_complete_stops_at_once_and_is_marked_failed(tmp_path)
     assert list(json.loads((run_dir / "metrics.json").read_text())) == ["0"]
 
 
-def test_flwr_run_cli_logs_once_and_marks_failed_runs_failed(tmp_path):
+def test_flwr_run_cli_logs_once_and_marks_failed_runs_failed(tmp_path, capsys):
     """Two runs through the `flwr` CLI with an isolated FLWR_HOME: a good one, whose log
     has one line per event (round 0 included, plain numbers), and one with a missing data
     file, which Flower marks failed and our log explains in one line. `flwr run --stream`
@@ -275,6 +276,8 @@ def test_flwr_run_cli_logs_once_and_marks_failed_runs_failed(tmp_path):
     report = json.loads((run_dir / "privacy_report.json").read_text())
     assert report["mechanism"]["delta"] == 1e-6 and sorted(report["sites"]) == ["0", "1"]
     assert (run_dir / "privacy_report.html").is_file()
+    assert cli.main(["recommend", str(run_dir), "--data", "--user", "7", "-k", "3"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1 + 3  # what flwr run . saved serves
 
     assert f"Run failed: {tmp_path / 'missing.csv'}: file not found" in bad.stdout
     statuses = [r["status"] for r in json.loads(listed.stdout)["runs"]]

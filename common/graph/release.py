@@ -196,7 +196,8 @@ class ItemGraph:
 
     Attributes:
         items: the catalogue items the graph covers, ascending.
-        degrees: released item degrees over the catalogue (ranking).
+        degrees: released item degrees over the catalogue (ranking), or each item's
+            released count of ratings, each user weighted by their bound (rating).
         degree_noise: standard deviation of the noise on ``degrees`` (0 without DP).
         item_bias: the item offsets :math:`b_i` (rating).
         global_mean: the users' means averaged (rating), the prior of every user's
@@ -215,7 +216,6 @@ class ItemGraph:
     degree_noise: float = 0.0
     item_bias: np.ndarray | None = None
     global_mean: float | None = None
-    variance_noise: float = 0.0
     linear: np.ndarray | sp.csr_matrix | None = None
     eigenvectors: np.ndarray | None = None
     alpha: float = 0.0
@@ -263,7 +263,7 @@ class ItemGraph:
             num_items,
             self.items,
             self.linear,
-            np.ascontiguousarray(self.eigenvectors),  # rows @ it: scipy ravels it per call
+            self.eigenvectors,
             self.alpha,
             self.input_scale,
             self.output_scale,
@@ -349,6 +349,8 @@ def released(
         return replace(
             graph,
             items=np.arange(n),
+            degrees=total[n : 2 * n],
+            degree_noise=noise_std,
             item_bias=offsets,
             global_mean=global_mean(total[2 * n :]),
         )
