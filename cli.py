@@ -4,6 +4,10 @@ fedgraphrec trains a graph recommender across sites with user-level
 differential privacy (runs start with ``flwr run``); this command does the work
 around a run:
 
+- ``fedgraphrec run [APP_DIR] [flwr run's options]`` submits a run through
+  ``flwr run --stream`` and streams its log, after checking every
+  ``--run-config`` key; it exits 0 only when the run completed, and otherwise
+  ends with the one-line reason (``flwr run`` exits 0 whatever happened).
 - ``fedgraphrec check-data -c 'dataset="ml-100k" data-path="/data/ml-100k"' --sites 10``
   loads a dataset exactly as a run would (same ``-c`` keys and syntax as
   ``flwr run``), reports what it found, and shows how the users would be split
@@ -34,7 +38,10 @@ answer at once.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -220,6 +227,52 @@ def serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
+RUN_DIRECTORY = re.compile(r"Run directory: (\S+)")
+RUN_FAILED = re.compile(r"Run failed: (.*)")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def submit(app_dir: str, options: list[str]) -> int:
+    """``flwr run APP_DIR --stream OPTIONS``, its log streamed; 0 only when the run
+    completed (``status.json``), else 1 and a last line that says why."""
+    import subprocess
+
+    app = Path(app_dir).expanduser()
+    if not (app / "pyproject.toml").is_file():
+        raise InputError(f"{app}: not a Flower App (no pyproject.toml)")
+    overrides = [
+        value for flag, value in itertools.pairwise(options) if flag in ("--run-config", "-c")
+    ]
+    overrides += [o.split("=", 1)[1] for o in options if o.startswith("--run-config=")]
+    RunConfig.from_mapping(app_defaults(app / "pyproject.toml") | parse_overrides(overrides))
+    flwr = Path(sys.executable).with_name("flwr")
+    environment = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"} | dict(os.environ)
+    command = [str(flwr), "run", str(app), "--stream", *options]
+    run_dir, failed = None, None
+    with subprocess.Popen(
+        command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            plain = ANSI.sub("", line)
+            if run_dir is None and (found := RUN_DIRECTORY.search(plain)):
+                run_dir = Path(found.group(1))
+            if found := RUN_FAILED.search(plain):
+                failed = found.group(1).strip()
+    status = {}
+    if run_dir is not None and (run_dir / "status.json").is_file():
+        status = json.loads((run_dir / "status.json").read_text())
+    if status.get("status") == "completed":
+        return 0
+    reason = status.get("reason") or failed
+    if reason is None:
+        reason = f"flwr run exited with status {process.returncode} and no run directory"
+        if status:
+            reason = f"the run is {status.get('status')}"
+    print(f"fedgraphrec: run failed: {reason}", file=sys.stderr)
+    return 1
+
+
 def count(minimum: int) -> Callable[[str], int]:
     """An argparse type: a whole number of at least ``minimum``."""
 
@@ -245,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, summary: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=summary, description=summary)
 
+    submitted = command(
+        "run", "submit a run through `flwr run --stream`; exit 0 only if it completed"
+    )
+    submitted.usage = "fedgraphrec run [APP_DIR] [flwr run's options, e.g. --run-config '...']"
     check = command("check-data", "load a dataset as a run would and report what it found")
     split = command("partition", "split a dataset into one data folder per site for deployment")
     for sub in (check, split):
@@ -331,8 +388,14 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "run":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
+        if args.command == "run":  # APP_DIR, then flwr run's own options, unparsed
+            app = unknown.pop(0) if unknown and not unknown[0].startswith("-") else "."
+            return submit(app, unknown)
         output = run(args)
         if output:
             print(output)

@@ -66,6 +66,8 @@ def run(
     legacy workflow) needs it. ``keep_models`` keeps every round's model in the
     run directory (benchmarks choose a round by validation).
     """
+    out = RunDirectory.create(config, folder_name(config), keep_models)
+    log(INFO, "Run directory: %s", out.path)
     try:
         if config.catalogue_path:
             catalogue = load_catalogue_folder(config.catalogue_path)
@@ -73,16 +75,16 @@ def run(
         else:
             loaded = load_dataset(config)
             catalogue, dataset = loaded.catalogue, loaded.name
+        out.describe(dataset, catalogue)
         torch.manual_seed(config.seed)
         model = build_model(catalogue, config)
         if config.initial_model:
             load_initial_model(model, config.initial_model)
         mechanism = site_mechanism(config, model.size)  # fails here if the budget cannot work
     except InputError as error:
-        log(ERROR, "Run failed: %s", error)
+        out.finish(failed=str(error))
+        log(ERROR, "Run failed: %s (run directory %s)", error, out.path)
         raise
-    out = RunDirectory.create(config, dataset, catalogue, keep_models)
-    log(INFO, "Run directory: %s", out.path)
     instruction = instruction_values(config, out.path.name, catalogue.fingerprint())
     book = RoundBook()
     release = GraphRelease(config, catalogue, mechanism, out)
@@ -121,6 +123,18 @@ def run(
     chosen = "" if best is None else f"Best validation round: {best} (best-model.pt)\n"
     log(INFO, "Summary:\n%s\n%sRun directory: %s", summary(report), chosen, out.path)
     return out.path
+
+
+def folder_name(config: RunConfig) -> str:
+    """What the run's folder is named after, known before any data is read: the
+    ``dataset`` key, or in deployment the dataset the coordinator's catalogue folder
+    records (``"deployment"`` where it cannot be read: loading it then says why)."""
+    if not config.catalogue_path:
+        return config.dataset
+    try:
+        return catalogue_folder_dataset(config.catalogue_path)
+    except (OSError, ValueError):
+        return "deployment"
 
 
 def evaluate(

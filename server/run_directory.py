@@ -2,8 +2,8 @@
 
 ``<run-dir>/<UTC time>-<dataset>-<task>/`` holds
 
-- ``status.json``: ``running``, then ``completed`` or ``failed`` with the
-  reason, the dataset the run is on (in deployment the one the
+- ``status.json``: ``running`` (from before the data is loaded), then
+  ``completed`` or ``failed`` with the reason, the dataset the run is on (in deployment the one the
   coordinator's catalogue folder was written from), and what of its
   catalogue was taken from the interactions (``derived-from-data``; only
   without DP);
@@ -77,36 +77,30 @@ version newer than its own."""
 class RunDirectory:
     """Writes one run's outputs (see the module docstring)."""
 
-    def __init__(
-        self,
-        path: Path,
-        config: RunConfig,
-        dataset: str,
-        catalogue: Catalogue,
-        keep_models: bool = False,
-    ) -> None:
+    def __init__(self, path: Path, config: RunConfig, keep_models: bool = False) -> None:
         self.path = path
         self.config = config
         self.keep_models = keep_models
         self.best_score = -float("inf")
         path.mkdir(parents=True, exist_ok=False)
-        self.status = {"status": "running", "reason": None, "dataset": dataset}
-        self.status["derived-from-data"] = list(catalogue.derived_from_data)
-        self.status |= {"started": _now(), "finished": None}
+        self.status = {"status": "running", "reason": None, "dataset": None}
+        self.status |= {"derived-from-data": [], "started": _now(), "finished": None}
         write_json(path / "status.json", self.status)
         write_json(path / "config.json", config.to_mapping())
-        write_catalogue_folder(catalogue, dataset, path / "catalogue")
         write_json(path / "releases.json", [r.as_dict() for r in released_quantities(config)])
 
+    def describe(self, dataset: str, catalogue: Catalogue) -> None:
+        """Record the data the run is on, once loaded: its name, what of its catalogue
+        was taken from the interactions, and the catalogue itself."""
+        self.status |= {"dataset": dataset}
+        self.status["derived-from-data"] = list(catalogue.derived_from_data)
+        write_json(self.path / "status.json", self.status)
+        write_catalogue_folder(catalogue, dataset, self.path / "catalogue")
+
     @classmethod
-    def create(
-        cls,
-        config: RunConfig,
-        dataset: str,
-        catalogue: Catalogue,
-        keep_models: bool = False,
-    ) -> RunDirectory:
-        """A new folder ``<run-dir>/<UTC time>-<dataset>-<task>`` (suffixed if taken)."""
+    def create(cls, config: RunConfig, dataset: str, keep_models: bool = False) -> RunDirectory:
+        """A new folder ``<run-dir>/<UTC time>-<dataset>-<task>`` (suffixed if taken),
+        made before the data is loaded, so that a run that fails on its data has one."""
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         root = Path(config.run_dir).expanduser()
         path = root / f"{stamp}-{dataset}-{config.task}"
@@ -114,7 +108,7 @@ class RunDirectory:
         while path.exists():
             suffix += 1
             path = root / f"{stamp}-{dataset}-{config.task}-{suffix}"
-        return cls(path, config, dataset, catalogue, keep_models)
+        return cls(path, config, keep_models)
 
     def write_item_graph(self, graph: bytes) -> None:
         """Persist the released item graph (the recommender itself with ``item-graph =

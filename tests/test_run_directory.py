@@ -27,7 +27,8 @@ def write_rounds(
     config = default_config(
         item_graph="none", dp=dp, task=task, run_dir=str(tmp_path), evaluation=evaluation
     )
-    out = RunDirectory.create(config, "synthetic", CATALOGUE)
+    out = RunDirectory.create(config, "synthetic")
+    out.describe("synthetic", CATALOGUE)
     book = RoundBook()
     for server_round, value in enumerate(values):
         book.round(server_round).aggregated[metric] = value
@@ -63,7 +64,8 @@ def test_the_report_says_first_when_the_catalogue_came_from_the_interactions(tmp
     """Without DP a csv's items and scale may come from the data; the report says so."""
     config = default_config(item_graph="none", dp=False, run_dir=str(tmp_path))
     derived = replace(CATALOGUE, derived_from_data=("item ids", "rating scale"))
-    out = RunDirectory.create(config, "ratings", derived)
+    out = RunDirectory.create(config, "ratings")
+    out.describe("ratings", derived)
     out.write_round(ArrayRecord({"round": torch.tensor(0.0)}), RoundBook())
     out.finish()
     report = write_report(out.path)

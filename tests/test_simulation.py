@@ -225,15 +225,16 @@ def test_a_run_no_site_can_complete_stops_at_once_and_is_marked_failed(tmp_path)
     assert list(json.loads((run_dir / "metrics.json").read_text())) == ["0"]
 
 
-def test_flwr_run_cli_logs_once_and_marks_failed_runs_failed(tmp_path, capsys):
-    """Two runs through the `flwr` CLI with an isolated FLWR_HOME: a good one, whose log
-    has one line per event (round 0 included, plain numbers), and one with a missing data
-    file, which Flower marks failed and our log explains in one line. `flwr run --stream`
-    exits 0 for both (Flower 1.42 does not report the run's outcome in its exit status)."""
+def test_fedgraphrec_run_exits_by_the_runs_outcome_and_logs_once(tmp_path, capsys):
+    """Three runs through `fedgraphrec run` (which submits through the `flwr` CLI, with an
+    isolated FLWR_HOME): a good one, exit 0, whose log has one line per event (round 0
+    included, plain numbers); one with a missing data file, exit 1, a failed status.json
+    and the reason as the last line; and one with a mistyped key, exit 2 before anything
+    is submitted, naming the closest real key. (`flwr run --stream` itself exits 0 for
+    every one of them in Flower 1.42.)"""
     flwr_home = tmp_path / "flwr-home"
     env = child_environment(
         FLWR_HOME=str(flwr_home),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
         FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
     )
@@ -241,7 +242,7 @@ def test_flwr_run_cli_logs_once_and_marks_failed_runs_failed(tmp_path, capsys):
     flwr = str(Path(sys.executable).with_name("flwr"))
 
     def flwr_run(overrides: str) -> subprocess.CompletedProcess:
-        command = [flwr, "run", str(REPO), "--stream", "--run-config"]
+        command = [sys.executable, "-m", "cli", "run", str(REPO), "--run-config"]
         command.append(f'{overrides} run-dir="{runs}" site-state-dir="{tmp_path / "sites"}"')
         return subprocess.run(
             command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
@@ -250,6 +251,7 @@ def test_flwr_run_cli_logs_once_and_marks_failed_runs_failed(tmp_path, capsys):
     try:
         good = flwr_run('item-graph="filter" synthetic-users=150')
         bad = flwr_run(f'dataset="csv" data-path="{tmp_path / "missing.csv"}"')
+        mistyped = flwr_run("item-graf=1")
         listed = subprocess.run(
             [flwr, "ls", "--format", "json"], env=env, capture_output=True, text=True, cwd=tmp_path
         )
@@ -266,8 +268,9 @@ def test_flwr_run_cli_logs_once_and_marks_failed_runs_failed(tmp_path, capsys):
         assert sum(event in line for line in log) == (2 if event == "Run directory:" else 1)
     assert "np.float64" not in good.stdout and "Weighted by" not in good.stdout
 
-    (run_dir,) = runs.iterdir()
-    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    statuses = {d: json.loads((d / "status.json").read_text()) for d in runs.iterdir()}
+    assert sorted(s["status"] for s in statuses.values()) == ["completed", "failed"]
+    (run_dir,) = [d for d, status in statuses.items() if status["status"] == "completed"]
     metrics = json.loads((run_dir / "metrics.json").read_text())  # the default item graph
     assert sorted(metrics) == ["0", "1", "2"]
     assert sorted(metrics["1"]["train"]) == sorted(metrics["2"]["train"]) == ["0", "1"]
@@ -279,6 +282,12 @@ def test_flwr_run_cli_logs_once_and_marks_failed_runs_failed(tmp_path, capsys):
     assert cli.main(["recommend", str(run_dir), "--data", "--user", "7", "-k", "3"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 1 + 3  # what flwr run . saved serves
 
-    assert f"Run failed: {tmp_path / 'missing.csv'}: file not found" in bad.stdout
+    reason = f"{tmp_path / 'missing.csv'}: file not found"
+    assert bad.returncode == 1 and f"Run failed: {reason}" in bad.stdout
+    assert bad.stderr.splitlines()[-1].startswith(f"fedgraphrec: run failed: {reason}")
+    failed = next(s for s in statuses.values() if s["status"] == "failed")
+    assert failed["reason"].startswith(reason)  # the folder exists before the data is read
+    assert mistyped.returncode == 2 and mistyped.stdout == ""
+    assert "'item-graf' (did you mean 'item-graph'?)" in mistyped.stderr
     statuses = [r["status"] for r in json.loads(listed.stdout)["runs"]]
     assert sorted(statuses) == ["finished:completed", "finished:failed"]
