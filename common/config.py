@@ -40,6 +40,8 @@ class RunConfig:
     num_server_rounds: int
     seed: int
     min_sites: int
+    min_sites_to_continue: int
+    site_timeout: float
     round_timeout: float
     dataset: str
     data_path: str
@@ -137,7 +139,7 @@ class RunConfig:
                 typed[field.name] = TRAINING_ROUNDS.get(_pipeline(values), 0)
             elif key == "item-graph" and value == "auto":
                 typed[field.name] = _pipeline(values)
-            elif key == "secagg-min-sites" and value == 0:
+            elif key in ("secagg-min-sites", "min-sites-to-continue") and value == 0:
                 typed[field.name] = _typed("min-sites", values["min-sites"], "int")
             elif key == "evaluation" and value == "auto":
                 typed[field.name] = "dp" if _typed("dp", values["dp"], "bool") else "exact"
@@ -281,6 +283,8 @@ class RunConfig:
         positive = {
             "min-sites": self.min_sites,
             "round-timeout": self.round_timeout,
+            "site-timeout": self.site_timeout,
+            "min-sites-to-continue": self.min_sites_to_continue,
             "secagg-min-sites": self.secagg_min_sites,
             "max-users-per-site": self.max_users_per_site,
             "embedding-dim": self.embedding_dim,
@@ -361,6 +365,11 @@ class RunConfig:
             )
         if self.secure_aggregation and not self.dp:
             raise InputError("secure-aggregation: needs dp = true (it sums noised gradients)")
+        if self.min_sites_to_continue > self.min_sites:
+            raise InputError(
+                f"min-sites-to-continue: expected at most min-sites = {self.min_sites} (the "
+                f"sites a run starts with), got {self.min_sites_to_continue}"
+            )
         if self.secure_aggregation and self.secagg_min_sites < 2:
             raise InputError(
                 f"secagg-min-sites: expected at least 2 sites per secure sum, "

@@ -91,7 +91,14 @@ def run(
     try:
         arrays = ArrayRecord(model.state_dict())
         strategy = ItemSideFedAvg(
-            arrays, config.dp, config.min_sites, book, config.evaluates_in, release
+            arrays,
+            config.dp,
+            config.min_sites,
+            book,
+            config.evaluates_in,
+            release,
+            config.min_sites_to_continue,
+            config.site_timeout,
         )
         evaluate(grid, strategy, 0, arrays, instruction, config)
         end_of_round(0, arrays, book, out)

@@ -23,11 +23,15 @@ other sites.
 from __future__ import annotations
 
 import functools
+import math
 import operator
+import time
 from collections.abc import Callable, Iterable
+from logging import WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -41,6 +45,11 @@ class RejectedUpdate(ValueError):
     """A site update the server does not use; the message says why."""
 
 
+class SitesMissing(RuntimeError):
+    """Fewer sites connected than a round needs, after ``site-timeout``; the message names
+    the missing ones."""
+
+
 class ItemSideFedAvg(FedAvg):
     """FedAvg over the item side only, with update validation, logging into a round book.
 
@@ -48,7 +57,12 @@ class ItemSideFedAvg(FedAvg):
         template: the global item-side arrays; every update must match its keys,
             shapes and dtypes.
         dp: equal site weights when True, count weights when False.
-        min_sites: sites to wait for and sample every round.
+        min_sites: sites a round waits for (every connected site is instructed).
+        min_sites_to_continue: after round 0, the fewest sites a round goes on with once
+            ``site_timeout`` has passed without ``min_sites`` connected (default: never
+            fewer than ``min_sites``).
+        site_timeout: seconds a round waits for ``min_sites`` to be connected; then it
+            goes on, or the run stops with :class:`SitesMissing`.
         book: the run's round book.
         evaluates_in: whether a round ends with a federated evaluation.
     """
@@ -61,12 +75,17 @@ class ItemSideFedAvg(FedAvg):
         book: RoundBook,
         evaluates_in: Callable[[int], bool] = lambda server_round: True,
         release: GraphRelease | None = None,
+        min_sites_to_continue: int | None = None,
+        site_timeout: float = math.inf,
     ) -> None:
         super().__init__(
             min_train_nodes=min_sites,
             min_evaluate_nodes=min_sites,
             min_available_nodes=min_sites,
         )
+        self.min_sites = min_sites
+        self.min_sites_to_continue = min_sites_to_continue or min_sites
+        self.site_timeout = site_timeout
         self.global_arrays = template
         self.dp = dp
         self.book = book
@@ -105,6 +124,7 @@ class ItemSideFedAvg(FedAvg):
         if self.book.stopped_after is not None:
             return self.sent([])
         self.global_arrays = arrays
+        self.wait_for_sites(server_round, grid)
         return self.sent(
             super().configure_train(server_round, arrays, self.with_graph(config), grid)
         )
@@ -114,9 +134,35 @@ class ItemSideFedAvg(FedAvg):
     ) -> Iterable[Message]:
         if self.book.stopped_after is not None or not self.evaluates_in(server_round):
             return self.sent([])  # nothing awaited: no site can be silent this round
+        self.wait_for_sites(server_round, grid)
         return self.sent(
             super().configure_evaluate(server_round, arrays, self.with_graph(config), grid)
         )
+
+    def wait_for_sites(self, server_round: int, grid: Grid) -> None:
+        """Wait, at most ``site_timeout`` seconds, for ``min_sites`` connected sites; then
+        every connected site is instructed: at least ``min_sites``, or after the timeout
+        at least ``min_sites_to_continue`` (not in round 0, which every site must join).
+        Otherwise raise :class:`SitesMissing`, naming the sites seen before and missing."""
+        deadline = time.monotonic() + self.site_timeout
+        while len(nodes := set(grid.get_node_ids())) < self.min_sites:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+        needed = self.min_sites if server_round == 0 else self.min_sites_to_continue
+        if len(nodes) < self.min_sites:
+            missing = [
+                self.book.sender(n) for n in sorted(self.book.site_of_node) if n not in nodes
+            ]
+            named = f" (missing: {', '.join(missing)})" if missing else ""
+            waited = (
+                f"round {server_round}: {len(nodes)} of min-sites = {self.min_sites} sites "
+                f"connected after site-timeout = {self.site_timeout:g} s{named}"
+            )
+            if len(nodes) < needed:
+                raise SitesMissing(f"{waited}; at least {needed} needed to go on")
+            log(WARNING, "%s; going on with them (min-sites-to-continue = %d)", waited, needed)
+        self.min_available_nodes = self.min_train_nodes = self.min_evaluate_nodes = len(nodes)
 
     def with_graph(self, config: ConfigRecord) -> ConfigRecord:
         """The instruction with what has been released of the item graph, if any."""

@@ -6,11 +6,20 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
 
 from common.protocol import ITEM_COUNTS
 from server.round_book import RoundBook, mean_metrics
-from server.strategy import ItemSideFedAvg
+from server.strategy import ItemSideFedAvg, SitesMissing
 
 NUM_ITEMS, DIM = 4, 2
 
@@ -177,3 +186,43 @@ def test_mean_metrics_weighting():
     ]
     assert mean_metrics(records, weighted=False, skip=("site-id",))["val-rmse"] == 1.5
     assert mean_metrics(records, weighted=True, skip=("site-id",))["val-rmse"] == 1.75
+
+
+class Connected:
+    """A grid that reports ``nodes`` connected."""
+
+    def __init__(self, *nodes: int) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+def strategy_with_three_sites(**changes) -> ItemSideFedAvg:
+    """A strategy for 3 sites whose round 0 identified nodes 1, 2, 3 as sites 0, 1, 2."""
+    book = RoundBook()
+    for node in (1, 2, 3):
+        book.identify(node, {"site-id": node - 1})
+    return ItemSideFedAvg(
+        global_arrays(), dp=True, min_sites=3, book=book, site_timeout=0.2, **changes
+    )
+
+
+def test_a_dead_site_stops_the_run_after_site_timeout_naming_it():
+    strategy = strategy_with_three_sites()
+    start = time.monotonic()
+    with pytest.raises(SitesMissing) as error:
+        strategy.configure_train(2, global_arrays(), ConfigRecord(), Connected(1, 3))
+    assert 0.2 <= time.monotonic() - start < 2.0
+    assert str(error.value) == (
+        "round 2: 2 of min-sites = 3 sites connected after site-timeout = 0.2 s "
+        "(missing: site 1); at least 3 needed to go on"
+    )
+
+
+def test_a_round_goes_on_with_min_sites_to_continue_but_round_0_needs_every_site():
+    strategy = strategy_with_three_sites(min_sites_to_continue=2)
+    sent = strategy.wait_for_sites(2, Connected(1, 3))
+    assert sent is None and strategy.min_available_nodes == strategy.min_train_nodes == 2
+    with pytest.raises(SitesMissing, match="round 0: 2 of min-sites = 3"):
+        strategy.wait_for_sites(0, Connected(1, 3))
