@@ -62,6 +62,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
             "steps-per-round": ledger["steps-per-round"],
             "item-graph": config.item_graph,
             "statistics-rounds": config.statistics_rounds,
+            "training-rounds": config.training_rounds,
             "clip-norm": ledger["clip-norm"] if config.dp else None,
             "noise-multiplier": config.noise_multiplier if config.target_epsilon is None else None,
             "target-epsilon": config.target_epsilon,

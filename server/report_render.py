@@ -125,9 +125,6 @@ def _rounds(rounds: list[int]) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     mechanism = report["mechanism"]
-    sigma = mechanism["noise-multiplier"] or (
-        f"planned per site for target epsilon {mechanism['target-epsilon']}"
-    )
     lines = [f"# Privacy report: {report['run']}", ""]
     lines += [f"**Warning.** {warning}\n" for warning in report.get("warnings", [])]
     lines += [
@@ -136,8 +133,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Mechanism: {mechanism['algorithm']}",
         f"- Item graph: {mechanism.get('item-graph', 'none')} "
         f"({mechanism.get('statistics-rounds', 0)} statistics rounds first)",
-        f"- DP-SGD: sampling rate {mechanism['sample-rate']:g}, {mechanism['steps-per-round']} "
-        f"steps per training round, clip norm {mechanism['clip-norm']}, noise multiplier {sigma}",
+        _dp_sgd(mechanism, report["dp"]),
         f"- Accountant: {mechanism['accountant']}; "
         f"checked with {mechanism['independent-accountant']}",
         f"- Evaluation: {_evaluation(mechanism)}",
@@ -181,6 +177,21 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
     lines += ["## Assumptions", ""] + [f"- {a}" for a in report["assumptions"]]
     return "\n".join(lines) + "\n"
+
+
+def _dp_sgd(mechanism: dict[str, Any], dp: bool) -> str:
+    """The DP-SGD line: its settings where it ran, else that it did not."""
+    if not mechanism.get("training-rounds", 1):
+        return "- DP-SGD: none (no training rounds: the item graph's filter alone)"
+    if not dp:
+        return "- DP-SGD: none (dp = false: plain SGD, no clipping, no noise)"
+    sigma = mechanism["noise-multiplier"] or (
+        f"planned per site for target epsilon {mechanism['target-epsilon']}"
+    )
+    return (
+        f"- DP-SGD: sampling rate {mechanism['sample-rate']:g}, {mechanism['steps-per-round']} "
+        f"steps per training round, clip norm {mechanism['clip-norm']}, noise multiplier {sigma}"
+    )
 
 
 def _evaluation(mechanism: dict[str, Any]) -> str:
