@@ -21,6 +21,7 @@ only some sites fail goes on with the others.
 
 from __future__ import annotations
 
+import traceback
 from logging import ERROR, INFO
 from pathlib import Path
 
@@ -47,14 +48,28 @@ from server.strategy import ItemSideFedAvg
 app = ServerApp()
 
 
+class RunFailed(RuntimeError):
+    """Raised by the ServerApp with the run's one-line reason (the traceback is in the
+    run folder's ``traceback.txt``), so that Flower marks the run failed and its log
+    ends with the reason rather than with our stack."""
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     try:
         config = RunConfig.from_mapping(context.run_config)
     except InputError as error:
         log(ERROR, "Run failed: %s", error)
-        raise
-    run(grid, config, context)
+        raise RunFailed(str(error)) from None
+    try:
+        run(grid, config, context)
+    except Exception as error:
+        raise RunFailed(failure_reason(error)) from None
+
+
+def failure_reason(error: Exception) -> str:
+    """One line: the message of an input error, else the exception's type and message."""
+    return str(error) if isinstance(error, InputError) else f"{type(error).__name__}: {error}"
 
 
 def run(
@@ -82,7 +97,7 @@ def run(
             load_initial_model(model, config.initial_model)
         mechanism = site_mechanism(config, model.size)  # fails here if the budget cannot work
     except InputError as error:
-        out.finish(failed=str(error))
+        out.finish(failed=str(error), trace=traceback.format_exc())
         log(ERROR, "Run failed: %s (run directory %s)", error, out.path)
         raise
     instruction = instruction_values(config, out.path.name, catalogue.fingerprint())
@@ -119,9 +134,9 @@ def run(
                 if book.stopped_after is not None:
                     break
     except Exception as error:
-        reason = str(error) if isinstance(error, InputError) else f"{type(error).__name__}: {error}"
+        reason = failure_reason(error)
         out.write_round(ArrayRecord(model.state_dict()), book)  # what happened, failures too
-        out.finish(failed=reason)
+        out.finish(failed=reason, trace=traceback.format_exc())
         log(ERROR, "Run failed: %s (run directory %s)", reason, out.path)
         raise
     out.finish()

@@ -8,6 +8,7 @@
   catalogue was taken from the interactions (``derived-from-data``; only
   without DP);
 - ``config.json``: the run configuration;
+- ``traceback.txt``: where a run failed, the traceback behind its one-line reason;
 - ``catalogue/``: the public catalogue the run used (``items.csv`` with the item
   text where the data has it, ``catalogue.json``), as in a site folder;
 - ``releases.json``: every value a site sends, and whether DP covers it;
@@ -116,8 +117,11 @@ class RunDirectory:
         with replacing(self.path / "item_graph.npz") as tmp:
             tmp.write_bytes(graph)
 
-    def finish(self, failed: str | None = None) -> None:
-        """Mark the run ``completed``, or ``failed`` with the reason, in ``status.json``."""
+    def finish(self, failed: str | None = None, trace: str | None = None) -> None:
+        """Mark the run ``completed``, or ``failed`` with the reason, in ``status.json``;
+        a failure's ``trace`` goes to ``traceback.txt``."""
+        if trace is not None:
+            (self.path / "traceback.txt").write_text(trace)
         self.status |= {"status": "failed" if failed else "completed", "reason": failed}
         self.status["finished"] = _now()
         if not failed:

@@ -225,6 +225,7 @@ def test_a_run_no_site_can_complete_stops_at_once_and_is_marked_failed(tmp_path)
     assert status["reason"].count("the site's disk is full") == 2  # each site's last line
     assert "'>" not in status["reason"]
     assert list(json.loads((run_dir / "metrics.json").read_text())) == ["0"]
+    assert "NoSiteCompleted: no site completed round 0" in (run_dir / "traceback.txt").read_text()
 
 
 def test_fedgraphrec_run_exits_by_the_runs_outcome_and_logs_once(tmp_path, capsys):
@@ -286,6 +287,7 @@ def test_fedgraphrec_run_exits_by_the_runs_outcome_and_logs_once(tmp_path, capsy
 
     reason = f"{tmp_path / 'missing.csv'}: file not found"
     assert bad.returncode == 1 and f"Run failed: {reason}" in bad.stdout
+    assert f"RunFailed: {reason}" in bad.stdout and "_parse.py" not in bad.stdout  # no stack
     assert bad.stderr.splitlines()[-1].startswith(f"fedgraphrec: run failed: {reason}")
     failed = next(s for s in statuses.values() if s["status"] == "failed")
     assert failed["reason"].startswith(reason)  # the folder exists before the data is read
