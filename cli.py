@@ -213,10 +213,12 @@ def recommend(args: argparse.Namespace) -> str:
 
 def serve(args: argparse.Namespace) -> None:
     """Serve the site's recommendations over HTTP until stopped."""
+    import torch
     import uvicorn
 
     from client.serve import make_app
 
+    torch.set_num_threads(1)  # many small requests in parallel threads, not one wide one
     recommender, users = site_recommender(args)
     app = make_app(recommender, users, Path(args.run_dir).expanduser())
     print(

@@ -43,7 +43,7 @@ import scipy.sparse as sp
 import torch
 
 from client.train import site_graphs, site_model
-from common.config import RunConfig
+from common.config import RunConfig, app_defaults
 from common.data import load_site
 from common.data.dataset import Catalogue, Interactions
 from common.data.keys import stable_key
@@ -203,7 +203,8 @@ class Recommender:
                 return features.scores(np.zeros(1, np.int64))[0]
             return features.predict(Interactions(np.zeros(n, np.int64), everyone, np.ones(n)))
         graphs = site_graphs(site, self.config, self.graph)
-        z, user_bias = self.model.user_vectors(graphs.context(np.zeros(1, np.int64)))
+        context = graphs.context(np.zeros(1, np.int64))
+        z, user_bias = self.model.user_vectors(context, self.vectors)
         phi = None
         if graphs.features is not None:
             phi = torch.as_tensor(
@@ -339,7 +340,8 @@ def load_recommender(run_dir: str | Path) -> Recommender:
             f"{manifest_path}: format version {version!r} is newer than this fedgraphrec "
             f"reads ({RECOMMENDER_VERSION}); upgrade fedgraphrec"
         )
-    config = RunConfig.from_mapping(json.loads((folder / manifest["config"]).read_text()))
+    saved = json.loads((folder / manifest["config"]).read_text())
+    config = RunConfig.from_mapping(app_defaults() | saved)  # keys added since: defaults
     catalogue = load_catalogue_folder(folder / manifest["catalogue"])
     graph = None
     if manifest["graph"] is not None:

@@ -115,8 +115,11 @@ class UserEgoGraphs(Dataset):
         columns = [items, levels, ratings, mask, context, negatives]
         sample = [torch.from_numpy(c) for c in columns]
         sample += [self.user_features[user], torch.tensor(user)]
-        if self.features is not None:
-            graph = self.features.of_targets(user, items, ratings, negatives)
+        if self.features is not None:  # the training targets' (an evaluation has none)
+            if epoch == EVALUATION_EPOCH:
+                graph = (np.zeros((k, self.features.count)),) * 2
+            else:
+                graph = self.features.of_targets(user, items, ratings, negatives)
             sample += [torch.from_numpy(part.astype(np.float32)) for part in graph]
         return tuple(sample)
 

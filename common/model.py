@@ -369,13 +369,19 @@ class EgoGraphRecommender(nn.Module):
             )
         return score, None
 
-    def user_vectors(self, batch: EgoBatch) -> tuple[Tensor, Tensor]:
-        """``(z_u, b_u)`` from the user's whole ego graph, for scoring unseen items.
+    def user_vectors(
+        self, batch: EgoBatch, vectors: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(z_u, b_u)`` from the user's whole ego graph, for scoring unseen items;
+        ``vectors``: :meth:`catalogue_vectors`, when the caller keeps them.
 
         Returns ``z`` of shape ``[B, d]`` and the user bias ``[B]`` (zeros when
         the task or configuration has none).
         """
-        q, b = self.item_vectors(batch.items)
+        if vectors is None:
+            q, b = self.item_vectors(batch.items)
+        else:
+            q, b = vectors[0][batch.items], vectors[1][batch.items]
         context = batch.context
         messages = self._messages(q, batch) * context[..., None]
         degree = context.sum(1)

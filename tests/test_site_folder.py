@@ -20,7 +20,12 @@ from cli import main as fedgraphrec
 from client.site_round import SiteRound
 from common.config import default_config
 from common.data import load_dataset, load_site
-from common.data.site_folder import load_catalogue_folder, load_site_folder
+from common.data.dataset import Catalogue
+from common.data.site_folder import (
+    load_catalogue_folder,
+    load_site_folder,
+    write_catalogue_folder,
+)
 from common.errors import InputError
 from common.protocol import instruction_values
 
@@ -166,3 +171,11 @@ def test_certificates_for_tls_and_node_authentication(tmp_path):
     public = load_ssh_public_key((out / "sites" / "site-0.pub").read_bytes())
     assert isinstance(key.curve, ec.SECP384R1) and key.public_key() == public
     assert fedgraphrec(["certs", "--out", str(out), "--hosts", "localhost", "--sites", "1"]) == 2
+
+
+def test_a_catalogue_folder_keeps_its_items_in_the_order_written(tmp_path):
+    """A run's model has one row per item in the catalogue's order (LightGCN's item_list
+    is not sorted): reading the folder back must not reorder it."""
+    catalogue = Catalogue(("20", "3", "100"), ("c", "a", "b"), (1.0,))
+    write_catalogue_folder(catalogue, "ids-unsorted", tmp_path)
+    assert load_catalogue_folder(tmp_path) == catalogue

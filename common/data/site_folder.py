@@ -141,7 +141,8 @@ def _sha256(path: Path) -> str:
 
 
 def load_catalogue_folder(folder: str | Path) -> Catalogue:
-    """The catalogue in ``folder``: ``items.csv`` (``item[,text]``) and ``catalogue.json``
+    """The catalogue in ``folder``, its items in the file's order: ``items.csv``
+    (``item[,text]``) and ``catalogue.json``
     with ``"rating-levels"`` (numbers) and optionally ``"user-feature-names"``,
     ``"derived-from-data"`` (lists of strings, default empty) and ``"dataset"``."""
     folder = Path(folder).expanduser()
@@ -161,7 +162,9 @@ def load_catalogue_folder(folder: str | Path) -> Catalogue:
         ) from None
     levels = checked_levels(values, f"{description_path}: field 'rating-levels'")
     items = read_csv(folder / "items.csv", ("item",), ("text",), None, "utf-8")
-    item_ids, rows = items.distinct("item")
+    ids, rows = items.distinct("item")
+    in_file = np.argsort(rows)  # the file's order is the catalogue's (a model's item rows)
+    item_ids, rows = tuple(ids[i] for i in in_file), rows[in_file]
     text = tuple(items.columns["text"][r] for r in rows) if "text" in items.columns else None
     return Catalogue(item_ids, text, levels, names, derived)
 
