@@ -253,8 +253,8 @@ class ItemGraph:
                 parts = tuple(stored[f"{f.name}.{p}"] for p in ("data", "indices", "indptr"))
                 values[f.name] = sp.csr_matrix(parts, shape=tuple(stored[f"{f.name}.shape"]))
             elif f.name in stored:
-                value = stored[f.name]
-                values[f.name] = value.item() if value.ndim == 0 else value
+                value = stored[f.name]  # C order: scipy copies others per product
+                values[f.name] = value.item() if value.ndim == 0 else np.ascontiguousarray(value)
         return cls(**values)
 
     def item_filter(self, num_items: int) -> ItemFilter:
