@@ -13,7 +13,10 @@ start, and answers from memory:
 - ``GET /items/{id}/similar?k=10``: the items most similar in the released
   item graph.
 
-Each answer is ``{"items": [{"rank", "item", "text", "score"}, ...]}``. An
+Each answer is ``{"items": [{"rank", "item", "text", "score"}, ...]}``.
+Requests are answered one at a time on the event loop, each with one torch
+thread: a few milliseconds of numpy and torch each, which threads would only
+make contend for the GIL and the cores. An
 error is ``{"error": message}``: 404 for an unknown user or item, 422 for a
 bad parameter or body.
 """
@@ -56,7 +59,7 @@ def make_app(recommender: Recommender, users: SiteUsers, run_dir: Path) -> FastA
         return JSONResponse({"error": problems}, 422)
 
     @app.get("/health")
-    def health() -> dict:
+    async def health() -> dict:
         return {
             "status": "ok",
             "run": str(run_dir),
@@ -67,18 +70,18 @@ def make_app(recommender: Recommender, users: SiteUsers, run_dir: Path) -> FastA
         }
 
     @app.get("/users/{user_id}/recommendations")
-    def user_recommendations(
+    async def user_recommendations(
         user_id: str, k: int = Query(10, ge=1), exclude_seen: bool = True
     ) -> dict:
         return {"items": ranked(recommender.recommend(users.user(user_id), k, exclude_seen))}
 
     @app.post("/recommendations")
-    def fold_in(body: FoldIn) -> dict:
+    async def fold_in(body: FoldIn) -> dict:
         rows = [i.item if i.rating is None else (i.item, i.rating) for i in body.interactions]
         return {"items": ranked(recommender.recommend(rows, body.k, body.exclude_seen))}
 
     @app.get("/items/{item_id}/similar")
-    def similar(item_id: str, k: int = Query(10, ge=1)) -> dict:
+    async def similar(item_id: str, k: int = Query(10, ge=1)) -> dict:
         return {"items": ranked(recommender.similar(item_id, k))}
 
     return app

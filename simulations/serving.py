@@ -4,7 +4,7 @@
   process, wall time.
 - In process: ``Recommender.recommend`` of one site user's top 10 over the full
   catalogue, their own items left out, 1,000 random users after 50 warm-up
-  queries; p50 and p99.
+  queries, one torch thread (as the service runs); p50 and p99.
 - Over HTTP: ``fedgraphrec serve`` in its own process, 16 client threads each
   asking ``GET /users/{id}/recommendations?k=10`` of random users for 20 s
   after 2 s of warm-up; p50 and p99 latency and requests per second.
@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--ml-100k", type=Path, help="a saved run of MovieLens-100K")
     parser.add_argument("--gowalla", type=Path, help="a saved run of Gowalla")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # as `fedgraphrec serve` does: one thread per request
     runs = {"ml-100k": args.ml_100k, "gowalla": args.gowalla}
     results = {}
     for dataset, run_dir in runs.items():
