@@ -145,7 +145,7 @@ def test_a_catalogue_folder_written_by_hand(tmp_path):
     (tmp_path / "items.csv").write_text("item\nb\na\n")
     (tmp_path / "catalogue.json").write_text('{"rating-levels": [1, 2, 3]}')
     catalogue = load_catalogue_folder(tmp_path)
-    assert (catalogue.item_ids, catalogue.item_text) == (("a", "b"), None)
+    assert (catalogue.item_ids, catalogue.item_text) == (("b", "a"), None)  # the file's order
     assert catalogue.user_feature_names == catalogue.derived_from_data == ()
     (tmp_path / "catalogue.json").write_text('{"rating-levels": [1, 2, 2]}')
     with pytest.raises(InputError, match=r"catalogue.json: field 'rating-levels': .*listed twice"):
