@@ -21,8 +21,9 @@ only some sites fail goes on with the others.
 
 from __future__ import annotations
 
+import json
 import traceback
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -62,9 +63,12 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "Run failed: %s", error)
         raise RunFailed(str(error)) from None
     try:
-        run(grid, config, context)
+        run_dir = run(grid, config, context)
     except Exception as error:
         raise RunFailed(failure_reason(error)) from None
+    status = json.loads((run_dir / "status.json").read_text())
+    if status["status"] != "completed":  # e.g. stopped-budget: the run did not train
+        raise RunFailed(status["reason"])
 
 
 def failure_reason(error: Exception) -> str:
@@ -139,11 +143,23 @@ def run(
         out.finish(failed=reason, trace=traceback.format_exc())
         log(ERROR, "Run failed: %s (run directory %s)", reason, out.path)
         raise
-    out.finish()
+    stopped = None
+    if book.stopped_after is not None:
+        spent = ", ".join(
+            f"site {site} at epsilon {values.get('epsilon', float('nan')):.3f}"
+            for site, values in sorted(book.round(book.stopped_after).declined.items())
+        )
+        stopped = (
+            f"stopped after round {book.stopped_after}: no site can train within "
+            f"max-epsilon = {config.max_epsilon:g} ({spent})"
+        )
+    out.finish(stopped=stopped)
     report = write_report(out.path)
     best = out.status.get("best-round")
     chosen = "" if best is None else f"Best validation round: {best} (best-model.pt)\n"
     log(INFO, "Summary:\n%s\n%sRun directory: %s", summary(report), chosen, out.path)
+    if stopped is not None:
+        log(WARNING, "Run %s", stopped)
     return out.path
 
 

@@ -3,7 +3,8 @@
 ``<run-dir>/<UTC time>-<dataset>-<task>/`` holds
 
 - ``status.json``: ``running`` (from before the data is loaded), then
-  ``completed`` or ``failed`` with the reason, the dataset the run is on (in deployment the one the
+  ``completed``, ``failed`` with the reason, or ``stopped-budget`` with the reason
+  (no site could train within ``max-epsilon``), the dataset the run is on (in deployment the one the
   coordinator's catalogue folder was written from), and what of its
   catalogue was taken from the interactions (``derived-from-data``; only
   without DP);
@@ -117,14 +118,18 @@ class RunDirectory:
         with replacing(self.path / "item_graph.npz") as tmp:
             tmp.write_bytes(graph)
 
-    def finish(self, failed: str | None = None, trace: str | None = None) -> None:
-        """Mark the run ``completed``, or ``failed`` with the reason, in ``status.json``;
-        a failure's ``trace`` goes to ``traceback.txt``."""
+    def finish(
+        self, failed: str | None = None, trace: str | None = None, stopped: str | None = None
+    ) -> None:
+        """Mark the run ``completed``, ``failed`` with the reason (a failure's ``trace``
+        goes to ``traceback.txt``), or ``stopped-budget`` with the reason (no site could
+        train within ``max-epsilon``), in ``status.json``."""
         if trace is not None:
             (self.path / "traceback.txt").write_text(trace)
-        self.status |= {"status": "failed" if failed else "completed", "reason": failed}
+        status = "failed" if failed else "stopped-budget" if stopped else "completed"
+        self.status |= {"status": status, "reason": failed or stopped}
         self.status["finished"] = _now()
-        if not failed:
+        if status == "completed":
             write_json(self.path / "recommender.json", self.recommender())
         write_json(self.path / "status.json", self.status)
 

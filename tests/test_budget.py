@@ -72,6 +72,13 @@ def test_sites_decline_at_max_epsilon_and_the_server_stops(budget_run):
     }
     assert declined == {"0": [2], "1": [2], "2": [2]}
     assert ledger["stopped-after-round"] == 2
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "stopped-budget" and not (run_dir / "recommender.json").exists()
+    assert "nan" not in status["reason"]
+    assert status["reason"].startswith(
+        f"stopped after round 2: no site can train within max-epsilon = {config.max_epsilon:g} "
+        "(site 0 at epsilon "
+    )
     mechanism = site_mechanism(config, 0)
     for entries in ledger["sites"].values():
         assert all(e["epsilon"] <= config.max_epsilon for e in entries)
