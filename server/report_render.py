@@ -65,6 +65,18 @@ def summary(report: dict[str, Any]) -> str:
             "no site could train within max-epsilon"
         )
     lines += [f"dropped out: {line}" for line in _dropout_lines(report)]
+    earlier = {
+        site: entry["earlier-epsilon"]
+        for site, entry in sorted(report["sites"].items(), key=lambda kv: int(kv[0]))
+        if entry.get("earlier-epsilon")
+    }
+    if earlier:
+        spent = ", ".join(f"site {site} {value:.3f}" for site, value in earlier.items())
+        limit = report["mechanism"]["max-epsilon"]
+        lines.append(
+            f"WARNING: earlier runs on this data had spent epsilon ({spent}); the totals above "
+            f"include them, and max-epsilon = {limit if limit else 'none'} caps them"
+        )
     return "\n".join(lines)
 
 

@@ -30,7 +30,7 @@ from common.data import load_site
 from common.model import item_side_size
 from common.privacy import ledger_entry, site_mechanism
 from server.report import AGREEMENT_TOLERANCE, SCHEMA
-from server.report_render import render_html, round_line
+from server.report_render import render_html, round_line, summary
 from server.round_book import RoundLog
 
 
@@ -230,3 +230,7 @@ def test_a_new_seed_continues_the_datasets_ledger(tmp_path):
         assert site["earlier-epsilon"] == pytest.approx(first["largest-epsilon"])
         assert site["run-epsilon"] == pytest.approx(one_run)
         assert site["epsilon"] == pytest.approx(both_runs) and both_runs > 1.2 * one_run
+    assert "WARNING: earlier runs" not in summary(first)
+    warning = summary(second).splitlines()[-1]  # the run's last lines say so
+    assert warning.startswith("WARNING: earlier runs on this data had spent epsilon (site 0 ")
+    assert warning.endswith("max-epsilon = 30.0 caps them")
