@@ -61,6 +61,7 @@ from server.item_graph import GraphRelease
 from server.report_render import round_line
 from server.round_book import NoSiteCompleted, RoundBook, RoundLog, last_line
 from server.run_directory import RunDirectory
+from server.strategy import sites_to_instruct
 
 
 class SecureSumStrategy(FedAvg):
@@ -112,11 +113,26 @@ class SecureSumStrategy(FedAvg):
         self.sampled: list[int] = []
         self.summed_rounds: set[int] = set()
 
+    def wait_for_sites(self, server_round: int, client_manager: ClientManager) -> None:
+        """As ``ItemSideFedAvg.wait_for_sites``, through the legacy client manager."""
+        client_manager.wait_for(self.config.min_sites, timeout=int(self.config.site_timeout))
+        nodes = {proxy.node_id for proxy in client_manager.all().values()}
+        count = sites_to_instruct(
+            server_round,
+            nodes,
+            self.config.min_sites,
+            self.config.min_sites_to_continue,
+            self.config.site_timeout,
+            self.book,
+        )
+        self.min_fit_clients = self.min_evaluate_clients = self.min_available_clients = count
+
     def configure_fit(
         self, server_round: int, parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         if self.book.stopped_after is not None:
             return []
+        self.wait_for_sites(server_round, client_manager)
         instructions = super().configure_fit(server_round, parameters, client_manager)
         self.sampled = [proxy.node_id for proxy, _ in instructions]
         return instructions
@@ -200,6 +216,7 @@ class SecureSumStrategy(FedAvg):
     def configure_evaluate(self, server_round: int, parameters, client_manager: ClientManager):
         if not self.config.evaluates_in(server_round):
             return []
+        self.wait_for_sites(server_round, client_manager)
         return super().configure_evaluate(server_round, parameters, client_manager)
 
     def aggregate_evaluate(

@@ -50,6 +50,32 @@ class SitesMissing(RuntimeError):
     the missing ones."""
 
 
+def sites_to_instruct(
+    server_round: int,
+    nodes: set[int],
+    min_sites: int,
+    min_sites_to_continue: int,
+    site_timeout: float,
+    book: RoundBook,
+) -> int:
+    """How many sites round ``server_round`` instructs once its wait for ``min_sites`` is
+    over, with ``nodes`` connected: all of them if at least ``min_sites``, or (not in round
+    0, which every site must join) at least ``min_sites_to_continue``, with a warning.
+    Otherwise :class:`SitesMissing`, naming the sites seen before and missing now."""
+    needed = min_sites if server_round == 0 else min_sites_to_continue
+    if len(nodes) < min_sites:
+        missing = [book.sender(n) for n in sorted(book.site_of_node) if n not in nodes]
+        named = f" (missing: {', '.join(missing)})" if missing else ""
+        waited = (
+            f"round {server_round}: {len(nodes)} of min-sites = {min_sites} sites "
+            f"connected after site-timeout = {site_timeout:g} s{named}"
+        )
+        if len(nodes) < needed:
+            raise SitesMissing(f"{waited}; at least {needed} needed to go on")
+        log(WARNING, "%s; going on with them (min-sites-to-continue = %d)", waited, needed)
+    return len(nodes)
+
+
 class ItemSideFedAvg(FedAvg):
     """FedAvg over the item side only, with update validation, logging into a round book.
 
@@ -149,20 +175,15 @@ class ItemSideFedAvg(FedAvg):
             if time.monotonic() >= deadline:
                 break
             time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
-        needed = self.min_sites if server_round == 0 else self.min_sites_to_continue
-        if len(nodes) < self.min_sites:
-            missing = [
-                self.book.sender(n) for n in sorted(self.book.site_of_node) if n not in nodes
-            ]
-            named = f" (missing: {', '.join(missing)})" if missing else ""
-            waited = (
-                f"round {server_round}: {len(nodes)} of min-sites = {self.min_sites} sites "
-                f"connected after site-timeout = {self.site_timeout:g} s{named}"
-            )
-            if len(nodes) < needed:
-                raise SitesMissing(f"{waited}; at least {needed} needed to go on")
-            log(WARNING, "%s; going on with them (min-sites-to-continue = %d)", waited, needed)
-        self.min_available_nodes = self.min_train_nodes = self.min_evaluate_nodes = len(nodes)
+        count = sites_to_instruct(
+            server_round,
+            nodes,
+            self.min_sites,
+            self.min_sites_to_continue,
+            self.site_timeout,
+            self.book,
+        )
+        self.min_available_nodes = self.min_train_nodes = self.min_evaluate_nodes = count
 
     def with_graph(self, config: ConfigRecord) -> ConfigRecord:
         """The instruction with what has been released of the item graph, if any."""
