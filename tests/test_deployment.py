@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 from flower_helpers import (
     child_environment,
@@ -312,3 +313,30 @@ def test_a_restarted_supernode_keeps_its_spent_budget(federation):
     after = ledger_of(fed, 2)
     assert after[: len(before)] == before
     assert after[-1]["epsilon"] > before[-1]["epsilon"]
+
+
+def test_the_readmes_way_to_stop_a_superlink_leaves_no_process_or_listener(tmp_path):
+    """`kill <pid>` of the SuperLink (SIGTERM) stops it and the SuperExec it started; no
+    process of it is left and nothing listens on its ports."""
+    ports = [free_port() for _ in range(3)]
+    env = child_environment(FLWR_HOME=str(tmp_path / "flwr-home"))
+    command = [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1"]
+    command += ["--port", str(ports[0]), "--fleet-api-address", f"127.0.0.1:{ports[1]}"]
+    command += ["--control-api-address", f"127.0.0.1:{ports[2]}"]
+    with open(tmp_path / "superlink.log", "wb") as out:
+        superlink = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def listening() -> set[int]:
+        tcp = psutil.net_connections("tcp")
+        return {c.laddr.port for c in tcp if c.status == psutil.CONN_LISTEN} & set(ports)
+
+    try:
+        wait_for(lambda: ports[0] in listening(), 60, "the SuperLink listening")
+        started = psutil.Process(superlink.pid).children(recursive=True)
+        assert started, "the SuperLink starts a SuperExec"
+        superlink.send_signal(signal.SIGTERM)  # the README's `kill <pid>`
+        superlink.wait(timeout=30)
+        wait_for(lambda: not any(p.is_running() for p in started), 30, "its children gone")
+        wait_for(lambda: not listening(), 30, "no listener left")
+    finally:
+        stop_processes_of(tmp_path)
