@@ -214,9 +214,8 @@ class Recommender:
                 dtype=torch.float32,
             )
         scores = (self.model.score_catalogue(z, phi, self.vectors) + user_bias[:, None])[0]
-        if self.rating:
-            return self.catalogue.from_reference_scale(scores.numpy().astype(np.float64))
-        return scores.numpy().astype(np.float64)
+        scores = scores.numpy().astype(np.float64)
+        return self.catalogue.from_reference_scale(scores) if self.rating else scores
 
     @cached_property
     def _similarity(self) -> sp.csr_matrix:
