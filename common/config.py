@@ -103,6 +103,7 @@ class RunConfig:
     gcn_layers: int
     top_k: int
     evaluate_every: int
+    early_stopping_rounds: int
     evaluation: str
     evaluation_noise_multiplier: float
     device: str
@@ -310,6 +311,11 @@ class RunConfig:
             )
         if self.gcn_layers < 0:
             raise InputError(f"gcn-layers: expected >= 0, got {self.gcn_layers}")
+        if self.early_stopping_rounds < 0:
+            raise InputError(
+                f"early-stopping-rounds: expected >= 0 (0 turns it off), "
+                f"got {self.early_stopping_rounds}"
+            )
         if self.weight_decay < 0:
             raise InputError(f"weight-decay: expected >= 0, got {self.weight_decay}")
         if self.noise_multiplier < 0:

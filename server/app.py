@@ -144,7 +144,7 @@ def run(
         log(ERROR, "Run failed: %s (run directory %s)", reason, out.path)
         raise
     stopped = None
-    if book.stopped_after is not None:
+    if book.stopped_after is not None and book.stopped_early is None:
         spent = ", ".join(
             f"site {site} at epsilon {values.get('epsilon', float('nan')):.3f}"
             for site, values in sorted(book.round(book.stopped_after).declined.items())
@@ -194,10 +194,12 @@ def evaluate(
 def end_of_round(
     server_round: int, arrays: ArrayRecord, book: RoundBook, out: RunDirectory
 ) -> None:
-    """Note the time, persist the run directory, log the round in one line."""
+    """Note the time, persist the run directory, log the round in one line; stop early
+    when validation no longer improves (``RunDirectory.stop_if_no_gain``)."""
     book.finish(server_round)
     out.write_round(arrays, book)
     log(INFO, "%s", round_line(server_round, book.round(server_round)))
+    out.stop_if_no_gain(server_round, book)
 
 
 def load_initial_model(model: torch.nn.Module, path: str) -> None:

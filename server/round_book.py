@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from logging import WARNING
+from logging import INFO, WARNING
 
 from flwr.app import MetricRecord
 from flwr.common import log
@@ -52,6 +52,7 @@ class RoundBook:
         self.rounds: dict[int, RoundLog] = {}
         self.site_of_node: dict[int, int] = {}
         self.stopped_after: int | None = None
+        self.stopped_early: str | None = None
 
     def round(self, server_round: int) -> RoundLog:
         return self.rounds.setdefault(server_round, RoundLog())
@@ -129,6 +130,12 @@ class RoundBook:
         if record.declined and not (record.train or record.rejected or record.failed):
             self.stopped_after = server_round
             log(WARNING, "Round %d: no site can train within max-epsilon; stopping", server_round)
+
+    def stop_early(self, server_round: int, reason: str) -> None:
+        """Stop training after ``server_round`` for ``reason`` (the validation metric)."""
+        self.stopped_after = server_round
+        self.stopped_early = reason
+        log(INFO, "Round %d: %s; training stops here", server_round, reason)
 
     def finish(self, server_round: int) -> None:
         self.round(server_round).finished_at = time.time()

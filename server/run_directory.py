@@ -171,6 +171,24 @@ class RunDirectory:
             self.status["best-round"] = latest
             write_json(self.path / "status.json", self.status)
 
+    def stop_if_no_gain(self, server_round: int, book: RoundBook) -> None:
+        """Early stopping, without DP only: stop training after ``server_round`` when the
+        best validation round is ``early-stopping-rounds`` rounds behind it (the run keeps
+        the best round's ``best-model.pt``). Under DP the rounds are planned, and chosen
+        on validation splits in the benchmarks."""
+        config, best = self.config, self.status.get("best-round")
+        patience = config.early_stopping_rounds
+        if config.dp or not patience or best is None or server_round >= config.total_rounds:
+            return
+        if server_round - best >= patience:
+            reason = (
+                f"the validation metric has not improved for {server_round - best} rounds "
+                f"since round {best} (early-stopping-rounds = {patience})"
+            )
+            book.stop_early(server_round, reason)
+            self.status["stopped-early"] = reason
+            write_json(self.path / "status.json", self.status)
+
     def validation_score(self, server_round: int, book: RoundBook) -> float | None:
         """A round's validation metric, higher is better (minus the RMSE for ratings): a
         training round's, or the item graph's last statistics round's (the learned model

@@ -197,7 +197,9 @@ class SecureSumStrategy(FedAvg):
 
     def evaluate(self, server_round: int, parameters):
         """Called after every round's fit: notes a round that released nothing, and
-        rewrites the run directory."""
+        rewrites the run directory; nothing once training has stopped."""
+        if self.book.stopped_after is not None and server_round > self.book.stopped_after:
+            return None
         self.book.finish(server_round)
         self.out.write_round(ArrayRecord(self.model.state_dict()), self.book)
         if server_round > 0 and server_round not in self.summed_rounds:
@@ -214,7 +216,7 @@ class SecureSumStrategy(FedAvg):
         return None
 
     def configure_evaluate(self, server_round: int, parameters, client_manager: ClientManager):
-        if not self.config.evaluates_in(server_round):
+        if self.book.stopped_after is not None or not self.config.evaluates_in(server_round):
             return []
         self.wait_for_sites(server_round, client_manager)
         return super().configure_evaluate(server_round, parameters, client_manager)
@@ -241,6 +243,7 @@ class SecureSumStrategy(FedAvg):
         self.book.finish(server_round)
         self.out.write_round(ArrayRecord(self.model.state_dict()), self.book)
         log(INFO, "%s", round_line(server_round, self.book.round(server_round)))
+        self.out.stop_if_no_gain(server_round, self.book)
         return 0.0, {} if aggregated is None else dict(aggregated)
 
 

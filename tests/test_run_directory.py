@@ -20,13 +20,14 @@ CATALOGUE = Catalogue(("a", "b"), None, (1.0, 2.0, 3.0, 4.0, 5.0))
 
 
 def write_rounds(
-    tmp_path, dp: bool, task: str, values: list[float], evaluation: str = "auto"
+    tmp_path, dp: bool, task: str, values: list[float], evaluation: str = "auto", **changes
 ) -> RunDirectory:
-    """Rounds 0, 1, ... with validation metric ``values``; round r's model holds r."""
+    """Rounds 0, 1, ... with validation metric ``values``, as the ServerApp ends each round
+    (until training stops early); round r's model holds r."""
     metric = "val-rmse" if task == "rating" else "val-ndcg@20"
     config = default_config(
         item_graph="none", dp=dp, task=task, run_dir=str(tmp_path), evaluation=evaluation
-    )
+    ).replace(**changes)
     out = RunDirectory.create(config, "synthetic")
     out.describe("synthetic", CATALOGUE)
     book = RoundBook()
@@ -34,6 +35,9 @@ def write_rounds(
         book.round(server_round).aggregated[metric] = value
         book.finish(server_round)
         out.write_round(ArrayRecord({"round": torch.tensor(float(server_round))}), book)
+        out.stop_if_no_gain(server_round, book)
+        if book.stopped_after is not None:
+            break
     return out
 
 
@@ -46,6 +50,30 @@ def test_without_dp_the_best_validation_model_is_kept_and_named(tmp_path, task, 
     assert json.loads((out.path / "status.json").read_text())["best-round"] == best
     assert torch.load(out.path / "best-model.pt")["round"] == best
     assert torch.load(out.path / "model.pt")["round"] == len(values) - 1  # the last round
+
+
+@pytest.mark.parametrize(("patience", "last"), [(2, 4), (3, 5), (0, 5)])
+def test_without_dp_training_stops_when_validation_has_not_improved_for_a_while(
+    tmp_path, patience, last
+):
+    """``early-stopping-rounds``: the best round is 2; with 2 training stops after round 4,
+    with 3 it would after round 5, the last of the run's 5 training rounds, so it is not
+    'stopped'; 0 never stops."""
+    values = [0.01, 0.2, 0.3, 0.25, 0.22, 0.21]  # rounds 0 to 5, the last
+    out = write_rounds(tmp_path, False, "ranking", values, early_stopping_rounds=patience)
+    status = json.loads((out.path / "status.json").read_text())
+    assert torch.load(out.path / "model.pt")["round"] == last
+    assert status["best-round"] == 2
+    assert ("stopped-early" in status) == (last == 4)
+    if last == 4:
+        assert "has not improved for 2 rounds since round 2" in status["stopped-early"]
+
+
+def test_under_dp_training_never_stops_early(tmp_path):
+    """Under DP the rounds are planned (and the metrics noisy): all of them run."""
+    out = write_rounds(tmp_path, True, "rating", [1.2, 1.0, 1.1, 1.2, 1.3, 1.4])
+    assert torch.load(out.path / "model.pt")["round"] == 5
+    assert "stopped-early" not in json.loads((out.path / "status.json").read_text())
 
 
 def test_under_dp_no_round_is_chosen_by_exact_metrics_outside_epsilon(tmp_path):
