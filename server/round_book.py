@@ -14,6 +14,7 @@ A round in which sites were asked and none completed its part stops the run
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -68,9 +69,14 @@ class RoundBook:
             self.site_of_node[node_id] = int(metrics[SITE_ID])
 
     def record_failure(self, server_round: int, node_id: int, reason: str) -> None:
-        """Log a failed site by the last line of its error, which says what went wrong."""
-        sender = self.sender(node_id)
+        """Log a failed site by the last line of its error, which says what went wrong
+        (and, from ``client.app.name_failures``, which site it is)."""
         line = last_line(reason)
+        named = NAMED_SITE.search(line)
+        if named is not None:
+            self.site_of_node.setdefault(node_id, int(named[1]))
+            line = named[2]
+        sender = self.sender(node_id)
         log(WARNING, "Round %d: %s failed: %s", server_round, sender, line)
         self.round(server_round).failed[sender] = line
 
@@ -79,7 +85,10 @@ class RoundBook:
         without error) is zero."""
         failed = self.round(server_round).failed
         if failed and answered == 0:
-            reasons = "; ".join(f"{sender}: {reason}" for sender, reason in sorted(failed.items()))
+            senders: dict[str, list[str]] = {}
+            for sender, reason in sorted(failed.items(), key=lambda item: sender_order(item[0])):
+                senders.setdefault(reason, []).append(sender)
+            reasons = "; ".join(f"{', '.join(s)}: {reason}" for reason, s in senders.items())
             raise NoSiteCompleted(f"no site completed round {server_round} ({reasons})")
 
     def record_training(self, server_round: int, metrics: Mapping[str, object]) -> bool:
@@ -145,6 +154,18 @@ SIMULATION_WRAPPER = "Exception ClientAppException occurred. Message: "
 """How Flower's simulation wraps a ClientApp's error message (it also ends it with ``'>``)."""
 
 
+NAMED_SITE = re.compile(r"(?:^|: )site (\d+): (.*)$")
+"""A failure ``client.app.name_failures`` named: the site's id and its reason."""
+SHORT_REASON = 160
+"""Characters kept of a failed site's reason (its whole error is in the site's log)."""
+
+
+def sender_order(sender: str) -> tuple[int, int]:
+    """Sites by id, then unnamed nodes."""
+    kind, number = sender.split(" ", 1)
+    return (0 if kind == "site" else 1, int(number))
+
+
 def last_line(reason: str) -> str:
     """The line of an error report that says what went wrong (its last), without the
     wrapping Flower's simulation adds, shortened."""
@@ -152,7 +173,7 @@ def last_line(reason: str) -> str:
     line = lines[-1] if lines else "no reason given"
     if SIMULATION_WRAPPER in line:
         line = line.split(SIMULATION_WRAPPER, 1)[1].removesuffix("'>")
-    return line[:300]
+    return line if len(line) <= SHORT_REASON else line[: SHORT_REASON - 3] + "..."
 
 
 def mean_metrics(

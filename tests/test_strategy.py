@@ -18,7 +18,7 @@ from flwr.app import (
 )
 
 from common.protocol import ITEM_COUNTS
-from server.round_book import RoundBook, mean_metrics
+from server.round_book import NoSiteCompleted, RoundBook, mean_metrics
 from server.strategy import ItemSideFedAvg, SitesMissing
 
 NUM_ITEMS, DIM = 4, 2
@@ -128,6 +128,25 @@ def test_a_failed_site_is_logged_by_its_last_line_and_the_round_goes_on():
     )
     np.testing.assert_allclose(arrays["dense.weight"].numpy(), 3.0)
     assert strategy.book.rounds[2].failed == {"node 7": "ValueError: bad data"}
+
+
+def test_when_every_site_fails_the_reason_names_sites_by_id_with_one_short_reason_each():
+    """Ten sites, before any said which site it is: the ClientApp's errors start with the
+    site id (``client.app.name_failures``); equal reasons are said once, long ones cut."""
+    book = RoundBook()
+    for node in range(10):
+        reason = "the site's disk is full" if node < 8 else "x" * 2000
+        trace = f"Traceback ...\nclient.app.SiteFailed: site {9 - node}: {reason}\n"
+        book.record_failure(0, 1000 + node, trace)
+    with pytest.raises(NoSiteCompleted) as failed:
+        book.check_completed(0, answered=0)
+    reason = str(failed.value)
+    assert reason.startswith("no site completed round 0 (site 0, site 1: xxx"), reason
+    assert reason.endswith(
+        "...; site 2, site 3, site 4, site 5, site 6, site 7, site 8, site 9: the site's "
+        "disk is full)"
+    )
+    assert len(reason) < 300 and "node" not in reason
 
 
 def instruction_to(node_id: int) -> Message:

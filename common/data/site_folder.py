@@ -48,7 +48,7 @@ from common.data.interactions_file import parse_timestamps, read_csv
 from common.data.keys import user_keys
 from common.data.site import SiteData
 from common.data.split import Split
-from common.errors import file_error
+from common.errors import InputError, file_error
 
 SPLITS = ("train", "val", "test", "cold")
 MANIFEST = "manifest.json"
@@ -254,6 +254,14 @@ def load_site_folder(folder: str | Path) -> SiteData:
             [catalogue.item_ids.index(i) for i in manifest.get("cold-items", [])], dtype=np.int64
         ),
     )
+
+
+def site_folder_id(folder: str | Path) -> int | None:
+    """The site id a site folder's manifest records; None where it cannot be read."""
+    try:
+        return int(_read_manifest(Path(folder).expanduser() / MANIFEST)["site-id"])
+    except (OSError, InputError):
+        return None
 
 
 def _read_manifest(path: Path) -> dict:
