@@ -310,8 +310,9 @@ class SiteRound:
         )
 
     def evaluate(self, model: EgoGraphRecommender) -> SiteReply:
-        """Validation and test metrics (of the item graph once it is complete with
-        ``item-graph = "filter"``, else of the model), and the cold-start metrics with
+        """Validation and test metrics (after the item graph's round 1, of the baseline
+        its release gives; of the item graph once it is complete with ``item-graph =
+        "filter"``; else of the model), and the cold-start metrics with
         and without text: exact, or as noisy per-user sums (``evaluation = "dp"``)."""
         site, config = self.site, self.config
         if not config.releases_metrics_in(self.server_round):
@@ -340,10 +341,12 @@ class SiteRound:
         self, model: EgoGraphRecommender
     ) -> dict[tuple[str, str], RatingErrors | RankingSums]:
         """What evaluation finds on each held-out part (``common.metric_release``'s
-        parts): validation, test (validation items left out), and the cold-start items
-        ranked among themselves, with and without the model's text."""
+        parts): validation, test (validation items left out; with ``test-path`` also its
+        warm rows), and the cold-start items ranked among themselves, with and without
+        the model's text."""
         site, config = self.site, self.config
-        if config.item_graph == "filter" and self.graph.complete:
+        baseline = config.is_statistics_round(self.server_round) and not self.graph.complete
+        if (config.item_graph == "filter" and self.graph.complete) or baseline:
             settings = rating_settings(config)
             run = partial(evaluate_graph, self.graph, site, top_k=config.top_k, settings=settings)
         else:
@@ -357,6 +360,8 @@ class SiteRound:
             )
         results = {("val-", ""): run(site.val), ("test-", ""): run(site.test, exclude=site.val)}
         parts = evaluation_parts(config)
+        if ("test-", "-warm") in parts:
+            results[("test-", "-warm")] = run(site.warm_test, exclude=site.val)
         if ("cold-", "") in parts:
             cold = partial(run, site.cold, candidates=site.cold_items)
             results[("cold-", "")] = cold()

@@ -140,8 +140,8 @@ def _independent_epsilon(events: tuple[Event, ...], delta: float, accountant: st
             if e.sample_rate == 1.0
             else dp_accounting.PoissonSampledDpEvent(e.sample_rate, gaussian)
         )
-        google.compose(dp_accounting.SelfComposedDpEvent(step, e.steps))
-    return float(google.get_epsilon(delta))
+        _quietly(google.compose, dp_accounting.SelfComposedDpEvent(step, e.steps))
+    return float(_quietly(google.get_epsilon, delta))
 
 
 def noise_multiplier_for(
@@ -230,8 +230,18 @@ def _subsampled(order: int, q: float, unsampled) -> float:
 
 
 def _quietly(function, *args, **kwargs):
-    """Call an Opacus accounting function without its warnings about the order range or
-    ``log(0)`` at sampling rate 1, which say nothing a user can act on."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return function(*args, **kwargs)
+    """Call an accounting function without the warnings that say nothing a user can act
+    on: Opacus's about the order range or ``log(0)`` at sampling rate 1, and
+    dp-accounting's (through absl's log, at every call) that the series of a fractional
+    RDP order near 1 did not converge, so that order is left out (the others bound
+    epsilon)."""
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return function(*args, **kwargs)
+    finally:
+        absl_logging.set_verbosity(verbosity)

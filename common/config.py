@@ -204,18 +204,19 @@ class RunConfig:
 
     def evaluates_in(self, server_round: int) -> bool:
         """Whether round ``server_round`` ends with a federated evaluation: round 0, the
-        round that completes the item graph, every ``evaluate-every``-th training round
-        and the last round. Round 0 is every site's check-in (it opens its data and says
-        which site it is), whatever ``evaluation`` says; later rounds evaluate unless
-        ``evaluation = "off"``."""
+        item graph's two rounds (round 1 scores the baseline its release gives, round 2
+        the graph), every ``evaluate-every``-th training round and the last round. Round
+        0 is every site's check-in (it opens its data and says which site it is),
+        whatever ``evaluation`` says; later rounds evaluate unless ``evaluation =
+        "off"``."""
         if server_round == 0:
             return True
         if self.evaluation == "off":
             return False
         training_round = server_round - self.statistics_rounds
-        return server_round in (0, self.total_rounds) or (
-            training_round >= 0 and training_round % self.evaluate_every == 0
-        )
+        if server_round == self.total_rounds or self.is_statistics_round(server_round):
+            return True
+        return training_round > 0 and training_round % self.evaluate_every == 0
 
     def releases_metrics_in(self, server_round: int) -> bool:
         """Whether a site's evaluation in round ``server_round`` sends metrics: every

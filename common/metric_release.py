@@ -1,8 +1,9 @@
 r"""Evaluation metrics under user-level DP: per-user sums, released with Gaussian noise.
 
 With ``evaluation = "dp"`` (the default under DP) a site sends no metric. For
-each held-out part :math:`p` (:func:`evaluation_parts`: validation, test, and
-with cold-start items the cold part, with and without text) it sums one vector
+each held-out part :math:`p` (:func:`evaluation_parts`: validation, test, the
+warm test rows with a test file of one's own, and with cold-start items the
+cold part, with and without text) it sums one vector
 per user :math:`u` with held-out items in :math:`p`:
 
 - rating: :math:`(\min(\mathrm{mse}_u, B^2),\ \min(\mathrm{mae}_u, B),\ 1)`, the
@@ -53,10 +54,13 @@ Part = tuple[str, str]
 
 
 def evaluation_parts(config: RunConfig) -> list[Part]:
-    """The held-out parts a site evaluates under ``config``: validation and test, and with
-    ``cold-item-fraction`` the cold-start items (also without text, if the model reads
-    item text). Public: the same at every site."""
+    """The held-out parts a site evaluates under ``config``: validation and test (with a
+    test file of one's own, ``test-path``, also its warm rows: user and item both in the
+    training data), and with ``cold-item-fraction`` the cold-start items (also without
+    text, if the model reads item text). Public: the same at every site."""
     parts = [("val-", ""), ("test-", "")]
+    if config.test_path:
+        parts.append(("test-", "-warm"))
     if config.cold_item_fraction > 0:
         parts.append(("cold-", ""))
         if config.uses_item_text:

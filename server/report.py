@@ -44,8 +44,8 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     sites = {site: _site_summary(entries, config) for site, entries in ledger["sites"].items()}
     finite = [s["epsilon"] for s in sites.values() if s["epsilon"] is not None]
     releases = _read(run_dir / "releases.json")
-    status = run_dir / "status.json"
-    derived = _read(status).get("derived-from-data", []) if status.exists() else []
+    status = _read(run_dir / "status.json") if (run_dir / "status.json").exists() else {}
+    derived = status.get("derived-from-data", [])
     return {
         "schema": SCHEMA,
         "run": run_dir.name,
@@ -79,11 +79,14 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "sites": sites,
         "largest-epsilon": max(finite) if len(finite) == len(sites) and finite else None,
         "stopped-after-round": ledger["stopped-after-round"],
+        "stopped-early": status.get("stopped-early"),
         "dropouts": _dropouts(rounds),
         "releases": releases,
         "utility": {
             "metrics": list(names),
             "by-round": {str(r): v for r, v in sorted(utility.items())},
+            "round-labels": {r: round_label(config, int(r)) for r in sorted(rounds, key=int)},
+            "baseline": baseline_name(config),
             "final-round": final_round,
             "final": utility.get(final_round, {}),
         },
@@ -116,20 +119,47 @@ def _warnings(config: RunConfig, releases: list[dict[str, Any]], derived: list[s
     ]
 
 
+def baseline_name(config: RunConfig) -> str | None:
+    """The baseline a run scores in round 1 from its own round-1 release (within the run's
+    epsilon), or None: ``item-graph = "none"`` releases no item statistics."""
+    if not config.statistics_rounds:
+        return None
+    return "user mean + item offset" if config.task == "rating" else "MostPop"
+
+
+def round_label(config: RunConfig, server_round: int) -> str:
+    """What a round's metrics are of."""
+    if server_round == 0:
+        return "untrained model" if config.releases_metrics_in(0) else "check-in (nothing scored)"
+    if config.is_statistics_round(server_round):
+        if server_round == 1:
+            return f"baseline: {baseline_name(config)}"
+        if config.item_graph == "filter":
+            return "item graph (the filter)"
+        return "item graph (the learned model before training)"
+    return f"training round {server_round - config.statistics_rounds}"
+
+
 def _regression(config: RunConfig, utility: dict[int, dict[str, float]]) -> list[str]:
-    """A warning when the last evaluated round validates worse than the first."""
+    """A warning when the last evaluated round validates worse than the baseline (round 1)
+    or than the first round after it (the model before training)."""
     metric = "val-rmse" if config.task == "rating" else f"val-ndcg@{config.top_k}"
     rounds = sorted(r for r, values in utility.items() if metric in values)
     if len(rounds) < 2:
         return []
-    first, last = utility[rounds[0]][metric], utility[rounds[-1]][metric]
-    if (last > first) if config.task == "rating" else (last < first):
-        return [
-            f"The last round's {metric} ({last:.4f}, round {rounds[-1]}) is worse than "
-            f"round {rounds[0]}'s ({first:.4f}): training made the model worse on validation"
-            + (" (or the metrics' noise moved them)" if config.evaluation == "dp" else "")
-        ]
-    return []
+    last = utility[rounds[-1]][metric]
+    warnings = []
+    for reference in dict.fromkeys(rounds[:2] if rounds[0] == 1 else rounds[:1]):
+        if reference == rounds[-1]:
+            continue
+        value = utility[reference][metric]
+        if (last > value) if config.task == "rating" else (last < value):
+            warnings.append(
+                f"The last round's {metric} ({last:.4f}, round {rounds[-1]}) is worse than "
+                f"round {reference}'s ({value:.4f}, {round_label(config, reference)})"
+                + (" (or the metrics' noise moved them)" if config.evaluation == "dp" else "")
+            )
+    return warnings
 
 
 def _algorithm(config: RunConfig) -> str:

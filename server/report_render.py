@@ -26,9 +26,15 @@ many; beyond, the line counts them and the plot shows the lines alone."""
 
 
 def round_line(server_round: int, record: RoundLog) -> str:
-    """One line for the log: who trained, declined or failed, and the round's metrics."""
+    """One line for the log: who trained, declined, checked in (round 0) or failed, and the
+    round's metrics."""
     parts = [f"Round {server_round}:"]
-    for label, sites in (("trained", record.train), ("declined", record.declined)):
+    checked_in = record.evaluate if server_round == 0 else {}
+    for label, sites in (
+        ("trained", record.train),
+        ("declined", record.declined),
+        ("checked in", checked_in),
+    ):
         if len(sites) > NAMED_SITES:
             parts.append(f"{label} {len(sites):,} sites;")
         elif sites:
@@ -41,6 +47,8 @@ def round_line(server_round: int, record: RoundLog) -> str:
     epsilons = [float(m["epsilon"]) for m in record.train.values() if "epsilon" in m]
     if epsilons:
         metrics += f"{', ' if metrics else ''}largest epsilon {max(epsilons):.3f}"
+    if server_round == 0:
+        metrics = f"untrained model: {metrics}" if metrics else "nothing scored before training"
     return " ".join([*parts, metrics or "no evaluation"])
 
 
@@ -53,10 +61,15 @@ def summary(report: dict[str, Any]) -> str:
             'Metrics from per-user sums with DP noise (evaluation = "dp"): over a few '
             "hundred users per site their noise can exceed the differences between rounds."
         )
-    lines.append("round  " + "  ".join(f"{n:>14}" for n in names))
+    labels = report["utility"].get("round-labels", {})
+    width = max([len(labels.get(r, "")) for r in report["utility"]["by-round"]] + [0])
+    lines.append(f"round  {'':{width}}  " + "  ".join(f"{n:>14}" for n in names))
     for server_round, values in report["utility"]["by-round"].items():
         cells = "  ".join(_number(values.get(n), 14) for n in names)
-        lines.append(f"{server_round:>5}  {cells}")
+        lines.append(f"{server_round:>5}  {labels.get(server_round, ''):{width}}  {cells}")
+    lines.append(_baseline_line(report))
+    if report.get("stopped-early"):
+        lines.append(f"training stopped early: {report['stopped-early']}")
     lines.append("")
     lines.append(_sites_table(report, plain=True))
     if report["stopped-after-round"] is not None:
@@ -219,14 +232,30 @@ def _evaluation(mechanism: dict[str, Any]) -> str:
 
 def _utility_table(report: dict[str, Any]) -> str:
     names = report["utility"]["metrics"]
-    lines = ["| round | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    labels = report["utility"].get("round-labels", {})
+    lines = ["| round | what | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for server_round, values in report["utility"]["by-round"].items():
         lines.append(
-            f"| {server_round} | "
+            f"| {server_round} | {labels.get(server_round, '')} | "
             + " | ".join(_number(values.get(n), 0).strip() for n in names)
             + " |"
         )
+    lines += ["", _baseline_line(report)]
+    if report.get("stopped-early"):
+        lines += ["", f"Training stopped early: {report['stopped-early']}."]
     return "\n".join(lines)
+
+
+def _baseline_line(report: dict[str, Any]) -> str:
+    """Which baseline the table holds: scored in round 1 from the run's own release."""
+    baseline = report["utility"].get("baseline")
+    if baseline is None:
+        return "baseline: none (item-graph = none releases no item statistics to build one from)"
+    released = "item degrees" if baseline == "MostPop" else "item offsets and global mean"
+    return (
+        f"baseline (round 1): {baseline}, scored on the same split from round 1's released "
+        f"{released} (inside the run's epsilon)"
+    )
 
 
 def _number(value: float | None, width: int) -> str:
@@ -234,7 +263,9 @@ def _number(value: float | None, width: int) -> str:
 
 
 def render_html(report: dict[str, Any]) -> str:
-    """A self-contained page: the Markdown content as HTML plus three plots (embedded PNG)."""
+    """A self-contained page: the Markdown content as HTML plus the plots (embedded PNG):
+    epsilon and utility over the rounds, and the privacy-utility path where it has two
+    points or more."""
     plots = "".join(
         f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{png}">'
         f"<figcaption>{html.escape(title)}</figcaption></figure>"
@@ -283,7 +314,7 @@ def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
     axes.set(xlabel="round", ylabel=metric, title=f"Utility: {metric}")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     plots.append(
-        (f"{metric} of the global model after each round (round 0: untrained)", _png(figure))
+        (f"{metric} after each round (round 1: the baseline, with an item graph)", _png(figure))
     )
 
     figure = Figure(figsize=(6, 4))
@@ -294,10 +325,11 @@ def _plots(report: dict[str, Any]) -> list[tuple[str, str]]:
             if e["epsilon"] is not None and math.isfinite(e["epsilon"]):
                 largest[e["round"]] = max(largest.get(e["round"], 0.0), e["epsilon"])
     path = [(largest[r], by_round[r][metric]) for r in rounds if r in largest]
-    if path:
-        axes.plot(*zip(*path, strict=True), marker=".", color="grey", label="after each round")
-        axes.plot(*path[-1], marker="*", markersize=16, color="crimson", label="this run")
-        axes.legend()
+    if len(path) < 2:  # one point (or none, without DP) is no path
+        return plots
+    axes.plot(*zip(*path, strict=True), marker=".", color="grey", label="after each round")
+    axes.plot(*path[-1], marker="*", markersize=16, color="crimson", label="this run")
+    axes.legend()
     axes.set(xlabel="largest epsilon of any site", ylabel=metric, title="Privacy-utility")
     plots.append(("Privacy-utility path of this run, ending at its final point", _png(figure)))
     return plots

@@ -232,7 +232,7 @@ class RunDirectory:
             "steps-per-round": config.steps_per_round,
             "secure-aggregation": config.secure_aggregation,
             "clip-norm": config.clip_norm,
-            "stopped-after-round": book.stopped_after,
+            "stopped-after-round": None if book.stopped_early else book.stopped_after,
             "sites": {k: sorted(v, key=lambda e: e["round"]) for k, v in sites.items()},
         }
 

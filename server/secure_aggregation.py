@@ -30,6 +30,7 @@ The threat model is in ``common.privacy.assumptions``.
 
 from __future__ import annotations
 
+import logging
 from logging import INFO, WARNING
 
 import numpy as np
@@ -43,6 +44,7 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.common.logger import FLOWER_LOGGER
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -162,10 +164,9 @@ class SecureSumStrategy(FedAvg):
             log(WARNING, "Round %d discarded: %s", server_round, overflow)
             return None, {}
         self.summed_rounds.add(server_round)
-        largest = max(float(fit.metrics["epsilon"]) for _, fit in results)
         if statistics_round:
             self.release.add(server_round, total, len(results))
-            return ndarrays_to_parameters(item_side_arrays(self.model)), {"max-epsilon": largest}
+            return ndarrays_to_parameters(item_side_arrays(self.model)), {}
         gradient = total
         self.optimizer.zero_grad(set_to_none=True)
         offset = 0
@@ -176,7 +177,7 @@ class SecureSumStrategy(FedAvg):
             )
             offset += size
         self.optimizer.step()
-        return ndarrays_to_parameters(item_side_arrays(self.model)), {"max-epsilon": largest}
+        return ndarrays_to_parameters(item_side_arrays(self.model)), {}
 
     def statistics_code(self, server_round: int) -> IntegerCode:
         """The integer code of statistics round ``server_round``'s secure sum."""
@@ -237,14 +238,28 @@ class SecureSumStrategy(FedAvg):
             )
             self.book.record_failure(server_round, node_id, reason)
         self.book.check_completed(server_round, len(results))
-        aggregated = self.book.record_evaluation(
+        self.book.record_evaluation(
             server_round, [res.metrics for _, res in results], weighted=False
         )
         self.book.finish(server_round)
         self.out.write_round(ArrayRecord(self.model.state_dict()), self.book)
         log(INFO, "%s", round_line(server_round, self.book.round(server_round)))
         self.out.stop_if_no_gain(server_round, self.book)
-        return 0.0, {} if aggregated is None else dict(aggregated)
+        return None, {}  # the round book has them: Flower's history would repeat them
+
+
+class WithoutCentralEvaluationLines(logging.Filter):
+    """Drops the legacy workflow's lines about evaluating the initial parameters on the
+    server: this strategy evaluates at the sites (round 0 is their check-in), so they
+    would only say that nothing was evaluated there."""
+
+    LINES = (
+        "Starting evaluation of initial global parameters",
+        "Evaluation returned no results (`None`)",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() not in self.LINES
 
 
 def item_side_arrays(model: EgoGraphRecommender) -> list[np.ndarray]:
@@ -294,7 +309,12 @@ def run_secure_aggregation(
     legacy = LegacyContext(
         context, config=ServerConfig(num_rounds=config.total_rounds), strategy=strategy
     )
-    workflow(grid, legacy)
+    quiet = WithoutCentralEvaluationLines()
+    FLOWER_LOGGER.addFilter(quiet)
+    try:
+        workflow(grid, legacy)
+    finally:
+        FLOWER_LOGGER.removeFilter(quiet)
     out.write_round(ArrayRecord(model.state_dict()), book)
     if config.total_rounds and not strategy.summed_rounds and book.stopped_after is None:
         raise NoSiteCompleted(

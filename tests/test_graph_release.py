@@ -126,6 +126,21 @@ def test_the_ranking_filter_scores_only_the_covered_items():
     assert np.isfinite(scores[:, covered]).all() and np.isneginf(scores[:, ~covered]).all()
 
 
+def test_the_graph_ranks_by_released_degrees_after_round_1_and_for_a_user_without_rows():
+    """MostPop by the released degrees: the run's baseline (round 1), and the filter's
+    score for a new user, whose empty row the filter cannot rank by."""
+    config = default_config(task="ranking", dp=False, synthetic_users=150)
+    site = load_site(config, 0, 1)
+    first = graph_after_round_1(config, site)
+    scores = GraphFeatures(first, site, rating_settings(config)).scores(np.arange(3))
+    np.testing.assert_allclose(scores, np.tile(first.degrees, (3, 1)), rtol=1e-6)
+    graph = released(config, site.catalogue, 2, contribution(config, site, 2, first), first, 0.0)
+    new = replace(site, train=site.train.select(site.train.user != 0))  # user 0: no rows
+    scores = GraphFeatures(graph, new, rating_settings(config)).scores(np.arange(2))
+    np.testing.assert_allclose(scores[0], graph.degrees, rtol=1e-6)
+    assert not np.allclose(scores[1], graph.degrees)
+
+
 @pytest.mark.parametrize(
     ("dp", "items", "expected"),
     [

@@ -556,8 +556,6 @@ def test_interactions_split_of_ones_own(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("test_text", "where", "problem"),
     [
-        ("user,item,rating,timestamp\na,3,5,60\nc,1,4,70\n", "test.csv:3:", "field 'user'"),
-        ("user,item,rating,timestamp\na,9,5,60\n", "test.csv:2:", "field 'item'"),
         ("user,item,timestamp\na,3,60\n", "test.csv", "field 'rating'"),
         ("user,item,rating\na,3,5\n", "test.csv", "field 'timestamp'"),
         ("user,item,rating,timestamp\n\nb,3,2,90\n", "test.csv:3:", "train.csv:5"),
@@ -570,6 +568,23 @@ def test_interactions_split_of_ones_own_checks(
     write(tmp_path / "test.csv", test_text)
     with raises(where, problem):
         load_interactions_file(tmp_path / "train.csv", test_path=tmp_path / "test.csv")
+
+
+def test_a_test_file_may_have_new_users_and_items(tmp_path: Path) -> None:
+    """Issue 27.4: a user or item only in the test file is kept (not refused), as a new
+    user (no training rows) or a new item; with an item file, an item outside it is still
+    an error (nothing can score an item nobody published)."""
+    write(tmp_path / "train.csv", TRAIN_CSV)
+    write(tmp_path / "test.csv", "user,item,rating,timestamp\na,3,5,60\nc,1,4,70\na,9,2,80\n")
+    data = load_interactions_file(tmp_path / "train.csv", test_path=tmp_path / "test.csv")
+    assert data.user_ids == ("a", "b", "c") and data.catalogue.item_ids == ("1", "2", "3", "9")
+    train, test = data.canonical_split
+    assert len(test) == 3 and 2 not in train.user and 3 not in train.item
+    write(tmp_path / "items.csv", "item\n1\n2\n3\n")
+    with raises("test.csv:4:", "field 'item'", "items.csv"):
+        load_interactions_file(
+            tmp_path / "train.csv", tmp_path / "items.csv", test_path=tmp_path / "test.csv"
+        )
 
 
 def test_interactions_item_text_checks(tmp_path: Path) -> None:

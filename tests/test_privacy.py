@@ -120,7 +120,7 @@ def test_the_item_graph_alone_spends_the_whole_target_split_between_its_rounds(s
     assert mechanism.steps_planned == 0
     first, second = mechanism.statistics_noise
     assert (first / second) ** 2 == pytest.approx(0.9 / 0.1)  # shares of 1/z^2
-    assert evaluation_events(config) == [Event(10.0, 1.0, 1)]  # after round 2
+    assert evaluation_events(config) == [Event(10.0, 1.0, 2)]  # the baseline's, the graph's
     events = [*statistics_events(mechanism), *evaluation_events(config)]
     spent = epsilon(events, config.delta, config.accountant)
     assert 0.97 * 8.0 <= spent <= 8.0

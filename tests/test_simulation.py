@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 from flower_helpers import child_environment, free_port, simulate, stop_processes_of
@@ -20,6 +21,9 @@ import cli
 from client.app import make_app
 from common.config import default_config
 from common.data import load_site
+from common.data.synthetic import generate_synthetic
+from common.graph.features import GraphFeatures
+from common.graph.release import ItemGraph, rating_settings
 from common.model import build_model
 from common.privacy import LEDGER_METRICS, released_quantities
 from common.protocol import ITEM_SIDE, STATISTICS
@@ -128,20 +132,31 @@ def test_the_item_graph_rounds_release_only_declared_statistics_of_public_size(g
         assert "num-examples" not in reply["metrics"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert sorted(metrics) == ["0", "1", "2"]
-    assert metrics["0"]["aggregated"] == {} == metrics["1"]["aggregated"]
-    # round 0 is the sites' check-in (their ids alone), round 2's metrics come from noisy
+    assert metrics["0"]["aggregated"] == {}
+    # round 0 is the sites' check-in (their ids alone); round 1's metrics (the baseline,
+    # MostPop by the released degrees) and round 2's (the filter) come from noisy
     # per-user sums only (common.metric_release)
     evaluated = [r for r in replies if r["type"] == "evaluate" and len(r["metrics"]) > 1]
-    assert len(evaluated) == 3 and len(replies) == 2 * 3 + 2 * 3
+    assert len(evaluated) == 2 * 3 and len(replies) == 2 * 3 + 3 * 3
+    assert 0 < metrics["1"]["aggregated"]["val-ndcg@20"] < 1
     assert all(set(r["metrics"]) >= {"val-ndcg@20-sum", "val-users", "epsilon"} for r in evaluated)
     assert not any("val-ndcg@20" in r["metrics"] for r in evaluated)
     assert 0 < metrics["2"]["aggregated"]["val-ndcg@20"] < 1
     report = json.loads((run_dir / "privacy_report.json").read_text())
     for site in report["sites"].values():  # the target includes the metric release
         assert 7.7 <= site["epsilon"] <= 8.0 and site["relative-gap"] < 0.02
-        assert site["metric-releases"] == [2]
-    assert [r for r in report["releases"] if not r["covered"]] == [] and not report["warnings"]
+        assert site["metric-releases"] == [1, 2]
+    assert [r for r in report["releases"] if not r["covered"]] == []
+    assert report["utility"]["round-labels"] == {
+        "0": "check-in (nothing scored)",
+        "1": "baseline: MostPop",
+        "2": "item graph (the filter)",
+    }
     markdown = (run_dir / "privacy_report.md").read_text()  # only the mechanisms that ran
+    assert "| 1 | baseline: MostPop | " in markdown
+    assert "baseline (round 1): MostPop, scored on the same split from round 1's released " in (
+        markdown
+    )
     assert "- DP-SGD: none (no training rounds" in markdown
     assert "- DP-SGD: sampling rate" not in markdown
     ledger = json.loads((run_dir / "ledger.json").read_text())
@@ -163,6 +178,40 @@ def small_run(tmp_path, **changes) -> tuple:
     run_dir = simulate(config, 2, tmp_path / "messages")
     replies = [json.loads(p.read_text()) for p in (tmp_path / "messages").glob("*.json")]
     return config, run_dir, replies
+
+
+def test_new_users_and_items_of_a_test_file_are_scored_and_reported_all_and_warm(tmp_path):
+    """Issue 27.4: a test file whose users 0-2 and item 59 have no training rows. Nothing
+    is refused or dropped: the run reports test metrics over every row and over the warm
+    ones, and a new user's prediction is the released global mean plus the item offset."""
+    data = generate_synthetic(num_users=120, num_items=60, seed=1).interactions
+    test = (np.arange(len(data)) % 10 == 0) | np.isin(data.user, [0, 1, 2]) | (data.item == 59)
+    for name, rows in (("train", ~test), ("test", test)):
+        columns = (data.user[rows], data.item[rows], data.rating[rows])
+        lines = ["user,item,rating"] + [f"{u},{i},{r:g}" for u, i, r in zip(*columns, strict=True)]
+        (tmp_path / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    config, run_dir, _ = small_run(
+        tmp_path,
+        dataset="csv",
+        data_path=str(tmp_path / "train.csv"),
+        test_path=str(tmp_path / "test.csv"),
+        split="canonical",
+        item_graph="filter",
+        dp=False,
+    )
+    metrics = json.loads((run_dir / "metrics.json").read_text())["2"]
+    assert {"test-rmse", "test-rmse-warm"} <= set(metrics["aggregated"])
+    evaluated = [m for m in metrics["evaluate"].values()]
+    assert sum(m["num-examples"] for m in evaluated) == 120  # every user, the new ones too
+    graph = ItemGraph.from_bytes((run_dir / "item_graph.npz").read_bytes())
+    sites = [load_site(config, k, 2) for k in range(2)]
+    site = next(s for s in sites if len(s.test) != len(s.warm_test))
+    assert sum(len(s.test) for s in sites) == int(test.sum())
+    new_user = int(np.flatnonzero(np.bincount(site.train.user, minlength=site.num_users) == 0)[0])
+    pairs = site.test.select(site.test.user == new_user)
+    predicted = GraphFeatures(graph, site, rating_settings(config)).predict(pairs)
+    expected = graph.global_mean + graph.item_bias[pairs.item]
+    np.testing.assert_allclose(predicted, site.catalogue.from_reference_scale(expected), rtol=1e-5)
 
 
 def test_with_evaluation_off_no_metric_leaves_a_site(tmp_path):

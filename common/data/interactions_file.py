@@ -48,8 +48,13 @@ DP and allows it without.
 
 A split of one's own (``test-path``, optionally ``val-path``; same format and
 columns): the interactions file is then the training set and the other files
-are kept as given, as the dataset's canonical split. Their users must have
-training interactions and their items must be in the catalogue.
+are kept as given, as the dataset's canonical split. Their users and items
+need not be in the training file: a user who is only there is a new user, with
+no training interactions, and an item is new when no training row has it (it
+must still be in the catalogue when one is given: the item-text file or the
+catalogue folder; without one the catalogue is every item of the files). Runs
+score such rows, and report test metrics over all rows and over the warm ones
+(``test-...-warm``, ``common.metric_release``).
 """
 
 from __future__ import annotations
@@ -103,10 +108,9 @@ def load_interactions_file(
     (``rating_levels``) come from. ``test_path`` and ``val_path``
     (optional, same format) give a split of one's own: ``path`` is then the
     training set, and ``Dataset.canonical_split`` / ``canonical_val`` hold the
-    parts as given. Their users must have training interactions in ``path``,
-    their items must be in the catalogue, and they need the same optional
-    columns as ``path``. ``on_duplicate`` decides what a repeated (user, item)
-    pair does, within a file or across the files: ``"error"``, or
+    parts as given. Their users and items may be new (module docstring); they
+    need the same optional columns as ``path``. ``on_duplicate`` decides what a
+    repeated (user, item) pair does, within a file or across the files: ``"error"``, or
     ``"keep-latest"`` which keeps the row with the latest timestamp (ties, or no
     timestamp column: the later line, ``path`` before ``val_path`` before
     ``test_path``). ``name`` defaults to the file name without its extension.
@@ -125,9 +129,9 @@ def load_interactions_file(
     ratings, scale = _ratings(tables, levels, scale_from)
     derived_scale = levels is None and "rating" in train.columns
     catalogue, items_from = _catalogue(
-        train, item_text_path, catalogue, scale, derived_scale, delimiter, encoding
+        tables, item_text_path, catalogue, scale, derived_scale, delimiter, encoding
     )
-    user_ids = sorted_ids(train.columns["user"])
+    user_ids = sorted_ids(user for table in tables for user in table.columns["user"])
     located = [
         table_interactions(
             table,
@@ -135,7 +139,7 @@ def load_interactions_file(
             catalogue.item_ids,
             rating,
             parse_timestamps(table) if "timestamp" in table.columns else None,
-            users_from=f"the training data {train.path}",
+            users_from="the data files",
             items_from=items_from,
         )
         for table, rating in zip(tables, ratings, strict=True)
@@ -170,7 +174,7 @@ def _given_scale(
 
 
 def _catalogue(
-    train: Table,
+    tables: list[Table],
     item_text_path: str | Path | None,
     folder: Catalogue | None,
     levels: tuple[float, ...],
@@ -179,7 +183,7 @@ def _catalogue(
     encoding: str,
 ) -> tuple[Catalogue, str]:
     """The catalogue, and where its items come from (for messages): the catalogue
-    folder's as it is, else the item file's, else the items of ``train``; what came from
+    folder's as it is, else the item file's, else the items of ``tables``; what came from
     the interactions (the items, the scale ``levels`` when ``derived_scale``) is
     recorded in ``derived_from_data``."""
     if folder is not None:
@@ -191,9 +195,9 @@ def _catalogue(
         return folder, "the catalogue of catalogue-path"
     derived = (RATING_SCALE,) if derived_scale else ()
     if item_text_path is None:
-        item_ids = sorted_ids(train.columns["item"])
+        item_ids = sorted_ids(item for table in tables for item in table.columns["item"])
         catalogue = Catalogue(item_ids, None, levels, derived_from_data=(ITEM_IDS, *derived))
-        return catalogue, f"the training data {train.path}"
+        return catalogue, "the data files"
     items = read_csv(Path(item_text_path), ("item",), ("text",), delimiter, encoding)
     item_ids, rows = items.distinct("item")
     text = tuple(items.columns["text"][row] for row in rows) if "text" in items.columns else None

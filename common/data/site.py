@@ -25,6 +25,8 @@ class SiteData:
         train, val, test: interactions with ``user`` = local index.
         cold: the site's interactions with held-out cold-start items.
         cold_items: the held-out items (public; empty without cold-start).
+        test_warm: which test rows are warm, their user and item both in the
+            training data (of every site: the loader's view); None: all of them.
     """
 
     site_id: int
@@ -36,10 +38,16 @@ class SiteData:
     test: Interactions
     cold: Interactions
     cold_items: np.ndarray
+    test_warm: np.ndarray | None = None
 
     @property
     def num_users(self) -> int:
         return len(self.user_keys)
+
+    @property
+    def warm_test(self) -> Interactions:
+        """The test rows whose user and item were both in the training data."""
+        return self.test if self.test_warm is None else self.test.select(self.test_warm)
 
 
 def site_view(dataset: Dataset, split: Split, site_of_user: np.ndarray, site_id: int) -> SiteData:
@@ -52,6 +60,10 @@ def site_view(dataset: Dataset, split: Split, site_of_user: np.ndarray, site_id:
         mine = part.select(local[part.user] >= 0)
         return Interactions(local[mine.user], mine.item, mine.rating, mine.timestamp)
 
+    trained_users = np.bincount(split.train.user, minlength=dataset.num_users) > 0
+    trained_items = np.bincount(split.train.item, minlength=dataset.num_items) > 0
+    mine = local[split.test.user] >= 0
+    warm = trained_users[split.test.user[mine]] & trained_items[split.test.item[mine]]
     return SiteData(
         site_id=site_id,
         catalogue=dataset.catalogue,
@@ -62,4 +74,5 @@ def site_view(dataset: Dataset, split: Split, site_of_user: np.ndarray, site_id:
         test=restrict(split.test),
         cold=restrict(split.cold),
         cold_items=split.cold_items,
+        test_warm=warm,
     )

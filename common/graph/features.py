@@ -54,7 +54,8 @@ class GraphFeatures:
         self.rows = user_rows(site.train, site.num_users, self.num_items)
         self.ranking = graph.item_bias is None
         if self.ranking:
-            self.filter = graph.item_filter(self.num_items)
+            if graph.complete:
+                self.filter = graph.item_filter(self.num_items)
             return
         train = on_reference_scale(site)
         self.counts = np.bincount(train.user, minlength=site.num_users).astype(np.float64)
@@ -120,11 +121,21 @@ class GraphFeatures:
 
     def scores(self, users: np.ndarray) -> np.ndarray:
         """Ranking: the graph's own scores ``[len(users), num_items]`` of the site's
-        ``users`` (items the graph does not cover score minus infinity)."""
-        return self.filter.scores(self.rows[users])
+        ``users`` (items the graph does not cover score minus infinity); the released
+        degrees (MostPop) for a user without training rows, whose filter row is empty,
+        and for everyone after round 1 alone (the run's baseline)."""
+        popularity = np.broadcast_to(self.graph.degrees, (len(users), self.num_items))
+        if not self.graph.complete:
+            return popularity.astype(np.float32)
+        rows = self.rows[users]
+        scores = self.filter.scores(rows)
+        new = rows.getnnz(axis=1) == 0
+        scores[new] = popularity[new]
+        return scores
 
     def predict(self, pairs: Interactions) -> np.ndarray:
         """Rating: the graph's own prediction for each of the site's ``(user, item)``
-        ``pairs``, on the public scale: the user's mean and the item's offset, plus, once
-        round 2 is released, the neighbourhood's residual (the sum of the features)."""
+        ``pairs``, on the public scale: the user's mean and the item's offset (after round
+        1 alone, the run's baseline), plus, once round 2 is released, the neighbourhood's
+        residual (the sum of the features)."""
         return self.catalogue.from_reference_scale(self.of_pairs(pairs.user, pairs.item).sum(1))
