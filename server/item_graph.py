@@ -16,7 +16,14 @@ import scipy.sparse as sp
 
 from common.config import RunConfig
 from common.data.dataset import Catalogue
-from common.graph.release import ItemGraph, Total, length, released, sensitivity
+from common.graph.release import (
+    ItemGraph,
+    Total,
+    length,
+    rating_settings,
+    released,
+    sensitivity,
+)
 from common.privacy import Mechanism
 from common.protocol import ITEM_GRAPH, STATISTICS, STATISTICS_COLUMNS, STATISTICS_ROWS
 from server.run_directory import RunDirectory
@@ -46,8 +53,13 @@ class GraphRelease:
         return length(self.config, self.catalogue, server_round, self.graph)
 
     def read(self, server_round: int, arrays: dict[str, np.ndarray]) -> Total:
-        """A site's statistics from its reply's arrays, checked (raises
-        :class:`RejectedStatistics` with the reason)."""
+        r"""A site's statistics from its reply's arrays, checked before they are added in
+        (raises :class:`RejectedStatistics` with the reason): the keys and shape, finite
+        values, a norm that ``max-users-per-site`` users can reach (:meth:`largest_norm`),
+        and without DP, where the sums are exact, what every sum of users' terms obeys:
+        non-negative ranking degrees, and a Gram whose every entry is within
+        Cauchy-Schwarz of its diagonal, :math:`|G_{ij}| \le \sqrt{G_{ii} G_{jj}}`
+        (which also makes a sparse one symmetric with a non-negative diagonal)."""
         n = self.expected_length(server_round)
         if set(arrays) == {STATISTICS}:
             vector = arrays[STATISTICS]
@@ -55,7 +67,17 @@ class GraphRelease:
                 raise RejectedStatistics(f"expected {n} statistics, got shape {vector.shape}")
             if not np.all(np.isfinite(vector)):
                 raise RejectedStatistics("the statistics hold NaN or infinite values")
-            return vector.astype(np.float64)
+            vector = vector.astype(np.float64)
+            norm, largest = float(np.linalg.norm(vector)), self.largest_norm(server_round, n)
+            if norm > largest:
+                raise RejectedStatistics(
+                    f"the statistics' norm {norm:.4g} exceeds {largest:.4g}, the most that "
+                    f"max-users-per-site = {self.config.max_users_per_site} users within "
+                    "their bound (and the site's noise) can give"
+                )
+            if not self.config.dp:
+                check_exact(self.config, server_round, vector)
+            return vector
         sparse_keys = {STATISTICS, STATISTICS_ROWS, STATISTICS_COLUMNS}
         if set(arrays) != sparse_keys or self.config.dp or server_round != 2:
             raise RejectedStatistics(f"unexpected statistics arrays {sorted(arrays)}")
@@ -65,7 +87,30 @@ class GraphRelease:
             min(rows.min(), columns.min()) < 0 or max(rows.max(), columns.max()) >= m
         ):
             raise RejectedStatistics(f"sparse statistics outside the {m} covered items")
-        return sp.csr_matrix((arrays[STATISTICS], (rows, columns)), shape=(m, m))
+        values = arrays[STATISTICS].astype(np.float64)
+        if not np.all(np.isfinite(values)):
+            raise RejectedStatistics("the statistics hold NaN or infinite values")
+        gram = sp.csr_matrix((values, (rows, columns)), shape=(m, m))
+        check_cauchy_schwarz(gram.diagonal(), gram.tocoo())
+        if abs(gram - gram.T).max() > 1e-6 * abs(gram).max():  # float32 rounding
+            raise RejectedStatistics("the Gram is not symmetric")
+        if np.linalg.norm(gram.data) > self.largest_norm(server_round, m * m):
+            raise RejectedStatistics(
+                "the Gram's norm exceeds what max-users-per-site users can give"
+            )
+        return gram
+
+    def largest_norm(self, server_round: int, n: int) -> float:
+        r"""The largest L2 norm a site's statistics can have: ``max-users-per-site`` users,
+        each moving the sum by at most the round's sensitivity :math:`\Delta`, plus,
+        under DP, the site's Gaussian noise of standard deviation :math:`s`, whose norm
+        exceeds :math:`s(\sqrt n + 10)` with probability below :math:`e^{-50}` (Gaussian
+        concentration), so an honest site is never refused."""
+        delta = sensitivity(self.config, self.catalogue, server_round)
+        noise = 0.0
+        if self.config.dp:
+            noise = self.mechanism.statistics_noise[server_round - 1] * delta
+        return self.config.max_users_per_site * delta + noise * (math.sqrt(n) + 10.0)
 
     def add(self, server_round: int, total: Total, sites: int) -> None:
         """Release round ``server_round`` from the ``total`` of ``sites`` sites."""
@@ -79,3 +124,32 @@ class GraphRelease:
         )
         if self.graph.complete:
             self.out.write_item_graph(self.graph.to_bytes())
+
+
+def check_exact(config: RunConfig, server_round: int, vector: np.ndarray) -> None:
+    """Without DP: exact ranking degrees are non-negative, and every exact Gram (round 2;
+    for ratings the residuals' Gram and, where sent, the co-counts') is within
+    Cauchy-Schwarz of its diagonal. Raises :class:`RejectedStatistics`."""
+    if server_round == 1:
+        if config.task == "ranking" and np.any(vector < 0):
+            raise RejectedStatistics("exact item degrees must be non-negative")
+        return
+    grams = 2 if config.task == "rating" and rating_settings(config).co_count_shrinkage else 1
+    for part in np.split(vector, grams):
+        m = (math.isqrt(8 * len(part) + 1) - 1) // 2
+        rows, columns = np.triu_indices(m, k=1)
+        upper = sp.coo_matrix((part[m:] / math.sqrt(2.0), (rows, columns)), shape=(m, m))
+        check_cauchy_schwarz(part[:m], upper)
+
+
+def check_cauchy_schwarz(diagonal: np.ndarray, entries: sp.coo_matrix) -> None:
+    r"""A sum of outer products :math:`\sum_u x_u x_u^\top` has a non-negative diagonal
+    and :math:`|G_{ij}| \le \sqrt{G_{ii} G_{jj}}`; raise :class:`RejectedStatistics`
+    otherwise (a relative tolerance of 1e-6 for rounding)."""
+    if np.any(diagonal < 0):
+        raise RejectedStatistics("the Gram's diagonal has a negative entry")
+    limit = np.sqrt(diagonal[entries.row] * diagonal[entries.col])
+    if np.any(np.abs(entries.data) > limit * (1 + 1e-6) + 1e-9):
+        raise RejectedStatistics(
+            "the Gram has an entry larger than its diagonal allows (|G_ij| > sqrt(G_ii G_jj))"
+        )

@@ -1,0 +1,144 @@
+"""Issue 28: a site's item-graph statistics are checked before the server adds them in; a
+site that sends NaN, a wrong shape, an oversized norm, an impossible Gram or negative exact
+degrees is rejected with a clear reason, and the round goes on with the others."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from test_strategy import metadata_from
+
+from common.config import default_config
+from common.data import load_site
+from common.graph.release import contribution
+from common.model import item_side_size
+from common.privacy import site_mechanism
+from common.protocol import STATISTICS, STATISTICS_COLUMNS, STATISTICS_ROWS
+from server.item_graph import GraphRelease
+from server.round_book import RoundBook
+from server.run_directory import RunDirectory
+from server.strategy import ItemSideFedAvg
+
+SITES = 2
+
+
+def release_for(tmp_path, **changes) -> tuple[GraphRelease, list]:
+    """The server's release of a two-site synthetic federation, and each site's data."""
+    config = default_config(
+        item_graph="filter",
+        synthetic_users=160,
+        max_users_per_site=100,
+        run_dir=str(tmp_path),
+        **changes,
+    )
+    sites = [load_site(config, k, SITES) for k in range(SITES)]
+    catalogue = sites[0].catalogue
+    mechanism = site_mechanism(config, item_side_size(catalogue, config))
+    out = RunDirectory.create(config, "synthetic")
+    return GraphRelease(config, catalogue, mechanism, out), sites
+
+
+def statistics_reply(node: int, site_id: int, arrays: dict[str, np.ndarray]) -> Message:
+    record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    content = RecordDict({"arrays": record, "metrics": MetricRecord({"site-id": site_id})})
+    return Message(content, metadata=metadata_from(node, reply_to=f"to-{node}"))
+
+
+def round_with(release: GraphRelease, server_round: int, honest, sent) -> ItemSideFedAvg:
+    """Round ``server_round`` with site 0 honest and site 1 sending ``sent``."""
+    strategy = ItemSideFedAvg(
+        ArrayRecord(), dp=release.config.dp, min_sites=SITES, book=RoundBook(), release=release
+    )
+    replies = [statistics_reply(1, 0, honest), statistics_reply(2, 1, sent)]
+    strategy.aggregate_train(server_round, replies)
+    return strategy
+
+
+def vector(total) -> dict[str, np.ndarray]:
+    return {STATISTICS: np.asarray(total, np.float64)}
+
+
+def tampered_round_1():
+    """Ranking degrees (round 1) tampered with in each way the server must catch."""
+
+    def nan(v):
+        v = v.copy()
+        v[3] = np.nan
+        return v
+
+    def negative(v):
+        v = v.copy()
+        v[0] = -1.0
+        return v
+
+    return [
+        (nan, {}, "NaN or infinite"),
+        (lambda v: v[:-1], {}, "expected 400 statistics"),
+        (lambda v: v * 1e6, {}, "exceeds"),  # a scaled contribution
+        (lambda v: v * 1e6, {"dp": True, "target_epsilon": 8.0}, "exceeds"),
+        (negative, {}, "non-negative"),
+    ]
+
+
+@pytest.mark.parametrize(("tamper", "changes", "reason"), tampered_round_1())
+def test_round_1_statistics_that_no_honest_site_can_send_are_rejected(
+    tmp_path, tamper, changes, reason
+):
+    release, sites = release_for(tmp_path, **({"task": "ranking", "dp": False} | changes))
+    config = release.config
+    honest = [contribution(config, site, 1, release.graph) for site in sites]
+    strategy = round_with(release, 1, vector(honest[0]), vector(tamper(honest[1])))
+    record = strategy.book.rounds[1]
+    assert list(record.rejected) == ["site 1"] and reason in record.rejected["site 1"]
+    assert list(record.train) == [0]  # the round went on with site 0
+    if not config.dp:
+        np.testing.assert_allclose(release.graph.degrees, honest[0])
+
+
+@pytest.mark.parametrize("task", ["ranking", "rating"])
+@pytest.mark.parametrize("dp", [False, True])
+def test_an_honest_site_passes_every_check_under_dp_and_without(tmp_path, task, dp):
+    release, sites = release_for(tmp_path, task=task, dp=dp, target_epsilon=8.0)
+    for server_round in (1, 2):
+        totals = [contribution(release.config, s, server_round, release.graph) for s in sites]
+        strategy = round_with(release, server_round, vector(totals[0]), vector(totals[1]))
+        assert strategy.book.rounds[server_round].rejected == {}
+
+
+def test_a_gram_that_is_no_sum_of_outer_products_is_rejected(tmp_path):
+    """Round 2 without DP: an entry beyond Cauchy-Schwarz (|G_ij| > sqrt(G_ii G_jj)), or a
+    negative diagonal, in the dense isometry; an asymmetric sparse Gram."""
+    release, sites = release_for(tmp_path, task="ranking", dp=False)
+    config = release.config
+    first = [contribution(config, site, 1, release.graph) for site in sites]
+    round_with(release, 1, vector(first[0]), vector(first[1]))
+    honest = [contribution(config, site, 2, release.graph) for site in sites]
+    m = len(release.graph.items)
+    inflated = honest[1].copy()
+    inflated[m] = 10 * np.sqrt(2.0) * np.sqrt(inflated[0] * inflated[1]) + 1.0  # G_01
+    negative = honest[1].copy()
+    negative[2] = -1.0
+    for sent, reason in ((inflated, "larger than its diagonal"), (negative, "negative")):
+        strategy = round_with(release, 2, vector(honest[0]), vector(sent))
+        assert reason in strategy.book.rounds[2].rejected["site 1"]
+
+    release, _ = release_for(
+        tmp_path / "sparse", task="ranking", dp=False, item_graph_dense_items=10
+    )
+    first = [contribution(release.config, site, 1, release.graph) for site in sites]
+    round_with(release, 1, vector(first[0]), vector(first[1]))
+    gram = contribution(release.config, sites[1], 2, release.graph).tocoo()
+    upper = gram.row < gram.col
+    values = np.where(upper, gram.data * 0.5, gram.data)  # the upper triangle halved
+    asymmetric = {STATISTICS_ROWS: gram.row, STATISTICS_COLUMNS: gram.col, STATISTICS: values}
+    honest_gram = contribution(release.config, sites[0], 2, release.graph).tocoo()
+    honest_arrays = {
+        STATISTICS_ROWS: honest_gram.row,
+        STATISTICS_COLUMNS: honest_gram.col,
+        STATISTICS: honest_gram.data,
+    }
+    strategy = round_with(release, 2, honest_arrays, asymmetric)
+    assert "not symmetric" in strategy.book.rounds[2].rejected["site 1"]
+    assert sp.issparse(contribution(release.config, sites[0], 2, release.graph))
