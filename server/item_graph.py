@@ -100,6 +100,22 @@ class GraphRelease:
             )
         return gram
 
+    def check_secure_sum(self, server_round: int, total: np.ndarray, sites: int) -> None:
+        """Under secure aggregation the server sees only the sum of ``sites`` sites: it
+        checks what holds for any honest sum (raises :class:`RejectedStatistics`): a norm
+        ``sites`` honest sites can reach (each within :meth:`largest_norm`, whose noise
+        term is larger than a site's share of the distributed noise). No single site can
+        be named."""
+        norm, largest = (
+            float(np.linalg.norm(total)),
+            sites * self.largest_norm(server_round, len(total)),
+        )
+        if norm > largest:
+            raise RejectedStatistics(
+                f"the secure sum's norm {norm:.4g} exceeds {largest:.4g}, the most that "
+                f"{sites} sites of max-users-per-site users can give"
+            )
+
     def largest_norm(self, server_round: int, n: int) -> float:
         r"""The largest L2 norm a site's statistics can have: ``max-users-per-site`` users,
         each moving the sum by at most the round's sensitivity :math:`\Delta`, plus,

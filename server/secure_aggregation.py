@@ -59,7 +59,7 @@ from common.graph.release import sensitivity
 from common.model import EgoGraphRecommender
 from common.privacy import Mechanism
 from common.protocol import RUN_NAME, SERVER_ROUND
-from server.item_graph import GraphRelease
+from server.item_graph import GraphRelease, RejectedStatistics
 from server.report_render import round_line
 from server.round_book import NoSiteCompleted, RoundBook, RoundLog, last_line
 from server.run_directory import RunDirectory
@@ -165,6 +165,11 @@ class SecureSumStrategy(FedAvg):
             return None, {}
         self.summed_rounds.add(server_round)
         if statistics_round:
+            try:
+                self.release.check_secure_sum(server_round, total, len(results))
+            except RejectedStatistics as rejection:
+                log(WARNING, "Round %d discarded: %s", server_round, rejection)
+                return None, {}
             self.release.add(server_round, total, len(results))
             return ndarrays_to_parameters(item_side_arrays(self.model)), {}
         gradient = total

@@ -16,7 +16,7 @@ from common.graph.release import contribution
 from common.model import item_side_size
 from common.privacy import site_mechanism
 from common.protocol import STATISTICS, STATISTICS_COLUMNS, STATISTICS_ROWS
-from server.item_graph import GraphRelease
+from server.item_graph import GraphRelease, RejectedStatistics
 from server.round_book import RoundBook
 from server.run_directory import RunDirectory
 from server.strategy import ItemSideFedAvg
@@ -142,3 +142,15 @@ def test_a_gram_that_is_no_sum_of_outer_products_is_rejected(tmp_path):
     strategy = round_with(release, 2, honest_arrays, asymmetric)
     assert "not symmetric" in strategy.book.rounds[2].rejected["site 1"]
     assert sp.issparse(contribution(release.config, sites[0], 2, release.graph))
+
+
+def test_under_secure_aggregation_only_the_sums_range_and_consistency_are_checked(tmp_path):
+    """The server sees the sum of the sites alone: an honest sum passes, a sum scaled past
+    what the sites' users can give is refused (no site can be named)."""
+    release, sites = release_for(
+        tmp_path, task="ranking", target_epsilon=8.0, secure_aggregation=True
+    )
+    total = sum(contribution(release.config, site, 1, release.graph) for site in sites)
+    release.check_secure_sum(1, total, SITES)
+    with pytest.raises(RejectedStatistics, match=r"secure sum's norm .* exceeds"):
+        release.check_secure_sum(1, total * 1e6, SITES)
