@@ -158,7 +158,7 @@ def movielens(seeds: int) -> dict:
 
     results["ours, centralized, no DP"] = central_by_validation(base, site, 60)
     print("ours central", results["ours, centralized, no DP"], flush=True)
-    plain = base.replace(dp=False, num_server_rounds=30, min_sites=SITES)
+    plain = base.replace(dp=False, num_server_rounds=30, min_sites=SITES, early_stopping_rounds=0)
     results["ours, federated, no DP"] = best_round(
         federate(plain, SITES, keep_models=True), plain, f"recall@{K}"
     )
@@ -246,7 +246,11 @@ def gowalla(budget_minutes: float) -> dict:
     print("gowalla federated dp", results[GOWALLA_PER_SITE_DP], flush=True)
     rounds = results["ours, centralized, no DP"][-1]["epoch"]
     plain = base.replace(
-        dp=False, num_server_rounds=rounds, min_sites=SITES, evaluate_every=rounds + 1
+        dp=False,
+        num_server_rounds=rounds,
+        min_sites=SITES,
+        evaluate_every=rounds + 1,
+        early_stopping_rounds=0,
     )
     run_dir = federate(plain, SITES, keep_models=True)
     results["ours, federated, no DP"] = federated_curve(run_dir, plain, checkpoints)

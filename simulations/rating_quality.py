@@ -178,7 +178,13 @@ def main() -> None:
     results["centralized, no DP"] = centralized(base.replace(dp=False, learning_rate=0.003), 30)
     print("centralized", results["centralized, no DP"], flush=True)
 
-    plain = base.replace(dp=False, learning_rate=0.003, num_server_rounds=30, min_sites=SITES)
+    plain = base.replace(
+        dp=False,
+        learning_rate=0.003,
+        num_server_rounds=30,
+        min_sites=SITES,
+        early_stopping_rounds=0,
+    )
     run_dir = federate(plain, SITES, keep_models=True)
     results["federated, no DP"] = best_round(run_dir, plain, "rmse")
     print("federated", results["federated, no DP"], flush=True)

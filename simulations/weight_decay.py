@@ -36,6 +36,7 @@ def main() -> None:
                 item_graph="none",
                 dp=False,
                 num_server_rounds=ROUNDS,
+                early_stopping_rounds=0,  # every round, the best one kept
                 min_sites=SITES,
                 weight_decay=decay,
             )
