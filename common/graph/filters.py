@@ -371,7 +371,7 @@ def graph_filter(
         num_items=num_items,
         items=np.arange(num_items) if items is None else items,
         linear=normalised / values[0],
-        eigenvectors=vectors[:, :k],
+        eigenvectors=np.ascontiguousarray(vectors[:, :k]),  # else scipy copies it per product
         alpha=alpha,
         input_scale=degree**-exponent,
         output_scale=degree**exponent,
