@@ -106,10 +106,8 @@ class GraphRelease:
         ``sites`` honest sites can reach (each within :meth:`largest_norm`, whose noise
         term is larger than a site's share of the distributed noise). No single site can
         be named."""
-        norm, largest = (
-            float(np.linalg.norm(total)),
-            sites * self.largest_norm(server_round, len(total)),
-        )
+        norm = float(np.linalg.norm(total))
+        largest = sites * self.largest_norm(server_round, len(total))
         if norm > largest:
             raise RejectedStatistics(
                 f"the secure sum's norm {norm:.4g} exceeds {largest:.4g}, the most that "

@@ -149,7 +149,7 @@ def _regression(config: RunConfig, utility: dict[int, dict[str, float]]) -> list
         return []
     last = utility[rounds[-1]][metric]
     warnings = []
-    for reference in dict.fromkeys(rounds[:2] if rounds[0] == 1 else rounds[:1]):
+    for reference in rounds[:2] if rounds[0] == 1 else rounds[:1]:
         if reference == rounds[-1]:
             continue
         value = utility[reference][metric]
