@@ -108,9 +108,12 @@ def evaluate(
     if model.task == "rating":
         return _rating_errors(model, graphs, heldout, context, device)
 
+    vectors = model.catalogue_vectors()  # once: the item side does not change here
+
     def scores(users: np.ndarray) -> torch.Tensor:
         graph = _graph_features(graphs, device, users)
-        return model.score_catalogue(model.user_vectors(context(users))[0], graph)
+        z = model.user_vectors(context(users), vectors)[0]
+        return model.score_catalogue(z, graph, vectors)
 
     return ranking_sums(scores, graphs.item_set, heldout, top_k, exclude, candidates)
 

@@ -116,8 +116,7 @@ class GraphFeatures:
 
     def of_catalogue(self, users: np.ndarray) -> np.ndarray:
         """Ranking: ``[B, num_items, F]`` for every catalogue item."""
-        candidates = np.broadcast_to(np.arange(self.num_items), (len(users), self.num_items))
-        return self.filter.features(self.rows[users], candidates)
+        return self.filter.catalogue_features(self.rows[users])
 
     def scores(self, users: np.ndarray) -> np.ndarray:
         """Ranking: the graph's own scores ``[len(users), num_items]`` of the site's

@@ -286,19 +286,14 @@ class ItemFilter:
         rows = rows[:, self.items]
         linear = np.zeros(candidates.shape)
         if self.linear is not None:
-            product = rows @ self.linear
-            product = product.toarray() if sp.issparse(product) else np.asarray(product)
-            linear = np.take_along_axis(product, at, axis=1)
+            linear = np.take_along_axis(self._linear_part(rows), at, axis=1)
         low_pass = np.zeros(candidates.shape)
-        if self.eigenvectors.shape[1] and self.alpha:
-            scaled = (
-                rows @ sp.diags(self.input_scale) if sp.issparse(rows) else rows * self.input_scale
-            )
-            basis = np.asarray(scaled @ self.eigenvectors)  # [B, k]
+        if self._has_low_pass:
+            basis = self._low_pass_basis(rows)  # [B, k]
             if candidates.shape[1] * self.eigenvectors.shape[1] < len(self.items):
                 # a few candidates each (pairs): their rows of the basis, [B, C, k]
                 projected = np.einsum("bk,bck->bc", basis, self.eigenvectors[at])
-            else:  # many (the catalogue): every covered item at once, [B, m]
+            else:  # many: every covered item at once, [B, m]
                 projected = np.take_along_axis(basis @ self.eigenvectors.T, at, axis=1)
             low_pass = self.alpha * projected * self.output_scale[at]
         return np.where(covered[..., None], np.stack([linear, low_pass], -1), 0.0)
@@ -317,7 +312,7 @@ class ItemFilter:
             values = self.linear[source.ravel(), target.ravel()]
             linear = np.asarray(values).reshape(target.shape)
         low_pass = np.zeros(target.shape)
-        if self.eigenvectors.shape[1] and self.alpha:
+        if self._has_low_pass:
             low_pass = (
                 self.alpha
                 * self.input_scale[source]
@@ -326,30 +321,60 @@ class ItemFilter:
             )
         return np.where(covered[..., None], np.stack([linear, low_pass], -1), 0.0)
 
+    def catalogue_features(self, rows: Matrix) -> np.ndarray:
+        """``[B, num_items, 2]``: :meth:`features` at every catalogue item, computed over
+        the covered items at once (no per-candidate gathers)."""
+        out = np.zeros((rows.shape[0], self.num_items, 2))
+        covered = self._covered(out)
+        linear, low_pass = self._covered_parts(rows[:, self.items])
+        if linear is not None:
+            out[:, covered, 0] = linear
+        if low_pass is not None:
+            out[:, covered, 1] = low_pass
+        return out
+
     def scores(self, rows: Matrix, batch_size: int = 1024) -> np.ndarray:
         """``[B, num_items]`` float32 scores of users given their ``[B, num_items]``
         rows (dense or CSR), ``batch_size`` users at a time."""
         out = np.full((rows.shape[0], self.num_items), -np.inf, np.float32)
+        covered = self._covered(out)
         for start in range(0, rows.shape[0], batch_size):
             batch = rows[start : start + batch_size][:, self.items]
-            out[start : start + batch.shape[0], self.items] = self._covered_scores(batch)
+            linear, low_pass = self._covered_parts(batch)
+            scores = np.zeros((batch.shape[0], len(self.items)))
+            for part in (linear, low_pass):
+                if part is not None:
+                    scores += part
+            out[start : start + batch.shape[0], covered] = scores
         return out
 
-    def _covered_scores(self, rows: Matrix) -> np.ndarray:
-        scores = np.zeros((rows.shape[0], len(self.items)))
-        if self.linear is not None:
-            product = rows @ self.linear
-            scores += product.toarray() if sp.issparse(product) else product
-        if self.eigenvectors.shape[1] and self.alpha:
-            scaled = (
-                rows @ sp.diags(self.input_scale) if sp.issparse(rows) else rows * self.input_scale
-            )
-            scores += (
-                self.alpha
-                * ((scaled @ self.eigenvectors) @ self.eigenvectors.T)
-                * self.output_scale
-            )
-        return scores
+    def _covered(self, out: np.ndarray) -> slice | np.ndarray:
+        """The catalogue columns of ``out`` the filter covers: a slice when it covers them all."""
+        return slice(None) if len(self.items) == out.shape[1] else self.items
+
+    def _covered_parts(self, rows: Matrix) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The linear and low-pass parts ``[B, m]`` at the covered items of users' rows
+        restricted to them (``None`` for a part the filter does not have)."""
+        linear = None if self.linear is None else self._linear_part(rows)
+        low_pass = None
+        if self._has_low_pass:
+            basis = self._low_pass_basis(rows)
+            low_pass = self.alpha * (basis @ self.eigenvectors.T) * self.output_scale
+        return linear, low_pass
+
+    @property
+    def _has_low_pass(self) -> bool:
+        return bool(self.eigenvectors.shape[1] and self.alpha)
+
+    def _linear_part(self, rows: Matrix) -> np.ndarray:
+        """``r_u L`` ``[B, m]`` of rows restricted to the covered items."""
+        product = rows @ self.linear
+        return product.toarray() if sp.issparse(product) else np.asarray(product)
+
+    def _low_pass_basis(self, rows: Matrix) -> np.ndarray:
+        """``(r_u D^-b) V_k`` ``[B, k]`` of rows restricted to the covered items."""
+        scaled = rows @ sp.diags(self.input_scale) if sp.issparse(rows) else rows * self.input_scale
+        return np.asarray(scaled @ self.eigenvectors)
 
 
 def graph_filter(
