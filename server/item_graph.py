@@ -76,7 +76,7 @@ class GraphRelease:
                     "their bound (and the site's noise) can give"
                 )
             if not self.config.dp:
-                check_exact(self.config, server_round, vector)
+                check_exact(self.config, server_round, vector, self.largest_trace(server_round))
             return vector
         sparse_keys = {STATISTICS, STATISTICS_ROWS, STATISTICS_COLUMNS}
         if set(arrays) != sparse_keys or self.config.dp or server_round != 2:
@@ -91,7 +91,7 @@ class GraphRelease:
         if not np.all(np.isfinite(values)):
             raise RejectedStatistics("the statistics hold NaN or infinite values")
         gram = sp.csr_matrix((values, (rows, columns)), shape=(m, m))
-        check_cauchy_schwarz(gram.diagonal(), gram.tocoo())
+        check_cauchy_schwarz(gram.diagonal(), gram.tocoo(), self.largest_trace(server_round))
         if abs(gram - gram.T).max() > 1e-6 * abs(gram).max():  # float32 rounding
             raise RejectedStatistics("the Gram is not symmetric")
         if np.linalg.norm(gram.data) > self.largest_norm(server_round, m * m):
@@ -126,6 +126,16 @@ class GraphRelease:
             noise = self.mechanism.statistics_noise[server_round - 1] * delta
         return self.config.max_users_per_site * delta + noise * (math.sqrt(n) + 10.0)
 
+    def largest_trace(self, server_round: int) -> float:
+        r"""Without DP, the largest trace of a site's exact Gram (round 2):
+        :math:`\operatorname{tr} \sum_u x_u x_u^\top = \sum_u \lVert x_u \rVert^2`, and
+        each user's :math:`\lVert x_u \rVert^2 = \lVert x_u x_u^\top \rVert_F` is at most
+        the sensitivity :math:`\Delta`: ``max-users-per-site`` times :math:`\Delta`. A site
+        that scales its Gram up by ``k`` looks like ``k`` times its users, never more than
+        ``max-users-per-site``."""
+        delta = sensitivity(self.config, self.catalogue, server_round)
+        return self.config.max_users_per_site * delta
+
     def add(self, server_round: int, total: Total, sites: int) -> None:
         """Release round ``server_round`` from the ``total`` of ``sites`` sites."""
         each = 0.0
@@ -140,10 +150,13 @@ class GraphRelease:
             self.out.write_item_graph(self.graph.to_bytes())
 
 
-def check_exact(config: RunConfig, server_round: int, vector: np.ndarray) -> None:
+def check_exact(
+    config: RunConfig, server_round: int, vector: np.ndarray, largest_trace: float
+) -> None:
     """Without DP: exact ranking degrees are non-negative, and every exact Gram (round 2;
     for ratings the residuals' Gram and, where sent, the co-counts') is within
-    Cauchy-Schwarz of its diagonal. Raises :class:`RejectedStatistics`."""
+    Cauchy-Schwarz of its diagonal, whose sum is at most ``largest_trace``. Raises
+    :class:`RejectedStatistics`."""
     if server_round == 1:
         if config.task == "ranking" and np.any(vector < 0):
             raise RejectedStatistics("exact item degrees must be non-negative")
@@ -153,15 +166,25 @@ def check_exact(config: RunConfig, server_round: int, vector: np.ndarray) -> Non
         m = (math.isqrt(8 * len(part) + 1) - 1) // 2
         rows, columns = np.triu_indices(m, k=1)
         upper = sp.coo_matrix((part[m:] / math.sqrt(2.0), (rows, columns)), shape=(m, m))
-        check_cauchy_schwarz(part[:m], upper)
+        check_cauchy_schwarz(part[:m], upper, largest_trace)
 
 
-def check_cauchy_schwarz(diagonal: np.ndarray, entries: sp.coo_matrix) -> None:
-    r"""A sum of outer products :math:`\sum_u x_u x_u^\top` has a non-negative diagonal
-    and :math:`|G_{ij}| \le \sqrt{G_{ii} G_{jj}}`; raise :class:`RejectedStatistics`
-    otherwise (a relative tolerance of 1e-6 for rounding)."""
+def check_cauchy_schwarz(
+    diagonal: np.ndarray, entries: sp.coo_matrix, largest_trace: float
+) -> None:
+    r"""A sum of outer products :math:`\sum_u x_u x_u^\top` of at most
+    ``max-users-per-site`` users has a non-negative diagonal whose sum is at most
+    ``largest_trace`` (:meth:`GraphRelease.largest_trace`), and :math:`|G_{ij}| \le
+    \sqrt{G_{ii} G_{jj}}`; raise :class:`RejectedStatistics` otherwise (a relative
+    tolerance of 1e-6 for rounding)."""
     if np.any(diagonal < 0):
         raise RejectedStatistics("the Gram's diagonal has a negative entry")
+    trace = float(diagonal.sum())
+    if trace > largest_trace * (1 + 1e-6):
+        raise RejectedStatistics(
+            f"the Gram's trace {trace:.4g} (the sum of its users' squared norms) exceeds "
+            f"{largest_trace:.4g}, the most that max-users-per-site users can give"
+        )
     limit = np.sqrt(diagonal[entries.row] * diagonal[entries.col])
     if np.any(np.abs(entries.data) > limit * (1 + 1e-6) + 1e-9):
         raise RejectedStatistics(

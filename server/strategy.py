@@ -1,8 +1,17 @@
-r"""Item-side federated averaging, with every site update checked before use.
+r"""Item-side aggregation, with every site update checked before use.
 
-Sites send back the item-side parameters after local training. With DP on,
-every site has the same weight (a count of users or interactions would be
-private):
+Sites send back the item-side parameters after local training. The default
+(``item-side-aggregation = "median"``) is the coordinate-wise median over the
+sites (Flower's FedMedian kernel, ``aggregate_median``; Yin et al., ICML 2018):
+one site among ``S`` moves no coordinate beyond the range of the honest sites'
+values as long as most sites are honest, whatever it sends, and claims of
+weight (counts) play no part:
+
+.. math::
+    \theta_j \leftarrow \operatorname{median}_s\, \theta_{s,j}
+
+``"mean"`` is federated averaging. With DP on, every site has the same weight
+(a count of users or interactions would be private):
 
 .. math::
     \theta \leftarrow \frac{1}{S} \sum_{s=1}^{S} \theta_s
@@ -15,9 +24,13 @@ parameter with the sites' user counts:
     e_i \leftarrow \frac{\sum_s c_{si}\, e_{si}}{\sum_s c_{si}}, \qquad
     W \leftarrow \frac{\sum_s n_s W_s}{\sum_s n_s}
 
-An update with missing or unexpected keys, a wrong shape or dtype, or a NaN or
-infinite value is rejected with a logged reason; the round goes on with the
-other sites.
+Under secure aggregation the server sees only the sum, so only the mean is
+possible (``server.secure_aggregation``).
+
+An update with missing or unexpected keys, a wrong shape or dtype, a NaN or
+infinite value, or counts beyond what ``max-users-per-site`` users can have (each
+user counts once per item) is rejected with a logged reason; the round goes on
+with the other sites.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ from logging import WARNING
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
+from flwr.server.strategy.aggregate import aggregate_median
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -90,6 +104,9 @@ class ItemSideFedAvg(FedAvg):
         site_timeout: seconds a round waits for ``min_sites`` to be connected; then it
             goes on, or the run stops with :class:`SitesMissing`.
         book: the run's round book.
+        aggregation: ``"median"`` or ``"mean"`` (module docstring).
+        max_users_per_site: the public bound on a site's users; without DP a site's
+            user count and each item's interaction count must not exceed it.
         evaluates_in: whether a round ends with a federated evaluation.
     """
 
@@ -103,6 +120,8 @@ class ItemSideFedAvg(FedAvg):
         release: GraphRelease | None = None,
         min_sites_to_continue: int | None = None,
         site_timeout: float = math.inf,
+        aggregation: str = "mean",
+        max_users_per_site: int | None = None,
     ) -> None:
         super().__init__(
             min_train_nodes=min_sites,
@@ -117,6 +136,8 @@ class ItemSideFedAvg(FedAvg):
         self.book = book
         self.evaluates_in = evaluates_in
         self.release = release
+        self.aggregation = aggregation
+        self.max_users_per_site = max_users_per_site or math.inf
         self.outbox: list[Message] = []
 
     def received(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
@@ -264,20 +285,33 @@ class ItemSideFedAvg(FedAvg):
             if not np.all(np.isfinite(arrays[key])):
                 raise RejectedUpdate(f"'{key}' holds NaN or infinite values")
         if not self.dp:
-            num_items = self.global_arrays[ITEM_ROW_PARAMETERS[0]].shape[0]
-            counts = arrays[ITEM_COUNTS]
-            if counts.shape != (num_items,) or np.any(counts < 0):
-                raise RejectedUpdate(
-                    f"'{ITEM_COUNTS}' must be {num_items} non-negative counts, "
-                    f"got shape {counts.shape}"
-                )
-            if float(metrics.get(NUM_EXAMPLES, 0)) <= 0:
-                raise RejectedUpdate(f"dp = false needs a positive '{NUM_EXAMPLES}' metric")
+            self.check_counts(arrays[ITEM_COUNTS], float(metrics.get(NUM_EXAMPLES, 0)))
         return arrays
+
+    def check_counts(self, counts: np.ndarray, users: float) -> None:
+        """Without DP: a site's user count and per-item interaction counts, which weigh its
+        rows in the mean, must be possible for ``max-users-per-site`` users."""
+        num_items = self.global_arrays[ITEM_ROW_PARAMETERS[0]].shape[0]
+        if counts.shape != (num_items,) or np.any(counts < 0):
+            raise RejectedUpdate(
+                f"'{ITEM_COUNTS}' must be {num_items} non-negative counts, got shape {counts.shape}"
+            )
+        if users <= 0:
+            raise RejectedUpdate(f"dp = false needs a positive '{NUM_EXAMPLES}' metric")
+        if users > self.max_users_per_site or np.any(counts > users):
+            raise RejectedUpdate(
+                f"claims {users:g} users and at most {counts.max():g} interactions with one "
+                f"item: expected at most max-users-per-site = {self.max_users_per_site} "
+                "users, each counted once per item"
+            )
 
     def average(self, updates: list[tuple[dict[str, np.ndarray], MetricRecord]]) -> dict:
         """The new global arrays (formulas in the module docstring)."""
         current = {k: v.numpy() for k, v in self.global_arrays.items()}
+        if self.aggregation == "median":
+            keys = list(current)
+            medians = aggregate_median([([u[k] for k in keys], 1) for u, _ in updates])
+            return {k: m.astype(current[k].dtype) for k, m in zip(keys, medians, strict=True)}
         if self.dp:
             return {
                 k: np.mean([u[k] for u, _ in updates], axis=0).astype(v.dtype)

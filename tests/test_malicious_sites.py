@@ -1,6 +1,8 @@
 """Issue 28: a site's item-graph statistics are checked before the server adds them in; a
 site that sends NaN, a wrong shape, an oversized norm, an impossible Gram or negative exact
-degrees is rejected with a clear reason, and the round goes on with the others."""
+degrees is rejected with a clear reason, and the round goes on with the others; the trained
+item side is aggregated by the coordinate-wise median, and counts beyond max-users-per-site
+are rejected."""
 
 from __future__ import annotations
 
@@ -8,10 +10,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
-from test_strategy import metadata_from
+from test_strategy import global_arrays, metadata_from, reply_from, site_update
 
 from common.config import default_config
 from common.data import load_site
+from common.errors import InputError
 from common.graph.release import contribution
 from common.model import item_side_size
 from common.privacy import site_mechanism
@@ -108,8 +111,10 @@ def test_an_honest_site_passes_every_check_under_dp_and_without(tmp_path, task, 
 
 
 def test_a_gram_that_is_no_sum_of_outer_products_is_rejected(tmp_path):
-    """Round 2 without DP: an entry beyond Cauchy-Schwarz (|G_ij| > sqrt(G_ii G_jj)), or a
-    negative diagonal, in the dense isometry; an asymmetric sparse Gram."""
+    """Round 2 without DP: an entry beyond Cauchy-Schwarz (|G_ij| > sqrt(G_ii G_jj)), a
+    negative diagonal, or a Gram scaled up past max-users-per-site users' trace (the site
+    has 80 users: 1.5 times its Gram looks like 120 users, within the norm bound) in the
+    dense isometry; an asymmetric sparse Gram."""
     release, sites = release_for(tmp_path, task="ranking", dp=False)
     config = release.config
     first = [contribution(config, site, 1, release.graph) for site in sites]
@@ -120,7 +125,11 @@ def test_a_gram_that_is_no_sum_of_outer_products_is_rejected(tmp_path):
     inflated[m] = 10 * np.sqrt(2.0) * np.sqrt(inflated[0] * inflated[1]) + 1.0  # G_01
     negative = honest[1].copy()
     negative[2] = -1.0
-    for sent, reason in ((inflated, "larger than its diagonal"), (negative, "negative")):
+    for sent, reason in (
+        (inflated, "larger than its diagonal"),
+        (negative, "negative"),
+        (honest[1] * 1.5, "trace"),
+    ):
         strategy = round_with(release, 2, vector(honest[0]), vector(sent))
         assert reason in strategy.book.rounds[2].rejected["site 1"]
 
@@ -154,3 +163,61 @@ def test_under_secure_aggregation_only_the_sums_range_and_consistency_are_checke
     release.check_secure_sum(1, total, SITES)
     with pytest.raises(RejectedStatistics, match=r"secure sum's norm .* exceeds"):
         release.check_secure_sum(1, total * 1e6, SITES)
+
+
+# -- the trained item side ---------------------------------------------------------
+
+
+def item_side_round(aggregation: str, sent: dict[str, np.ndarray], users: float = 10):
+    """Round 3 of four honest sites (values 1..4, 10 users each, every item touched) and
+    site 9 sending ``sent`` and claiming ``users`` users; max-users-per-site = 100."""
+    strategy = ItemSideFedAvg(
+        global_arrays(),
+        dp=False,
+        min_sites=5,
+        book=RoundBook(),
+        aggregation=aggregation,
+        max_users_per_site=100,
+    )
+    honest = [
+        reply_from(k, site_update(float(k), [2, 2, 2, 2]), {"site-id": k, "num-examples": 10})
+        for k in range(1, 5)
+    ]
+    bad = reply_from(9, sent, {"site-id": 9, "num-examples": users})
+    arrays, _ = strategy.aggregate_train(3, [*honest, bad])
+    return strategy, {k: v.numpy() for k, v in arrays.items()}
+
+
+def test_the_median_keeps_a_crafted_item_row_within_the_honest_sites_values():
+    """A PipAttack-style update (a huge bias and embedding for one target item, with the
+    largest count its users can have) moves the count-weighted mean anywhere, the median
+    not past the honest sites' values."""
+    crafted = site_update(0.0, [0, 0, 0, 10])  # all 10 of its users touched the target
+    crafted["item_bias.weight"][3] = 1e4
+    crafted["item_embedding.weight"][3] = 1e4
+    _, mean = item_side_round("mean", crafted)
+    _, median = item_side_round("median", crafted)
+    assert mean["item_bias.weight"][3, 0] > 1e3
+    assert 1.0 <= median["item_bias.weight"][3, 0] <= 4.0
+    embedding = median["item_embedding.weight"]
+    assert np.all((embedding >= 1.0) & (embedding <= 4.0))
+    np.testing.assert_allclose(median["dense.weight"], 2.0)  # median of 0, 1, 2, 3, 4
+
+
+@pytest.mark.parametrize(
+    ("users", "counts"),
+    [(1000, [2, 2, 2, 2]), (10, [2, 2, 2, 50])],
+    ids=["more-users-than-max-users-per-site", "more-interactions-with-an-item-than-users"],
+)
+def test_counts_no_site_of_max_users_per_site_users_can_have_are_rejected(users, counts):
+    strategy, arrays = item_side_round("mean", site_update(100.0, counts), users=users)
+    assert "max-users-per-site = 100" in strategy.book.rounds[3].rejected["site 9"]
+    np.testing.assert_allclose(arrays["dense.weight"], 2.5)  # the honest sites' mean
+
+
+def test_item_side_aggregation_is_the_median_unless_secure_aggregation_gives_only_the_sum():
+    assert default_config(dp=False).item_side_aggregation == "median"
+    secure = default_config(target_epsilon=8.0, secure_aggregation=True)
+    assert secure.item_side_aggregation == "mean"
+    with pytest.raises(InputError, match="item-side-aggregation: secure aggregation"):
+        secure.replace(item_side_aggregation="median")
