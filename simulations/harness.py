@@ -29,9 +29,11 @@ from client.app import make_app
 from client.train import site_graphs, site_model, train_locally
 from common.config import RunConfig, default_config
 from common.data import load_site
+from common.data.dataset import Interactions
+from common.data.site import SiteData
 from common.ego_graphs import UserEgoGraphs
-from common.evaluation import evaluate
-from common.graph.release import ItemGraph
+from common.evaluation import evaluate, evaluate_graph
+from common.graph.release import ItemGraph, rating_settings
 from common.model import EgoGraphRecommender, item_side_size
 from common.privacy import site_mechanism
 from server.app import run
@@ -142,6 +144,28 @@ def score(
     if part == "val":
         return evaluate(model, graphs, everyone.val, config.top_k).metrics()
     return evaluate(model, graphs, everyone.test, config.top_k, exclude=everyone.val).metrics()
+
+
+def kept_metrics(
+    config: RunConfig,
+    run_dir: Path,
+    site: SiteData,
+    heldout: Interactions,
+    top_k: int,
+    exclude: Interactions | None = None,
+) -> dict[str, float]:
+    """Metrics on ``heldout`` (``site``'s users) of what a run kept: the graph it released,
+    or the model it learned on it (``filter+gcn``: the run's best validation round where it
+    kept one, else its last round)."""
+    graph = ItemGraph.from_bytes((run_dir / "item_graph.npz").read_bytes())
+    if config.item_graph != "filter+gcn":
+        settings = rating_settings(config)
+        return evaluate_graph(graph, site, heldout, top_k, settings, exclude=exclude).metrics()
+    best = run_dir / "best-model.pt"
+    model = site_model(site.catalogue, config, graph=graph)
+    model.load_state_dict(torch.load(best if best.exists() else run_dir / "model.pt"))
+    graphs = site_graphs(site, config, graph)
+    return evaluate(model, graphs, heldout, top_k, exclude=exclude).metrics()
 
 
 def best_round(run_dir: Path, config: RunConfig, metric: str) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from simulations.harness import (
     TreeMemory,
     data_config,
     federate,
+    kept_metrics,
     score,
     write_results,
 )
@@ -104,17 +105,8 @@ RATING = {"no DP": FILTER | {"dp": False}, "secure sum": SECURE | {"delta": 1e-5
 
 
 def graph_test(config: RunConfig, run_dir: Path, site: SiteData) -> dict[str, float]:
-    """Test metrics of the graph a run released, or of the model it learned on it
-    (``filter+gcn``: the run's best validation round where it kept one, else its last
-    round), over every user of the split."""
-    graph = ItemGraph.from_bytes((run_dir / "item_graph.npz").read_bytes())
-    if config.item_graph == "filter+gcn":
-        best = run_dir / "best-model.pt"
-        return score(
-            config, torch.load(best if best.exists() else run_dir / "model.pt"), "test", graph
-        )
-    settings = rating_settings(config)
-    return evaluate_graph(graph, site, site.test, K, settings, exclude=site.val).metrics()
+    """Test metrics of what a run kept (:func:`kept_metrics`), over every user of the split."""
+    return kept_metrics(config, run_dir, site, site.test, K, exclude=site.val)
 
 
 def federated(name: str, config: RunConfig, site: SiteData, runs: int) -> dict[str, Any]:
