@@ -110,7 +110,8 @@ def site_graphs(site: SiteData, config: RunConfig, graph: ItemGraph | None = Non
     attributes = site.user_features if config.user_features else site.user_features[:, :0]
     features = None
     if learns_on(config, graph):
-        features = GraphFeatures(graph, site, rating_settings(config))
+        text = item_text_vectors(site.catalogue, config)
+        features = GraphFeatures(graph, site, rating_settings(config), text)
     return UserEgoGraphs(
         site.train,
         site.user_keys,

@@ -208,7 +208,12 @@ class EgoGraphRecommender(nn.Module):
             nn.init.constant_(self.global_bias.weight, sum(REFERENCE_SCALE) / 2)
         self.graph_weights = nn.Linear(graph_features, 1, bias=False) if graph_features else None
         if self.graph_weights is not None:  # the residual on the graph starts as the graph
-            nn.init.constant_(self.graph_weights.weight, GRAPH_SCALE[task])
+            with torch.no_grad():  # theta: the graph's parts at their scale, text at 0
+                scale = [
+                    0.0 if n == "text neighbours" else GRAPH_SCALE[task]
+                    for n in FEATURE_NAMES[task]
+                ]
+                self.graph_weights.weight.copy_(torch.tensor([scale]))
             nn.init.zeros_(self.dense.weight)
             nn.init.zeros_(self.dense.bias)
             if self.item_text_projection is not None:

@@ -153,17 +153,19 @@ def kept_metrics(
     heldout: Interactions,
     top_k: int,
     exclude: Interactions | None = None,
+    last_round: bool = False,
 ) -> dict[str, float]:
     """Metrics on ``heldout`` (``site``'s users) of what a run kept: the graph it released,
     or the model it learned on it (``filter+gcn``: the run's best validation round where it
-    kept one, else its last round)."""
+    kept one, else, or with ``last_round``, its last round)."""
     graph = ItemGraph.from_bytes((run_dir / "item_graph.npz").read_bytes())
     if config.item_graph != "filter+gcn":
         settings = rating_settings(config)
         return evaluate_graph(graph, site, heldout, top_k, settings, exclude=exclude).metrics()
     best = run_dir / "best-model.pt"
     model = site_model(site.catalogue, config, graph=graph)
-    model.load_state_dict(torch.load(best if best.exists() else run_dir / "model.pt"))
+    kept = best if best.exists() and not last_round else run_dir / "model.pt"
+    model.load_state_dict(torch.load(kept))
     graphs = site_graphs(site, config, graph)
     return evaluate(model, graphs, heldout, top_k, exclude=exclude).metrics()
 

@@ -200,7 +200,7 @@ def the_attacks(config: RunConfig) -> tuple[Attack, dict[str, Any]]:
     return Attack("none", target, fake_users, popular), about
 
 
-def exposure(config: RunConfig, run_dir, attack: Attack) -> dict[str, float]:
+def exposure(config: RunConfig, run_dir, attack: Attack, last_round: bool) -> dict[str, float]:
     """ER@10 and ER@20 of the target over the honest users who have not trained on it."""
     everyone = load_site(config, 0, 1)
     malicious = set(load_site(config, MALICIOUS, SITES).user_keys.tolist())
@@ -210,13 +210,17 @@ def exposure(config: RunConfig, run_dir, attack: Attack) -> dict[str, float]:
     target = np.full(len(honest), attack.target)
     heldout = Interactions(honest, target, np.ones(len(honest)))
     return {
-        f"er@{k}": kept_metrics(config, run_dir, everyone, heldout, k)[f"recall@{k}"]
+        f"er@{k}": kept_metrics(config, run_dir, everyone, heldout, k, last_round=last_round)[
+            f"recall@{k}"
+        ]
         for k in (10, 20)
     }
 
 
 def attacked(config: RunConfig, attack: Attack, defended: bool) -> dict[str, Any]:
-    """One federation with ``attack``: ER@K of honest users, clean val/test NDCG@20."""
+    """One federation with ``attack``: ER@K of honest users and the val/test NDCG@20 of
+    every user, for the model the run kept (its best validation round, what users get)
+    and for its last round (what the attack did to training)."""
     start = time.perf_counter()
     app = make_app(mods=(attack_mod(attack), secure_aggregation_mod))
     if defended:
@@ -225,15 +229,23 @@ def attacked(config: RunConfig, attack: Attack, defended: bool) -> dict[str, Any
         with undefended():
             run_dir = federate(config.replace(item_side_aggregation="mean"), SITES, app=app)
     everyone = load_site(config, 0, 1)
-    result = {
-        "exposure": exposure(config, run_dir, attack),
-        "val": kept_metrics(config, run_dir, everyone, everyone.val, K),
-        "test": kept_metrics(config, run_dir, everyone, everyone.test, K, everyone.val),
-        "rejected": rejections(run_dir),
-        "seconds": time.perf_counter() - start,
-    }
+    result: dict[str, Any] = {"rejected": rejections(run_dir), "kept-round": kept_round(run_dir)}
+    for model, last_round in (("kept", False), ("last round", True)):
+        result[model] = {
+            "exposure": exposure(config, run_dir, attack, last_round),
+            "val": kept_metrics(config, run_dir, everyone, everyone.val, K, None, last_round),
+            "test": kept_metrics(
+                config, run_dir, everyone, everyone.test, K, everyone.val, last_round
+            ),
+        }
+    result["seconds"] = time.perf_counter() - start
     print(attack.kind, "defended" if defended else "undefended", result, flush=True)
     return result
+
+
+def kept_round(run_dir) -> int | None:
+    """The round whose model the run kept (``best-model.pt``), from its status."""
+    return json.loads((run_dir / "status.json").read_text()).get("best-round")
 
 
 def rejections(run_dir) -> list[str]:
@@ -305,10 +317,15 @@ def figure_of(results: dict[str, Any]) -> Figure | None:
     for axes, dataset in zip(panels, datasets, strict=True):
         runs = results[dataset]["runs"]
         for offset, defended in ((-0.2, "defended"), (0.2, "undefended")):
-            values = [runs[f"{kind}, {defended}"]["exposure"]["er@10"] for kind in ATTACKS]
+            values = [
+                runs[f"{kind}, {defended}"]["last round"]["exposure"]["er@10"] for kind in ATTACKS
+            ]
             axes.bar(np.arange(len(ATTACKS)) + offset, values, 0.4, label=defended)
         axes.set_xticks(range(len(ATTACKS)), ATTACKS)
-        axes.set(title=f"{dataset}: one malicious site of 10", ylabel="ER@10 of honest users")
+        axes.set(
+            title=f"{dataset}: one malicious site of 10",
+            ylabel="ER@10 of honest users (last round)",
+        )
         axes.legend()
     return figure
 

@@ -22,6 +22,7 @@ from common.graph.features import GraphFeatures
 from common.graph.release import rating_settings
 from common.model import GRAPH_SCALE, EgoBatch
 from common.privacy import site_mechanism
+from common.text import item_text_vectors
 
 
 def small_config(**changes):
@@ -253,11 +254,13 @@ def test_the_learned_model_starts_as_the_released_graph(task):
 def test_a_training_targets_features_leave_the_target_out_of_the_users_row():
     """Ranking: the features of a user's own item i (and of the negative paired with it)
     are those of the user's row without i, so the model learns what it will face for an
-    item the user has not seen."""
+    item the user has not seen; the text neighbours' part too."""
     config = small_config(item_graph="filter+gcn", task="ranking", synthetic_users=120)
     site = load_site(config, 0, 1)
     graph = released_graph(config, site)
-    features = GraphFeatures(graph, site, rating_settings(config))
+    text = item_text_vectors(site.catalogue, config)
+    features = GraphFeatures(graph, site, rating_settings(config), text)
+    similarity = features.text.toarray()
     user = 3
     items = site.train.item[site.train.user == user][:4]
     negatives = np.array([0, 5, 9, 11])
@@ -267,8 +270,11 @@ def test_a_training_targets_features_leave_the_target_out_of_the_users_row():
         rows[0, item] = 0.0  # the row without the target
         candidates = np.array([[item, negatives[k]]])
         expected = features.filter.features(sp.csr_matrix(rows), candidates)[0]
+        text_part = similarity[candidates[0]] @ rows[0] / rows.sum()  # the mean over the row
+        expected = np.concatenate([expected, text_part[:, None]], 1)
         np.testing.assert_allclose(on_targets[k], expected[0], atol=1e-12)
         np.testing.assert_allclose(on_negatives[k], expected[1], atol=1e-12)
+    assert np.any(on_targets[:, 2] != 0)
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
