@@ -147,6 +147,7 @@ class EgoBatch:
         return EgoBatch(**{k: None if v is None else v.to(device) for k, v in moved.items()})
 
 
+TEXT_FEATURE = FEATURE_NAMES["ranking"].index("text neighbours")
 GRAPH_SCALE = {"rating": 1.0, "ranking": 30.0}
 """:math:`\theta` at the start: the graph's own score (rating), or its ranking at a scale
 where BPR's loss saturates on the pairs the graph already orders well, so that the
@@ -335,14 +336,21 @@ class EgoGraphRecommender(nn.Module):
         if self.graph_weights is not None:  # one call of the layer (ghost clipping)
             k = batch.items.shape[1]
             both = [batch.graph] + ([batch.graph_negatives] if self.task == "ranking" else [])
+            if self.task == "ranking":  # and the text neighbours' part alone, for the correction
+                text_only = torch.zeros_like(batch.graph)
+                text_only[..., TEXT_FEATURE] = 1.0
+                both += [batch.graph * text_only, batch.graph_negatives * text_only]
             scores = self.graph_score(torch.cat(both, 1))
-            graph, graph_negative = scores[:, :k], scores[:, k:]
+            graph, graph_negative = scores[:, :k], scores[:, k : 2 * k]
         if self.task == "rating":
             per_target = (score + graph - batch.ratings) ** 2
         else:
             per_target = -F.logsigmoid(score + graph - score_negative - graph_negative)
             if self.graph_weights is not None:  # the correction alone ranks too (see above)
-                per_target = per_target - F.logsigmoid(score - score_negative)
+                text, text_negative = scores[:, 2 * k : 3 * k], scores[:, 3 * k :]
+                per_target = per_target - F.logsigmoid(
+                    score + text - score_negative - text_negative
+                )
         return (per_target * batch.mask).sum(1) / batch.mask.shape[1]
 
     def leave_one_out_scores(self, batch: EgoBatch) -> tuple[Tensor, Tensor | None]:
