@@ -201,6 +201,7 @@ class EgoGraphRecommender(nn.Module):
         self.dense = nn.Linear(2 * dim if num_user_features else dim, dim)
         self.item_text_projection = nn.Linear(text_dim, dim + 1, bias=False) if text_dim else None
         self.use_text = text_dim > 0
+        self.register_buffer("item_touched", None, False)  # every item's ID part (set_touched)
 
         nn.init.normal_(self.item_embedding.weight, std=0.1)
         nn.init.zeros_(self.item_bias.weight)
@@ -230,6 +231,13 @@ class EgoGraphRecommender(nn.Module):
     def set_item_text(self, vectors: Tensor) -> None:
         """The public text vectors ``[num_items, text_dim]`` (a buffer: never sent)."""
         self.register_buffer("item_text", vectors.to(self.item_embedding.weight), persistent=False)
+
+    def set_touched(self, touched: np.ndarray) -> None:
+        """Keep the ID embedding and offset only for the items the released graph says someone
+        touched (``ItemGraph.touched``; a buffer: public, never sent): any other item, which
+        training never sees but as a negative, is its text alone."""
+        weight = self.item_embedding.weight
+        self.register_buffer("item_touched", torch.as_tensor(touched).to(weight), False)
 
     def set_propagation(self, propagation: Propagation) -> None:
         """Propagate item representations over the released item graph (buffers: public,
@@ -264,8 +272,10 @@ class EgoGraphRecommender(nn.Module):
             weights = torch.cat([weights, around[1].movedim(0, -2).flatten(-2)], -1)
         # Opacus's ghost clipping reads an embedding's input as [B, T]: flatten the hops
         embedded = self.item_embedding(ids.flatten(-2)).unflatten(-2, ids.shape[-2:])
-        q = (embedded * weights[..., None]).sum(-2) / (self.hops + 1)
         b = self.item_bias(items).squeeze(-1)
+        if self.item_touched is not None:
+            weights, b = weights * self.item_touched[ids], b * self.item_touched[items]
+        q = (embedded * weights[..., None]).sum(-2) / (self.hops + 1)
         if self.global_bias is not None:
             b = b + self.global_bias(torch.zeros_like(items)).squeeze(-1)
         if self.item_text_projection is None or not self.use_text:

@@ -224,6 +224,12 @@ class ItemGraph:
     similarity: np.ndarray | None = None
 
     @property
+    def touched(self) -> np.ndarray:
+        """``[num_items]`` bool: the items the release says some user touched, a released
+        degree above 3 standard deviations of its noise (above 0 without DP)."""
+        return self.degrees > 3 * self.degree_noise
+
+    @property
     def complete(self) -> bool:
         """Whether round 2 has been released, so that the graph can score."""
         return self.linear is not None or self.similarity is not None
