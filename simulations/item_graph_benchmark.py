@@ -30,7 +30,7 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -357,16 +357,20 @@ def pipeline_baselines(runs: int = 2) -> dict[str, Any]:
     return results
 
 
-def pipelines() -> dict[str, Any]:
+PIPELINES = ("filter", "filter+gcn", "none")
+
+
+def pipelines(names: Sequence[str] = PIPELINES) -> dict[str, Any]:
     """The default pipeline's choice, on validation only: the item graph's filter, the
     learned model on it (``filter+gcn``), and the GCN alone, without DP and at epsilon 8
-    through the secure sum (MovieLens-100K implicit and u1 ratings)."""
-    results = pipeline_baselines()
+    through the secure sum (MovieLens-100K implicit and u1 ratings); the baselines with
+    every pipeline (``names``: some of them, whose rows replace theirs in the results)."""
+    results = pipeline_baselines() if set(names) == set(PIPELINES) else {}
     for data, base, metric in PIPELINE_DATA:
         site = load_site(base, 0, 1)
         settings = RANKING if data == "implicit" else RATING
         for privacy in ("no DP", "secure sum"):
-            for pipeline in ("filter", "filter+gcn", "none"):
+            for pipeline in names:
                 changes = settings[privacy] | {"item_graph": pipeline, "min_sites": SITES}
                 if pipeline != "filter":
                     changes |= LEARNED[privacy]
@@ -450,7 +454,7 @@ CASES = {
     "ml-rating": lambda args: movielens_rating(args.seeds),
     "gowalla": lambda args: gowalla(args.seeds, dp=False),
     "gowalla-dp": lambda args: gowalla(args.seeds, dp=True),
-    "pipelines": lambda args: pipelines(),
+    "pipelines": lambda args: pipelines(args.pipelines),
     "cold": lambda args: cold_items(),
     "pipeline-baselines": lambda args: pipeline_baselines(args.seeds),
     "defaults": lambda args: with_defaults(args.seeds),
@@ -488,12 +492,16 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
     parser.add_argument("--seeds", type=int, default=2, help="runs of each DP row")
     parser.add_argument("--lightgcn", action="store_true", help="also train the LightGCN peer")
+    parser.add_argument(
+        "--pipelines", nargs="+", choices=PIPELINES, default=PIPELINES, help="rows to (re)run"
+    )
     args = parser.parse_args()
     path = RESULTS / "item_graph_benchmark.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results.pop("generated", None)
     for case in args.cases:
-        results[case] = CASES[case](args)
+        fresh = CASES[case](args)
+        results[case] = results.get(case, {}) | fresh if case == "pipelines" else fresh
         print(write_results("item_graph_benchmark", results, figure_of(results)), flush=True)
 
 
