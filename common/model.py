@@ -252,7 +252,8 @@ class EgoGraphRecommender(nn.Module):
 
     @contextmanager
     def text_disabled(self) -> Iterator[None]:
-        """Score without the text term, e.g. to see what text adds for cold items."""
+        """Score without the text term and the text neighbours' part, e.g. to see what
+        text adds for cold items."""
         self.use_text = False
         try:
             yield
@@ -289,9 +290,12 @@ class EgoGraphRecommender(nn.Module):
         return q + text[..., :-1].sum(-2) / (self.hops + 1), b + text[..., 0, -1]
 
     def graph_score(self, graph: Tensor | None) -> Tensor | float:
-        r""":math:`\theta^\top \phi` of the released graph's features (0 without)."""
+        r""":math:`\theta^\top \phi` of the released graph's features (0 without); with
+        the text disabled, without the text neighbours' part."""
         if self.graph_weights is None:
             return 0.0
+        if self.task == "ranking" and not self.use_text:
+            graph = graph * (torch.arange(graph.shape[-1], device=graph.device) != TEXT_FEATURE)
         return self.graph_weights(graph).squeeze(-1)
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:

@@ -397,9 +397,8 @@ def cold_items() -> dict[str, Any]:
     model.load_state_dict(torch.load(run_dir / "model.pt"))
     graphs = site_graphs(site, config, graph)
     cold = evaluate(model, graphs, site.cold, K, candidates=site.cold_items).metrics()
-    without_text = site_graphs(site, config.replace(item_text=False), graph)
     with model.text_disabled():
-        no_text = evaluate(model, without_text, site.cold, K, candidates=site.cold_items)
+        no_text = evaluate(model, graphs, site.cold, K, candidates=site.cold_items)
     rng = np.random.default_rng(config.seed)
 
     def nothing_seen(user: int) -> np.ndarray:  # no cold item is in anyone's training rows
