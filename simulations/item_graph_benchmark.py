@@ -42,10 +42,13 @@ from client.train import site_graphs, site_model
 from common.accounting import Event, noise_multiplier_for
 from common.config import RunConfig
 from common.data import load_site
+from common.data.dataset import Interactions
 from common.data.site import SiteData
 from common.evaluation import evaluate, evaluate_graph, ranking_sums, rating_metrics
-from common.graph.features import GraphFeatures
+from common.graph.features import GraphFeatures, text_neighbours
+from common.graph.filters import user_rows
 from common.graph.release import ItemGraph, contribution, rating_settings, released, sensitivity
+from common.text import item_text_vectors
 from simulations.harness import (
     MOVIELENS_IMPLICIT,
     RESULTS,
@@ -422,6 +425,41 @@ def cold_items() -> dict[str, Any]:
     }
 
 
+def text_neighbour_choice() -> dict[str, Any]:
+    r"""How many text neighbours (``common.graph.features.TEXT_NEIGHBOURS``), chosen on
+    validation: a tenth of the warm items of the cold-start split (drawn apart from its
+    cold items, which stay untouched) is held out of every user's training and validation
+    rows, and each user's interactions with them are ranked among them by the text
+    neighbours' part alone, :math:`\sum_{j \in N(u)} T_{ij}`, for each neighbour count."""
+    config = data_config(
+        "ml-100k", **MOVIELENS_IMPLICIT, dp=False, cold_item_fraction=0.1, item_graph="filter+gcn"
+    )
+    site = load_site(config, 0, 1)
+    n = site.catalogue.num_items
+    warm = np.setdiff1d(np.arange(n), site.cold_items)
+    rng = np.random.default_rng(config.seed + 1)
+    held_out = np.sort(rng.choice(warm, size=len(site.cold_items), replace=False))
+    known = Interactions.concat([site.train, site.val])
+    inside = np.isin(known.item, held_out)
+    rows = user_rows(known.select(~inside), site.num_users, n)
+    text = item_text_vectors(site.catalogue, config)
+
+    def nothing_left_out(user: int) -> np.ndarray:
+        return np.zeros(0, np.int64)
+
+    results = {}
+    for count in (5, 10, 20, 50, 100, 200, 400, n - 1):
+        similar = rows @ text_neighbours(text, count).T  # [users, n]
+
+        def scores(users: np.ndarray, similar=similar) -> torch.Tensor:
+            return torch.from_numpy(similar[users].toarray().astype(np.float32))
+
+        sums = ranking_sums(scores, nothing_left_out, known.select(inside), K, None, held_out)
+        results[str(count)] = {"val": sums.metrics()}
+        print("text neighbours", count, results[str(count)], flush=True)
+    return results
+
+
 def with_defaults(runs: int) -> dict[str, Any]:
     """The app's defaults, only the data, task and privacy keys set (and 10 sites), next to
     the tuned rows: MovieLens-100K implicit at epsilon 8 through the secure sum, with the
@@ -457,6 +495,7 @@ CASES = {
     "cold": lambda args: cold_items(),
     "pipeline-baselines": lambda args: pipeline_baselines(args.seeds),
     "defaults": lambda args: with_defaults(args.seeds),
+    "text-neighbours": lambda args: text_neighbour_choice(),
 }
 
 
