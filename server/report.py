@@ -80,7 +80,8 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "largest-epsilon": max(finite) if len(finite) == len(sites) and finite else None,
         "stopped-after-round": ledger["stopped-after-round"],
         "stopped-early": status.get("stopped-early"),
-        "dropouts": _dropouts(rounds),
+        "dropouts": _by_site(rounds, "failed"),
+        "rejected": _by_site(rounds, "rejected"),
         "releases": releases,
         "utility": {
             "metrics": list(names),
@@ -214,13 +215,14 @@ def _independent_accountant(config: RunConfig) -> str:
     return "dp-accounting " + ("PLD" if config.accountant == "prv" else "RDP")
 
 
-def _dropouts(rounds: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Per site (or node, if it never said which site it is): the rounds it failed in."""
-    dropouts: dict[str, list[dict[str, Any]]] = {}
+def _by_site(rounds: dict[str, Any], kind: str) -> dict[str, list[dict[str, Any]]]:
+    """Per site (or node, if it never said which site it is): the rounds it ``failed`` in,
+    or whose message the server ``rejected``, and why."""
+    found: dict[str, list[dict[str, Any]]] = {}
     for server_round, entry in sorted(rounds.items(), key=lambda kv: int(kv[0])):
-        for sender, reason in entry["failed"].items():
-            dropouts.setdefault(sender, []).append({"round": int(server_round), "reason": reason})
-    return dropouts
+        for sender, reason in entry.get(kind, {}).items():
+            found.setdefault(sender, []).append({"round": int(server_round), "reason": reason})
+    return found
 
 
 def _site_summary(entries: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:

@@ -77,7 +77,8 @@ def summary(report: dict[str, Any]) -> str:
             f"stopped after round {report['stopped-after-round']}: "
             "no site could train within max-epsilon"
         )
-    lines += [f"dropped out: {line}" for line in _dropout_lines(report)]
+    lines += [f"dropped out: {line}" for line in _site_lines(report, "dropouts")]
+    lines += [f"rejected: {line}" for line in _site_lines(report, "rejected")]
     earlier = {
         site: entry["earlier-epsilon"]
         for site, entry in sorted(report["sites"].items(), key=lambda kv: int(kv[0]))
@@ -93,10 +94,11 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _dropout_lines(report: dict[str, Any]) -> list[str]:
+def _site_lines(report: dict[str, Any], kind: str) -> list[str]:
+    """One line per site of the report's ``dropouts`` or ``rejected`` messages."""
     return [
-        f"{sender} in round(s) {_rounds([f['round'] for f in failures])}: {failures[-1]['reason']}"
-        for sender, failures in report["dropouts"].items()
+        f"{sender} in round(s) {_rounds([f['round'] for f in events])}: {events[-1]['reason']}"
+        for sender, events in report.get(kind, {}).items()
     ]
 
 
@@ -177,7 +179,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         ]
     if report["dropouts"]:
         lines += ["## Sites that dropped out", ""]
-        lines += [f"- {line}" for line in _dropout_lines(report)] + [""]
+        lines += [f"- {line}" for line in _site_lines(report, "dropouts")] + [""]
+    if report.get("rejected"):
+        lines += ["## Messages the server rejected (the round went on without them)", ""]
+        lines += [f"- {line}" for line in _site_lines(report, "rejected")] + [""]
     lines += [
         "## What each site sent",
         "",

@@ -6,19 +6,24 @@ are rejected."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from flower_helpers import simulate
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from test_strategy import global_arrays, metadata_from, reply_from, site_update
 
+from client.app import make_app
+from client.secure_aggregation import secure_aggregation_mod
 from common.config import default_config
 from common.data import load_site
 from common.errors import InputError
 from common.graph.release import contribution
 from common.model import item_side_size
 from common.privacy import site_mechanism
-from common.protocol import STATISTICS, STATISTICS_COLUMNS, STATISTICS_ROWS
+from common.protocol import ARRAYS, STATISTICS, STATISTICS_COLUMNS, STATISTICS_ROWS
 from server.item_graph import GraphRelease, RejectedStatistics
 from server.round_book import RoundBook
 from server.run_directory import RunDirectory
@@ -221,3 +226,37 @@ def test_item_side_aggregation_is_the_median_unless_secure_aggregation_gives_onl
     assert secure.item_side_aggregation == "mean"
     with pytest.raises(InputError, match="item-side-aggregation: secure aggregation"):
         secure.replace(item_side_aggregation="median")
+
+
+def test_a_run_goes_on_without_a_rejected_site_and_its_report_names_it(tmp_path):
+    """Three sites, site 2 sends NaN statistics in both statistics rounds: the run completes
+    with the others, and metrics.json, the report's JSON and its text name the site and the
+    check."""
+
+    def poisoned(msg, context, call_next):
+        reply = call_next(msg, context)
+        records = reply.content.array_records
+        if int(context.node_config["partition-id"]) == 2 and ARRAYS in records:
+            sent = {k: v.numpy() for k, v in records[ARRAYS].items()}
+            if STATISTICS in sent:
+                sent[STATISTICS] = np.full_like(sent[STATISTICS], np.nan)
+                records[ARRAYS] = ArrayRecord({k: Array(v) for k, v in sent.items()})
+        return reply
+
+    config = default_config(
+        min_sites=3,
+        dp=False,
+        item_graph="filter",
+        synthetic_users=120,
+        synthetic_items=60,
+        run_dir=str(tmp_path / "runs"),
+        site_state_dir=str(tmp_path / "sites"),
+    )
+    run_dir = simulate(config, 3, tmp_path, make_app([poisoned, secure_aggregation_mod]))
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    rejected = json.loads((run_dir / "metrics.json").read_text())["1"]["rejected"]
+    assert list(rejected) == ["site 2"] and "NaN" in rejected["site 2"]
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    assert [r["round"] for r in report["rejected"]["site 2"]] == [1, 2]
+    text = (run_dir / "privacy_report.md").read_text()
+    assert "- site 2 in round(s) 1-2: the statistics hold NaN or infinite values" in text
