@@ -354,6 +354,9 @@ def main() -> None:
     path = RESULTS / "poisoning.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results.pop("generated", None)
+    if "attacks" in args.cases:  # runs of another version must not mix with these
+        for dataset in args.datasets:
+            results.pop(dataset, None)
     if "aggregation" in args.cases:
         results["aggregation"] = aggregation_choice()
         print(write_results("poisoning", results, figure_of(results)), flush=True)
