@@ -11,8 +11,6 @@ here: ``target-epsilon = 0`` and ``max-epsilon = 0`` (off) are ``None``, and
 ``delta = "auto"`` is resolved to the number it stands for
 (:func:`auto_delta`), ``evaluation = "auto"`` to ``"dp"`` under DP and
 ``"exact"`` without, ``secagg-min-sites = 0`` to ``min-sites``,
-``item-side-aggregation = "auto"`` to ``"median"`` (``"mean"`` under secure
-aggregation, which gives only the sum),
 ``item-graph = "auto"`` to the pipeline that won on validation for the task
 and privacy (:func:`auto_pipeline`), and ``num-server-rounds = 0`` to that
 pipeline's own number of training rounds (:data:`TRAINING_ROUNDS`: none for the
@@ -145,9 +143,6 @@ class RunConfig:
                 typed[field.name] = _pipeline(values)
             elif key in ("secagg-min-sites", "min-sites-to-continue") and value == 0:
                 typed[field.name] = _typed("min-sites", values["min-sites"], "int")
-            elif key == "item-side-aggregation" and value == "auto":
-                secure = _typed("secure-aggregation", values["secure-aggregation"], "bool")
-                typed[field.name] = "mean" if secure else "median"
             elif key == "evaluation" and value == "auto":
                 typed[field.name] = "dp" if _typed("dp", values["dp"], "bool") else "exact"
             else:
@@ -198,6 +193,14 @@ class RunConfig:
         if self.item_graph_degree_share is not None:
             return self.item_graph_degree_share
         return 0.1 if self.task == "ranking" else 0.75
+
+    @property
+    def aggregation(self) -> str:
+        """How the server combines the trained item side: ``item-side-aggregation``, whose
+        ``"auto"`` is the median, or the mean under secure aggregation (only the sum)."""
+        if self.item_side_aggregation != "auto":
+            return self.item_side_aggregation
+        return "mean" if self.secure_aggregation else "median"
 
     @property
     def uses_item_text(self) -> bool:
@@ -261,7 +264,7 @@ class RunConfig:
             "split-fraction-per": (self.split_fraction_per, ("user", "dataset")),
             "item-graph": (self.item_graph, ("none", "filter", "filter+gcn")),
             "evaluation": (self.evaluation, ("dp", "off", "exact")),
-            "item-side-aggregation": (self.item_side_aggregation, ("mean", "median")),
+            "item-side-aggregation": (self.item_side_aggregation, ("auto", "mean", "median")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -379,7 +382,7 @@ class RunConfig:
             )
         if self.secure_aggregation and not self.dp:
             raise InputError("secure-aggregation: needs dp = true (it sums noised gradients)")
-        if self.secure_aggregation and self.item_side_aggregation != "mean":
+        if self.secure_aggregation and self.item_side_aggregation == "median":
             raise InputError(
                 "item-side-aggregation: secure aggregation gives the server only the sum, so "
                 f'only "mean" is possible, got {self.item_side_aggregation!r}'

@@ -118,7 +118,7 @@ def run(
             release,
             config.min_sites_to_continue,
             config.site_timeout,
-            config.item_side_aggregation,
+            config.aggregation,
             config.max_users_per_site,
         )
         evaluate(grid, strategy, 0, arrays, instruction, config)

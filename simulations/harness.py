@@ -101,10 +101,7 @@ def secure_sum_equivalent(config: RunConfig, epsilon: float, steps: int) -> dict
     ``target-epsilon = epsilon`` plans for ``steps`` rounds, and one Adam state for the
     whole run (as the server keeps). Returns the final model's test metrics and sigma."""
     planned = config.replace(
-        target_epsilon=epsilon,
-        secure_aggregation=True,
-        item_side_aggregation="mean",
-        num_server_rounds=steps,
+        target_epsilon=epsilon, secure_aggregation=True, num_server_rounds=steps
     )
     site = load_site(config, 0, 1)
     sigma = site_mechanism(planned, item_side_size(site.catalogue, planned)).noise_multiplier

@@ -221,9 +221,9 @@ def test_counts_no_site_of_max_users_per_site_users_can_have_are_rejected(users,
 
 
 def test_item_side_aggregation_is_the_median_unless_secure_aggregation_gives_only_the_sum():
-    assert default_config(dp=False).item_side_aggregation == "median"
+    assert default_config(dp=False).aggregation == "median"
     secure = default_config(target_epsilon=8.0, secure_aggregation=True)
-    assert secure.item_side_aggregation == "mean"
+    assert secure.aggregation == "mean"
     with pytest.raises(InputError, match="item-side-aggregation: secure aggregation"):
         secure.replace(item_side_aggregation="median")
 
