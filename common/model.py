@@ -63,14 +63,17 @@ a trained parameter):
 
 **On the released item graph** (``graph_features`` :math:`G > 0`, ``item-graph =
 "filter+gcn"``): the score adds :math:`\theta^\top \phi_{ui}`, the released graph's
-features of the user and item (``common.graph.release.GraphFeatures``), and the
+features of the user and item (``common.graph.features.GraphFeatures``), and the
 rest of the model is a correction of it: :math:`W_d` and the item offsets start at
-zero and :math:`\theta` at :data:`GRAPH_SCALE`, so that before training the model
-scores as the graph; the global bias and the closed-form user bias give way to the
-graph's own user mean and item offset (rating). For ranking, BPR is applied to the
-whole score and to the correction alone: the graph already orders most pairs, and
-the second term keeps the correction a ranker of its own, which is all there is for
-an item the graph has never seen (cold start).
+zero and :math:`\theta` at :data:`GRAPH_SCALE` (the text neighbours' part at 0), so
+that before training the model scores as the graph; the global bias and the
+closed-form user bias give way to the graph's own user mean and item offset (rating).
+For ranking, BPR is applied to the whole score and to the correction alone (with the
+text neighbours' part): the graph already orders most pairs, and the second term
+keeps the correction a ranker of its own, which is all there is for an item the graph
+has never seen (cold start). Such an item, one the release says nobody touched
+(``ItemGraph.touched``, :meth:`EgoGraphRecommender.set_touched`), has no ID embedding
+or offset: it is its text alone, and it is never drawn as a negative.
 
 **Training targets, leave-one-out.** During training every interaction of the
 user is a target, and its own edge is removed from the ego graph when it is
