@@ -26,6 +26,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -108,10 +109,11 @@ def site_graphs(site: SiteData, config: RunConfig, graph: ItemGraph | None = Non
     """The ego graphs of the site's users, built from their training interactions; with
     the learned model on the item graph, the released ``graph``'s features of each."""
     attributes = site.user_features if config.user_features else site.user_features[:, :0]
-    features = None
+    features, negatives_from = None, None
     if learns_on(config, graph):
         text = item_text_vectors(site.catalogue, config)
         features = GraphFeatures(graph, site, rating_settings(config), text)
+        negatives_from = np.flatnonzero(graph.touched)
     return UserEgoGraphs(
         site.train,
         site.user_keys,
@@ -121,6 +123,7 @@ def site_graphs(site: SiteData, config: RunConfig, graph: ItemGraph | None = Non
         config.edge_dropout,
         config.seed,
         features,
+        negatives_from,
     )
 
 

@@ -40,6 +40,8 @@ class UserEgoGraphs(Dataset):
         seed: base seed of the per-user generators.
         features: the released item graph's features of the site's users (the learned
             model on the item graph), added to every sample; ``None`` without.
+        negatives_from: the items ranking negatives are drawn from, uniformly (the items
+            the released graph says someone touched); ``None``: the whole catalogue.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class UserEgoGraphs(Dataset):
         edge_dropout: float,
         seed: int,
         features: GraphFeatures | None = None,
+        negatives_from: np.ndarray | None = None,
     ) -> None:
         num_users = len(user_keys)
         order = np.argsort(interactions.user, kind="stable")
@@ -73,6 +76,7 @@ class UserEgoGraphs(Dataset):
         self.edge_dropout = edge_dropout
         self.seed = seed
         self.features = features
+        self.negatives_from = negatives_from
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -108,7 +112,10 @@ class UserEgoGraphs(Dataset):
             self.ratings[edges],
             1.0,
         )
-        negatives = rng.integers(0, self.num_items, size=k)
+        if self.negatives_from is None:
+            negatives = rng.integers(0, self.num_items, size=k)
+        else:
+            negatives = self.negatives_from[rng.integers(0, len(self.negatives_from), size=k)]
         context = mask.copy()
         if epoch != EVALUATION_EPOCH and self.edge_dropout > 0:
             context *= rng.random(k) >= self.edge_dropout

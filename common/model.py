@@ -73,7 +73,7 @@ text neighbours' part): the graph already orders most pairs, and the second term
 keeps the correction a ranker of its own, which is all there is for an item the graph
 has never seen (cold start). Such an item, one the release says nobody touched
 (``ItemGraph.touched``, :meth:`EgoGraphRecommender.set_touched`), has no ID embedding
-or offset: it is its text alone.
+or offset: it is its text alone, and it is never drawn as a negative.
 
 **Training targets, leave-one-out.** During training every interaction of the
 user is a target, and its own edge is removed from the ego graph when it is
