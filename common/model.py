@@ -238,7 +238,7 @@ class EgoGraphRecommender(nn.Module):
     def set_touched(self, touched: np.ndarray) -> None:
         """Keep the ID embedding and offset only for the items the released graph says someone
         touched (``ItemGraph.touched``; a buffer: public, never sent): any other item, which
-        training never sees but as a negative, is its text alone."""
+        training never sees, is its text alone."""
         weight = self.item_embedding.weight
         self.register_buffer("item_touched", torch.as_tensor(touched).to(weight), False)
 
