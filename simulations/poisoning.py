@@ -265,9 +265,10 @@ def rejections(run_dir) -> list[str]:
     ]
 
 
-def poisoning(dataset: str) -> dict[str, Any]:
+def poisoning(dataset: str, results: dict[str, Any]) -> None:
     """Every attack with and without the defences on ``dataset``, without DP (where the
-    default pipeline trains an item side)."""
+    default pipeline trains an item side), into ``results[dataset]``, written after each
+    run (a Gowalla run takes about 10 minutes)."""
     if dataset == "ml-100k":
         config = data_config("ml-100k", **MOVIELENS_IMPLICIT, dp=False, min_sites=SITES)
         bound = 200  # about twice a site's users (94): a public bound a federation would set
@@ -276,7 +277,8 @@ def poisoning(dataset: str) -> dict[str, Any]:
         bound = 6000  # about twice a site's users (2,986)
     config = config.replace(max_users_per_site=bound)
     honest, about = the_attacks(config)
-    rows = {}
+    rows: dict[str, Any] = {}
+    results[dataset] = {"setting": about | {"item-graph": config.item_graph}, "runs": rows}
     for kind in ATTACKS:
         attack = dataclasses.replace(honest, kind=kind)
         if kind in ("none", "crafted"):
@@ -287,7 +289,7 @@ def poisoning(dataset: str) -> dict[str, Any]:
             rows[f"{kind}, {'defended' if defended else 'undefended'}"] = attacked(
                 config, attack, defended
             )
-    return {"setting": about | {"item-graph": config.item_graph}, "runs": rows}
+            print(write_results("poisoning", results, figure_of(results)), flush=True)
 
 
 def aggregation_choice() -> dict[str, Any]:
@@ -329,7 +331,7 @@ def figure_of(results: dict[str, Any]) -> Figure | None:
             values = [
                 runs[f"{kind}, {defended}"]["last round"]["exposure"]["er@10"]
                 if f"{kind}, {defended}" in runs
-                else np.nan
+                else np.nan  # not run (yet)
                 for kind in ATTACKS
             ]
             axes.bar(np.arange(len(ATTACKS)) + offset, values, 0.4, label=defended)
@@ -362,8 +364,7 @@ def main() -> None:
         print(write_results("poisoning", results, figure_of(results)), flush=True)
     if "attacks" in args.cases:
         for dataset in args.datasets:
-            results[dataset] = poisoning(dataset)
-            print(write_results("poisoning", results, figure_of(results)), flush=True)
+            poisoning(dataset, results)
 
 
 if __name__ == "__main__":
