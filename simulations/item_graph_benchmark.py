@@ -331,15 +331,15 @@ LEARNED = {
 (the graph's own round included); under DP the final round's model (validation metrics
 outside the guarantee choose nothing in a run)."""
 LEARNED_TEST = {
-    "implicit": {"no DP": LEARNED["no DP"] | {"num_server_rounds": 5}},
+    "implicit": {"no DP": LEARNED["no DP"] | {"num_server_rounds": 1}},
     "u1": {
-        "no DP": LEARNED["no DP"] | {"num_server_rounds": 6},
+        "no DP": LEARNED["no DP"] | {"num_server_rounds": 7},
         "secure sum": LEARNED["secure sum"],
     },
 }
 """The learned model's test rows: refitted on training + validation like every row, so
 the number of training rounds is the one its validation run kept (``pipelines()``:
-implicit round 7, u1 round 8, after the graph's 2); under DP its rounds as validated."""
+implicit round 3, u1 round 9, after the graph's 2); under DP its rounds as validated."""
 
 
 PIPELINE_DATA = (
