@@ -1,11 +1,12 @@
 r"""Item-side aggregation, with every site update checked before use.
 
 Sites send back the item-side parameters after local training. The default
-(``item-side-aggregation = "median"``) is the coordinate-wise median over the
-sites (Flower's FedMedian kernel, ``aggregate_median``; Yin et al., ICML 2018):
-one site among ``S`` moves no coordinate beyond the range of the honest sites'
-values as long as most sites are honest, whatever it sends, and claims of
-weight (counts) play no part:
+(``item-side-aggregation = "auto"``, ``RunConfig.aggregation``) is the
+coordinate-wise median over the sites (Flower's FedMedian kernel,
+``aggregate_median``; Yin et al., ICML 2018): one site among ``S`` moves no
+coordinate beyond the range of the honest sites' values as long as most sites
+are honest, whatever it sends, and claims of weight (counts) play no part. Under
+DP it is post-processing of the sites' released updates and changes no epsilon:
 
 .. math::
     \theta_j \leftarrow \operatorname{median}_s\, \theta_{s,j}
