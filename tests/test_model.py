@@ -293,3 +293,29 @@ def test_the_learned_model_trains_under_dp_on_the_released_graph(mode, task):
     assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     metrics = evaluate(model, graphs, site.val, config.top_k).metrics()
     assert all(np.isfinite(v) for v in metrics.values())
+
+
+def test_an_item_nobody_touched_is_its_text_alone_and_never_a_negative():
+    """With a tenth of the items held out of training (cold), the release gives them no
+    positive degree: their item vectors carry no ID embedding or offset, whatever those
+    rows hold, and the ranking negatives are drawn from the touched items only."""
+    config = small_config(
+        item_graph="filter+gcn", task="ranking", synthetic_users=120, cold_item_fraction=0.1
+    )
+    site = load_site(config, 0, 1)
+    graph = released_graph(config, site)
+    untouched = np.flatnonzero(~graph.touched)
+    assert set(site.cold_items) <= set(untouched)
+    model = site_model(site.catalogue, config, graph=graph).eval()
+    items = torch.as_tensor(untouched)
+    with torch.no_grad():
+        before = model.item_vectors(items)
+        model.item_embedding.weight[items] += 5.0
+        model.item_bias.weight[items] += 5.0
+        after = model.item_vectors(items)
+    for was, now in zip(before, after, strict=True):
+        torch.testing.assert_close(was, now)
+    graphs = site_graphs(site, config, graph)
+    graphs.set_epoch(1)
+    negatives = torch.cat([graphs[u][5] for u in range(len(graphs))]).numpy()
+    assert not np.isin(negatives, untouched).any()
