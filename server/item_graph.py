@@ -44,6 +44,7 @@ class GraphRelease:
         self.mechanism = mechanism
         self.out = out
         self.graph = ItemGraph()
+        self.site_degrees: dict[int, np.ndarray] = {}  # without DP: each site's round 1
 
     def instruction(self) -> dict[str, bytes]:
         """What every instruction carries of the graph (nothing before round 1's release)."""
@@ -52,14 +53,18 @@ class GraphRelease:
     def expected_length(self, server_round: int) -> int:
         return length(self.config, self.catalogue, server_round, self.graph)
 
-    def read(self, server_round: int, arrays: dict[str, np.ndarray]) -> Total:
+    def read(
+        self, server_round: int, arrays: dict[str, np.ndarray], site_id: int | None = None
+    ) -> Total:
         r"""A site's statistics from its reply's arrays, checked before they are added in
         (raises :class:`RejectedStatistics` with the reason): the keys and shape, finite
         values, a norm that ``max-users-per-site`` users can reach (:meth:`largest_norm`),
         and without DP, where the sums are exact, what every sum of users' terms obeys:
-        non-negative ranking degrees, and a Gram whose every entry is within
-        Cauchy-Schwarz of its diagonal, :math:`|G_{ij}| \le \sqrt{G_{ii} G_{jj}}`
-        (which also makes a sparse one symmetric with a non-negative diagonal)."""
+        non-negative ranking degrees, a Gram whose every entry is within Cauchy-Schwarz
+        of its diagonal, :math:`|G_{ij}| \le \sqrt{G_{ii} G_{jj}}` (which also makes a
+        sparse one symmetric with a non-negative diagonal), whose trace is at most
+        :meth:`largest_trace`, and, for ranking over the whole catalogue, whose diagonal
+        is consistent with the site's own round-1 degrees (:meth:`check_diagonal`)."""
         n = self.expected_length(server_round)
         if set(arrays) == {STATISTICS}:
             vector = arrays[STATISTICS]
@@ -77,6 +82,7 @@ class GraphRelease:
                 )
             if not self.config.dp:
                 check_exact(self.config, server_round, vector, self.largest_trace(server_round))
+                self.check_diagonal(server_round, vector, site_id)
             return vector
         sparse_keys = {STATISTICS, STATISTICS_ROWS, STATISTICS_COLUMNS}
         if set(arrays) != sparse_keys or self.config.dp or server_round != 2:
@@ -92,6 +98,7 @@ class GraphRelease:
             raise RejectedStatistics("the statistics hold NaN or infinite values")
         gram = sp.csr_matrix((values, (rows, columns)), shape=(m, m))
         check_cauchy_schwarz(gram.diagonal(), gram.tocoo(), self.largest_trace(server_round))
+        self.check_diagonal(server_round, gram.diagonal(), site_id)
         if abs(gram - gram.T).max() > 1e-6 * abs(gram).max():  # float32 rounding
             raise RejectedStatistics("the Gram is not symmetric")
         if np.linalg.norm(gram.data) > self.largest_norm(server_round, m * m):
@@ -99,6 +106,26 @@ class GraphRelease:
                 "the Gram's norm exceeds what max-users-per-site users can give"
             )
         return gram
+
+    def check_diagonal(self, server_round: int, sent: np.ndarray, site_id: int | None) -> None:
+        r"""Ranking without DP, the Gram over the whole catalogue: a user adds
+        :math:`r_{ui} / |N(u)|` to :math:`G_{ii}` and :math:`r_{ui} \min(1, C_d /
+        \sqrt{|N(u)|})` to the degree :math:`d_i`, so a site's :math:`G_{ii}` is at most
+        :math:`\max(1, 1/C_d)` times its own round-1 :math:`d_i` (kept from round 1 by site
+        id). ``sent``: round 1's degrees (kept), or round 2's isometry vector or diagonal."""
+        if self.config.dp or self.config.task != "ranking" or site_id is None:
+            return
+        if server_round == 1:
+            self.site_degrees[site_id] = sent
+            return
+        degrees = self.site_degrees.get(site_id)
+        if degrees is None or len(self.graph.items) != len(degrees):
+            return  # no round 1 of this site, or a Gram over some items only
+        allowed = degrees * max(1.0, 1.0 / self.config.item_graph_degree_bound)
+        if np.any(sent[: len(degrees)] > allowed * (1 + 1e-6) + 1e-9):
+            raise RejectedStatistics(
+                "the Gram's diagonal exceeds what the site's own round-1 degrees allow"
+            )
 
     def check_secure_sum(self, server_round: int, total: np.ndarray, sites: int) -> None:
         """Under secure aggregation the server sees only the sum of ``sites`` sites: it

@@ -267,7 +267,8 @@ class ItemSideFedAvg(FedAvg):
             )
         received = content.array_records[ARRAYS]
         if self.statistics_round(server_round):
-            return self.release.read(server_round, {k: v.numpy() for k, v in received.items()})
+            sent = {k: v.numpy() for k, v in received.items()}
+            return self.release.read(server_round, sent, int(metrics[SITE_ID]))
         expected = set(self.global_arrays) | (set() if self.dp else {ITEM_COUNTS})
         if set(received) != expected:
             missing, extra = sorted(expected - set(received)), sorted(set(received) - expected)

@@ -117,9 +117,10 @@ def test_an_honest_site_passes_every_check_under_dp_and_without(tmp_path, task, 
 
 def test_a_gram_that_is_no_sum_of_outer_products_is_rejected(tmp_path):
     """Round 2 without DP: an entry beyond Cauchy-Schwarz (|G_ij| > sqrt(G_ii G_jj)), a
-    negative diagonal, or a Gram scaled up past max-users-per-site users' trace (the site
-    has 80 users: 1.5 times its Gram looks like 120 users, within the norm bound) in the
-    dense isometry; an asymmetric sparse Gram."""
+    negative diagonal, a Gram scaled up past max-users-per-site users' trace (the site
+    has 80 users: 1.5 times its Gram looks like 120 users, within the norm bound), or a
+    diagonal beyond the site's own round-1 degrees, in the dense isometry; an asymmetric
+    sparse Gram."""
     release, sites = release_for(tmp_path, task="ranking", dp=False)
     config = release.config
     first = [contribution(config, site, 1, release.graph) for site in sites]
@@ -137,6 +138,11 @@ def test_a_gram_that_is_no_sum_of_outer_products_is_rejected(tmp_path):
     ):
         strategy = round_with(release, 2, vector(honest[0]), vector(sent))
         assert reason in strategy.book.rounds[2].rejected["site 1"]
+
+    # degrees sent low in round 1 (each within its checks), then an honest Gram
+    round_with(release, 1, vector(first[0]), vector(first[1] * 0.01))
+    strategy = round_with(release, 2, vector(honest[0]), vector(honest[1]))
+    assert "round-1 degrees" in strategy.book.rounds[2].rejected["site 1"]
 
     release, _ = release_for(
         tmp_path / "sparse", task="ranking", dp=False, item_graph_dense_items=10
