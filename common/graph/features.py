@@ -8,6 +8,8 @@ correction that starts at zero.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -56,6 +58,19 @@ def text_neighbours(text: np.ndarray, count: int = TEXT_NEIGHBOURS) -> sp.csr_ma
     return sp.vstack(blocks).tocsr() if blocks else sp.csr_matrix((0, 0))
 
 
+_TEXT_GRAPHS: dict[bytes, sp.csr_matrix] = {}
+
+
+def _text_graph(text: np.ndarray) -> sp.csr_matrix:
+    """:func:`text_neighbours` of ``text``, computed once per process and catalogue: a site
+    builds its features every round, with the same public texts."""
+    key = hashlib.blake2b(text.tobytes(), digest_size=16).digest()
+    if key not in _TEXT_GRAPHS:
+        _TEXT_GRAPHS.clear()  # one catalogue at a time
+        _TEXT_GRAPHS[key] = text_neighbours(text)
+    return _TEXT_GRAPHS[key]
+
+
 class GraphFeatures:
     r"""What the released graph says about a site's users, part by part
     (:data:`FEATURE_NAMES`): the features :math:`\phi_{ui}` of the learned model, whose
@@ -94,7 +109,7 @@ class GraphFeatures:
         if self.ranking:
             if graph.complete:
                 self.filter = graph.item_filter(self.num_items)
-            self.text = None if text is None else text_neighbours(text)
+            self.text = None if text is None else _text_graph(text)
             self.row_counts = np.maximum(self.rows.getnnz(axis=1), 1).astype(np.float64)
             return
         train = on_reference_scale(site)
