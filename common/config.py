@@ -264,7 +264,10 @@ class RunConfig:
             "split-fraction-per": (self.split_fraction_per, ("user", "dataset")),
             "item-graph": (self.item_graph, ("none", "filter", "filter+gcn")),
             "evaluation": (self.evaluation, ("dp", "off", "exact")),
-            "item-side-aggregation": (self.item_side_aggregation, ("auto", "mean", "median")),
+            "item-side-aggregation": (
+                self.item_side_aggregation,
+                ("auto", "mean", "median", "trimmed-mean"),
+            ),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -382,7 +385,7 @@ class RunConfig:
             )
         if self.secure_aggregation and not self.dp:
             raise InputError("secure-aggregation: needs dp = true (it sums noised gradients)")
-        if self.secure_aggregation and self.item_side_aggregation == "median":
+        if self.secure_aggregation and self.item_side_aggregation in ("median", "trimmed-mean"):
             raise InputError(
                 "item-side-aggregation: secure aggregation gives the server only the sum, so "
                 f'only "mean" is possible, got {self.item_side_aggregation!r}'

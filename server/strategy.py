@@ -11,6 +11,16 @@ DP it is post-processing of the sites' released updates and changes no epsilon:
 .. math::
     \theta_j \leftarrow \operatorname{median}_s\, \theta_{s,j}
 
+``"trimmed-mean"`` drops each coordinate's highest and lowest site value and
+averages the rest (Flower's FedTrimmedAvg kernel, ``aggregate_trimmed_avg``; Yin
+et al. analyse both): one malicious site among ``S >= 3`` is always cut or
+inside the honest range, and the other values are averaged rather than one
+picked. With fewer than 3 sites it is the plain mean:
+
+.. math::
+    \theta_j \leftarrow \frac{1}{S - 2} \sum_{s=2}^{S-1} \theta_{(s),j}
+    \quad (\theta_{(1),j} \le \dots \le \theta_{(S),j})
+
 ``"mean"`` is federated averaging. With DP on, every site has the same weight
 (a count of users or interactions would be private):
 
@@ -46,7 +56,7 @@ from logging import WARNING
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
-from flwr.server.strategy.aggregate import aggregate_median
+from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -105,7 +115,7 @@ class ItemSideFedAvg(FedAvg):
         site_timeout: seconds a round waits for ``min_sites`` to be connected; then it
             goes on, or the run stops with :class:`SitesMissing`.
         book: the run's round book.
-        aggregation: ``"median"`` or ``"mean"`` (module docstring).
+        aggregation: ``"median"``, ``"trimmed-mean"`` or ``"mean"`` (module docstring).
         max_users_per_site: the public bound on a site's users; without DP a site's
             user count and each item's interaction count must not exceed it.
         evaluates_in: whether a round ends with a federated evaluation.
@@ -310,10 +320,15 @@ class ItemSideFedAvg(FedAvg):
     def average(self, updates: list[tuple[dict[str, np.ndarray], MetricRecord]]) -> dict:
         """The new global arrays (formulas in the module docstring)."""
         current = {k: v.numpy() for k, v in self.global_arrays.items()}
-        if self.aggregation == "median":
+        if self.aggregation in ("median", "trimmed-mean"):
             keys = list(current)
-            medians = aggregate_median([([u[k] for k in keys], 1) for u, _ in updates])
-            return {k: m.astype(current[k].dtype) for k, m in zip(keys, medians, strict=True)}
+            sites = [([u[k] for k in keys], 1) for u, _ in updates]
+            if self.aggregation == "median":
+                robust = aggregate_median(sites)
+            else:  # Flower cuts int(proportion * S) sites at each end: just over 1/S cuts one
+                cut = 1.0001 / len(sites) if len(sites) >= 3 else 0.0
+                robust = aggregate_trimmed_avg(sites, cut)
+            return {k: m.astype(current[k].dtype) for k, m in zip(keys, robust, strict=True)}
         if self.dp:
             return {
                 k: np.mean([u[k] for u, _ in updates], axis=0).astype(v.dtype)

@@ -23,11 +23,12 @@ not trained on the target) whose top-K holds the target, and the clean runs' NDC
 (validation and test, every user), so that what the defences cost is visible. On
 Gowalla (10 minutes a run) the two runs that no target needs, fake users and scaling
 without the defences, are left out.
-``--cases aggregation`` compares the mean and the median on validation for each
-pipeline that trains an item side without secure aggregation (the default's choice).
+``--cases aggregation`` compares the mean, the median and the trimmed mean on
+validation for each pipeline that trains an item side without secure aggregation
+(the default's choice).
 
     python -m simulations.poisoning --datasets ml-100k gowalla
-    python -m simulations.poisoning --cases aggregation
+    python -m simulations.poisoning --cases aggregation --datasets ml-100k gowalla
 """
 
 from __future__ import annotations
@@ -292,31 +293,41 @@ def poisoning(dataset: str, results: dict[str, Any]) -> None:
             print(write_results("poisoning", results, figure_of(results)), flush=True)
 
 
-def aggregation_choice() -> dict[str, Any]:
-    """Validation metrics of the mean and the median of the item side, for each pipeline
-    that trains one without secure aggregation: MovieLens-100K implicit and u1 ratings
-    without DP, u1 ratings at epsilon 8 with per-site noise (ranking under DP trains
-    nothing by default)."""
+def aggregation_choice(datasets: list[str], results: dict[str, Any]) -> None:
+    """Validation metrics of the mean, the median and the trimmed mean of the item side,
+    for each pipeline that trains one without secure aggregation, into
+    ``results["aggregation"]``: on MovieLens-100K implicit and u1 ratings without DP and
+    u1 ratings at epsilon 8 with per-site noise (ranking under DP trains nothing by
+    default); on Gowalla without DP."""
     settings = {
-        "MovieLens-100K implicit, no DP": data_config(
-            "ml-100k", **MOVIELENS_IMPLICIT, dp=False, min_sites=SITES
-        ),
-        "MovieLens-100K u1 ratings, no DP": data_config(
-            "ml-100k", split="u1", dp=False, min_sites=SITES
-        ),
-        "MovieLens-100K u1 ratings, epsilon 8, per-site noise": data_config(
-            "ml-100k", split="u1", target_epsilon=8.0, delta=1e-5, min_sites=SITES
-        ),
+        "ml-100k": {
+            "MovieLens-100K implicit, no DP": data_config(
+                "ml-100k", **MOVIELENS_IMPLICIT, dp=False, min_sites=SITES
+            ),
+            "MovieLens-100K u1 ratings, no DP": data_config(
+                "ml-100k", split="u1", dp=False, min_sites=SITES
+            ),
+            "MovieLens-100K u1 ratings, epsilon 8, per-site noise": data_config(
+                "ml-100k", split="u1", target_epsilon=8.0, delta=1e-5, min_sites=SITES
+            ),
+        },
+        "gowalla": {
+            "Gowalla, no DP": data_config("gowalla", task="ranking", dp=False, min_sites=SITES)
+        },
     }
-    results = {}
-    for name, config in settings.items():
-        everyone = load_site(config, 0, 1)
-        for aggregation in ("mean", "median"):
-            run_dir = federate(config.replace(item_side_aggregation=aggregation), SITES)
-            metrics = kept_metrics(config, run_dir, everyone, everyone.val, K)
-            results[f"{name}, {aggregation}"] = {"val": metrics, "item-graph": config.item_graph}
-            print(name, aggregation, metrics, flush=True)
-    return results
+    rows = results.setdefault("aggregation", {})
+    for dataset in datasets:
+        for name, config in settings[dataset].items():
+            everyone = load_site(config, 0, 1)
+            for aggregation in ("mean", "median", "trimmed-mean"):
+                run_dir = federate(config.replace(item_side_aggregation=aggregation), SITES)
+                rows[f"{name}, {aggregation}"] = {
+                    "val": kept_metrics(config, run_dir, everyone, everyone.val, K),
+                    "kept-round": kept_round(run_dir),
+                    "item-graph": config.item_graph,
+                }
+                print(name, aggregation, rows[f"{name}, {aggregation}"], flush=True)
+                print(write_results("poisoning", results, figure_of(results)), flush=True)
 
 
 def figure_of(results: dict[str, Any]) -> Figure | None:
@@ -360,8 +371,7 @@ def main() -> None:
         for dataset in args.datasets:
             results.pop(dataset, None)
     if "aggregation" in args.cases:
-        results["aggregation"] = aggregation_choice()
-        print(write_results("poisoning", results, figure_of(results)), flush=True)
+        aggregation_choice(args.datasets, results)
     if "attacks" in args.cases:
         for dataset in args.datasets:
             poisoning(dataset, results)

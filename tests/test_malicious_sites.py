@@ -215,6 +215,16 @@ def test_the_median_keeps_a_crafted_item_row_within_the_honest_sites_values():
     np.testing.assert_allclose(median["dense.weight"], 2.0)  # median of 0, 1, 2, 3, 4
 
 
+def test_the_trimmed_mean_cuts_a_crafted_item_row_and_averages_the_honest_sites():
+    """Flower's trimmed mean with one site cut at each end: the crafted row is cut, and a
+    coordinate no site crafted is the mean of the three middle values."""
+    crafted = site_update(0.0, [0, 0, 0, 10])
+    crafted["item_bias.weight"][3] = 1e4
+    _, trimmed = item_side_round("trimmed-mean", crafted)
+    np.testing.assert_allclose(trimmed["item_bias.weight"][3, 0], 3.0)  # mean of 2, 3, 4
+    np.testing.assert_allclose(trimmed["dense.weight"], 2.0)  # mean of 1, 2, 3
+
+
 @pytest.mark.parametrize(
     ("users", "counts"),
     [(1000, [2, 2, 2, 2]), (10, [2, 2, 2, 50])],
@@ -232,6 +242,8 @@ def test_item_side_aggregation_is_the_median_unless_secure_aggregation_gives_onl
     assert secure.aggregation == "mean"
     with pytest.raises(InputError, match="item-side-aggregation: secure aggregation"):
         secure.replace(item_side_aggregation="median")
+    with pytest.raises(InputError, match="item-side-aggregation: secure aggregation"):
+        secure.replace(item_side_aggregation="trimmed-mean")
 
 
 def test_a_run_goes_on_without_a_rejected_site_and_its_report_names_it(tmp_path):
