@@ -321,17 +321,16 @@ class ItemFilter:
             )
         return np.where(covered[..., None], np.stack([linear, low_pass], -1), 0.0)
 
-    def catalogue_features(self, rows: Matrix) -> np.ndarray:
-        """``[B, num_items, 2]``: :meth:`features` at every catalogue item, computed over
-        the covered items at once (no per-candidate gathers)."""
-        out = np.zeros((rows.shape[0], self.num_items, 2))
+    def catalogue_features(self, rows: Matrix, out: np.ndarray) -> None:
+        """Write :meth:`features` at every catalogue item into ``out[:, :, :2]`` (``out``:
+        ``[B, num_items, F >= 2]``, zeros at the items the filter does not cover), computed
+        over the covered items at once (no per-candidate gathers)."""
         covered = self._covered(out)
         linear, low_pass = self._covered_parts(rows[:, self.items])
         if linear is not None:
             out[:, covered, 0] = linear
         if low_pass is not None:
             out[:, covered, 1] = low_pass
-        return out
 
     def scores(self, rows: Matrix, batch_size: int = 1024) -> np.ndarray:
         """``[B, num_items]`` float32 scores of users given their ``[B, num_items]``
