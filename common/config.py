@@ -197,10 +197,10 @@ class RunConfig:
     @property
     def aggregation(self) -> str:
         """How the server combines the trained item side: ``item-side-aggregation``, whose
-        ``"auto"`` is the median, or the mean under secure aggregation (only the sum)."""
+        ``"auto"`` is the trimmed mean, or the mean under secure aggregation (only the sum)."""
         if self.item_side_aggregation != "auto":
             return self.item_side_aggregation
-        return "mean" if self.secure_aggregation else "median"
+        return "mean" if self.secure_aggregation else "trimmed-mean"
 
     @property
     def uses_item_text(self) -> bool:

@@ -2,24 +2,26 @@ r"""Item-side aggregation, with every site update checked before use.
 
 Sites send back the item-side parameters after local training. The default
 (``item-side-aggregation = "auto"``, ``RunConfig.aggregation``) is the
-coordinate-wise median over the sites (Flower's FedMedian kernel,
-``aggregate_median``; Yin et al., ICML 2018): one site among ``S`` moves no
-coordinate beyond the range of the honest sites' values as long as most sites
-are honest, whatever it sends, and claims of weight (counts) play no part. Under
-DP it is post-processing of the sites' released updates and changes no epsilon:
-
-.. math::
-    \theta_j \leftarrow \operatorname{median}_s\, \theta_{s,j}
-
-``"trimmed-mean"`` drops each coordinate's highest and lowest site value and
-averages the rest (Flower's FedTrimmedAvg kernel, ``aggregate_trimmed_avg``; Yin
-et al. analyse both): one malicious site among ``S >= 3`` is always cut or
-inside the honest range, and the other values are averaged rather than one
-picked. With fewer than 3 sites it is the plain mean:
+coordinate-wise trimmed mean over the sites (Flower's FedTrimmedAvg kernel,
+``aggregate_trimmed_avg``; Yin et al., ICML 2018): each coordinate's highest and
+lowest site value are dropped and the rest averaged, so one malicious site among
+``S >= 3`` is cut or lies inside the honest sites' range, whatever it sends, and
+claims of weight (counts) play no part. With fewer than 3 sites it is the plain
+mean. Under DP it is post-processing of the sites' released updates and changes
+no epsilon:
 
 .. math::
     \theta_j \leftarrow \frac{1}{S - 2} \sum_{s=2}^{S-1} \theta_{(s),j}
     \quad (\theta_{(1),j} \le \dots \le \theta_{(S),j})
+
+``"median"`` (Flower's FedMedian kernel, ``aggregate_median``) keeps every
+coordinate within the honest sites' values as long as most sites are honest, but
+on a large sparse catalogue, where most item rows are untouched at most sites, it
+moves them far less than the mean (``simulations/poisoning.py --cases
+aggregation``):
+
+.. math::
+    \theta_j \leftarrow \operatorname{median}_s\, \theta_{s,j}
 
 ``"mean"`` is federated averaging. With DP on, every site has the same weight
 (a count of users or interactions would be private):

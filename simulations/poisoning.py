@@ -256,6 +256,18 @@ def kept_round(run_dir) -> int | None:
     return json.loads((run_dir / "status.json").read_text()).get("best-round")
 
 
+def validation_by_round(run_dir) -> dict[str, float]:
+    """The run's federated validation metric (NDCG@20 or RMSE, the one rounds are kept by)
+    of every evaluated round, from its ``metrics.json``."""
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {
+        r: value
+        for r, record in metrics.items()
+        for key, value in (record.get("aggregated") or {}).items()
+        if key in (f"val-ndcg@{K}", "val-rmse")
+    }
+
+
 def rejections(run_dir) -> list[str]:
     """Every rejection the run's round book recorded, as ``round r, site s: reason``."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -324,6 +336,7 @@ def aggregation_choice(datasets: list[str], results: dict[str, Any]) -> None:
                 rows[f"{name}, {aggregation}"] = {
                     "val": kept_metrics(config, run_dir, everyone, everyone.val, K),
                     "kept-round": kept_round(run_dir),
+                    "val by round": validation_by_round(run_dir),
                     "item-graph": config.item_graph,
                 }
                 print(name, aggregation, rows[f"{name}, {aggregation}"], flush=True)

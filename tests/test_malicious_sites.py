@@ -1,8 +1,8 @@
 """Issue 28: a site's item-graph statistics are checked before the server adds them in; a
 site that sends NaN, a wrong shape, an oversized norm, an impossible Gram or negative exact
 degrees is rejected with a clear reason, and the round goes on with the others; the trained
-item side is aggregated by the coordinate-wise median, and counts beyond max-users-per-site
-are rejected."""
+item side is aggregated by a coordinate-wise trimmed mean (or median), and counts beyond
+max-users-per-site are rejected."""
 
 from __future__ import annotations
 
@@ -236,8 +236,8 @@ def test_counts_no_site_of_max_users_per_site_users_can_have_are_rejected(users,
     np.testing.assert_allclose(arrays["dense.weight"], 2.5)  # the honest sites' mean
 
 
-def test_item_side_aggregation_is_the_median_unless_secure_aggregation_gives_only_the_sum():
-    assert default_config(dp=False).aggregation == "median"
+def test_item_side_aggregation_is_the_trimmed_mean_unless_secure_aggregation_gives_the_sum():
+    assert default_config(dp=False).aggregation == "trimmed-mean"
     secure = default_config(target_epsilon=8.0, secure_aggregation=True)
     assert secure.aggregation == "mean"
     with pytest.raises(InputError, match="item-side-aggregation: secure aggregation"):
