@@ -225,6 +225,19 @@ def test_the_trimmed_mean_cuts_a_crafted_item_row_and_averages_the_honest_sites(
     np.testing.assert_allclose(trimmed["dense.weight"], 2.0)  # mean of 1, 2, 3
 
 
+@pytest.mark.parametrize("sites", [2, 3, 4, 7, 10, 13])
+def test_the_trimmed_mean_cuts_exactly_one_site_at_each_end(sites):
+    """Honest values 1..S-1 and one site at 1e6: from 3 sites on, one site is cut at each end
+    (the mean of 2..S-2); with 2 sites there is nothing to cut and it is the mean."""
+    strategy = ItemSideFedAvg(
+        global_arrays(), dp=True, min_sites=sites, book=RoundBook(), aggregation="trimmed-mean"
+    )
+    values = [*range(1, sites), 1e6]
+    average = strategy.average([(site_update(v), MetricRecord()) for v in values])
+    expected = np.mean(values) if sites < 3 else np.mean(values[1:-1])
+    np.testing.assert_allclose(average["dense.weight"], expected, rtol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("users", "counts"),
     [(1000, [2, 2, 2, 2]), (10, [2, 2, 2, 50])],
