@@ -100,7 +100,7 @@ from torch import Tensor, nn
 
 from common.config import RunConfig
 from common.data.dataset import REFERENCE_SCALE, Catalogue
-from common.graph.features import FEATURE_NAMES
+from common.graph.features import FEATURE_NAMES, TEXT_FEATURE
 from common.graph.propagation import Propagation
 from common.text import text_dimension
 
@@ -150,7 +150,6 @@ class EgoBatch:
         return EgoBatch(**{k: None if v is None else v.to(device) for k, v in moved.items()})
 
 
-TEXT_FEATURE = FEATURE_NAMES["ranking"].index("text neighbours")
 GRAPH_SCALE = {"rating": 1.0, "ranking": 30.0}
 """:math:`\theta` at the start: the graph's own score (rating), or its ranking at a scale
 where BPR's loss saturates on the pairs the graph already orders well, so that the

@@ -30,6 +30,8 @@ FEATURE_NAMES = {
 """The parts of the released graph's score of a user and an item, in :class:`GraphFeatures`'
 order; the graph's score is the sum of all but the text neighbours."""
 
+TEXT_FEATURE = FEATURE_NAMES["ranking"].index("text neighbours")
+
 TEXT_NEIGHBOURS = 100
 """How many nearest neighbours by item text an item keeps (:func:`text_neighbours`): 100 of
 5, 10, 20, 50, 100, 200, 400 and all, by validation NDCG@20 of ranking MovieLens-100K
@@ -183,7 +185,7 @@ class GraphFeatures:
         self.filter.catalogue_features(self.rows[users], features)
         if self.text is not None:
             text = (self.rows[users] @ self.text.T).toarray()
-            features[..., 2] = text / self.row_counts[users, None]
+            features[..., TEXT_FEATURE] = text / self.row_counts[users, None]
         return features
 
     def _text_sums(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
