@@ -361,15 +361,20 @@ def pipeline_baselines(runs: int = 2) -> dict[str, Any]:
 
 
 PIPELINES = ("filter", "filter+gcn", "none")
+PIPELINE_DATASETS = tuple(data for data, _, _ in PIPELINE_DATA)
 
 
-def pipelines(names: Sequence[str] = PIPELINES) -> dict[str, Any]:
+def pipelines(
+    names: Sequence[str] = PIPELINES, datasets: Sequence[str] = PIPELINE_DATASETS
+) -> dict[str, Any]:
     """The default pipeline's choice, on validation only: the item graph's filter, the
     learned model on it (``filter+gcn``), and the GCN alone, without DP and at epsilon 8
     through the secure sum (MovieLens-100K implicit and u1 ratings); the baselines with
-    every pipeline (``names``: some of them, whose rows replace theirs in the results)."""
-    results = pipeline_baselines() if set(names) == set(PIPELINES) else {}
-    for data, base, metric in PIPELINE_DATA:
+    every pipeline (``names``, ``datasets``: some of them, whose rows replace theirs in the
+    results)."""
+    everything = set(names) == set(PIPELINES) and set(datasets) == set(PIPELINE_DATASETS)
+    results = pipeline_baselines() if everything else {}
+    for data, base, metric in (d for d in PIPELINE_DATA if d[0] in datasets):
         site = load_site(base, 0, 1)
         settings = RANKING if data == "implicit" else RATING
         for privacy in ("no DP", "secure sum"):
@@ -491,7 +496,7 @@ CASES = {
     "ml-rating": lambda args: movielens_rating(args.seeds),
     "gowalla": lambda args: gowalla(args.seeds, dp=False),
     "gowalla-dp": lambda args: gowalla(args.seeds, dp=True),
-    "pipelines": lambda args: pipelines(args.pipelines),
+    "pipelines": lambda args: pipelines(args.pipelines, args.pipeline_data),
     "cold": lambda args: cold_items(),
     "pipeline-baselines": lambda args: pipeline_baselines(args.seeds),
     "defaults": lambda args: with_defaults(args.seeds),
@@ -532,6 +537,13 @@ def main() -> None:
     parser.add_argument("--lightgcn", action="store_true", help="also train the LightGCN peer")
     parser.add_argument(
         "--pipelines", nargs="+", choices=PIPELINES, default=PIPELINES, help="rows to (re)run"
+    )
+    parser.add_argument(
+        "--pipeline-data",
+        nargs="+",
+        choices=PIPELINE_DATASETS,
+        default=PIPELINE_DATASETS,
+        help="the pipelines' datasets to (re)run",
     )
     args = parser.parse_args()
     path = RESULTS / "item_graph_benchmark.json"

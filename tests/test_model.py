@@ -277,6 +277,29 @@ def test_a_training_targets_features_leave_the_target_out_of_the_users_row():
     assert np.any(on_targets[:, 2] != 0)
 
 
+def test_a_training_ratings_features_are_those_of_the_graph_released_without_it():
+    """Rating: a training rating's features take it back out of the user's mean, of the
+    item's released offset and of the released covariance (the user's own terms of it),
+    so they are close to what a graph released without that rating gives, where the
+    in-sample features (the rating inside the release) are not."""
+    config = small_config(item_graph="filter+gcn", task="rating", synthetic_users=120)
+    site = load_site(config, 0, 1)
+    settings = rating_settings(config)
+    features = GraphFeatures(released_graph(config, site), site, settings)
+    train = site.train
+    left_out, in_sample = [], []
+    for row in np.flatnonzero(train.user == 3)[:6]:
+        user, item = train.user[row : row + 1], train.item[row : row + 1]
+        rating = site.catalogue.to_reference_scale(train.rating[row : row + 1])
+        without = dataclasses.replace(site, train=train.select(np.arange(len(train)) != row))
+        truth = GraphFeatures(released_graph(config, without), without, settings)
+        expected = truth.of_pairs(user, item)[0]
+        left_out.append(np.abs(features.of_pairs(user, item, rating)[0] - expected))
+        in_sample.append(np.abs(features.of_pairs(user, item)[0] - expected))
+    left_out, in_sample = np.mean(left_out, 0), np.mean(in_sample, 0)
+    assert np.all(left_out < 0.1 * in_sample), (left_out, in_sample)
+
+
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 @pytest.mark.parametrize("task", ["rating", "ranking"])
 def test_the_learned_model_trains_under_dp_on_the_released_graph(mode, task):

@@ -200,7 +200,7 @@ def test_a_rating_list_ranks_by_a_lower_bound_so_one_lucky_rating_does_not_top_i
         degrees=np.array([100.0, 100.0, 1.0]),
         item_bias=np.array([0.0, 0.5, 0.8]),
         global_mean=3.0,
-        similarity=np.zeros((3, 3)),
+        covariance=np.zeros((3, 3)),
     )
     config = default_config(item_graph="filter", dp=False)
     recommender = Recommender(config, catalogue, graph, None)

@@ -15,7 +15,14 @@ import scipy.sparse as sp
 
 from common.data.dataset import Interactions
 from common.data.site import SiteData
-from common.graph.filters import neighbourhood_residuals, residual_rows, user_rows
+from common.graph.filters import (
+    bounded_rows,
+    neighbour_mean,
+    neighbourhood_residuals,
+    offset_weights,
+    residual_rows,
+    user_rows,
+)
 from common.graph.release import (
     ItemGraph,
     RatingNeighbourhood,
@@ -122,6 +129,12 @@ class GraphFeatures:
         self.residuals = residual_rows(
             train, site.num_users, self.num_items, self.means, graph.item_bias
         )
+        # What each user sent in rounds 1 and 2, to take a training rating back out of them.
+        no_offsets = np.zeros(self.num_items)
+        self.first_means = shrunk_user_means(train, site.num_users, no_offsets, settings)
+        self.first_weights = offset_weights(train, site.num_users, self.first_means, settings.bound)
+        self.sent_residuals = bounded_rows(self.residuals, settings.exponent, settings.bound)
+        self.sent_binary = bounded_rows(self.rows, settings.exponent, settings.bound)
 
     @property
     def count(self) -> int:
@@ -141,22 +154,67 @@ class GraphFeatures:
             text = self._text_sums(users, items) / np.maximum(self.row_counts[users] - left, 1)
             return np.concatenate([features, text[:, None]], 1)
         means = self.means[users]
-        if ratings is not None:
-            shrinkage = self.settings.user_shrinkage
-            total = means * (self.counts[users] + shrinkage)
-            left = ratings - self.graph.item_bias[items]
-            means = (total - left) / (self.counts[users] - 1 + shrinkage)
+        offsets = self.graph.item_bias[items]
+        if ratings is None:
+            neighbourhood = np.zeros(len(users))
+            if self.graph.similarity is not None:
+                neighbourhood = neighbourhood_residuals(
+                    self.graph.similarity,
+                    self.residuals,
+                    users,
+                    items,
+                    self.settings.neighbours,
+                    self.settings.damping,
+                )
+            return np.stack([means, offsets, neighbourhood], 1)
+        shrinkage = self.settings.user_shrinkage
+        total = means * (self.counts[users] + shrinkage)
+        left_means = (total - (ratings - offsets)) / (self.counts[users] - 1 + shrinkage)
+        weight = self.first_weights[users]
+        sent = weight * (ratings - self.first_means[users])
+        denominator = np.maximum(self.graph.degrees[items], 0.0) + self.graph.item_shrinkage
+        left_offsets = (offsets * denominator - sent) / (denominator - weight)
         neighbourhood = np.zeros(len(users))
-        if self.graph.similarity is not None:
-            neighbourhood = neighbourhood_residuals(
-                self.graph.similarity,
-                self.residuals,
-                users,
-                items,
-                self.settings.neighbours,
-                self.settings.damping,
-            )
-        return np.stack([means, self.graph.item_bias[items], neighbourhood], 1)
+        if self.graph.covariance is not None:
+            for user in np.unique(users):
+                pairs = np.flatnonzero(users == user)
+                neighbourhood[pairs] = self._left_out_neighbourhood(
+                    user, items[pairs], means[pairs] - left_means[pairs]
+                )
+        return np.stack([left_means, left_offsets, neighbourhood], 1)
+
+    def _left_out_neighbourhood(
+        self, user: int, items: np.ndarray, mean_shifts: np.ndarray
+    ) -> np.ndarray:
+        r"""The neighbourhood's residual of the user's training ``items`` as if each had not
+        been rated: its similarity to the user's other items computed from the released
+        covariance (and co-rating weights) less the user's own terms of that rating,
+        :math:`C_{ij} - x_{ui} x_{uj}` with :math:`x_u` the row the site sent in round 2,
+        and the user's residuals against the mean without it (``mean_shifts``)."""
+        graph = self.graph
+        start, end = self.residuals.indptr[user], self.residuals.indptr[user + 1]
+        rated, values = self.residuals.indices[start:end], self.residuals.data[start:end]
+        position = {item: k for k, item in enumerate(rated)}
+        target = np.array([position.get(item, -1) for item in items])
+        own = target >= 0
+
+        def without_target(released: np.ndarray, sent: sp.csr_matrix) -> np.ndarray:
+            row = sent.data[sent.indptr[user] : sent.indptr[user + 1]]
+            mine = np.where(own, row[target], 0.0)
+            return released[np.ix_(items, rated)] - mine[:, None] * row[None, :], mine
+
+        covariance, mine = without_target(graph.covariance, self.sent_residuals)
+        variance = graph.covariance[items, items] - mine**2
+        scale = np.sqrt(np.maximum(variance, graph.diagonal_floor))[:, None] * np.sqrt(
+            np.maximum(np.diag(graph.covariance)[rated], graph.diagonal_floor)
+        )
+        weights = covariance / scale
+        if graph.co_counts is not None:
+            co_counts = np.maximum(without_target(graph.co_counts, self.sent_binary)[0], 0.0)
+            weights *= co_counts / (co_counts + graph.co_count_shrinkage)
+        weights[rated[None, :] == items[:, None]] = 0.0
+        shifted = values[None, :] + mean_shifts[:, None]
+        return neighbour_mean(weights, shifted, self.settings.neighbours, self.settings.damping)
 
     def of_targets(
         self, user: int, items: np.ndarray, ratings: np.ndarray, negatives: np.ndarray

@@ -513,18 +513,26 @@ def item_offset_sums(
     user_mean: np.ndarray,
     bound: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The site's item sums ``sum_u w_u (r_u - m_u)`` and counts ``sum_u w_u 1_u``, with
-    ``w_u = min(1, bound / max(|r_u - m_u|, sqrt(|N(u)|)))``: one user changes the pair by
-    at most ``sqrt(2) * bound`` in L2."""
+    """The site's item sums ``sum_u w_u (r_u - m_u)`` and counts ``sum_u w_u 1_u``
+    (:func:`offset_weights`): one user changes the pair by at most ``sqrt(2) * bound`` in L2."""
     centred = user_rows(
         interactions, num_users, num_items, interactions.rating - user_mean[interactions.user]
     )
     binary = user_rows(interactions, num_users, num_items)
-    squared = np.asarray(centred.multiply(centred).sum(axis=1)).ravel()
+    weight = sp.diags(offset_weights(interactions, num_users, user_mean, bound))
+    return item_sum(weight @ centred), item_sum(weight @ binary)
+
+
+def offset_weights(
+    interactions: Interactions, num_users: int, user_mean: np.ndarray, bound: float
+) -> np.ndarray:
+    """Each user's weight in the item sums, ``w_u = min(1, bound / max(|r_u - m_u|,
+    sqrt(|N(u)|)))``."""
+    centred = interactions.rating - user_mean[interactions.user]
+    squared = np.bincount(interactions.user, centred**2, num_users)
     counts = np.bincount(interactions.user, minlength=num_users)
     norm = np.sqrt(np.maximum(squared, counts))
-    weight = sp.diags(np.minimum(1.0, bound / np.where(norm > 0, norm, 1.0)))
-    return item_sum(weight @ centred), item_sum(weight @ binary)
+    return np.minimum(1.0, bound / np.where(norm > 0, norm, 1.0))
 
 
 def item_offsets(sums: np.ndarray, counts: np.ndarray, shrinkage: float) -> np.ndarray:
@@ -572,19 +580,28 @@ def neighbourhood_residuals(
 ) -> np.ndarray:
     """Predicted residual of each ``(users[j], items[j])``: the similarity-weighted mean
     of the user's own residuals on the ``neighbours`` rated items most similar (in
-    absolute value) to the item, shrunk by ``w / (w + damping)`` with ``w`` the sum of
-    absolute weights."""
+    absolute value) to the item (:func:`neighbour_mean`)."""
     predicted = np.zeros(len(users))
     for user in np.unique(users):
         pairs = np.flatnonzero(users == user)
         start, end = residuals.indptr[user], residuals.indptr[user + 1]
         rated, values = residuals.indices[start:end], residuals.data[start:end]
-        if len(rated) == 0:
-            continue
         weights = similarity[np.ix_(items[pairs], rated)]
-        if neighbours < len(rated):
-            cut = -np.partition(-np.abs(weights), neighbours - 1, axis=1)[:, neighbours - 1]
-            weights = np.where(np.abs(weights) >= cut[:, None], weights, 0.0)
-        total = np.abs(weights).sum(axis=1)
-        predicted[pairs] = (weights @ values) / (total + damping)
+        predicted[pairs] = neighbour_mean(weights, values, neighbours, damping)
     return predicted
+
+
+def neighbour_mean(
+    weights: np.ndarray, values: np.ndarray, neighbours: int, damping: float
+) -> np.ndarray:
+    """``[P]``: for each row of ``weights`` ``[P, R]`` (one item against the user's ``R``
+    rated items), the weighted mean of ``values`` (``[R]``, or ``[P, R]``) over the
+    ``neighbours`` largest weights in absolute value, shrunk by ``w / (w + damping)`` with
+    ``w`` the sum of absolute weights kept."""
+    if weights.shape[1] == 0:
+        return np.zeros(len(weights))
+    if neighbours < weights.shape[1]:
+        cut = -np.partition(-np.abs(weights), neighbours - 1, axis=1)[:, neighbours - 1]
+        weights = np.where(np.abs(weights) >= cut[:, None], weights, 0.0)
+    total = np.abs(weights).sum(axis=1)
+    return (weights * values).sum(axis=1) / (total + damping)

@@ -58,6 +58,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
@@ -204,7 +205,10 @@ class ItemGraph:
             shrunk mean after round 1.
         linear, eigenvectors, alpha, input_scale, output_scale: the ranking filter
             (``common.graph.filters.ItemFilter``), from round 2.
-        similarity: the residuals' similarity (rating), from round 2.
+        item_shrinkage: the shrinkage the item offsets were released with (rating).
+        covariance, co_counts: the residuals' covariance and, without DP, their
+            co-rating weights (rating), from round 2, as released.
+        diagonal_floor, co_count_shrinkage: how :attr:`similarity` is computed from them.
 
     A release is compared and hashed by identity: a process that parses one keeps it
     (``client.site_round.released_graph``) and what is derived from it
@@ -221,7 +225,21 @@ class ItemGraph:
     alpha: float = 0.0
     input_scale: np.ndarray | None = None
     output_scale: np.ndarray | None = None
-    similarity: np.ndarray | None = None
+    item_shrinkage: float = 0.0
+    covariance: np.ndarray | None = None
+    co_counts: np.ndarray | None = None
+    diagonal_floor: float = 1e-12
+    co_count_shrinkage: float = 0.0
+
+    @cached_property
+    def similarity(self) -> np.ndarray | None:
+        """Rating: the residuals' similarity (``covariance_similarity``), once round 2 is
+        released; computed once per release."""
+        if self.covariance is None:
+            return None
+        return covariance_similarity(
+            self.covariance, self.co_counts, self.co_count_shrinkage, self.diagonal_floor
+        )
 
     @property
     def touched(self) -> np.ndarray:
@@ -232,7 +250,7 @@ class ItemGraph:
     @property
     def complete(self) -> bool:
         """Whether round 2 has been released, so that the graph can score."""
-        return self.linear is not None or self.similarity is not None
+        return self.linear is not None or self.covariance is not None
 
     def to_bytes(self) -> bytes:
         """One ``.npz`` payload (a sparse linear part as its CSR arrays)."""
@@ -358,6 +376,7 @@ def released(
             degrees=total[n : 2 * n],
             degree_noise=noise_std,
             item_bias=offsets,
+            item_shrinkage=shrinkage,
             global_mean=global_mean(total[2 * n :]),
         )
     if config.task == "rating":
@@ -366,14 +385,13 @@ def released(
             symmetric(part)
             for part in np.split(total, 1 + (settings.co_count_shrinkage is not None))
         )
-        floor = max(1e-12, DIAGONAL_FLOOR * noise_std)
-        similarity = covariance_similarity(
-            covariance,
-            co_counts[0] if co_counts else None,
-            settings.co_count_shrinkage or 0.0,
-            floor,
+        return replace(
+            graph,
+            covariance=covariance,
+            co_counts=co_counts[0] if co_counts else None,
+            diagonal_floor=max(1e-12, DIAGONAL_FLOOR * noise_std),
+            co_count_shrinkage=settings.co_count_shrinkage or 0.0,
         )
-        return replace(graph, similarity=similarity)
     gram = symmetric(total) if isinstance(total, np.ndarray) else total
     item_filter = graph_filter(
         gram,
