@@ -38,10 +38,11 @@ site.
 2. round 2: the covariance :math:`\sum_u e_u e_u^\top` of each user's
    residuals :math:`e_{ui} = r_{ui} - m_u - b_i` (:math:`m_u` recomputed by the
    site against the released :math:`b_i`), each row bounded to :math:`C_2`,
-   sensitivity :math:`C_2^2`. Released: the residuals' cosine similarity. A
-   site predicts :math:`m_u + b_i + \hat e_{ui}`, :math:`\hat e_{ui}` the
-   similarity-weighted mean of the user's own residuals on their most similar
-   rated items.
+   sensitivity :math:`C_2^2`. Released: the covariance (and, without DP, the
+   co-rating weights), from which every site computes the residuals' cosine
+   similarity (:attr:`ItemGraph.similarity`). A site predicts
+   :math:`m_u + b_i + \hat e_{ui}`, :math:`\hat e_{ui}` the similarity-weighted
+   mean of the user's own residuals on their most similar rated items.
 
 Ratings enter both rounds mapped linearly from the public scale onto
 ``common.data.dataset.REFERENCE_SCALE``, and predictions are mapped back, so the
