@@ -98,8 +98,12 @@ class GraphFeatures:
 
     Training targets are the user's own training items, so their features leave the
     target out of the user's row (ranking: the row minus the item, the paired negative
-    scored from the same row; rating: the mean without the rating): the model is
-    trained on what it will see for an item the user has not rated yet.
+    scored from the same row): the model is trained on what it will see for an item the
+    user has not rated yet. A rating is also taken back out of the release, through the
+    rows the site itself sent: the mean without it, the item's offset without the site's
+    term :math:`w_u (r_{ui} - m^{(1)}_u)` of round 1, and the neighbourhood's similarities
+    without the user's terms :math:`x_{ui} x_{uj}` of round 2's covariance (in-sample,
+    the release leaks the rating, and weights learned on it fit the leak).
     """
 
     def __init__(
@@ -145,7 +149,7 @@ class GraphFeatures:
     ) -> np.ndarray:
         """``[P, F]`` for the pairs ``(users[p], items[p])``; with ``ratings`` (the
         reference-scale training ratings of the pairs) each pair is left out of its
-        user's row."""
+        user's row, and a rating out of the release (the class docstring)."""
         if self.ranking:
             features = self.filter.features(self.rows[users], items[:, None])[:, 0]
             if ratings is not None:
@@ -198,7 +202,9 @@ class GraphFeatures:
         target = np.array([position.get(item, -1) for item in items])
         own = target >= 0
 
-        def without_target(released: np.ndarray, sent: sp.csr_matrix) -> np.ndarray:
+        def without_target(
+            released: np.ndarray, sent: sp.csr_matrix
+        ) -> tuple[np.ndarray, np.ndarray]:
             row = sent.data[sent.indptr[user] : sent.indptr[user + 1]]
             mine = np.where(own, row[target], 0.0)
             return released[np.ix_(items, rated)] - mine[:, None] * row[None, :], mine
