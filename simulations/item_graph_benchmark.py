@@ -378,13 +378,15 @@ PIPELINE_DATASETS = tuple(data for data, _, _ in PIPELINE_DATA)
 
 
 def pipelines(
-    names: Sequence[str] = PIPELINES, datasets: Sequence[str] = PIPELINE_DATASETS
+    names: Sequence[str] = PIPELINES,
+    datasets: Sequence[str] = PIPELINE_DATASETS,
+    training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The default pipeline's choice, on validation only: the item graph's filter, the
     learned model on it (``filter+gcn``), and the GCN alone, without DP and at epsilon 8
     through the secure sum (MovieLens-100K implicit and u1 ratings); the baselines with
     every pipeline (``names``, ``datasets``: some of them, whose rows replace theirs in the
-    results)."""
+    results; ``training``: keys that replace :data:`LEARNED`'s, to try another setting)."""
     everything = set(names) == set(PIPELINES) and set(datasets) == set(PIPELINE_DATASETS)
     results = pipeline_baselines() if everything else {}
     for data, base, metric in (d for d in PIPELINE_DATA if d[0] in datasets):
@@ -394,7 +396,7 @@ def pipelines(
             for pipeline in names:
                 changes = settings[privacy] | {"item_graph": pipeline, "min_sites": SITES}
                 if pipeline != "filter":
-                    changes |= LEARNED[privacy]
+                    changes |= LEARNED[privacy] | (training or {})
                 config = base.replace(**changes)
                 validation = pipeline_validation(config, site)
                 results[f"{data}, {privacy}, item-graph = {pipeline}"] = {
@@ -562,7 +564,7 @@ CASES = {
     "ml-rating": lambda args: movielens_rating(args.seeds),
     "gowalla": lambda args: gowalla(args.seeds, dp=False),
     "gowalla-dp": lambda args: gowalla(args.seeds, dp=True),
-    "pipelines": lambda args: pipelines(args.pipelines, args.pipeline_data),
+    "pipelines": lambda args: pipelines(args.pipelines, args.pipeline_data, args.training),
     "cold": lambda args: cold_items(),
     "pipeline-baselines": lambda args: pipeline_baselines(args.seeds),
     "defaults": lambda args: with_defaults(args.seeds),
@@ -611,6 +613,12 @@ def main() -> None:
         choices=PIPELINE_DATASETS,
         default=PIPELINE_DATASETS,
         help="the pipelines' datasets to (re)run",
+    )
+    parser.add_argument(
+        "--training",
+        type=json.loads,
+        default=None,
+        help="pipelines: run-config keys replacing LEARNED's, as JSON (Python names)",
     )
     args = parser.parse_args()
     path = RESULTS / "item_graph_benchmark.json"
