@@ -344,6 +344,10 @@ def load_recommender(run_dir: str | Path) -> Recommender:
     catalogue = load_catalogue_folder(folder / manifest["catalogue"])
     graph = None
     if manifest["graph"] is not None:
-        graph = ItemGraph.from_bytes((folder / manifest["graph"]).read_bytes())
+        path = folder / manifest["graph"]
+        try:
+            graph = ItemGraph.from_bytes(path.read_bytes())
+        except InputError as error:
+            raise InputError(f"{path}: {error}") from error
     state = None if manifest["model"] is None else torch.load(folder / manifest["model"])
     return Recommender(config, catalogue, graph, state)

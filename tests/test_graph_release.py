@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
 import numpy as np
@@ -223,3 +224,12 @@ def test_noisier_counts_shrink_the_item_offsets_more():
     counts = np.maximum(total[n : 2 * n], 0)
     np.testing.assert_allclose(quiet, total[:n] / (counts + rating_settings(config).item_shrinkage))
     np.testing.assert_allclose(loud, total[:n] / (counts + NOISY_COUNTS * 4.0))
+
+
+def test_a_graph_with_parts_this_version_does_not_read_is_refused_by_name():
+    """A release written by another version (here: an earlier one's ``similarity``) is
+    refused with the part's name, not read as an incomplete graph."""
+    buffer = io.BytesIO()
+    np.savez(buffer, items=np.arange(3), similarity=np.zeros((3, 3)))
+    with pytest.raises(InputError, match="holds similarity"):
+        ItemGraph.from_bytes(buffer.getvalue())

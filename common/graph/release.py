@@ -67,6 +67,7 @@ import scipy.sparse as sp
 from common.config import RunConfig
 from common.data.dataset import REFERENCE_SCALE, Catalogue, Interactions
 from common.data.site import SiteData
+from common.errors import InputError
 from common.graph.filters import (
     ItemFilter,
     bounded_rows,
@@ -272,6 +273,13 @@ class ItemGraph:
     def from_bytes(cls, payload: bytes) -> ItemGraph:
         with np.load(io.BytesIO(payload)) as archive:
             stored = dict(archive)
+        unknown = {key.split(".")[0] for key in stored} - {f.name for f in fields(cls)}
+        if unknown:
+            raise InputError(
+                f"item graph: holds {', '.join(sorted(unknown))}, which this version of "
+                "fedgraphrec does not read (written by another version: run it again "
+                "with this one)"
+            )
         values: dict[str, object] = {}
         for f in fields(cls):
             if f"{f.name}.shape" in stored:
