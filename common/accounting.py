@@ -118,8 +118,9 @@ def independent_epsilon(events: Events, delta: float, accountant: str) -> float:
     when a discrete event is present, with discrete events taken as continuous).
 
     The PLD's privacy-loss grid is 1e-3 wide: its pessimistic discretisation keeps an
-    upper bound, and 1e-4 moved a typical run's epsilon (9.5) by less than 1e-5 at ten
-    times the cost (1.5 s of every site's round, recomputed each round)."""
+    upper bound, and 1e-4 gives 9.51957 where it gives 9.51959 (two releases and 50 steps
+    at sampling rate 0.1, all at sigma 1) at ten times the cost (1.5 s of every site's
+    round, where the ledger is checked)."""
     return _independent_epsilon(_grouped(events), delta, accountant)
 
 
