@@ -9,6 +9,8 @@ correction that starts at zero.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
@@ -17,6 +19,7 @@ from common.data.dataset import Interactions
 from common.data.site import SiteData
 from common.graph.filters import (
     bounded_rows,
+    cosine_block,
     neighbour_mean,
     neighbourhood_residuals,
     offset_weights,
@@ -80,6 +83,23 @@ def _text_graph(text: np.ndarray) -> sp.csr_matrix:
     return _TEXT_GRAPHS[key]
 
 
+@dataclass(frozen=True)
+class SentRows:
+    """Rating: what a site's users sent, from which a training rating is taken back out.
+
+    Attributes:
+        first_means, first_weights: round 1's means :math:`m^{(1)}_u` and weights
+            :math:`w_u` (``common.graph.filters.offset_weights``).
+        residuals, binary: round 2's bounded residual rows :math:`x_u` and, with co-rating
+            weights, bounded binary rows (None without).
+    """
+
+    first_means: np.ndarray
+    first_weights: np.ndarray
+    residuals: sp.csr_matrix
+    binary: sp.csr_matrix | None
+
+
 class GraphFeatures:
     r"""What the released graph says about a site's users, part by part
     (:data:`FEATURE_NAMES`): the features :math:`\phi_{ui}` of the learned model, whose
@@ -125,7 +145,7 @@ class GraphFeatures:
             self.text = None if text is None else _text_graph(text)
             self.row_counts = np.maximum(self.rows.getnnz(axis=1), 1).astype(np.float64)
             return
-        train = on_reference_scale(site)
+        self.train = train = on_reference_scale(site)
         self.counts = np.bincount(train.user, minlength=site.num_users).astype(np.float64)
         self.means = shrunk_user_means(
             train, site.num_users, graph.item_bias, settings, graph.global_mean
@@ -133,12 +153,21 @@ class GraphFeatures:
         self.residuals = residual_rows(
             train, site.num_users, self.num_items, self.means, graph.item_bias
         )
-        # What each user sent in rounds 1 and 2, to take a training rating back out of them.
-        no_offsets = np.zeros(self.num_items)
-        self.first_means = shrunk_user_means(train, site.num_users, no_offsets, settings)
-        self.first_weights = offset_weights(train, site.num_users, self.first_means, settings.bound)
-        self.sent_residuals = bounded_rows(self.residuals, settings.exponent, settings.bound)
-        self.sent_binary = bounded_rows(self.rows, settings.exponent, settings.bound)
+
+    @cached_property
+    def sent(self) -> SentRows:
+        """Rating: what the site's users sent in rounds 1 and 2 (computed once, for the
+        training targets only)."""
+        settings, num_users = self.settings, len(self.counts)
+        first_means = shrunk_user_means(self.train, num_users, np.zeros(self.num_items), settings)
+        return SentRows(
+            first_means,
+            offset_weights(self.train, num_users, first_means, settings.bound),
+            bounded_rows(self.residuals, settings.exponent, settings.bound),
+            None
+            if self.graph.co_counts is None
+            else bounded_rows(self.rows, settings.exponent, settings.bound),
+        )
 
     @property
     def count(self) -> int:
@@ -174,8 +203,8 @@ class GraphFeatures:
         shrinkage = self.settings.user_shrinkage
         total = means * (self.counts[users] + shrinkage)
         left_means = (total - (ratings - offsets)) / (self.counts[users] - 1 + shrinkage)
-        weight = self.first_weights[users]
-        sent = weight * (ratings - self.first_means[users])
+        weight = self.sent.first_weights[users]
+        sent = weight * (ratings - self.sent.first_means[users])
         denominator = np.maximum(self.graph.degrees[items], 0.0) + self.graph.item_shrinkage
         left_offsets = (offsets * denominator - sent) / (denominator - weight)
         neighbourhood = np.zeros(len(users))
@@ -195,7 +224,7 @@ class GraphFeatures:
         covariance (and co-rating weights) less the user's own terms of that rating,
         :math:`C_{ij} - x_{ui} x_{uj}` with :math:`x_u` the row the site sent in round 2,
         and the user's residuals against the mean without it (``mean_shifts``)."""
-        graph = self.graph
+        graph, sent = self.graph, self.sent
         start, end = self.residuals.indptr[user], self.residuals.indptr[user + 1]
         rated, values = self.residuals.indices[start:end], self.residuals.data[start:end]
         position = {item: k for k, item in enumerate(rated)}
@@ -203,21 +232,22 @@ class GraphFeatures:
         own = target >= 0
 
         def without_target(
-            released: np.ndarray, sent: sp.csr_matrix
+            released: np.ndarray, rows: sp.csr_matrix
         ) -> tuple[np.ndarray, np.ndarray]:
-            row = sent.data[sent.indptr[user] : sent.indptr[user + 1]]
+            row = rows.data[rows.indptr[user] : rows.indptr[user + 1]]
             mine = np.where(own, row[target], 0.0)
             return released[np.ix_(items, rated)] - mine[:, None] * row[None, :], mine
 
-        covariance, mine = without_target(graph.covariance, self.sent_residuals)
-        variance = graph.covariance[items, items] - mine**2
-        scale = np.sqrt(np.maximum(variance, graph.diagonal_floor))[:, None] * np.sqrt(
-            np.maximum(np.diag(graph.covariance)[rated], graph.diagonal_floor)
+        covariance, mine = without_target(graph.covariance, sent.residuals)
+        co_counts = None if sent.binary is None else without_target(graph.co_counts, sent.binary)[0]
+        weights = cosine_block(
+            covariance,
+            graph.covariance[items, items] - mine**2,
+            np.diag(graph.covariance)[rated],
+            co_counts,
+            graph.co_count_shrinkage,
+            graph.diagonal_floor,
         )
-        weights = covariance / scale
-        if graph.co_counts is not None:
-            co_counts = np.maximum(without_target(graph.co_counts, self.sent_binary)[0], 0.0)
-            weights *= co_counts / (co_counts + graph.co_count_shrinkage)
         weights[rated[None, :] == items[:, None]] = 0.0
         shifted = values[None, :] + mean_shifts[:, None]
         return neighbour_mean(weights, shifted, self.settings.neighbours, self.settings.damping)

@@ -558,15 +558,34 @@ def covariance_similarity(
     shrinkage: float,
     diagonal_floor: float,
 ) -> np.ndarray:
-    """Cosine similarity of the (released) residual covariance, its diagonal clamped to
-    ``diagonal_floor`` (noisy variances can be tiny or negative), zero diagonal; with
-    (released) co-rating weights ``n_ij``, each entry shrunk by ``n_ij / (n_ij + shrinkage)``."""
-    scale = np.sqrt(np.maximum(np.diag(covariance), diagonal_floor))
-    similarity = covariance / scale[:, None] / scale[None, :]
+    """Cosine similarity of the (released) residual covariance (:func:`cosine_block` of the
+    whole matrix), zero diagonal."""
+    variances = np.diag(covariance)
+    similarity = cosine_block(
+        covariance, variances, variances, co_counts, shrinkage, diagonal_floor
+    )
+    np.fill_diagonal(similarity, 0.0)
+    return similarity
+
+
+def cosine_block(
+    covariance: np.ndarray,
+    row_variances: np.ndarray,
+    column_variances: np.ndarray,
+    co_counts: np.ndarray | None,
+    shrinkage: float,
+    diagonal_floor: float,
+) -> np.ndarray:
+    """``C_ij / sqrt(C_ii C_jj)`` of a block of a covariance, given the variances of its
+    rows and columns, each clamped to ``diagonal_floor`` (noisy variances can be tiny or
+    negative); with (released) co-rating weights ``n_ij`` of the same block, each entry
+    shrunk by ``n_ij / (n_ij + shrinkage)``."""
+    row_scale = np.sqrt(np.maximum(row_variances, diagonal_floor))
+    column_scale = np.sqrt(np.maximum(column_variances, diagonal_floor))
+    similarity = covariance / row_scale[:, None] / column_scale[None, :]
     if co_counts is not None:
         positive = np.maximum(co_counts, 0.0)
         similarity *= positive / (positive + shrinkage)
-    np.fill_diagonal(similarity, 0.0)
     return similarity
 
 
