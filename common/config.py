@@ -96,6 +96,8 @@ class RunConfig:
     item_graph_exponent: float | str
     item_graph_rank: int | str
     item_graph_alpha: float | str
+    item_graph_ease_weight: float | str
+    item_graph_ease_ridge: float | str
     item_graph_degree_bound: float
     item_graph_degree_share: float | None
     item_graph_budget_share: float
@@ -277,12 +279,16 @@ class RunConfig:
             ("item-graph-exponent", self.item_graph_exponent, 0),
             ("item-graph-rank", self.item_graph_rank, 1),
             ("item-graph-alpha", self.item_graph_alpha, 0),
+            ("item-graph-ease-weight", self.item_graph_ease_weight, 0),
+            ("item-graph-ease-ridge", self.item_graph_ease_ridge, 0),
             ("item-graph-top-per-row", self.item_graph_top_per_row, 1),
         ):
             if isinstance(value, str) and value != "auto":
                 raise InputError(f'{key}: expected "auto" or a number, got {value!r}')
             if isinstance(value, int | float) and value < least:
                 raise InputError(f'{key}: expected "auto" or a number >= {least}, got {value}')
+        if self.item_graph_ease_ridge == 0:
+            raise InputError('item-graph-ease-ridge: expected "auto" or a positive number, got 0')
         if self.item_graph == "filter" and self.num_server_rounds:
             raise InputError(
                 f'num-server-rounds: item-graph = "filter" trains nothing (its two statistics '

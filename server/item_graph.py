@@ -19,8 +19,8 @@ from common.data.dataset import Catalogue
 from common.graph.release import (
     ItemGraph,
     Total,
+    gram_bounds,
     length,
-    rating_settings,
     released,
     sensitivity,
 )
@@ -63,7 +63,7 @@ class GraphRelease:
         non-negative ranking degrees, a Gram whose every entry is within Cauchy-Schwarz
         of its diagonal, :math:`|G_{ij}| \le \sqrt{G_{ii} G_{jj}}` (which also makes a
         sparse one symmetric with a non-negative diagonal), whose trace is at most
-        :meth:`largest_trace`, and, for ranking over the whole catalogue, whose diagonal
+        :meth:`largest_traces`, and, for ranking over the whole catalogue, whose diagonal
         is consistent with the site's own round-1 degrees (:meth:`check_diagonal`)."""
         n = self.expected_length(server_round)
         if set(arrays) == {STATISTICS}:
@@ -81,7 +81,7 @@ class GraphRelease:
                     "their bound (and the site's noise) can give"
                 )
             if not self.config.dp:
-                check_exact(self.config, server_round, vector, self.largest_trace(server_round))
+                check_exact(self.config, server_round, vector, self.largest_traces())
                 self.check_diagonal(server_round, vector, site_id)
             return vector
         sparse_keys = {STATISTICS, STATISTICS_ROWS, STATISTICS_COLUMNS}
@@ -97,7 +97,7 @@ class GraphRelease:
         if not np.all(np.isfinite(values)):
             raise RejectedStatistics("the statistics hold NaN or infinite values")
         gram = sp.csr_matrix((values, (rows, columns)), shape=(m, m))
-        check_cauchy_schwarz(gram.diagonal(), gram.tocoo(), self.largest_trace(server_round))
+        check_cauchy_schwarz(gram.diagonal(), gram.tocoo(), self.largest_traces()[0])
         self.check_diagonal(server_round, gram.diagonal(), site_id)
         if abs(gram - gram.T).max() > 1e-6 * abs(gram).max():  # float32 rounding
             raise RejectedStatistics("the Gram is not symmetric")
@@ -112,7 +112,9 @@ class GraphRelease:
         :math:`r_{ui} / |N(u)|` to :math:`G_{ii}` and :math:`r_{ui} \min(1, C_d /
         \sqrt{|N(u)|})` to the degree :math:`d_i`, so a site's :math:`G_{ii}` is at most
         :math:`\max(1, 1/C_d)` times its own round-1 :math:`d_i` (kept from round 1 by site
-        id). ``sent``: round 1's degrees (kept), or round 2's isometry vector or diagonal."""
+        id); so is the co-occurrence Gram's (EASE), whose user terms :math:`x_{ui}^2 \le
+        x_{ui}` are those of the degrees. ``sent``: round 1's degrees (kept), or round 2's
+        isometry vector (one or two Grams) or diagonal."""
         if self.config.dp or self.config.task != "ranking" or site_id is None:
             return
         if server_round == 1:
@@ -122,7 +124,9 @@ class GraphRelease:
         if degrees is None or len(self.graph.items) != len(degrees):
             return  # no round 1 of this site, or a Gram over some items only
         allowed = degrees * max(1.0, 1.0 / self.config.item_graph_degree_bound)
-        if np.any(sent[: len(degrees)] > allowed * (1 + 1e-6) + 1e-9):
+        parts = np.split(sent, len(self.largest_traces())) if len(sent) > len(degrees) else [sent]
+        diagonals = np.stack([part[: len(degrees)] for part in parts])
+        if np.any(diagonals > allowed * (1 + 1e-6) + 1e-9):
             raise RejectedStatistics(
                 "the Gram's diagonal exceeds what the site's own round-1 degrees allow"
             )
@@ -153,15 +157,15 @@ class GraphRelease:
             noise = self.mechanism.statistics_noise[server_round - 1] * delta
         return self.config.max_users_per_site * delta + noise * (math.sqrt(n) + 10.0)
 
-    def largest_trace(self, server_round: int) -> float:
-        r"""Without DP, the largest trace of a site's exact Gram (round 2):
-        :math:`\operatorname{tr} \sum_u x_u x_u^\top = \sum_u \lVert x_u \rVert^2`, and
-        each user's :math:`\lVert x_u \rVert^2 = \lVert x_u x_u^\top \rVert_F` is at most
-        the sensitivity :math:`\Delta`: ``max-users-per-site`` times :math:`\Delta`. A site
-        that scales its Gram up by ``k`` looks like ``k`` times its users, never more than
-        ``max-users-per-site``."""
-        delta = sensitivity(self.config, self.catalogue, server_round)
-        return self.config.max_users_per_site * delta
+    def largest_traces(self) -> list[float]:
+        r"""Without DP, the largest trace of each exact Gram of a site's round 2 (in
+        order): :math:`\operatorname{tr} \sum_u x_u x_u^\top = \sum_u \lVert x_u
+        \rVert^2`, and each user's :math:`\lVert x_u \rVert^2 = \lVert x_u x_u^\top
+        \rVert_F` is at most that Gram's bound (``common.graph.release.gram_bounds``):
+        ``max-users-per-site`` times it. A site that scales its Gram up by ``k`` looks
+        like ``k`` times its users, never more than ``max-users-per-site``."""
+        bounds = gram_bounds(self.config, self.catalogue.num_items)
+        return [self.config.max_users_per_site * bound for bound in bounds]
 
     def add(self, server_round: int, total: Total, sites: int) -> None:
         """Release round ``server_round`` from the ``total`` of ``sites`` sites."""
@@ -178,18 +182,18 @@ class GraphRelease:
 
 
 def check_exact(
-    config: RunConfig, server_round: int, vector: np.ndarray, largest_trace: float
+    config: RunConfig, server_round: int, vector: np.ndarray, largest_traces: list[float]
 ) -> None:
-    """Without DP: exact ranking degrees are non-negative, and every exact Gram (round 2;
-    for ratings the residuals' Gram and, where sent, the co-counts') is within
-    Cauchy-Schwarz of its diagonal, whose sum is at most ``largest_trace``. Raises
-    :class:`RejectedStatistics`."""
+    """Without DP: exact ranking degrees are non-negative, and every exact Gram of round 2
+    (``common.graph.release.gram_bounds``) is within Cauchy-Schwarz of its diagonal, whose
+    sum is at most its entry of ``largest_traces``. Raises :class:`RejectedStatistics`."""
     if server_round == 1:
         if config.task == "ranking" and np.any(vector < 0):
             raise RejectedStatistics("exact item degrees must be non-negative")
         return
-    grams = 2 if config.task == "rating" and rating_settings(config).co_count_shrinkage else 1
-    for part in np.split(vector, grams):
+    for part, largest_trace in zip(
+        np.split(vector, len(largest_traces)), largest_traces, strict=True
+    ):
         m = (math.isqrt(8 * len(part) + 1) - 1) // 2
         rows, columns = np.triu_indices(m, k=1)
         upper = sp.coo_matrix((part[m:] / math.sqrt(2.0), (rows, columns)), shape=(m, m))
@@ -201,7 +205,7 @@ def check_cauchy_schwarz(
 ) -> None:
     r"""A sum of outer products :math:`\sum_u x_u x_u^\top` of at most
     ``max-users-per-site`` users has a non-negative diagonal whose sum is at most
-    ``largest_trace`` (:meth:`GraphRelease.largest_trace`), and :math:`|G_{ij}| \le
+    ``largest_trace`` (:meth:`GraphRelease.largest_traces`), and :math:`|G_{ij}| \le
     \sqrt{G_{ii} G_{jj}}`; raise :class:`RejectedStatistics` otherwise (a relative
     tolerance of 1e-6 for rounding)."""
     if np.any(diagonal < 0):

@@ -341,7 +341,7 @@ LEARNED = {
 graph's own round included); under DP the item graph's budget share (0.5, 0.75, 0.9, 0.95),
 the final round's model (validation metrics outside the guarantee choose nothing in a run)."""
 LEARNED_TEST = {
-    "implicit": {"no DP": LEARNED["no DP"] | {"num_server_rounds": 43}},
+    "implicit": {"no DP": LEARNED["no DP"] | {"num_server_rounds": 46}},
     "u1": {
         "no DP": LEARNED["no DP"] | {"num_server_rounds": 26},
         "secure sum": LEARNED["secure sum"],
@@ -375,35 +375,42 @@ def pipeline_baselines(runs: int = 2) -> dict[str, Any]:
 
 PIPELINES = ("filter", "filter+gcn", "none")
 PIPELINE_DATASETS = tuple(data for data, _, _ in PIPELINE_DATA)
+PIPELINE_PRIVACY = ("no DP", "secure sum")
 
 
 def pipelines(
     names: Sequence[str] = PIPELINES,
     datasets: Sequence[str] = PIPELINE_DATASETS,
     training: dict[str, Any] | None = None,
+    privacy: Sequence[str] = PIPELINE_PRIVACY,
 ) -> dict[str, Any]:
     """The default pipeline's choice, on validation only: the item graph's filter, the
     learned model on it (``filter+gcn``), and the GCN alone, without DP and at epsilon 8
     through the secure sum (MovieLens-100K implicit and u1 ratings); the baselines with
-    every pipeline (``names``, ``datasets``: some of them, whose rows replace theirs in the
-    results; ``training``: keys that replace :data:`LEARNED`'s, to try another setting)."""
-    everything = set(names) == set(PIPELINES) and set(datasets) == set(PIPELINE_DATASETS)
+    every pipeline (``names``, ``datasets``, ``privacy``: some of them, whose rows replace
+    theirs in the results; ``training``: keys that replace :data:`LEARNED`'s, to try
+    another setting)."""
+    everything = (set(names), set(datasets), set(privacy)) == (
+        set(PIPELINES),
+        set(PIPELINE_DATASETS),
+        set(PIPELINE_PRIVACY),
+    )
     results = pipeline_baselines() if everything else {}
     for data, base, metric in (d for d in PIPELINE_DATA if d[0] in datasets):
         site = load_site(base, 0, 1)
         settings = RANKING if data == "implicit" else RATING
-        for privacy in ("no DP", "secure sum"):
+        for setting in privacy:
             for pipeline in names:
-                changes = settings[privacy] | {"item_graph": pipeline, "min_sites": SITES}
+                changes = settings[setting] | {"item_graph": pipeline, "min_sites": SITES}
                 if pipeline != "filter":
-                    changes |= LEARNED[privacy] | (training or {})
+                    changes |= LEARNED[setting] | (training or {})
                 config = base.replace(**changes)
                 validation = pipeline_validation(config, site)
-                results[f"{data}, {privacy}, item-graph = {pipeline}"] = {
+                results[f"{data}, {setting}, item-graph = {pipeline}"] = {
                     f"val-{metric}": validation[metric],
                     "best-round": validation.get("best-round"),
                 }
-                print(data, privacy, pipeline, validation, flush=True)
+                print(data, setting, pipeline, validation, flush=True)
     return results
 
 
@@ -564,7 +571,9 @@ CASES = {
     "ml-rating": lambda args: movielens_rating(args.seeds),
     "gowalla": lambda args: gowalla(args.seeds, dp=False),
     "gowalla-dp": lambda args: gowalla(args.seeds, dp=True),
-    "pipelines": lambda args: pipelines(args.pipelines, args.pipeline_data, args.training),
+    "pipelines": lambda args: pipelines(
+        args.pipelines, args.pipeline_data, args.training, args.pipeline_privacy
+    ),
     "cold": lambda args: cold_items(),
     "pipeline-baselines": lambda args: pipeline_baselines(args.seeds),
     "defaults": lambda args: with_defaults(args.seeds),
@@ -613,6 +622,13 @@ def main() -> None:
         choices=PIPELINE_DATASETS,
         default=PIPELINE_DATASETS,
         help="the pipelines' datasets to (re)run",
+    )
+    parser.add_argument(
+        "--pipeline-privacy",
+        nargs="+",
+        choices=PIPELINE_PRIVACY,
+        default=PIPELINE_PRIVACY,
+        help="the pipelines' privacy settings to (re)run",
     )
     parser.add_argument(
         "--training",

@@ -14,7 +14,9 @@ Cases (``--cases``, comma-separated; each writes its own key of the results):
 - ``ml-ranking``: MovieLens-100K implicit (per user 20% test, 10% validation,
   by seed), no DP. MostPop; GF-CF-style graph filters over user exponent eta
   (``x_u = r_u / |N(u)|^eta``), degree exponent beta, k, alpha; EASE on the
-  Gram. Filters use the training split only (as LightGCN did, 0.3871 NDCG@20).
+  Gram; the app's graph filter plus EASE's weights of the degree rows' Gram
+  (``common.graph.filters.with_ease``: ridge and weight). Filters use the
+  training split only (as LightGCN did, 0.3871 NDCG@20).
 - ``ml-dp``: the same data at epsilon 8, delta 1e-5: (a) noise once on the
   federation's sum (what secure aggregation gives), (b) each of 10 sites adds
   the full noise to its own sum. Degree release (for normalisation and
@@ -84,6 +86,7 @@ from common.graph.filters import (
     top_items,
     user_means,
     user_rows,
+    with_ease,
 )
 from simulations.harness import MOVIELENS_IMPLICIT, RESULTS, data_config, write_results
 
@@ -93,6 +96,7 @@ EPSILON = 8.0
 LIGHTGCN_ML100K = {RECALL: 0.3266, NDCG: 0.3871}  # ranking_quality.json, same split
 PUBLISHED_GOWALLA = {RECALL: 0.1830, NDCG: 0.1554}
 SITES = 10
+DEGREE_BOUND = 10.0  # the app's item-graph-degree-bound
 GOWALLA_VAL_USERS = 5000
 CASES = ("ml-ranking", "ml-dp", "gowalla", "gowalla-dp", "ml-rating")
 
@@ -224,6 +228,15 @@ def movielens_ranking() -> dict:
         for ridge in (1, 3, 10, 30, 100, 300, 1000, 3000):
             consider("EASE", {"eta": eta, "ridge": ridge}, ease_filter(gram, ridge, data.num_items))
         print("ml-ranking ease", eta, best["EASE"][:2], flush=True)
+    app_filter = graph_filter(
+        gram_sum(bounded_rows(data.rows, 0.5, 1.0)), degrees, 0.25, 16, 1.0, data.num_items
+    )
+    degree_gram = gram_sum(bounded_rows(data.rows, 0.0, DEGREE_BOUND))
+    for ridge in (100, 300, 1000):
+        for weight in (1, 2, 3, 5):
+            blended = with_ease(app_filter, degree_gram, ridge, weight)
+            consider("graph filter + EASE", {"ridge": ridge, "weight": weight}, blended)
+    print("ml-ranking graph + ease", best["graph filter + EASE"][:2], flush=True)
     for family, (value, setting, item_filter) in best.items():
         results[family] = {
             "setting": setting,

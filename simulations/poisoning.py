@@ -55,6 +55,7 @@ from common.config import RunConfig
 from common.data import SiteData, load_site
 from common.data.dataset import Interactions
 from common.data.keys import stable_key
+from common.graph.release import gram_bounds
 from common.model import ITEM_ROW_PARAMETERS
 from common.protocol import ARRAYS, ITEM_COUNTS, METRICS, NUM_EXAMPLES, STATISTICS
 from server.item_graph import GraphRelease
@@ -168,20 +169,22 @@ def undefended() -> Iterator[None]:
     count accepted, and the count-weighted mean instead of the median."""
     saved = (
         GraphRelease.largest_norm,
-        GraphRelease.largest_trace,
+        GraphRelease.largest_traces,
         ItemSideFedAvg.check_counts,
         server.item_graph.check_exact,
     )
     GraphRelease.largest_norm = lambda self, server_round, n: np.inf
-    GraphRelease.largest_trace = lambda self, server_round: np.inf
+    GraphRelease.largest_traces = lambda self: (
+        [np.inf] * len(gram_bounds(self.config, self.catalogue.num_items))
+    )
     ItemSideFedAvg.check_counts = lambda self, counts, users: None
-    server.item_graph.check_exact = lambda config, server_round, vector, trace: None
+    server.item_graph.check_exact = lambda config, server_round, vector, traces: None
     try:
         yield
     finally:
         (
             GraphRelease.largest_norm,
-            GraphRelease.largest_trace,
+            GraphRelease.largest_traces,
             ItemSideFedAvg.check_counts,
             server.item_graph.check_exact,
         ) = saved

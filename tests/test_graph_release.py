@@ -15,6 +15,7 @@ from common.data import load_site
 from common.data.site import SiteData
 from common.errors import InputError
 from common.graph.features import GraphFeatures
+from common.graph.filters import bounded_rows, gram_sum, graph_filter, user_rows
 from common.graph.release import (
     NOISY_COUNTS,
     ItemGraph,
@@ -145,7 +146,7 @@ def test_the_graph_ranks_by_released_degrees_after_round_1_and_for_a_user_withou
 @pytest.mark.parametrize(
     ("dp", "items", "expected"),
     [
-        (False, 1682, RankingFilter(None, 0.25, 16, 1.0, None)),
+        (False, 1682, RankingFilter(None, 0.25, 16, 1.0, None, ease_weight=3.0)),
         (False, 40981, RankingFilter(None, 0.5, 256, 0.1, 1000)),
         (True, 1682, RankingFilter(400, 0.25, 16, 1.0, None)),
         (True, 40981, RankingFilter(2000, 0.25, 16, 1.0, None)),
@@ -156,6 +157,53 @@ def test_auto_ranking_filter_is_a_rule_of_the_catalogue_size_and_dp(dp, items, e
     assert ranking_filter(default_config(task="ranking", dp=dp), items) == expected
     keys = default_config(task="ranking", dp=dp, item_graph_items=0, item_graph_rank=8)
     assert ranking_filter(keys, items) == replace(expected, items=None, rank=8)
+
+
+def test_without_dp_round_2_adds_the_co_occurrence_gram_whose_ease_weights_join_the_filter():
+    """The EASE part: round 2 also sums the users' round-1 degree rows' Gram (each user
+    within the degree bound squared), and the released linear part is the filter's plus
+    EASE's weights of it, scaled to the spectral norm ``item-graph-ease-weight``."""
+    config = default_config(
+        task="ranking", dp=False, synthetic_users=120, synthetic_items=60,
+        item_graph_degree_bound=2.0,
+    )  # fmt: skip
+    site = load_site(config, 0, 2)
+    graph = graph_after_round_1(config, site)
+    total = contribution(config, site, 2, graph)
+    assert total.shape == (length(config, site.catalogue, 2, graph),) == (2 * 60 * 61 // 2,)
+    degree_rows = bounded_rows(user_rows(site.train, site.num_users, 60), 0.0, 2.0)
+    np.testing.assert_allclose(symmetric(np.split(total, 2)[1]), gram_sum(degree_rows))
+    bound = sensitivity(config, site.catalogue, 2)
+    assert bound == pytest.approx(np.hypot(1.0, 4.0))
+    for user in (0, 7, site.num_users - 1):
+        alone = contribution(config, only_user(site, user), 2, graph)
+        change = total - contribution(config, without_user(site, user), 2, graph)
+        np.testing.assert_allclose(change, alone, atol=1e-9)
+        assert np.linalg.norm(alone) <= bound + 1e-9
+    with_ease = released(config, site.catalogue, 2, total, graph, 0.0).linear
+    plain_config = replace(config, item_graph_ease_weight=0.0)
+    plain = contribution(plain_config, site, 2, graph)
+    assert len(plain) == len(total) // 2
+    plain_linear = released(plain_config, site.catalogue, 2, plain, graph, 0.0).linear
+    gram = symmetric(np.split(total, 2)[0])
+    expected = graph_filter(gram, graph.degrees, 0.25, 16, 1.0, 60, floor=1.0).linear
+    np.testing.assert_allclose(plain_linear, expected)
+    ease_part = with_ease - plain_linear
+    assert np.linalg.norm(ease_part, 2) == pytest.approx(3.0)
+    assert np.allclose(np.diag(ease_part), 0.0)  # EASE never scores an item by itself
+
+
+def test_ease_is_refused_by_name_where_its_gram_cannot_be_released():
+    for config in (
+        default_config(task="ranking", dp=True, item_graph_ease_weight=1.0),
+        default_config(
+            task="ranking", dp=False, item_graph_ease_weight=1.0, item_graph_dense_items=10
+        ),
+    ):
+        with pytest.raises(InputError, match="item-graph-ease-weight: EASE's part needs"):
+            ranking_filter(config, 60)
+    with pytest.raises(InputError, match="item-graph-ease-ridge: expected"):
+        default_config(task="ranking", item_graph_ease_ridge=0)
 
 
 @pytest.mark.parametrize("value", ["many", -1])

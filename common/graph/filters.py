@@ -70,6 +70,9 @@ normalisation, :math:`\beta = 0` the plain Gram (PureSVD); under DP a small
 - closed-form ridge regression (EASE, Steck 2019; :func:`ease_filter`):
   :math:`L = I - Q\,\mathrm{diag}(1/\mathrm{diag}\,Q)` with
   :math:`Q = (G + \lambda I)^{-1}`, no low-pass part;
+- the two blended (:func:`with_ease`): the graph filter's linear part plus
+  EASE's weights :math:`B` of a second Gram, scaled to spectral norm
+  :math:`w`, :math:`L + w B / \lVert B \rVert_2`;
 - top-:math:`N` per row (:func:`keep_top_per_row`): the :math:`N` largest entries
   of each row of :math:`L`, to ship a large catalogue's linear part to sites.
 
@@ -100,13 +103,13 @@ binary rows (:func:`covariance_similarity`, :func:`neighbourhood_residuals`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
-from scipy.sparse.linalg import eigsh
+from scipy.sparse.linalg import eigsh, svds
 
 from common.data.dataset import Interactions
 
@@ -425,6 +428,16 @@ def ease_filter(
         input_scale=np.ones(m),
         output_scale=np.ones(m),
     )
+
+
+def with_ease(item_filter: ItemFilter, gram: np.ndarray, ridge: float, weight: float) -> ItemFilter:
+    r"""``item_filter`` with EASE's weights :math:`B` (:func:`ease_weights` of ``gram``,
+    over the same items) added to its dense linear part, scaled to spectral norm
+    ``weight``: :math:`L + w B / \lVert B \rVert_2` (:math:`L`'s spectral norm is 1)."""
+    weights = ease_weights(gram, ridge)
+    start = np.ones(len(weights))  # a fixed start: the same norm in every process
+    norm = svds(weights, k=1, v0=start, return_singular_vectors=False)[0]
+    return replace(item_filter, linear=item_filter.linear + weight / norm * weights)
 
 
 def keep_top_per_row(matrix: Matrix, count: int) -> sp.csr_matrix:

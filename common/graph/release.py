@@ -22,7 +22,11 @@ site.
    :math:`s_u = r_u L + \alpha\, (r_u D^{-\beta}) V_k V_k^\top D^{\beta}` over
    :math:`S` (``item-graph-exponent`` :math:`\beta`, ``item-graph-rank``
    :math:`k`, ``item-graph-alpha`` :math:`\alpha`), the released degrees
-   floored at the standard deviation of their noise.
+   floored at the standard deviation of their noise. Without DP and with a
+   dense Gram, round 2 also sends the co-occurrence Gram :math:`\sum_u y_u
+   y_u^\top` of round 1's bounded rows :math:`y_u` (each user within
+   :math:`C_d^2`), and the linear part :math:`L` gains EASE's weights of it
+   (``common.graph.filters.with_ease``, ``item-graph-ease-weight``).
 
 **Rating** (after McSherry and Mironov, KDD 2009):
 
@@ -84,6 +88,7 @@ from common.graph.filters import (
     top_items,
     user_means,
     user_rows,
+    with_ease,
 )
 
 STATISTICS_ROUNDS = 2
@@ -144,6 +149,8 @@ class RankingFilter:
         exponent, rank, alpha: the degree exponent :math:`\beta`, the low-pass rank
             :math:`k` and its weight :math:`\alpha`.
         top_per_row: entries kept in each row of a sparse linear part (None: all).
+        ease_weight, ease_ridge: the weight :math:`w` of EASE's part in the linear part
+            and EASE's ridge :math:`\lambda` (0: no EASE part, and no co-occurrence Gram).
     """
 
     items: int | None
@@ -151,12 +158,17 @@ class RankingFilter:
     rank: int
     alpha: float
     top_per_row: int | None
+    ease_weight: float = 0.0
+    ease_ridge: float = 300.0
 
 
 SMALL_CATALOGUE = RankingFilter(None, 0.25, 16, 1.0, None)
 LARGE_CATALOGUE = RankingFilter(None, 0.5, 256, 0.1, 1000)
 """The settings chosen on validation (``simulations/item_graph_search.py``) for
 MovieLens-100K (1,682 items, dense Gram) and Gowalla (40,981 items, exact sparse Gram)."""
+EXACT_EASE_WEIGHT = 3.0
+"""Without DP and with a dense Gram, EASE's part of the linear part (ridge 300): chosen on
+validation (``simulations/item_graph_search.py --cases ml-ranking``, MovieLens-100K)."""
 COVERED_ITEMS_PER_ROOT = 10
 """Under DP the graph covers about ``10 sqrt(n)`` of ``n`` items: validation chose 300
 (600 within 0.2 %) of MovieLens-100K's 1,682 and 2,000 of Gowalla's 40,981."""
@@ -169,7 +181,10 @@ def ranking_filter(config: RunConfig, num_items: int) -> RankingFilter:
     - under DP the graph covers the top :math:`\min(n, \max(100, 10 \sqrt n))` items
       by released degree (rounded to a hundred), whose Gram is released dense;
     - the filter is :data:`LARGE_CATALOGUE`'s when the Gram is exact and sparse (no DP,
-      more than ``item-graph-dense-items`` items), else :data:`SMALL_CATALOGUE`'s.
+      more than ``item-graph-dense-items`` items), else :data:`SMALL_CATALOGUE`'s;
+    - without DP and with a dense Gram, the linear part has an EASE part of weight
+      :data:`EXACT_EASE_WEIGHT`, from a co-occurrence Gram round 2 adds. Under DP, or
+      with a sparse Gram, setting ``item-graph-ease-weight`` raises InputError.
     """
     covered = num_items
     if config.dp:
@@ -185,8 +200,22 @@ def ranking_filter(config: RunConfig, num_items: int) -> RankingFilter:
         "rank": config.item_graph_rank,
         "alpha": config.item_graph_alpha,
         "top_per_row": config.item_graph_top_per_row,
+        "ease_ridge": config.item_graph_ease_ridge,
     }
-    return replace(rule, **{name: v for name, v in keys.items() if v != "auto"})
+    settings = replace(rule, **{name: v for name, v in keys.items() if v != "auto"})
+    exact_dense = not config.dp and (settings.items or num_items) <= config.item_graph_dense_items
+    weight = config.item_graph_ease_weight
+    if weight == "auto":
+        weight = EXACT_EASE_WEIGHT if exact_dense else 0.0
+    elif weight and not exact_dense:
+        raise InputError(
+            f"item-graph-ease-weight: EASE's part needs an exact dense co-occurrence Gram, "
+            f"released only without DP and over at most item-graph-dense-items = "
+            f"{config.item_graph_dense_items} items (this run: dp = "
+            f"{str(config.dp).lower()}, {settings.items or num_items} covered items); set it "
+            'to 0 or "auto"'
+        )
+    return replace(settings, ease_weight=float(weight))
 
 
 Total = np.ndarray | sp.csr_matrix
@@ -315,13 +344,25 @@ class ItemGraph:
         )
 
 
+def gram_bounds(config: RunConfig, num_items: int) -> list[float]:
+    """The Grams round 2 sends, in order, each as the largest Frobenius norm of one
+    user's term :math:`x_u x_u^\top` in it: ranking the filter's Gram (1) and, with an EASE
+    part, the co-occurrence Gram of round 1's degree rows (:math:`C_d^2`); rating the
+    residuals' covariance and, without DP, the co-rating weights (:math:`C_2^2` each)."""
+    if config.task == "ranking":
+        bound = config.item_graph_degree_bound
+        return [1.0] + [bound**2] * bool(ranking_filter(config, num_items).ease_weight)
+    settings = rating_settings(config)
+    return [settings.bound**2] * (1 + (settings.co_count_shrinkage is not None))
+
+
 def sensitivity(config: RunConfig, catalogue: Catalogue, server_round: int) -> float:
     """How far one user moves round ``server_round``'s sum, in L2 (Frobenius) norm."""
-    if config.task == "ranking":
-        return config.item_graph_degree_bound if server_round == 1 else 1.0
-    bound = rating_settings(config).bound
     if server_round == 2:
-        return bound**2
+        return math.hypot(*gram_bounds(config, catalogue.num_items))
+    if config.task == "ranking":
+        return config.item_graph_degree_bound
+    bound = rating_settings(config).bound
     return math.sqrt(2.0) * math.sqrt(bound**2 + GLOBAL_MEAN_WEIGHT**2)
 
 
@@ -332,8 +373,7 @@ def length(config: RunConfig, catalogue: Catalogue, server_round: int, graph: It
     if server_round == 1:
         return n if config.task == "ranking" else 2 * n + 2
     m = len(graph.items)
-    grams = 2 if config.task == "rating" and rating_settings(config).co_count_shrinkage else 1
-    return grams * m * (m + 1) // 2
+    return len(gram_bounds(config, n)) * m * (m + 1) // 2
 
 
 def contribution(config: RunConfig, site: SiteData, server_round: int, graph: ItemGraph) -> Total:
@@ -341,10 +381,16 @@ def contribution(config: RunConfig, site: SiteData, server_round: int, graph: It
     n = site.catalogue.num_items
     if config.task == "ranking":
         binary = user_rows(site.train, site.num_users, n)
+        degree_rows = bounded_rows(binary, 0.0, config.item_graph_degree_bound)
         if server_round == 1:
-            return item_sum(bounded_rows(binary, 0.0, config.item_graph_degree_bound))
+            return item_sum(degree_rows)
         gram = gram_sum(bounded_rows(binary[:, graph.items], 0.5, 1.0), dense=dense(config, graph))
-        return isometry(gram) if isinstance(gram, np.ndarray) else gram
+        if not isinstance(gram, np.ndarray):
+            return gram
+        grams = [gram]
+        if ranking_filter(config, n).ease_weight:
+            grams.append(gram_sum(degree_rows[:, graph.items]))
+        return np.concatenate([isometry(gram) for gram in grams])
     settings = rating_settings(config)
     train = on_reference_scale(site)
     if server_round == 1:
@@ -391,8 +437,7 @@ def released(
     if config.task == "rating":
         settings = rating_settings(config)
         covariance, *co_counts = (
-            symmetric(part)
-            for part in np.split(total, 1 + (settings.co_count_shrinkage is not None))
+            symmetric(part) for part in np.split(total, len(gram_bounds(config, n)))
         )
         return replace(
             graph,
@@ -401,7 +446,11 @@ def released(
             diagonal_floor=max(1e-12, DIAGONAL_FLOOR * noise_std),
             co_count_shrinkage=settings.co_count_shrinkage or 0.0,
         )
-    gram = symmetric(total) if isinstance(total, np.ndarray) else total
+    gram, *cooccurrence = (
+        (symmetric(part) for part in np.split(total, len(gram_bounds(config, n))))
+        if isinstance(total, np.ndarray)
+        else (total,)
+    )
     item_filter = graph_filter(
         gram,
         graph.degrees[graph.items],
@@ -412,6 +461,10 @@ def released(
         graph.items,
         floor=max(1.0, graph.degree_noise),
     )
+    if cooccurrence:
+        item_filter = with_ease(
+            item_filter, cooccurrence[0], ranking.ease_ridge, ranking.ease_weight
+        )
     linear = item_filter.linear
     if sp.issparse(linear) and ranking.top_per_row is not None:
         linear = keep_top_per_row(linear, ranking.top_per_row)
