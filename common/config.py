@@ -98,6 +98,7 @@ class RunConfig:
     item_graph_alpha: float | str
     item_graph_ease_weight: float | str
     item_graph_ease_ridge: float | str
+    item_graph_sharpening: float | str
     item_graph_degree_bound: float
     item_graph_degree_share: float | None
     item_graph_budget_share: float
@@ -281,6 +282,7 @@ class RunConfig:
             ("item-graph-alpha", self.item_graph_alpha, 0),
             ("item-graph-ease-weight", self.item_graph_ease_weight, 0),
             ("item-graph-ease-ridge", self.item_graph_ease_ridge, 0),
+            ("item-graph-sharpening", self.item_graph_sharpening, 0),
             ("item-graph-top-per-row", self.item_graph_top_per_row, 1),
         ):
             if isinstance(value, str) and value != "auto":

@@ -97,7 +97,8 @@ GOWALLA = {
         "dp": False,
         "item_graph_exponent": 0.5,
         "item_graph_rank": 256,
-        "item_graph_alpha": 0.1,
+        "item_graph_alpha": 0.2,
+        "item_graph_sharpening": 1.0,
         "item_graph_top_per_row": 1000,
     },
     "secure sum": SECURE

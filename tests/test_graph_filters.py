@@ -14,6 +14,7 @@ from common.data.synthetic import generate_synthetic
 from common.graph.filters import (
     bounded_rows,
     covariance_similarity,
+    degree_normalised,
     ease_filter,
     gram_sum,
     graph_filter,
@@ -161,6 +162,30 @@ def test_graph_filter_scores_match_gf_cf_computed_by_hand(binary):
     expected = _gf_cf_by_hand(binary, 8, 0.3)
     np.testing.assert_allclose(item_filter.scores(binary, batch_size=7), expected, atol=1e-5)
     np.testing.assert_allclose(item_filter.scores(binary.toarray()), expected, atol=1e-5)
+
+
+def test_sharpening_takes_the_part_of_l_squared_in_the_low_pass_basis_off_the_score(binary):
+    """``s_u - c (r_u V_k) diag(mu^2) V_k^T``; and what one item of a row adds to the
+    scores (``item_features``, how a training target is left out) stays exact."""
+    rows = bounded_rows(binary, exponent=0.5, bound=1.0)
+    degrees = item_sum(binary)
+    plain = graph_filter(gram_sum(rows), degrees, 0.5, k=8, alpha=0.3, num_items=ITEMS)
+    sharpened = graph_filter(
+        gram_sum(rows), degrees, 0.5, k=8, alpha=0.3, num_items=ITEMS, sharpening=0.7
+    )
+    values, _ = top_eigenpairs(degree_normalised(gram_sum(rows), degrees, 0.5, 1.0), 8)
+    v = plain.eigenvectors
+    expected = plain.scores(binary) - 0.7 * (binary @ v) * (values / values[0]) ** 2 @ v.T
+    np.testing.assert_allclose(sharpened.scores(binary), expected, atol=1e-5)
+    row = binary[[2]].toarray()
+    item = int(np.flatnonzero(row[0])[0])
+    candidates = np.array([[item, 5, 9]])
+    without = row.copy()
+    without[0, item] = 0.0
+    left_out = sharpened.features(row, candidates) - sharpened.item_features(
+        np.array([item]), candidates
+    )
+    np.testing.assert_allclose(left_out, sharpened.features(without, candidates), atol=1e-12)
 
 
 def test_sparse_and_dense_paths_agree(binary):

@@ -67,6 +67,11 @@ normalisation, :math:`\beta = 0` the plain Gram (PureSVD); under DP a small
   :math:`\beta`) and the ideal low-pass filter on the top-:math:`k`
   eigenvectors :math:`V_k` of :math:`P` (:func:`top_eigenpairs`),
   :math:`D^{-\beta} V_k V_k^\top D^{\beta}`, blended by :math:`\alpha`;
+  optionally sharpened (BSPM, Choi et al., SIGIR 2023: one step of
+  :math:`ds/dt = -s L` takes :math:`c\, s L` off the score) within
+  :math:`V_k`, :math:`-c\, V_k \operatorname{diag}(\mu^2) V_k^\top` with
+  :math:`\mu = \lambda / \lambda_1`: the part of :math:`L^2` in
+  :math:`V_k`, as :math:`L^2` over a large catalogue is too dense to ship;
 - closed-form ridge regression (EASE, Steck 2019; :func:`ease_filter`):
   :math:`L = I - Q\,\mathrm{diag}(1/\mathrm{diag}\,Q)` with
   :math:`Q = (G + \lambda I)^{-1}`, no low-pass part;
@@ -79,7 +84,8 @@ normalisation, :math:`\beta = 0` the plain Gram (PureSVD); under DP a small
 **Scoring** (:meth:`ItemFilter.scores`), at the site, from the user's own row
 :math:`r_u` restricted to :math:`S`:
 
-.. math:: s_u = r_u L + \alpha\, (r_u D^{-\beta}) V_k V_k^\top D^{\beta},
+.. math:: s_u = r_u L + \alpha\, (r_u D^{-\beta}) V_k V_k^\top D^{\beta}
+   - (r_u V_k) \operatorname{diag}(w) V_k^\top, \qquad w = c \mu^2,
 
 with items outside :math:`S` at :math:`-\infty` (never recommended).
 
@@ -262,6 +268,7 @@ class ItemFilter:
         alpha: weight of the low-pass part.
         input_scale: ``[m]`` ``D^-b``, applied to a user's row before ``V_k``.
         output_scale: ``[m]`` ``D^b``, applied after ``V_k^T``.
+        sharpening: ``[k]`` the weights ``w`` of the sharpening part, or ``None``.
     """
 
     num_items: int
@@ -271,6 +278,7 @@ class ItemFilter:
     alpha: float
     input_scale: np.ndarray
     output_scale: np.ndarray
+    sharpening: np.ndarray | None = None
 
     @cached_property
     def positions(self) -> np.ndarray:
@@ -292,13 +300,15 @@ class ItemFilter:
             linear = np.take_along_axis(self._linear_part(rows), at, axis=1)
         low_pass = np.zeros(candidates.shape)
         if self._has_low_pass:
-            basis = self._low_pass_basis(rows)  # [B, k]
+            bases = [basis for basis in self._low_pass_bases(rows) if basis is not None]
             if candidates.shape[1] * self.eigenvectors.shape[1] < len(self.items):
                 # a few candidates each (pairs): their rows of the basis, [B, C, k]
-                projected = np.einsum("bk,bck->bc", basis, self.eigenvectors[at])
+                vectors = self.eigenvectors[at]
+                parts = [np.einsum("bk,bck->bc", basis, vectors) for basis in bases]
             else:  # many: every covered item at once, [B, m]
-                projected = np.take_along_axis(basis @ self.eigenvectors.T, at, axis=1)
-            low_pass = self.alpha * projected * self.output_scale[at]
+                vectors = self.eigenvectors.T
+                parts = [np.take_along_axis(basis @ vectors, at, axis=1) for basis in bases]
+            low_pass = self.alpha * parts[0] * self.output_scale[at] - sum(parts[1:])
         return np.where(covered[..., None], np.stack([linear, low_pass], -1), 0.0)
 
     def item_features(self, sources: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -316,11 +326,11 @@ class ItemFilter:
             linear = np.asarray(values).reshape(target.shape)
         low_pass = np.zeros(target.shape)
         if self._has_low_pass:
-            low_pass = (
-                self.alpha
-                * self.input_scale[source]
-                * np.einsum("sck,sck->sc", self.eigenvectors[source], self.eigenvectors[target])
-                * self.output_scale[target]
+            source_vectors, target_vectors = self.eigenvectors[source], self.eigenvectors[target]
+            low_pass = self.alpha * self.input_scale[source] * np.einsum(
+                "sck,sck->sc", source_vectors, target_vectors
+            ) * self.output_scale[target] - np.einsum(
+                "sck,k,sck->sc", source_vectors, self._sharpening, target_vectors
             )
         return np.where(covered[..., None], np.stack([linear, low_pass], -1), 0.0)
 
@@ -360,23 +370,35 @@ class ItemFilter:
         linear = None if self.linear is None else self._linear_part(rows)
         low_pass = None
         if self._has_low_pass:
-            basis = self._low_pass_basis(rows)
-            low_pass = self.alpha * (basis @ self.eigenvectors.T) * self.output_scale
+            scaled, plain = self._low_pass_bases(rows)
+            low_pass = self.alpha * (scaled @ self.eigenvectors.T) * self.output_scale
+            if plain is not None:
+                low_pass -= plain @ self.eigenvectors.T
         return linear, low_pass
 
     @property
     def _has_low_pass(self) -> bool:
-        return bool(self.eigenvectors.shape[1] and self.alpha)
+        return bool(self.eigenvectors.shape[1] and (self.alpha or self._sharpening.any()))
+
+    @cached_property
+    def _sharpening(self) -> np.ndarray:
+        """``[k]`` the sharpening weights ``w`` (zeros without sharpening)."""
+        k = self.eigenvectors.shape[1]
+        return np.zeros(k) if self.sharpening is None else self.sharpening[:k]
 
     def _linear_part(self, rows: Matrix) -> np.ndarray:
         """``r_u L`` ``[B, m]`` of rows restricted to the covered items."""
         product = rows @ self.linear
         return product.toarray() if sp.issparse(product) else np.asarray(product)
 
-    def _low_pass_basis(self, rows: Matrix) -> np.ndarray:
-        """``(r_u D^-b) V_k`` ``[B, k]`` of rows restricted to the covered items."""
+    def _low_pass_bases(self, rows: Matrix) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(r_u D^-b) V_k`` and ``(r_u V_k) diag(w)`` (None without sharpening), ``[B, k]``
+        each, of rows restricted to the covered items."""
         scaled = rows @ sp.diags(self.input_scale) if sp.issparse(rows) else rows * self.input_scale
-        return np.asarray(scaled @ self.eigenvectors)
+        plain = None
+        if self.sharpening is not None:
+            plain = np.asarray(rows @ self.eigenvectors) * self._sharpening
+        return np.asarray(scaled @ self.eigenvectors), plain
 
 
 def graph_filter(
@@ -388,9 +410,11 @@ def graph_filter(
     num_items: int,
     items: np.ndarray | None = None,
     floor: float = 1.0,
+    sharpening: float = 0.0,
 ) -> ItemFilter:
     """GF-CF's filter (``exponent`` = 1/2) or its degree-weighted variants, from the
-    (released) Gram matrix and degrees over ``items`` (default: the whole catalogue)."""
+    (released) Gram matrix and degrees over ``items`` (default: the whole catalogue),
+    sharpened by ``c = sharpening`` within its low-pass basis (0: not at all)."""
     normalised = degree_normalised(gram, degrees, exponent, floor)
     values, vectors = top_eigenpairs(normalised, max(k, 1))
     degree = np.maximum(degrees, floor)
@@ -402,6 +426,7 @@ def graph_filter(
         alpha=alpha,
         input_scale=degree**-exponent,
         output_scale=degree**exponent,
+        sharpening=sharpening * (values[:k] / values[0]) ** 2 if sharpening else None,
     )
 
 

@@ -19,9 +19,10 @@ site.
    isometry :math:`(G_{ii}, \sqrt 2\, G_{ij})_{i<j}` (:func:`isometry`), on
    which Gaussian noise is the symmetric release of
    ``common.graph.filters.release_symmetric``. Released: the filter
-   :math:`s_u = r_u L + \alpha\, (r_u D^{-\beta}) V_k V_k^\top D^{\beta}` over
-   :math:`S` (``item-graph-exponent`` :math:`\beta`, ``item-graph-rank``
-   :math:`k`, ``item-graph-alpha`` :math:`\alpha`), the released degrees
+   :math:`s_u = r_u L + \alpha\, (r_u D^{-\beta}) V_k V_k^\top D^{\beta} - c\,
+   (r_u V_k) \operatorname{diag}(\mu^2) V_k^\top` over :math:`S`
+   (``item-graph-exponent`` :math:`\beta`, ``item-graph-rank`` :math:`k`,
+   ``item-graph-alpha`` :math:`\alpha`, ``item-graph-sharpening`` :math:`c`), the released degrees
    floored at the standard deviation of their noise. Without DP and with a
    dense Gram, round 2 also sends the co-occurrence Gram :math:`\sum_u y_u
    y_u^\top` of round 1's bounded rows :math:`y_u` (each user within
@@ -151,6 +152,7 @@ class RankingFilter:
         top_per_row: entries kept in each row of a sparse linear part (None: all).
         ease_weight, ease_ridge: the weight :math:`w` of EASE's part in the linear part
             and EASE's ridge :math:`\lambda` (0: no EASE part, and no co-occurrence Gram).
+        sharpening: the sharpening :math:`c` within the low-pass basis (0: none).
     """
 
     items: int | None
@@ -160,12 +162,14 @@ class RankingFilter:
     top_per_row: int | None
     ease_weight: float = 0.0
     ease_ridge: float = 300.0
+    sharpening: float = 0.0
 
 
 SMALL_CATALOGUE = RankingFilter(None, 0.25, 16, 1.0, None)
-LARGE_CATALOGUE = RankingFilter(None, 0.5, 256, 0.1, 1000)
+LARGE_CATALOGUE = RankingFilter(None, 0.5, 256, 0.2, 1000, sharpening=1.0)
 """The settings chosen on validation (``simulations/item_graph_search.py``) for
-MovieLens-100K (1,682 items, dense Gram) and Gowalla (40,981 items, exact sparse Gram)."""
+MovieLens-100K (1,682 items, dense Gram) and Gowalla (40,981 items, exact sparse Gram;
+its alpha and sharpening by ``simulations/filter_variants.py``)."""
 EXACT_EASE_WEIGHT = 3.0
 """Without DP and with a dense Gram, EASE's part of the linear part (ridge 300): chosen on
 validation (``simulations/item_graph_search.py --cases ml-ranking``, MovieLens-100K)."""
@@ -201,6 +205,7 @@ def ranking_filter(config: RunConfig, num_items: int) -> RankingFilter:
         "alpha": config.item_graph_alpha,
         "top_per_row": config.item_graph_top_per_row,
         "ease_ridge": config.item_graph_ease_ridge,
+        "sharpening": config.item_graph_sharpening,
     }
     settings = replace(rule, **{name: v for name, v in keys.items() if v != "auto"})
     exact_dense = not config.dp and (settings.items or num_items) <= config.item_graph_dense_items
@@ -234,8 +239,8 @@ class ItemGraph:
         item_bias: the item offsets :math:`b_i` (rating).
         global_mean: the users' means averaged (rating), the prior of every user's
             shrunk mean after round 1.
-        linear, eigenvectors, alpha, input_scale, output_scale: the ranking filter
-            (``common.graph.filters.ItemFilter``), from round 2.
+        linear, eigenvectors, alpha, input_scale, output_scale, sharpening: the ranking
+            filter (``common.graph.filters.ItemFilter``), from round 2.
         item_shrinkage: the shrinkage the item offsets were released with (rating).
         covariance, co_counts: the residuals' covariance and, without DP, their
             co-rating weights (rating), from round 2, as released.
@@ -256,6 +261,7 @@ class ItemGraph:
     alpha: float = 0.0
     input_scale: np.ndarray | None = None
     output_scale: np.ndarray | None = None
+    sharpening: np.ndarray | None = None
     item_shrinkage: float = 0.0
     covariance: np.ndarray | None = None
     co_counts: np.ndarray | None = None
@@ -329,6 +335,7 @@ class ItemGraph:
             self.alpha,
             self.input_scale,
             self.output_scale,
+            self.sharpening,
         )
 
     def propagation_matrix(self, num_items: int) -> sp.csr_matrix:
@@ -460,6 +467,7 @@ def released(
         n,
         graph.items,
         floor=max(1.0, graph.degree_noise),
+        sharpening=ranking.sharpening,
     )
     if cooccurrence:
         item_filter = with_ease(
@@ -475,6 +483,7 @@ def released(
         alpha=item_filter.alpha,
         input_scale=item_filter.input_scale,
         output_scale=item_filter.output_scale,
+        sharpening=item_filter.sharpening,
     )
 
 

@@ -1,0 +1,265 @@
+"""Variants of the item graph's filters, tried on validation and not kept.
+
+The README's *Results* quotes these as what was tried beyond the filters the app
+releases. Every figure is a validation figure (the test split is never scored
+here), computed by ``simulations/item_graph_search.py``'s code on the same
+splits; a variant is a post-processing of the same releases, so it would cost no
+budget.
+
+Cases (``--cases``, each writes its own key of the results):
+
+- ``ml-no-dp``: MovieLens-100K implicit without DP: the app's filter (its EASE
+  part included) and BSPM-style sharpening of its score, ``s - c s L``
+  (Choi et al., SIGIR 2023: one Euler step of ``ds/dt = -s L``).
+- ``ml-dp``: the same data at epsilon 8 (delta 1e-5), noise once on the
+  federation's sum (what the secure sum gives), the tuned secure-sum row's
+  release (the top 300 items, degree share 0.1), ``--seeds`` noise draws: the
+  app's filter; EASE's weights of the released Gram added
+  (``common.graph.filters.with_ease``); sharpening; and the linear part with
+  its eigenvalues shrunk, ``max(lambda - tau lambda_1, 0)``.
+- ``u1``: MovieLens-100K u1 ratings without DP: the app's neighbourhood
+  predictor, and EASE's regression of the residuals on each other
+  (:math:`\\hat e_u = e_u B`, ``B`` from the released covariance) added with
+  weights ``a`` (the neighbourhood) and ``b`` (EASE's part).
+- ``gowalla``: Gowalla without DP (5,000 validation users, as the search):
+  the app's filter (beta 1/2, k = 256) and sharpening within its top-256
+  eigenvectors, ``s - c (r V) diag(mu^2) V^T`` (``mu``: the eigenvalues over
+  the largest; the full ``s L`` costs a product with a 42-million-entry
+  matrix per user).
+
+    python -m simulations.filter_variants [--cases ml-no-dp ml-dp u1 gowalla] [--seeds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+from collections.abc import Callable
+
+import numpy as np
+import scipy.sparse as sp
+from matplotlib.figure import Figure
+
+from common.data import load_site
+from common.graph.features import GraphFeatures
+from common.graph.filters import (
+    ItemFilter,
+    bounded_rows,
+    degree_normalised,
+    ease_weights,
+    gram_sum,
+    graph_filter,
+    item_sum,
+    top_eigenpairs,
+    with_ease,
+)
+from common.graph.release import ItemGraph, contribution, rating_settings, released
+from simulations.harness import MOVIELENS_IMPLICIT, RESULTS, data_config, write_results
+from simulations.item_graph_search import (
+    NDCG,
+    RankingData,
+    evaluate,
+    gowalla_site,
+    one_release,
+    ranking_data,
+    released_sums,
+    validation_users,
+)
+
+EPSILON, DELTA = 8.0, 1e-5
+SHARPENING = (0.1, 0.2, 0.3, 0.5)
+
+
+def exact_graph(config) -> tuple[ItemGraph, object]:
+    """The app's item graph released exactly from one site holding every user."""
+    site = load_site(config, 0, 1)
+    graph = ItemGraph()
+    for server_round in (1, 2):
+        total = contribution(config, site, server_round, graph)
+        graph = released(config, site.catalogue, server_round, total, graph, 0.0)
+    return graph, site
+
+
+def validation_ndcg(
+    item_filter: ItemFilter,
+    data: RankingData,
+    change: Callable[[np.ndarray, sp.csr_matrix], np.ndarray] | None = None,
+    users: np.ndarray | None = None,
+) -> float:
+    """Validation NDCG@20 of the filter's scores, or of ``change(scores, rows)``."""
+
+    def scores(batch: np.ndarray) -> np.ndarray:
+        rows = data.rows[batch]
+        values = item_filter.scores(rows)
+        return values if change is None else change(values, rows).astype(np.float32)
+
+    return evaluate(scores, data, "val", users)[NDCG]
+
+
+def sharpened(item_filter: ItemFilter, c: float) -> Callable:
+    """``s - c s L`` at the covered items."""
+    items = item_filter.items
+
+    def change(values: np.ndarray, rows: sp.csr_matrix) -> np.ndarray:
+        covered = values[:, items].astype(np.float64)
+        values = values.astype(np.float64)
+        values[:, items] = covered - c * covered @ item_filter.linear
+        return values
+
+    return change
+
+
+def movielens_without_dp() -> dict:
+    config = data_config("ml-100k", **MOVIELENS_IMPLICIT, dp=False, item_graph="filter")
+    graph, site = exact_graph(config)
+    data = ranking_data(site)
+    item_filter = graph.item_filter(site.catalogue.num_items)
+    results = {"the app's filter": validation_ndcg(item_filter, data)}
+    for c in SHARPENING:
+        results[f"sharpened, c = {c}"] = validation_ndcg(
+            item_filter, data, sharpened(item_filter, c)
+        )
+    return results
+
+
+def movielens_dp(seeds: int) -> dict:
+    site = load_site(data_config("ml-100k", **MOVIELENS_IMPLICIT), 0, 1)
+    data = ranking_data(site)
+    n = data.num_items
+    everyone = np.zeros(data.rows.shape[0], np.int64)
+    z = one_release(EPSILON, DELTA)
+    values: dict[str, list[float]] = {}
+    for seed in range(seeds):
+        release = released_sums(data.rows, everyone, 0.1, 10.0, 300, z, np.random.default_rng(seed))
+        floor = max(1.0, release.degree_noise_std)
+        degrees = release.degrees[release.items]
+        item_filter = graph_filter(release.gram, degrees, 0.25, 16, 1.0, n, release.items, floor)
+        variants = {"the app's filter": (item_filter, None)}
+        for ridge in (30, 100, 300, 1000):
+            for weight in (0.3, 1.0, 3.0):
+                blended = with_ease(item_filter, release.gram, ridge, weight)
+                variants[f"+ EASE of the released Gram, ridge {ridge}, w = {weight}"] = (
+                    blended,
+                    None,
+                )
+        for c in SHARPENING:
+            variants[f"sharpened, c = {c}"] = (item_filter, sharpened(item_filter, c))
+        eigenvalues, eigenvectors = np.linalg.eigh(
+            degree_normalised(release.gram, degrees, 0.25, floor)
+        )
+        for tau in (0.02, 0.05, 0.1, 0.2):
+            kept = np.maximum(eigenvalues - tau * eigenvalues[-1], 0.0) / eigenvalues[-1]
+            shrunk = dataclasses.replace(item_filter, linear=(eigenvectors * kept) @ eigenvectors.T)
+            variants[f"eigenvalues shrunk, tau = {tau}"] = (shrunk, None)
+        for name, (variant, change) in variants.items():
+            values.setdefault(name, []).append(validation_ndcg(variant, data, change))
+        print("ml-dp draw", seed, values["the app's filter"][-1], flush=True)
+    return {
+        name: {"mean": statistics.mean(v), "spread": statistics.pstdev(v), "runs": v}
+        for name, v in values.items()
+    }
+
+
+def movielens_ratings() -> dict:
+    config = data_config("ml-100k", split="u1", dp=False, item_graph="filter")
+    graph, site = exact_graph(config)
+    features = GraphFeatures(graph, site, rating_settings(config))
+    val = site.val
+    parts = features.of_pairs(val.user, val.item)  # the mean, the offset, the neighbourhood
+
+    def rmse(reference_scale: np.ndarray) -> float:
+        predicted = site.catalogue.from_reference_scale(reference_scale)
+        levels = site.catalogue.rating_levels
+        return float(
+            np.sqrt(np.mean((np.clip(predicted, levels[0], levels[-1]) - val.rating) ** 2))
+        )
+
+    results = {"the app's neighbourhood predictor": rmse(parts.sum(1))}
+    residuals = features.residuals[val.user]
+    for ridge in (30, 100, 300, 1000, 3000):
+        weights = ease_weights(graph.covariance, ridge)
+        ease = np.asarray(residuals.multiply(weights[:, val.item].T).sum(1)).ravel()
+        grid = {
+            (a, b): rmse(parts[:, :2].sum(1) + a * parts[:, 2] + b * ease)
+            for a in (0.0, 0.5, 0.75, 1.0)
+            for b in (0.25, 0.5, 0.75, 1.0, 1.5)
+        }
+        (a, b), best = min(grid.items(), key=lambda item: item[1])
+        results[f"+ EASE of the residuals, ridge {ridge} (best a, b: {a}, {b})"] = best
+    return results
+
+
+def gowalla() -> dict:
+    data = ranking_data(gowalla_site())
+    users = validation_users(data)
+    degrees = item_sum(data.rows)
+    gram = gram_sum(bounded_rows(data.rows, 0.5, 1.0), dense=False)
+    eigenvalues, eigenvectors = top_eigenpairs(degree_normalised(gram, degrees, 0.5, 1.0), 256)
+    base = graph_filter(gram, degrees, 0.5, 256, 0.1, data.num_items)
+    mu = (eigenvalues / eigenvalues[0]) ** 2
+
+    def in_top_eigenvectors(c: float) -> Callable:
+        def change(values: np.ndarray, rows: sp.csr_matrix) -> np.ndarray:
+            return values - c * ((rows @ eigenvectors) * mu) @ eigenvectors.T
+
+        return change
+
+    results = {}
+    for alpha in (0.1, 0.2, 0.3, 0.5):
+        item_filter = dataclasses.replace(base, alpha=alpha)
+        results[f"the app's filter, alpha = {alpha}"] = validation_ndcg(
+            item_filter, data, users=users
+        )
+        for c in (0.3, 0.5, 1.0, 1.5, 2.0, 3.0):
+            results[f"sharpened in the top 256, c = {c}, alpha = {alpha}"] = validation_ndcg(
+                item_filter, data, in_top_eigenvectors(c), users
+            )
+        print("gowalla", alpha, results, flush=True)
+    return results
+
+
+CASES: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "ml-no-dp": lambda args: movielens_without_dp(),
+    "ml-dp": lambda args: movielens_dp(args.seeds),
+    "u1": lambda args: movielens_ratings(),
+    "gowalla": lambda args: gowalla(),
+}
+
+
+def figure_of(results: dict) -> Figure:
+    """One panel per case: each variant's validation figure, the app's as a dashed line."""
+    panels = [case for case in CASES if case in results]
+    figure = Figure(figsize=(4.5 * max(len(panels), 1), 5.5))
+    axes = figure.subplots(1, max(len(panels), 1), squeeze=False)[0]
+    for axis, case in zip(axes, panels, strict=False):
+        names = list(results[case])
+        means = [v["mean"] if isinstance(v, dict) else v for v in results[case].values()]
+        axis.bar(range(len(names)), means, color="grey")
+        axis.axhline(means[0], color="k", linestyle="--", label=names[0])
+        axis.set_xticks(range(len(names)), names, rotation=75, ha="right")
+        axis.tick_params(axis="x", labelsize=5)
+        spread = max(means) - min(means)
+        axis.set_ylim(min(means) - spread, max(means) + spread)
+        axis.legend(fontsize=6)
+        axis.set(title=case, ylabel="val RMSE" if case == "u1" else "val NDCG@20")
+    return figure
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    parser.add_argument("--seeds", type=int, default=3, help="noise draws of the DP case")
+    args = parser.parse_args()
+    path = RESULTS / "filter_variants.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.pop("generated", None)
+    for case in args.cases:
+        results[case] = CASES[case](args)
+        print(case, json.dumps(results[case], indent=1), flush=True)
+        print(write_results("filter_variants", results, figure_of(results)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
