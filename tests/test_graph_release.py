@@ -104,6 +104,18 @@ def test_the_released_graph_travels_as_bytes_dense_or_sparse():
     assert ItemGraph.from_bytes(ItemGraph().to_bytes()).items is None
 
 
+def test_the_ratings_symmetric_parts_travel_as_upper_triangles_exactly():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(300, 300))
+    covariance = symmetric(isometry(a + a.T))
+    graph = ItemGraph(items=np.arange(300), covariance=covariance, co_counts=covariance**2)
+    payload = graph.to_bytes()
+    again = ItemGraph.from_bytes(payload)
+    np.testing.assert_array_equal(again.covariance, covariance)
+    np.testing.assert_array_equal(again.co_counts, covariance**2)
+    assert len(payload) < 0.55 * 2 * covariance.nbytes  # half of the two matrices
+
+
 def test_large_catalogues_send_an_exact_sparse_gram_without_dp_only():
     config = default_config(
         task="ranking", dp=False, synthetic_users=100, item_graph_dense_items=10

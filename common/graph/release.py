@@ -290,7 +290,8 @@ class ItemGraph:
         return self.linear is not None or self.covariance is not None
 
     def to_bytes(self) -> bytes:
-        """One ``.npz`` payload (a sparse linear part as its CSR arrays)."""
+        """One ``.npz`` payload: a sparse linear part as its CSR arrays, and the symmetric
+        covariance and co-rating weights as their upper triangles (half the bytes)."""
         arrays: dict[str, np.ndarray] = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -298,6 +299,8 @@ class ItemGraph:
                 for part in ("data", "indices", "indptr"):
                     arrays[f"{f.name}.{part}"] = getattr(value, part)
                 arrays[f"{f.name}.shape"] = np.array(value.shape)
+            elif f.name in SYMMETRIC_PARTS and value is not None:
+                arrays[f"{f.name}.upper"] = value[np.triu_indices(len(value))]
             elif value is not None:
                 arrays[f.name] = np.asarray(value)
         buffer = io.BytesIO()
@@ -320,6 +323,8 @@ class ItemGraph:
             if f"{f.name}.shape" in stored:
                 parts = tuple(stored[f"{f.name}.{p}"] for p in ("data", "indices", "indptr"))
                 values[f.name] = sp.csr_matrix(parts, shape=tuple(stored[f"{f.name}.shape"]))
+            elif f"{f.name}.upper" in stored:
+                values[f.name] = from_upper_triangle(stored[f"{f.name}.upper"])
             elif f.name in stored:
                 value = stored[f.name]  # C order: scipy copies others per product
                 values[f.name] = value.item() if value.ndim == 0 else np.ascontiguousarray(value)
@@ -361,6 +366,21 @@ def gram_bounds(config: RunConfig, num_items: int) -> list[float]:
         return [1.0] + [bound**2] * bool(ranking_filter(config, num_items).ease_weight)
     settings = rating_settings(config)
     return [settings.bound**2] * (1 + (settings.co_count_shrinkage is not None))
+
+
+SYMMETRIC_PARTS = ("covariance", "co_counts")
+"""The parts of an :class:`ItemGraph` that are symmetric matrices, sent as upper triangles."""
+
+
+def from_upper_triangle(upper: np.ndarray) -> np.ndarray:
+    """The symmetric matrix whose upper triangle (row by row, diagonal included) is
+    ``upper``: each entry exactly as sent."""
+    m = (math.isqrt(8 * len(upper) + 1) - 1) // 2
+    matrix = np.empty((m, m), upper.dtype)
+    rows, columns = np.triu_indices(m)
+    matrix[rows, columns] = upper
+    matrix[columns, rows] = upper
+    return matrix
 
 
 def sensitivity(config: RunConfig, catalogue: Catalogue, server_round: int) -> float:
