@@ -88,6 +88,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
             "by-round": {str(r): v for r, v in sorted(utility.items())},
             "round-labels": {r: round_label(config, int(r)) for r in sorted(rounds, key=int)},
             "baseline": baseline_name(config),
+            "baseline-from": BASELINES[config.task][1] if config.statistics_rounds else None,
             "final-round": final_round,
             "final": utility.get(final_round, {}),
         },
@@ -120,12 +121,17 @@ def _warnings(config: RunConfig, releases: list[dict[str, Any]], derived: list[s
     ]
 
 
+BASELINES = {
+    "rating": ("user mean + item offset", "item offsets and global mean"),
+    "ranking": ("MostPop", "item degrees"),
+}
+"""Each task's round-1 baseline: its name, and what of round 1's release it is scored from."""
+
+
 def baseline_name(config: RunConfig) -> str | None:
     """The baseline a run scores in round 1 from its own round-1 release (within the run's
     epsilon), or None: ``item-graph = "none"`` releases no item statistics."""
-    if not config.statistics_rounds:
-        return None
-    return "user mean + item offset" if config.task == "rating" else "MostPop"
+    return BASELINES[config.task][0] if config.statistics_rounds else None
 
 
 def round_label(config: RunConfig, server_round: int) -> str:

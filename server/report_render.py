@@ -256,10 +256,9 @@ def _baseline_line(report: dict[str, Any]) -> str:
     baseline = report["utility"].get("baseline")
     if baseline is None:
         return "baseline: none (item-graph = none releases no item statistics to build one from)"
-    released = "item degrees" if baseline == "MostPop" else "item offsets and global mean"
     return (
         f"baseline (round 1): {baseline}, scored on the same split from round 1's released "
-        f"{released} (inside the run's epsilon)"
+        f"{report['utility']['baseline-from']} (inside the run's epsilon)"
     )
 
 
