@@ -35,6 +35,7 @@ from common.config import RunConfig
 from common.data import load_dataset
 from common.data.site_folder import catalogue_folder_dataset, load_catalogue_folder
 from common.errors import InputError
+from common.graph.release import ranking_filter
 from common.model import build_model
 from common.privacy import site_mechanism
 from common.protocol import instruction_values
@@ -95,6 +96,8 @@ def run(
             loaded = load_dataset(config)
             catalogue, dataset = loaded.catalogue, loaded.name
         out.describe(dataset, catalogue)
+        if config.task == "ranking" and config.statistics_rounds:
+            ranking_filter(config, catalogue.num_items)  # a refused setting fails before round 1
         torch.manual_seed(config.seed)
         model = build_model(catalogue, config)
         if config.initial_model:

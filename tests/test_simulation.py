@@ -22,6 +22,7 @@ from client.app import make_app
 from common.config import default_config
 from common.data import load_site
 from common.data.synthetic import generate_synthetic
+from common.errors import InputError
 from common.graph.features import GraphFeatures
 from common.graph.release import ItemGraph, rating_settings
 from common.model import build_model
@@ -276,6 +277,24 @@ def test_a_run_no_site_can_complete_stops_at_once_and_is_marked_failed(tmp_path)
     assert status["reason"].endswith("round 0 (site 0, site 1: the site's disk is full)")
     assert list(json.loads((run_dir / "metrics.json").read_text())) == ["0"]
     assert "NoSiteCompleted: no site completed round 0" in (run_dir / "traceback.txt").read_text()
+
+
+def test_a_filter_setting_the_release_refuses_fails_the_run_before_any_site_spends(tmp_path):
+    """EASE's part under DP: refused when the run starts, not after round 1's release."""
+    config = default_config(
+        task="ranking",
+        item_graph="filter",
+        item_graph_ease_weight=1.0,
+        synthetic_users=120,
+        run_dir=str(tmp_path / "runs"),
+        site_state_dir=str(tmp_path / "sites"),
+    )
+    with pytest.raises(InputError, match="item-graph-ease-weight: EASE's part needs"):
+        simulate(config, 2, tmp_path / "messages")
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and "item-graph-ease-weight" in status["reason"]
+    assert not (tmp_path / "messages").exists() or not any((tmp_path / "messages").iterdir())
 
 
 def test_fedgraphrec_run_exits_by_the_runs_outcome_and_logs_once(tmp_path, capsys):
