@@ -256,21 +256,32 @@ def test_without_dp_counts_are_sent_and_declared_not_covered(tmp_path):
     assert {r["key"] for r in releases if not r["covered"]} == not_covered
 
 
+def failed_run(tmp_path, error, match, client_app=None, **changes) -> tuple[Path, dict]:
+    """A run of 2 sites that must raise ``error``: its run directory and ``status.json``."""
+    config = default_config(
+        synthetic_users=120,
+        run_dir=str(tmp_path / "runs"),
+        site_state_dir=str(tmp_path / "sites"),
+        **changes,
+    )
+    with pytest.raises(error, match=match):
+        simulate(config, 2, tmp_path / "messages", client_app=client_app)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    return run_dir, json.loads((run_dir / "status.json").read_text())
+
+
 def test_a_run_no_site_can_complete_stops_at_once_and_is_marked_failed(tmp_path):
     def broken(msg, context, call_next):
         raise RuntimeError("the site's disk is full")
 
-    config = default_config(
+    run_dir, status = failed_run(
+        tmp_path,
+        NoSiteCompleted,
+        "no site completed round 0",
+        make_app([broken]),
         item_graph="none",
         num_server_rounds=3,
-        synthetic_users=120,
-        run_dir=str(tmp_path / "runs"),
-        site_state_dir=str(tmp_path / "sites"),
     )
-    with pytest.raises(NoSiteCompleted, match="no site completed round 0"):
-        simulate(config, 2, tmp_path, client_app=make_app([broken]))
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "failed"
     assert "no site completed round 0" in status["reason"]
     # sites named by their id, one short reason each (the same one said once)
@@ -281,20 +292,17 @@ def test_a_run_no_site_can_complete_stops_at_once_and_is_marked_failed(tmp_path)
 
 def test_a_filter_setting_the_release_refuses_fails_the_run_before_any_site_spends(tmp_path):
     """EASE's part under DP: refused when the run starts, not after round 1's release."""
-    config = default_config(
+    _, status = failed_run(
+        tmp_path,
+        InputError,
+        "item-graph-ease-weight: EASE's part needs",
         task="ranking",
         item_graph="filter",
         item_graph_ease_weight=1.0,
-        synthetic_users=120,
-        run_dir=str(tmp_path / "runs"),
-        site_state_dir=str(tmp_path / "sites"),
     )
-    with pytest.raises(InputError, match="item-graph-ease-weight: EASE's part needs"):
-        simulate(config, 2, tmp_path / "messages")
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "failed" and "item-graph-ease-weight" in status["reason"]
-    assert not (tmp_path / "messages").exists() or not any((tmp_path / "messages").iterdir())
+    messages = tmp_path / "messages"
+    assert not messages.exists() or not any(messages.iterdir())  # no site replied
 
 
 def test_fedgraphrec_run_exits_by_the_runs_outcome_and_logs_once(tmp_path, capsys):
