@@ -124,7 +124,8 @@ class GraphRelease:
         if degrees is None or len(self.graph.items) != len(degrees):
             return  # no round 1 of this site, or a Gram over some items only
         allowed = degrees * max(1.0, 1.0 / self.config.item_graph_degree_bound)
-        parts = np.split(sent, len(self.largest_traces())) if len(sent) > len(degrees) else [sent]
+        grams = len(gram_bounds(self.config, self.catalogue.num_items))
+        parts = np.split(sent, grams) if len(sent) > len(degrees) else [sent]
         diagonals = np.stack([part[: len(degrees)] for part in parts])
         if np.any(diagonals > allowed * (1 + 1e-6) + 1e-9):
             raise RejectedStatistics(

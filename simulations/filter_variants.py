@@ -22,10 +22,10 @@ Cases (``--cases``, each writes its own key of the results):
   (:math:`\\hat e_u = e_u B`, ``B`` from the released covariance) added with
   weights ``a`` (the neighbourhood) and ``b`` (EASE's part).
 - ``gowalla``: Gowalla without DP (5,000 validation users, as the search):
-  the app's filter (beta 1/2, k = 256) and sharpening within its top-256
-  eigenvectors, ``s - c (r V) diag(mu^2) V^T`` (``mu``: the eigenvalues over
-  the largest; the full ``s L`` costs a product with a 42-million-entry
-  matrix per user).
+  the app's filter (beta 1/2, k = 256) without and with its sharpening within
+  the top-256 eigenvectors (``item-graph-sharpening``), ``s - c (r V)
+  diag(mu^2) V^T`` (``mu``: the eigenvalues over the largest; the full ``s L``
+  costs a product with a 42-million-entry matrix per user).
 
     python -m simulations.filter_variants [--cases ml-no-dp ml-dp u1 gowalla] [--seeds 3]
 """
@@ -52,7 +52,6 @@ from common.graph.filters import (
     gram_sum,
     graph_filter,
     item_sum,
-    top_eigenpairs,
     with_ease,
 )
 from common.graph.release import ItemGraph, contribution, rating_settings, released
@@ -194,27 +193,16 @@ def movielens_ratings() -> dict:
 def gowalla() -> dict:
     data = ranking_data(gowalla_site())
     users = validation_users(data)
-    degrees = item_sum(data.rows)
     gram = gram_sum(bounded_rows(data.rows, 0.5, 1.0), dense=False)
-    eigenvalues, eigenvectors = top_eigenpairs(degree_normalised(gram, degrees, 0.5, 1.0), 256)
-    base = graph_filter(gram, degrees, 0.5, 256, 0.1, data.num_items)
-    mu = (eigenvalues / eigenvalues[0]) ** 2
-
-    def in_top_eigenvectors(c: float) -> Callable:
-        def change(values: np.ndarray, rows: sp.csr_matrix) -> np.ndarray:
-            return values - c * ((rows @ eigenvectors) * mu) @ eigenvectors.T
-
-        return change
-
+    base = graph_filter(gram, item_sum(data.rows), 0.5, 256, 0.1, data.num_items, sharpening=1.0)
     results = {}
     for alpha in (0.1, 0.2, 0.3, 0.5):
-        item_filter = dataclasses.replace(base, alpha=alpha)
-        results[f"the app's filter, alpha = {alpha}"] = validation_ndcg(
-            item_filter, data, users=users
-        )
+        plain = dataclasses.replace(base, alpha=alpha, sharpening=None)
+        results[f"the app's filter, alpha = {alpha}"] = validation_ndcg(plain, data, users=users)
         for c in (0.3, 0.5, 1.0, 1.5, 2.0, 3.0):
+            sharpened_filter = dataclasses.replace(plain, sharpening=c * base.sharpening)
             results[f"sharpened in the top 256, c = {c}, alpha = {alpha}"] = validation_ndcg(
-                item_filter, data, in_top_eigenvectors(c), users
+                sharpened_filter, data, users=users
             )
         print("gowalla", alpha, results, flush=True)
     return results

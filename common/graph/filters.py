@@ -327,11 +327,12 @@ class ItemFilter:
         low_pass = np.zeros(target.shape)
         if self._has_low_pass:
             source_vectors, target_vectors = self.eigenvectors[source], self.eigenvectors[target]
-            low_pass = self.alpha * self.input_scale[source] * np.einsum(
-                "sck,sck->sc", source_vectors, target_vectors
-            ) * self.output_scale[target] - np.einsum(
-                "sck,k,sck->sc", source_vectors, self._sharpening, target_vectors
-            )
+            products = np.einsum("sck,sck->sc", source_vectors, target_vectors)
+            low_pass = self.alpha * self.input_scale[source] * products * self.output_scale[target]
+            if self.sharpening is not None:
+                low_pass -= np.einsum(
+                    "sck,k,sck->sc", source_vectors, self._sharpening, target_vectors
+                )
         return np.where(covered[..., None], np.stack([linear, low_pass], -1), 0.0)
 
     def catalogue_features(self, rows: Matrix, out: np.ndarray) -> None:

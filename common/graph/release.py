@@ -408,14 +408,14 @@ def contribution(config: RunConfig, site: SiteData, server_round: int, graph: It
     n = site.catalogue.num_items
     if config.task == "ranking":
         binary = user_rows(site.train, site.num_users, n)
-        degree_rows = bounded_rows(binary, 0.0, config.item_graph_degree_bound)
         if server_round == 1:
-            return item_sum(degree_rows)
+            return item_sum(bounded_rows(binary, 0.0, config.item_graph_degree_bound))
         gram = gram_sum(bounded_rows(binary[:, graph.items], 0.5, 1.0), dense=dense(config, graph))
         if not isinstance(gram, np.ndarray):
             return gram
         grams = [gram]
-        if ranking_filter(config, n).ease_weight:
+        if ranking_filter(config, n).ease_weight:  # round 1's rows, over the covered items
+            degree_rows = bounded_rows(binary, 0.0, config.item_graph_degree_bound)
             grams.append(gram_sum(degree_rows[:, graph.items]))
         return np.concatenate([isometry(gram) for gram in grams])
     settings = rating_settings(config)
