@@ -22,10 +22,13 @@ Cases (``--cases``, each writes its own key of the results):
   (:math:`\\hat e_u = e_u B`, ``B`` from the released covariance) added with
   weights ``a`` (the neighbourhood) and ``b`` (EASE's part).
 - ``gowalla``: Gowalla without DP (5,000 validation users, as the search):
-  the app's filter (beta 1/2, k = 256) without and with its sharpening within
-  the top-256 eigenvectors (``item-graph-sharpening``), ``s - c (r V)
-  diag(mu^2) V^T`` (``mu``: the eigenvalues over the largest; the full ``s L``
-  costs a product with a 42-million-entry matrix per user).
+  the app's filter (beta 1/2) sharpened within its top-k eigenvectors,
+  ``s - (r V) diag(w) V^T`` (``mu``: the eigenvalues over the largest; the
+  full ``s L`` costs a product with a 36-million-entry matrix per user): one
+  Euler step, ``w = c mu^2`` (the rule before, k = 256), and one RK4 step of
+  BSPM's ODE over a time T (``common.graph.filters.sharpening_weights``, the
+  app's ``item-graph-sharpening``) for ranks k up to 640, from one
+  eigendecomposition.
 
     python -m simulations.filter_variants [--cases ml-no-dp ml-dp u1 gowalla] [--seeds 3]
 """
@@ -52,6 +55,7 @@ from common.graph.filters import (
     gram_sum,
     graph_filter,
     item_sum,
+    sharpening_weights,
     with_ease,
 )
 from common.graph.release import ItemGraph, contribution, rating_settings, released
@@ -69,6 +73,7 @@ from simulations.item_graph_search import (
 
 EPSILON, DELTA = 8.0, 1e-5
 SHARPENING = (0.1, 0.2, 0.3, 0.5)
+GOWALLA_RANKS = (256, 384, 512, 640)
 
 
 def exact_graph(config) -> tuple[ItemGraph, object]:
@@ -194,17 +199,26 @@ def gowalla() -> dict:
     data = ranking_data(gowalla_site())
     users = validation_users(data)
     gram = gram_sum(bounded_rows(data.rows, 0.5, 1.0), dense=False)
-    base = graph_filter(gram, item_sum(data.rows), 0.5, 256, 0.1, data.num_items, sharpening=1.0)
-    results = {}
-    for alpha in (0.1, 0.2, 0.3, 0.5):
-        plain = dataclasses.replace(base, alpha=alpha, sharpening=None)
-        results[f"the app's filter, alpha = {alpha}"] = validation_ndcg(plain, data, users=users)
-        for c in (0.3, 0.5, 1.0, 1.5, 2.0, 3.0):
-            sharpened_filter = dataclasses.replace(plain, sharpening=c * base.sharpening)
-            results[f"sharpened in the top 256, c = {c}, alpha = {alpha}"] = validation_ndcg(
-                sharpened_filter, data, users=users
-            )
-        print("gowalla", alpha, results, flush=True)
+    base = graph_filter(gram, item_sum(data.rows), 0.5, max(GOWALLA_RANKS), 0.2, data.num_items)
+    mu = np.linalg.norm(base.linear @ base.eigenvectors, axis=0)  # eigenvalues / lambda_1
+
+    def truncated(k: int, alpha: float, weights: np.ndarray) -> ItemFilter:
+        vectors = np.ascontiguousarray(base.eigenvectors[:, :k])
+        return dataclasses.replace(base, eigenvectors=vectors, alpha=alpha, sharpening=weights[:k])
+
+    results = {
+        "one Euler step, c = 1.0, k = 256, alpha = 0.2 (the rule before)": validation_ndcg(
+            truncated(256, 0.2, mu**2), data, users=users
+        )
+    }
+    for k in GOWALLA_RANKS:
+        for time in (2.0, 2.5, 3.0):
+            for alpha in (0.1, 0.15, 0.2):
+                weights = sharpening_weights(mu, time)
+                results[f"one RK4 step, T = {time}, k = {k}, alpha = {alpha}"] = validation_ndcg(
+                    truncated(k, alpha, weights), data, users=users
+                )
+        print("gowalla", k, results, flush=True)
     return results
 
 

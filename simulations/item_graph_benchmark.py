@@ -96,9 +96,9 @@ GOWALLA = {
     | {
         "dp": False,
         "item_graph_exponent": 0.5,
-        "item_graph_rank": 256,
-        "item_graph_alpha": 0.2,
-        "item_graph_sharpening": 1.0,
+        "item_graph_rank": 512,
+        "item_graph_alpha": 0.15,
+        "item_graph_sharpening": 2.5,
         "item_graph_top_per_row": 1000,
     },
     "secure sum": SECURE

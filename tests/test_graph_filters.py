@@ -14,7 +14,6 @@ from common.data.synthetic import generate_synthetic
 from common.graph.filters import (
     bounded_rows,
     covariance_similarity,
-    degree_normalised,
     ease_filter,
     gram_sum,
     graph_filter,
@@ -164,19 +163,29 @@ def test_graph_filter_scores_match_gf_cf_computed_by_hand(binary):
     np.testing.assert_allclose(item_filter.scores(binary.toarray()), expected, atol=1e-5)
 
 
-def test_sharpening_takes_the_part_of_l_squared_in_the_low_pass_basis_off_the_score(binary):
-    """``s_u - c (r_u V_k) diag(mu^2) V_k^T``; and what one item of a row adds to the
-    scores (``item_features``, how a training target is left out) stays exact."""
+def test_sharpening_in_the_whole_basis_is_one_rk4_step_of_bspms_ode_on_the_linear_part(binary):
+    """With every eigenvector kept, the sharpened linear part is BSPM's one classical
+    Runge-Kutta step of ``ds/dt = -s L`` from ``s = r_u L`` over the time ``T``, computed
+    here step by step; and what one item of a row adds to the scores (``item_features``,
+    how a training target is left out) stays exact with a truncated basis."""
     rows = bounded_rows(binary, exponent=0.5, bound=1.0)
     degrees = item_sum(binary)
-    plain = graph_filter(gram_sum(rows), degrees, 0.5, k=8, alpha=0.3, num_items=ITEMS)
-    sharpened = graph_filter(
-        gram_sum(rows), degrees, 0.5, k=8, alpha=0.3, num_items=ITEMS, sharpening=0.7
+    time = 0.7
+    whole = graph_filter(
+        gram_sum(rows), degrees, 0.5, k=ITEMS, alpha=0.0, num_items=ITEMS, sharpening=time
     )
-    values, _ = top_eigenpairs(degree_normalised(gram_sum(rows), degrees, 0.5, 1.0), 8)
-    v = plain.eigenvectors
-    expected = plain.scores(binary) - 0.7 * (binary @ v) * (values / values[0]) ** 2 @ v.T
-    np.testing.assert_allclose(sharpened.scores(binary), expected, atol=1e-5)
+    linear = whole.linear
+    start = binary.toarray() @ linear
+    k1 = -start @ linear
+    k2 = -(start + time / 2 * k1) @ linear
+    k3 = -(start + time / 2 * k2) @ linear
+    k4 = -(start + time * k3) @ linear
+    expected = start + time / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    np.testing.assert_allclose(whole.scores(binary), expected, atol=1e-5)
+
+    sharpened = graph_filter(
+        gram_sum(rows), degrees, 0.5, k=8, alpha=0.3, num_items=ITEMS, sharpening=time
+    )
     row = binary[[2]].toarray()
     item = int(np.flatnonzero(row[0])[0])
     candidates = np.array([[item, 5, 9]])
@@ -186,6 +195,22 @@ def test_sharpening_takes_the_part_of_l_squared_in_the_low_pass_basis_off_the_sc
         np.array([item]), candidates
     )
     np.testing.assert_allclose(left_out, sharpened.features(without, candidates), atol=1e-12)
+
+
+def test_a_few_candidates_and_the_whole_catalogue_give_the_same_features(binary):
+    """``features`` gathers the basis rows of a few candidates per user and multiplies
+    the whole basis for many: both are the scores' parts at those items."""
+    rows = bounded_rows(binary, exponent=0.5, bound=1.0)
+    item_filter = graph_filter(
+        gram_sum(rows), item_sum(binary), 0.5, k=8, alpha=0.3, num_items=ITEMS, sharpening=0.7
+    )
+    scores = item_filter.scores(binary)
+    few = np.array([[3, 17, 40]] * USERS)  # 3 * 16 < 50 items: gathered
+    every = np.tile(np.arange(ITEMS), (USERS, 1))
+    for candidates in (few, every):
+        parts = item_filter.features(binary, candidates)
+        expected = np.take_along_axis(scores, candidates, axis=1)
+        np.testing.assert_allclose(parts.sum(-1), expected, atol=1e-5)
 
 
 def test_sparse_and_dense_paths_agree(binary):
