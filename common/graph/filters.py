@@ -245,10 +245,12 @@ def degree_normalised(gram: Matrix, degrees: np.ndarray, exponent: float, floor:
 
 def top_eigenpairs(matrix: Matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` largest eigenvalues of a symmetric matrix (descending) and their
-    eigenvectors as columns: LAPACK for dense, Lanczos (``eigsh``) for sparse."""
+    eigenvectors as columns: LAPACK for dense, Lanczos (``eigsh``) for sparse, in single
+    precision (the scores are float32; on Gowalla's 41k-item Gram it halves the time)."""
     n = matrix.shape[0]
     if sp.issparse(matrix):
-        values, vectors = eigsh(matrix, k=k, which="LA")
+        values, vectors = eigsh(matrix.astype(np.float32), k=k, which="LA")
+        values, vectors = values.astype(np.float64), vectors.astype(np.float64)
     else:
         values, vectors = scipy.linalg.eigh(matrix, subset_by_index=[n - k, n - 1])
     order = np.argsort(-values)
