@@ -218,6 +218,13 @@ def test_ease_is_refused_by_name_where_its_gram_cannot_be_released():
         default_config(task="ranking", item_graph_ease_ridge=0)
 
 
+def test_the_rank_is_at_most_the_covered_items_cut_by_the_rule_refused_when_set():
+    sparse = default_config(task="ranking", dp=False, item_graph_dense_items=10)
+    assert ranking_filter(sparse, 60).rank == 60  # the large-catalogue rule's 512, cut
+    with pytest.raises(InputError, match="item-graph-rank: 100 eigenvectors of a graph over 60"):
+        ranking_filter(sparse.replace(item_graph_rank=100), 60)
+
+
 @pytest.mark.parametrize("value", ["many", -1])
 def test_an_item_graph_setting_is_auto_or_a_number_in_range(value):
     with pytest.raises(InputError, match='item-graph-rank: expected "auto" or a number'):

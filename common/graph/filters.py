@@ -248,11 +248,12 @@ def top_eigenpairs(matrix: Matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
     eigenvectors as columns: LAPACK for dense, Lanczos (``eigsh``) for sparse, in single
     precision (the scores are float32; on Gowalla's 41k-item Gram it halves the time)."""
     n = matrix.shape[0]
-    if sp.issparse(matrix):
+    if sp.issparse(matrix) and k < n - 1:
         values, vectors = eigsh(matrix.astype(np.float32), k=k, which="LA")
         values, vectors = values.astype(np.float64), vectors.astype(np.float64)
-    else:
-        values, vectors = scipy.linalg.eigh(matrix, subset_by_index=[n - k, n - 1])
+    else:  # dense, or a sparse matrix's (nearly) every eigenvector, beyond Lanczos
+        dense = matrix.toarray() if sp.issparse(matrix) else matrix
+        values, vectors = scipy.linalg.eigh(dense, subset_by_index=[n - k, n - 1])
     order = np.argsort(-values)
     return values[order], vectors[:, order]
 

@@ -191,7 +191,9 @@ def ranking_filter(config: RunConfig, num_items: int) -> RankingFilter:
       more than ``item-graph-dense-items`` items), else :data:`SMALL_CATALOGUE`'s;
     - without DP and with a dense Gram, the linear part has an EASE part of weight
       :data:`EXACT_EASE_WEIGHT`, from a co-occurrence Gram round 2 adds. Under DP, or
-      with a sparse Gram, setting ``item-graph-ease-weight`` raises InputError.
+      with a sparse Gram, setting ``item-graph-ease-weight`` raises InputError;
+    - the rank is at most the number of covered items (the rule's is cut to it; an
+      ``item-graph-rank`` above it raises InputError).
     """
     covered = num_items
     if config.dp:
@@ -211,7 +213,15 @@ def ranking_filter(config: RunConfig, num_items: int) -> RankingFilter:
         "sharpening": config.item_graph_sharpening,
     }
     settings = replace(rule, **{name: v for name, v in keys.items() if v != "auto"})
-    exact_dense = not config.dp and (settings.items or num_items) <= config.item_graph_dense_items
+    covered = settings.items or num_items
+    if settings.rank > covered:
+        if config.item_graph_rank != "auto":
+            raise InputError(
+                f"item-graph-rank: {settings.rank} eigenvectors of a graph over {covered} "
+                f'items; set at most {covered}, or "auto"'
+            )
+        settings = replace(settings, rank=covered)  # the rule's rank: at most every item
+    exact_dense = not config.dp and covered <= config.item_graph_dense_items
     weight = config.item_graph_ease_weight
     if weight == "auto":
         weight = EXACT_EASE_WEIGHT if exact_dense else 0.0
@@ -220,7 +230,7 @@ def ranking_filter(config: RunConfig, num_items: int) -> RankingFilter:
             f"item-graph-ease-weight: EASE's part needs an exact dense co-occurrence Gram, "
             f"released only without DP and over at most item-graph-dense-items = "
             f"{config.item_graph_dense_items} items (this run: dp = "
-            f"{str(config.dp).lower()}, {settings.items or num_items} covered items); set it "
+            f"{str(config.dp).lower()}, {covered} covered items); set it "
             'to 0 or "auto"'
         )
     return replace(settings, ease_weight=float(weight))
