@@ -387,9 +387,10 @@ class ItemFilter:
 
     @cached_property
     def _low_pass_products(self) -> np.ndarray:
-        """``[k, m]`` float32 ``V_k^T D^b``, stacked over ``V_k^T`` with sharpening: what
-        :meth:`_low_pass_bases` multiply, in one float32 product (the scores are float32;
-        over Gowalla's 41k items this product is most of an evaluation)."""
+        """``[k, m]`` float32 ``V_k^T D^b``, and ``[2k, m]`` with ``V_k^T`` stacked under it
+        when there is sharpening: what :meth:`_low_pass_bases` multiply, in one float32
+        product (the scores are float32; over Gowalla's 41k items this product is most of
+        an evaluation)."""
         products = self.eigenvectors.T * self.output_scale
         if self.sharpening is not None:
             products = np.vstack([products, self.eigenvectors.T])
