@@ -22,15 +22,24 @@ Cases (``--cases``, each writes its own key of the results):
   (:math:`\\hat e_u = e_u B`, ``B`` from the released covariance) added with
   weights ``a`` (the neighbourhood) and ``b`` (EASE's part).
 - ``gowalla``: Gowalla without DP (5,000 validation users, as the search):
-  the app's filter (beta 1/2) sharpened within its top-k eigenvectors,
-  ``s - (r V) diag(w) V^T`` (``mu``: the eigenvalues over the largest; the
-  full ``s L`` costs a product with a 36-million-entry matrix per user): one
-  Euler step, ``w = c mu^2`` (the rule before, k = 256), and one RK4 step of
-  BSPM's ODE over a time T (``common.graph.filters.sharpening_weights``, the
-  app's ``item-graph-sharpening``) for ranks k up to 640, from one
-  eigendecomposition.
+  the app's filter (beta 1/2) sharpened within its top-k eigenvectors by one
+  RK4 step of BSPM's ODE over a time T (``common.graph.filters.spectral_filter``,
+  the app's ``item-graph-sharpening``; the full ``s L`` costs a product with a
+  36-million-entry matrix per user): the linear part alone (the rule before),
+  and the blend of the linear and low-pass parts, as BSPM-EM sharpens, for
+  ranks k up to 640, from one eigendecomposition.
+- ``gowalla-dp``: Gowalla at epsilon 8 (delta 1e-6), noise once on the sum, the
+  tuned release (the top 2,000 items by released degree, degree share 0.25, beta
+  0.25, the linear part alone), ``--seeds`` draws: the app's filter and its linear
+  part truncated to its top eigenpairs (denoising); and, without noise, the same
+  filter over the top 2,000, 4,000 and 8,000 items by exact degree (what covering
+  more items would reach).
+- ``bspm``: the same 5,000 Gowalla validation users: BSPM-EM itself at its published
+  settings (``simulations.item_graph_search.bspm_scorer``: the whole ``L`` in every
+  RK4 product, central), the reference for the app's sharpening within the basis.
 
-    python -m simulations.filter_variants [--cases ml-no-dp ml-dp u1 gowalla] [--seeds 3]
+    python -m simulations.filter_variants [--cases ml-no-dp ml-dp u1 gowalla gowalla-dp bspm]
+        [--seeds 3]
 """
 
 from __future__ import annotations
@@ -55,14 +64,18 @@ from common.graph.filters import (
     gram_sum,
     graph_filter,
     item_sum,
-    sharpening_weights,
+    spectral_filter,
+    top_eigenpairs,
+    top_items,
     with_ease,
 )
 from common.graph.release import ItemGraph, contribution, rating_settings, released
 from simulations.harness import MOVIELENS_IMPLICIT, RESULTS, data_config, write_results
 from simulations.item_graph_search import (
+    BSPM_GOWALLA,
     NDCG,
     RankingData,
+    bspm_scorer,
     evaluate,
     gowalla_site,
     one_release,
@@ -198,27 +211,78 @@ def movielens_ratings() -> dict:
 def gowalla() -> dict:
     data = ranking_data(gowalla_site())
     users = validation_users(data)
-    gram = gram_sum(bounded_rows(data.rows, 0.5, 1.0), dense=False)
-    base = graph_filter(gram, item_sum(data.rows), 0.5, max(GOWALLA_RANKS), 0.2, data.num_items)
-    mu = np.linalg.norm(base.linear @ base.eigenvectors, axis=0)  # eigenvalues / lambda_1
+    gram, degrees = gram_sum(bounded_rows(data.rows, 0.5, 1.0), dense=False), item_sum(data.rows)
+    normalised = degree_normalised(gram, degrees, 0.5, 1.0)
+    values, vectors = top_eigenpairs(normalised, max(GOWALLA_RANKS))
+    linear, mu, degree_scale = (
+        normalised / values[0],
+        values / values[0],
+        np.maximum(degrees, 1.0) ** 0.5,
+    )
 
-    def truncated(k: int, alpha: float, weights: np.ndarray) -> ItemFilter:
-        vectors = np.ascontiguousarray(base.eigenvectors[:, :k])
-        return dataclasses.replace(base, eigenvectors=vectors, alpha=alpha, sharpening=weights[:k])
+    def variant(k: int, alpha: float, time: float) -> ItemFilter:
+        return spectral_filter(
+            linear, mu[:k], vectors[:, :k], degree_scale, alpha, data.num_items, sharpening=time
+        )
 
+    before = dataclasses.replace(variant(512, 0.15, 2.5), low_pass_sharpening=None)
     results = {
-        "one Euler step, c = 1.0, k = 256, alpha = 0.2 (the rule before)": validation_ndcg(
-            truncated(256, 0.2, mu**2), data, users=users
+        "the linear part alone sharpened, T = 2.5, k = 512, alpha = 0.15 (the rule before)": (
+            validation_ndcg(before, data, users=users)
         )
     }
     for k in GOWALLA_RANKS:
-        for time in (2.0, 2.5, 3.0):
-            for alpha in (0.1, 0.15, 0.2):
-                weights = sharpening_weights(mu, time)
-                results[f"one RK4 step, T = {time}, k = {k}, alpha = {alpha}"] = validation_ndcg(
-                    truncated(k, alpha, weights), data, users=users
+        for time in (2.0, 2.25, 2.5):
+            for alpha in (0.15, 0.2, 0.25):
+                results[f"the blend sharpened, T = {time}, k = {k}, alpha = {alpha}"] = (
+                    validation_ndcg(variant(k, alpha, time), data, users=users)
                 )
         print("gowalla", k, results, flush=True)
+    return results
+
+
+def bspm() -> dict:
+    data = ranking_data(gowalla_site())
+    value = evaluate(bspm_scorer(data, **BSPM_GOWALLA), data, "val", validation_users(data))
+    return {"BSPM-EM, published settings, whole L": value[NDCG]}
+
+
+def gowalla_dp(seeds: int) -> dict:
+    """Where Gowalla's DP filter loses: the Gram's noise or the items it covers."""
+    data = ranking_data(gowalla_site())
+    users = validation_users(data)
+    everyone = np.zeros(data.rows.shape[0], np.int64)
+    z, n = one_release(EPSILON, 1e-6), data.num_items
+    values: dict[str, list[float]] = {}
+    for seed in range(seeds):
+        rng = np.random.default_rng(seed)
+        release = released_sums(data.rows, everyone, 0.25, 10.0, 2000, z, rng)
+        floor = max(1.0, release.degree_noise_std)
+        degrees = release.degrees[release.items]
+        app = graph_filter(release.gram, degrees, 0.25, 1, 0.0, n, release.items, floor)
+        variants = {"the app's filter (the tuned release: 2,000 items, beta 0.25)": app}
+        eigenvalues, eigenvectors = np.linalg.eigh(app.linear)
+        for rank in (128, 512, 1024):
+            top = eigenvectors[:, -rank:]
+            truncated = (top * eigenvalues[-rank:]) @ top.T
+            variants[f"its linear part truncated to the top {rank} eigenpairs"] = (
+                dataclasses.replace(app, linear=truncated)
+            )
+        for name, item_filter in variants.items():
+            values.setdefault(name, []).append(validation_ndcg(item_filter, data, users=users))
+        print("gowalla-dp draw", seed, {k: v[-1] for k, v in values.items()}, flush=True)
+    results = {
+        name: {"mean": statistics.mean(v), "spread": statistics.pstdev(v), "runs": v}
+        for name, v in values.items()
+    }
+    degrees = item_sum(data.rows)
+    for count in (2000, 4000, 8000):
+        items = top_items(degrees, count)
+        gram = gram_sum(bounded_rows(data.rows[:, items], 0.5, 1.0))
+        exact = graph_filter(gram, degrees[items], 0.25, 1, 0.0, n, items)
+        results[f"no noise, the top {count} items by exact degree"] = validation_ndcg(
+            exact, data, users=users
+        )
     return results
 
 
@@ -227,6 +291,8 @@ CASES: dict[str, Callable[[argparse.Namespace], dict]] = {
     "ml-dp": lambda args: movielens_dp(args.seeds),
     "u1": lambda args: movielens_ratings(),
     "gowalla": lambda args: gowalla(),
+    "bspm": lambda args: bspm(),
+    "gowalla-dp": lambda args: gowalla_dp(args.seeds),
 }
 
 
@@ -242,7 +308,7 @@ def figure_of(results: dict) -> Figure:
         axis.axhline(means[0], color="k", linestyle="--", label=names[0])
         axis.set_xticks(range(len(names)), names, rotation=75, ha="right")
         axis.tick_params(axis="x", labelsize=5)
-        spread = max(means) - min(means)
+        spread = max(means) - min(means) or 0.1 * abs(means[0])  # one bar: 10 % around it
         axis.set_ylim(min(means) - spread, max(means) + spread)
         axis.legend(fontsize=6)
         axis.set(title=case, ylabel="val RMSE" if case == "u1" else "val NDCG@20")

@@ -25,6 +25,7 @@ from common.graph.filters import (
     release_symmetric,
     release_vector,
     residual_rows,
+    sharpening_damping,
     split_noise_multiplier,
     top_eigenpairs,
     top_items,
@@ -163,30 +164,34 @@ def test_graph_filter_scores_match_gf_cf_computed_by_hand(binary):
     np.testing.assert_allclose(item_filter.scores(binary.toarray()), expected, atol=1e-5)
 
 
-def test_sharpening_in_the_whole_basis_is_one_rk4_step_of_bspms_ode_on_the_linear_part(binary):
-    """With every eigenvector kept, the sharpened linear part is BSPM's one classical
-    Runge-Kutta step of ``ds/dt = -s L`` from ``s = r_u L`` over the time ``T``, computed
-    here step by step; and what one item of a row adds to the scores (``item_features``,
-    how a training target is left out) stays exact with a truncated basis."""
+def test_sharpening_is_one_rk4_step_of_bspms_ode_on_the_blend_within_the_basis(binary):
+    """With every eigenvector kept, the sharpened score is BSPM-EM's: one classical
+    Runge-Kutta step of ``ds/dt = -s L`` over the time ``T`` from the blend ``s = r_u L +
+    alpha (r_u D^-1/2 V) V^T D^1/2``, computed here step by step. With a truncated basis
+    ``V_k`` it is the blend times ``I - V_k diag(1 - p_T(mu)) V_k^T``; and what one item of
+    a row adds to the scores (``item_features``, how a training target is left out)
+    stays exact."""
     rows = bounded_rows(binary, exponent=0.5, bound=1.0)
     degrees = item_sum(binary)
     time = 0.7
-    whole = graph_filter(
-        gram_sum(rows), degrees, 0.5, k=ITEMS, alpha=0.0, num_items=ITEMS, sharpening=time
-    )
-    linear = whole.linear
-    start = binary.toarray() @ linear
-    k1 = -start @ linear
-    k2 = -(start + time / 2 * k1) @ linear
-    k3 = -(start + time / 2 * k2) @ linear
-    k4 = -(start + time * k3) @ linear
-    expected = start + time / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    np.testing.assert_allclose(whole.scores(binary), expected, atol=1e-5)
+    for k in (ITEMS, 8):
+        blend = graph_filter(gram_sum(rows), degrees, 0.5, k=k, alpha=0.3, num_items=ITEMS)
+        sharpened = graph_filter(
+            gram_sum(rows), degrees, 0.5, k=k, alpha=0.3, num_items=ITEMS, sharpening=time
+        )
+        start, linear, basis = blend.scores(binary), blend.linear, blend.eigenvectors
+        if k == ITEMS:
+            k1 = -start @ linear
+            k2 = -(start + time / 2 * k1) @ linear
+            k3 = -(start + time / 2 * k2) @ linear
+            k4 = -(start + time * k3) @ linear
+            expected = start + time / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        else:
+            damping = sharpening_damping(np.diag(basis.T @ linear @ basis), time)
+            expected = start - (start @ basis) * damping @ basis.T
+        np.testing.assert_allclose(sharpened.scores(binary), expected, atol=1e-5)
 
-    sharpened = graph_filter(
-        gram_sum(rows), degrees, 0.5, k=8, alpha=0.3, num_items=ITEMS, sharpening=time
-    )
-    row = binary[[2]].toarray()
+    row = binary[[2]].toarray()  # with the truncated basis (k = 8, the loop's last)
     item = int(np.flatnonzero(row[0])[0])
     candidates = np.array([[item, 5, 9]])
     without = row.copy()

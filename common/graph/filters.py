@@ -67,14 +67,18 @@ normalisation, :math:`\beta = 0` the plain Gram (PureSVD); under DP a small
   :math:`\beta`) and the ideal low-pass filter on the top-:math:`k`
   eigenvectors :math:`V_k` of :math:`P` (:func:`top_eigenpairs`),
   :math:`D^{-\beta} V_k V_k^\top D^{\beta}`, blended by :math:`\alpha`;
-  optionally sharpened within :math:`V_k` (:func:`sharpening_weights`):
-  BSPM (Choi et al., SIGIR 2023) runs :math:`ds/dt = -s L` for a time
-  :math:`T` with one classical Runge-Kutta (RK4) step, which multiplies the
-  linear part by :math:`p_T(L) = \sum_{m=0}^{4} (-T L)^m / m!`; within
-  :math:`V_k` (:math:`\mu = \lambda / \lambda_1`) that takes
-  :math:`V_k \operatorname{diag}(w) V_k^\top`, :math:`w = \mu (1 - p_T(\mu))`,
-  off :math:`L`, as the powers of :math:`L` over a large catalogue are too
-  dense to ship;
+  optionally sharpened (:func:`spectral_filter`): BSPM-EM (Choi et al., SIGIR
+  2023) runs :math:`ds/dt = -s L` for a time :math:`T` from the blend, with
+  one classical Runge-Kutta (RK4) step, which multiplies the blend by
+  :math:`p_T(L) = \sum_{m=0}^{4} (-T L)^m / m!`. The powers of :math:`L` over
+  a large catalogue are too dense to ship, so the sharpening acts within
+  :math:`V_k` (:math:`L V_k = V_k \operatorname{diag}(\mu)`, :math:`\mu =
+  \lambda / \lambda_1`): :math:`p_T(L) \approx I - V_k \operatorname{diag}(\delta)
+  V_k^\top` with :math:`\delta = 1 - p_T(\mu)` (:func:`sharpening_damping`),
+  exact on :math:`V_k`'s span and the identity on the rest. It takes
+  :math:`V_k \operatorname{diag}(w) V_k^\top`, :math:`w = \mu \delta`, off
+  :math:`L`, and :math:`S V_k^\top`, :math:`S = (V_k^\top D^\beta V_k)
+  \operatorname{diag}(\delta)`, off the low-pass part's :math:`V_k^\top D^\beta`;
 - closed-form ridge regression (EASE, Steck 2019; :func:`ease_filter`):
   :math:`L = I - Q\,\mathrm{diag}(1/\mathrm{diag}\,Q)` with
   :math:`Q = (G + \lambda I)^{-1}`, no low-pass part;
@@ -87,8 +91,8 @@ normalisation, :math:`\beta = 0` the plain Gram (PureSVD); under DP a small
 **Scoring** (:meth:`ItemFilter.scores`), at the site, from the user's own row
 :math:`r_u` restricted to :math:`S`:
 
-.. math:: s_u = r_u L + \alpha\, (r_u D^{-\beta}) V_k V_k^\top D^{\beta}
-   - (r_u V_k) \operatorname{diag}(w) V_k^\top, \qquad w = \mu (1 - p_T(\mu)),
+.. math:: s_u = r_u L + \alpha\, (r_u D^{-\beta} V_k) (V_k^\top D^{\beta} - S V_k^\top)
+   - (r_u V_k) \operatorname{diag}(w) V_k^\top
 
 with items outside :math:`S` at :math:`-\infty` (never recommended).
 
@@ -274,7 +278,9 @@ class ItemFilter:
         alpha: weight of the low-pass part.
         input_scale: ``[m]`` ``D^-b``, applied to a user's row before ``V_k``.
         output_scale: ``[m]`` ``D^b``, applied after ``V_k^T``.
-        sharpening: ``[k]`` the weights ``w`` of the sharpening part, or ``None``.
+        sharpening: ``[k]`` what sharpening takes off the linear part, ``w``, or ``None``.
+        low_pass_sharpening: ``[k, k]`` what it takes off the low-pass part, ``S``, or
+            ``None``.
     """
 
     num_items: int
@@ -285,6 +291,7 @@ class ItemFilter:
     input_scale: np.ndarray
     output_scale: np.ndarray
     sharpening: np.ndarray | None = None
+    low_pass_sharpening: np.ndarray | None = None
 
     @cached_property
     def positions(self) -> np.ndarray:
@@ -315,7 +322,7 @@ class ItemFilter:
             else:  # many: every covered item at once, [B, m]
                 vectors = self.eigenvectors.T
                 parts = [np.take_along_axis(basis @ vectors, at, axis=1) for basis in bases]
-            low_pass = self.alpha * parts[0] * self.output_scale[at] - sum(parts[1:])
+            low_pass = parts[0] * self.output_scale[at] - sum(parts[1:])
         return np.where(covered[..., None], np.stack([linear, low_pass], -1), 0.0)
 
     def item_features(self, sources: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -334,12 +341,12 @@ class ItemFilter:
         low_pass = np.zeros(target.shape)
         if self._has_low_pass:
             source_vectors, target_vectors = self.eigenvectors[source], self.eigenvectors[target]
-            products = np.einsum("sck,sck->sc", source_vectors, target_vectors)
-            low_pass = self.alpha * self.input_scale[source] * products * self.output_scale[target]
-            if self.sharpening is not None:
-                low_pass -= np.einsum(
-                    "sck,k,sck->sc", source_vectors, self._sharpening, target_vectors
-                )
+            scaled, sharpened = self._bases_of(
+                self.input_scale[source][..., None] * source_vectors, source_vectors
+            )
+            low_pass = np.einsum("sck,sck->sc", scaled, target_vectors) * self.output_scale[target]
+            if sharpened is not None:
+                low_pass -= np.einsum("sck,sck->sc", sharpened, target_vectors)
         return np.where(covered[..., None], np.stack([linear, low_pass], -1), 0.0)
 
     def catalogue_features(self, rows: Matrix, out: np.ndarray) -> None:
@@ -378,10 +385,8 @@ class ItemFilter:
         linear = None if self.linear is None else self._linear_part(rows)
         low_pass = None
         if self._has_low_pass:
-            scaled, plain = self._low_pass_bases(rows)
-            bases = (
-                self.alpha * scaled if plain is None else np.hstack([self.alpha * scaled, -plain])
-            )
+            scaled, sharpened = self._low_pass_bases(rows)
+            bases = scaled if sharpened is None else np.hstack([scaled, -sharpened])
             low_pass = bases.astype(np.float32) @ self._low_pass_products
         return linear, low_pass
 
@@ -392,19 +397,17 @@ class ItemFilter:
         product (the scores are float32; over Gowalla's 41k items this product is most of
         an evaluation)."""
         products = self.eigenvectors.T * self.output_scale
-        if self.sharpening is not None:
+        if self._sharpened:
             products = np.vstack([products, self.eigenvectors.T])
         return np.ascontiguousarray(products, dtype=np.float32)
 
     @property
     def _has_low_pass(self) -> bool:
-        return bool(self.eigenvectors.shape[1] and (self.alpha or self._sharpening.any()))
+        return bool(self.eigenvectors.shape[1] and (self.alpha or self._sharpened))
 
-    @cached_property
-    def _sharpening(self) -> np.ndarray:
-        """``[k]`` the sharpening weights ``w`` (zeros without sharpening)."""
-        k = self.eigenvectors.shape[1]
-        return np.zeros(k) if self.sharpening is None else self.sharpening[:k]
+    @property
+    def _sharpened(self) -> bool:
+        return self.sharpening is not None or self.low_pass_sharpening is not None
 
     def _linear_part(self, rows: Matrix) -> np.ndarray:
         """``r_u L`` ``[B, m]`` of rows restricted to the covered items."""
@@ -412,21 +415,35 @@ class ItemFilter:
         return product.toarray() if sp.issparse(product) else np.asarray(product)
 
     def _low_pass_bases(self, rows: Matrix) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(r_u D^-b) V_k`` and ``(r_u V_k) diag(w)`` (None without sharpening), ``[B, k]``
-        each, of rows restricted to the covered items."""
+        """:meth:`_bases_of` the rows restricted to the covered items."""
         scaled = rows @ sp.diags(self.input_scale) if sp.issparse(rows) else rows * self.input_scale
-        plain = None
+        plain = np.asarray(rows @ self.eigenvectors) if self._sharpened else None
+        return self._bases_of(np.asarray(scaled @ self.eigenvectors), plain)
+
+    def _bases_of(
+        self, scaled: np.ndarray, plain: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """From ``(r D^-b) V_k`` and ``r V_k`` (``[..., k]``): what ``V_k^T D^b`` and what
+        ``-V_k^T`` multiply, ``alpha (r D^-b) V_k`` and ``(r V_k) diag(w) + alpha (r D^-b)
+        V_k S`` (None without sharpening)."""
+        scaled = self.alpha * scaled
+        if not self._sharpened:
+            return scaled, None
+        sharpened = np.zeros_like(scaled)
         if self.sharpening is not None:
-            plain = np.asarray(rows @ self.eigenvectors) * self._sharpening
-        return np.asarray(scaled @ self.eigenvectors), plain
+            sharpened += plain * self.sharpening
+        if self.low_pass_sharpening is not None:
+            sharpened += scaled @ self.low_pass_sharpening
+        return scaled, sharpened
 
 
-def sharpening_weights(mu: np.ndarray, time: float) -> np.ndarray:
-    r"""``[k]`` the weights :math:`w = \mu (1 - p_T(\mu))` that BSPM's sharpening, one RK4
-    step of :math:`ds/dt = -s L` over a time :math:`T`, takes off the linear part's
-    eigenvalues :math:`\mu`: RK4 on a linear ODE multiplies by the degree-4 Taylor
-    polynomial :math:`p_T(x) = \sum_{m=0}^{4} (-T x)^m / m!` of :math:`e^{-T x}`."""
-    return mu * (1.0 - sum((-time * mu) ** m / math.factorial(m) for m in range(5)))
+def sharpening_damping(mu: np.ndarray, time: float) -> np.ndarray:
+    r"""``[k]`` :math:`\delta = 1 - p_T(\mu)`: the share of each eigenvector's component
+    that BSPM's sharpening, one RK4 step of :math:`ds/dt = -s L` over a time :math:`T`,
+    takes off a score, :math:`\mu` the eigenvalues of :math:`L`: RK4 on a linear ODE
+    multiplies by the degree-4 Taylor polynomial :math:`p_T(x) = \sum_{m=0}^{4} (-T x)^m /
+    m!` of :math:`e^{-T x}`."""
+    return 1.0 - sum((-time * mu) ** m / math.factorial(m) for m in range(5))
 
 
 def graph_filter(
@@ -445,16 +462,47 @@ def graph_filter(
     sharpened for a time ``T = sharpening`` within its low-pass basis (0: not at all)."""
     normalised = degree_normalised(gram, degrees, exponent, floor)
     values, vectors = top_eigenpairs(normalised, max(k, 1))
-    degree = np.maximum(degrees, floor)
+    return spectral_filter(
+        normalised / values[0],
+        values[:k] / values[0],
+        vectors[:, :k],
+        np.maximum(degrees, floor) ** exponent,
+        alpha,
+        num_items,
+        items,
+        sharpening,
+    )
+
+
+def spectral_filter(
+    linear: Matrix,
+    mu: np.ndarray,
+    eigenvectors: np.ndarray,
+    degree_scale: np.ndarray,
+    alpha: float,
+    num_items: int,
+    items: np.ndarray | None = None,
+    sharpening: float = 0.0,
+) -> ItemFilter:
+    r"""The graph filter of a linear part :math:`L` (spectral radius 1), its top
+    eigenpairs :math:`(\mu, V_k)` and the degree scale :math:`D^\beta` (``[m]``), the
+    low-pass part of weight ``alpha``, sharpened for a time ``T = sharpening`` within
+    :math:`V_k` (0: not at all): :math:`w = \mu \delta`, :math:`S = (V_k^\top D^\beta
+    V_k) \operatorname{diag}(\delta)`, :math:`\delta` of :func:`sharpening_damping`."""
+    vectors = np.ascontiguousarray(eigenvectors)  # else scipy copies it per product
+    damping = sharpening_damping(mu, sharpening) if sharpening else None
     return ItemFilter(
         num_items=num_items,
         items=np.arange(num_items) if items is None else items,
-        linear=normalised / values[0],
-        eigenvectors=np.ascontiguousarray(vectors[:, :k]),  # else scipy copies it per product
+        linear=linear,
+        eigenvectors=vectors,
         alpha=alpha,
-        input_scale=degree**-exponent,
-        output_scale=degree**exponent,
-        sharpening=sharpening_weights(values[:k] / values[0], sharpening) if sharpening else None,
+        input_scale=1.0 / degree_scale,
+        output_scale=degree_scale,
+        sharpening=None if damping is None else mu * damping,
+        low_pass_sharpening=(
+            None if damping is None or not alpha else (vectors.T * degree_scale) @ vectors * damping
+        ),
     )
 
 

@@ -19,9 +19,9 @@ site.
    isometry :math:`(G_{ii}, \sqrt 2\, G_{ij})_{i<j}` (:func:`isometry`), on
    which Gaussian noise is the symmetric release of
    ``common.graph.filters.release_symmetric``. Released: the filter
-   :math:`s_u = r_u L + \alpha\, (r_u D^{-\beta}) V_k V_k^\top D^{\beta} -
-   (r_u V_k) \operatorname{diag}(w) V_k^\top` over :math:`S`, :math:`w` BSPM's
-   sharpening over a time :math:`T` (``common.graph.filters.sharpening_weights``)
+   :math:`s_u = r_u L + \alpha\, (r_u D^{-\beta} V_k) (V_k^\top D^{\beta} - S V_k^\top)
+   - (r_u V_k) \operatorname{diag}(w) V_k^\top` over :math:`S`, :math:`w` and :math:`S`
+   BSPM's sharpening over a time :math:`T` (``common.graph.filters.spectral_filter``)
    (``item-graph-exponent`` :math:`\beta`, ``item-graph-rank`` :math:`k`,
    ``item-graph-alpha`` :math:`\alpha`, ``item-graph-sharpening`` :math:`T`), the released degrees
    floored at the standard deviation of their noise. Without DP and with a
@@ -167,12 +167,12 @@ class RankingFilter:
 
 
 SMALL_CATALOGUE = RankingFilter(None, 0.25, 16, 1.0, None)
-LARGE_CATALOGUE = RankingFilter(None, 0.5, 512, 0.15, 1000, sharpening=2.5)
+LARGE_CATALOGUE = RankingFilter(None, 0.5, 512, 0.2, 1000, sharpening=2.25)
 """The settings chosen on validation (``simulations/item_graph_search.py``) for
 MovieLens-100K (1,682 items, dense Gram) and Gowalla (40,981 items, exact sparse Gram;
-its rank, alpha and sharpening by ``simulations/filter_variants.py``: 512 of the ranks
-256 to 640 it tried, within 0.5 % of 640's validation NDCG@20 at 2/3 of its eigensolver's
-time)."""
+its rank, alpha and sharpening of the blend by ``simulations/filter_variants.py``: 512 of
+the ranks 256 to 640 it tried, within 0.1 % of 640's validation NDCG@20 at 2/3 of its
+eigensolver's time)."""
 EXACT_EASE_WEIGHT = 3.0
 """Without DP and with a dense Gram, EASE's part of the linear part (ridge 300): chosen on
 validation (``simulations/item_graph_search.py --cases ml-ranking``, MovieLens-100K)."""
@@ -252,8 +252,9 @@ class ItemGraph:
         item_bias: the item offsets :math:`b_i` (rating).
         global_mean: the users' means averaged (rating), the prior of every user's
             shrunk mean after round 1.
-        linear, eigenvectors, alpha, input_scale, output_scale, sharpening: the ranking
-            filter (``common.graph.filters.ItemFilter``), from round 2.
+        linear, eigenvectors, alpha, input_scale, output_scale, sharpening,
+            low_pass_sharpening: the ranking filter (``common.graph.filters.ItemFilter``),
+            from round 2.
         item_shrinkage: the shrinkage the item offsets were released with (rating).
         covariance, co_counts: the residuals' covariance and, without DP, their
             co-rating weights (rating), from round 2, as released.
@@ -275,6 +276,7 @@ class ItemGraph:
     input_scale: np.ndarray | None = None
     output_scale: np.ndarray | None = None
     sharpening: np.ndarray | None = None
+    low_pass_sharpening: np.ndarray | None = None
     item_shrinkage: float = 0.0
     covariance: np.ndarray | None = None
     co_counts: np.ndarray | None = None
@@ -354,6 +356,7 @@ class ItemGraph:
             self.input_scale,
             self.output_scale,
             self.sharpening,
+            self.low_pass_sharpening,
         )
 
     def propagation_matrix(self, num_items: int) -> sp.csr_matrix:
@@ -517,6 +520,7 @@ def released(
         input_scale=item_filter.input_scale,
         output_scale=item_filter.output_scale,
         sharpening=item_filter.sharpening,
+        low_pass_sharpening=item_filter.low_pass_sharpening,
     )
 
 
