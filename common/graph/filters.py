@@ -313,16 +313,17 @@ class ItemFilter:
             linear = np.take_along_axis(self._linear_part(rows), at, axis=1)
         low_pass = np.zeros(candidates.shape)
         if self._has_low_pass:
-            bases = [basis for basis in self._low_pass_bases(rows) if basis is not None]
+            scaled, sharpened = self._low_pass_bases(rows)
+            pairs = [(scaled, self._output_basis)]
+            if sharpened is not None:
+                pairs.append((-sharpened, self.eigenvectors))
             if candidates.shape[1] * 16 < len(self.items):
                 # a few candidates each (a user's targets and negatives, pairs): their rows
                 # of the basis, [B, C, k]; a product over every item costs k m per user
-                vectors = self.eigenvectors[at]
-                parts = [np.einsum("bk,bck->bc", basis, vectors) for basis in bases]
+                parts = [np.einsum("bk,bck->bc", b, vectors[at]) for b, vectors in pairs]
             else:  # many: every covered item at once, [B, m]
-                vectors = self.eigenvectors.T
-                parts = [np.take_along_axis(basis @ vectors, at, axis=1) for basis in bases]
-            low_pass = parts[0] * self.output_scale[at] - sum(parts[1:])
+                parts = [np.take_along_axis(b @ vectors.T, at, axis=1) for b, vectors in pairs]
+            low_pass = sum(parts)
         return np.where(covered[..., None], np.stack([linear, low_pass], -1), 0.0)
 
     def item_features(self, sources: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -340,13 +341,13 @@ class ItemFilter:
             linear = np.asarray(values).reshape(target.shape)
         low_pass = np.zeros(target.shape)
         if self._has_low_pass:
-            source_vectors, target_vectors = self.eigenvectors[source], self.eigenvectors[target]
-            scaled, sharpened = self._bases_of(
-                self.input_scale[source][..., None] * source_vectors, source_vectors
-            )
-            low_pass = np.einsum("sck,sck->sc", scaled, target_vectors) * self.output_scale[target]
-            if sharpened is not None:
-                low_pass -= np.einsum("sck,sck->sc", sharpened, target_vectors)
+            source_vectors = self.eigenvectors[source]
+            scaled = self.alpha * self.input_scale[source][..., None] * source_vectors
+            low_pass = np.einsum("sck,sck->sc", scaled, self._output_basis[target])
+            if self.sharpening is not None:
+                low_pass -= np.einsum(
+                    "sck,k,sck->sc", source_vectors, self.sharpening, self.eigenvectors[target]
+                )
         return np.where(covered[..., None], np.stack([linear, low_pass], -1), 0.0)
 
     def catalogue_features(self, rows: Matrix, out: np.ndarray) -> None:
@@ -391,23 +392,29 @@ class ItemFilter:
         return linear, low_pass
 
     @cached_property
+    def _output_basis(self) -> np.ndarray:
+        """``[m, k]`` ``U = D^b V_k - V_k S^T``: the low-pass part is ``alpha (r_u D^-b V_k)
+        U^T`` (``S = 0`` without sharpening); computed once, so that a candidate's row of it
+        is a gather."""
+        output = self.eigenvectors * self.output_scale[:, None]
+        if self.low_pass_sharpening is not None:
+            output -= self.eigenvectors @ self.low_pass_sharpening.T
+        return output
+
+    @cached_property
     def _low_pass_products(self) -> np.ndarray:
-        """``[k, m]`` float32 ``V_k^T D^b``, and ``[2k, m]`` with ``V_k^T`` stacked under it
-        when there is sharpening: what :meth:`_low_pass_bases` multiply, in one float32
-        product (the scores are float32; over Gowalla's 41k items this product is most of
-        an evaluation)."""
-        products = self.eigenvectors.T * self.output_scale
-        if self._sharpened:
+        """``[k, m]`` float32 ``U^T``, and ``[2k, m]`` with ``V_k^T`` stacked under it when
+        there is sharpening: what :meth:`_low_pass_bases` multiply, in one float32 product
+        (the scores are float32; over Gowalla's 41k items this product is most of an
+        evaluation)."""
+        products = self._output_basis.T
+        if self.sharpening is not None:
             products = np.vstack([products, self.eigenvectors.T])
         return np.ascontiguousarray(products, dtype=np.float32)
 
     @property
     def _has_low_pass(self) -> bool:
-        return bool(self.eigenvectors.shape[1] and (self.alpha or self._sharpened))
-
-    @property
-    def _sharpened(self) -> bool:
-        return self.sharpening is not None or self.low_pass_sharpening is not None
+        return bool(self.eigenvectors.shape[1] and (self.alpha or self.sharpening is not None))
 
     def _linear_part(self, rows: Matrix) -> np.ndarray:
         """``r_u L`` ``[B, m]`` of rows restricted to the covered items."""
@@ -415,26 +422,14 @@ class ItemFilter:
         return product.toarray() if sp.issparse(product) else np.asarray(product)
 
     def _low_pass_bases(self, rows: Matrix) -> tuple[np.ndarray, np.ndarray | None]:
-        """:meth:`_bases_of` the rows restricted to the covered items."""
+        """``alpha (r_u D^-b) V_k`` and ``(r_u V_k) diag(w)`` (None without sharpening),
+        ``[B, k]`` each, of rows restricted to the covered items: what ``U^T`` and
+        ``-V_k^T`` multiply."""
         scaled = rows @ sp.diags(self.input_scale) if sp.issparse(rows) else rows * self.input_scale
-        plain = np.asarray(rows @ self.eigenvectors) if self._sharpened else None
-        return self._bases_of(np.asarray(scaled @ self.eigenvectors), plain)
-
-    def _bases_of(
-        self, scaled: np.ndarray, plain: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """From ``(r D^-b) V_k`` and ``r V_k`` (``[..., k]``): what ``V_k^T D^b`` and what
-        ``-V_k^T`` multiply, ``alpha (r D^-b) V_k`` and ``(r V_k) diag(w) + alpha (r D^-b)
-        V_k S`` (None without sharpening)."""
-        scaled = self.alpha * scaled
-        if not self._sharpened:
-            return scaled, None
-        sharpened = np.zeros_like(scaled)
+        sharpened = None
         if self.sharpening is not None:
-            sharpened += plain * self.sharpening
-        if self.low_pass_sharpening is not None:
-            sharpened += scaled @ self.low_pass_sharpening
-        return scaled, sharpened
+            sharpened = np.asarray(rows @ self.eigenvectors) * self.sharpening
+        return self.alpha * np.asarray(scaled @ self.eigenvectors), sharpened
 
 
 def sharpening_damping(mu: np.ndarray, time: float) -> np.ndarray:
