@@ -277,7 +277,8 @@ class ItemFilter:
         eigenvectors: ``[m, k]`` low-pass basis ``V_k`` (``k = 0`` for none).
         alpha: weight of the low-pass part.
         input_scale: ``[m]`` ``D^-b``, applied to a user's row before ``V_k``.
-        output_scale: ``[m]`` ``D^b``, applied after ``V_k^T``.
+        output_scale: ``[m]`` ``D^b``, of the low-pass part's output basis ``U = D^b V_k -
+            V_k S^T``.
         sharpening: ``[k]`` what sharpening takes off the linear part, ``w``, or ``None``.
         low_pass_sharpening: ``[k, k]`` what it takes off the low-pass part, ``S``, or
             ``None``.
