@@ -128,6 +128,10 @@ from common.data.dataset import Interactions
 
 Matrix = np.ndarray | sp.csr_matrix
 """A dense ``numpy`` array or a ``scipy.sparse`` CSR matrix."""
+GATHERED_SHARE = 16
+""":meth:`ItemFilter.features` gathers the basis rows of a user's candidates while they are
+fewer than ``1 / GATHERED_SHARE`` of the covered items, and multiplies the whole basis
+beyond: a gathered row costs far more than its share of one product over every item."""
 
 
 # -- one user's rows and the sums a site contributes ----------------------------
@@ -318,7 +322,7 @@ class ItemFilter:
             pairs = [(scaled, self._output_basis)]
             if sharpened is not None:
                 pairs.append((-sharpened, self.eigenvectors))
-            if candidates.shape[1] * 16 < len(self.items):
+            if candidates.shape[1] * GATHERED_SHARE < len(self.items):
                 # a few candidates each (a user's targets and negatives, pairs): their rows
                 # of the basis, [B, C, k]; a product over every item costs k m per user
                 parts = [np.einsum("bk,bck->bc", b, vectors[at]) for b, vectors in pairs]
