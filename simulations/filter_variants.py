@@ -275,11 +275,11 @@ def gowalla_dp(seeds: int) -> dict:
         name: {"mean": statistics.mean(v), "spread": statistics.pstdev(v), "runs": v}
         for name, v in values.items()
     }
-    degrees = item_sum(data.rows)
+    exact_degrees = item_sum(data.rows)
     for count in (2000, 4000, 8000):
-        items = top_items(degrees, count)
+        items = top_items(exact_degrees, count)
         gram = gram_sum(bounded_rows(data.rows[:, items], 0.5, 1.0))
-        exact = graph_filter(gram, degrees[items], 0.25, 1, 0.0, n, items)
+        exact = graph_filter(gram, exact_degrees[items], 0.25, 1, 0.0, n, items)
         results[f"no noise, the top {count} items by exact degree"] = validation_ndcg(
             exact, data, users=users
         )
