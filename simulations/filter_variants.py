@@ -14,9 +14,12 @@ Cases (``--cases``, each writes its own key of the results):
 - ``ml-dp``: the same data at epsilon 8 (delta 1e-5), noise once on the
   federation's sum (what the secure sum gives), the tuned secure-sum row's
   release (the top 300 items, degree share 0.1), ``--seeds`` noise draws: the
-  app's filter; EASE's weights of the released Gram added
-  (``common.graph.filters.with_ease``); sharpening; and the linear part with
-  its eigenvalues shrunk, ``max(lambda - tau lambda_1, 0)``.
+  app's filter (the released Gram's negative entries at zero, as under secure
+  aggregation) and the Gram as released; EASE's weights of the released Gram
+  added (``common.graph.filters.with_ease``); sharpening; the linear part with
+  its eigenvalues shrunk, ``max(lambda - tau lambda_1, 0)``; and with per-site
+  noise (10 sites, the tuned per-site release: 150 items, beta 0, rank 8) the
+  Gram as released (the app's) and with its negative entries at zero.
 - ``u1``: MovieLens-100K u1 ratings without DP: the app's neighbourhood
   predictor, and EASE's regression of the residuals on each other
   (:math:`\\hat e_u = e_u B`, ``B`` from the released covariance) added with
@@ -30,8 +33,9 @@ Cases (``--cases``, each writes its own key of the results):
   ranks k up to 640, from one eigendecomposition.
 - ``gowalla-dp``: Gowalla at epsilon 8 (delta 1e-6), noise once on the sum, the
   tuned release (the top 2,000 items by released degree, degree share 0.25, beta
-  0.25, the linear part alone), ``--seeds`` draws: the app's filter and its linear
-  part truncated to its top eigenpairs (denoising); and, without noise, the same
+  0.25, the linear part alone), ``--seeds`` draws: the app's filter (the Gram's
+  negative entries at zero), the Gram as released, and the app's linear part
+  truncated to its top eigenpairs (denoising); and, without noise, the same
   filter over the top 2,000, 4,000 and 8,000 items by exact degree (what covering
   more items would reach).
 - ``bspm``: the same 5,000 Gowalla validation users: BSPM-EM itself at its published
@@ -145,31 +149,49 @@ def movielens_dp(seeds: int) -> dict:
     site = load_site(data_config("ml-100k", **MOVIELENS_IMPLICIT), 0, 1)
     data = ranking_data(site)
     n = data.num_items
-    everyone = np.zeros(data.rows.shape[0], np.int64)
+    users = data.rows.shape[0]
     z = one_release(EPSILON, DELTA)
     values: dict[str, list[float]] = {}
     for seed in range(seeds):
-        release = released_sums(data.rows, everyone, 0.1, 10.0, 300, z, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        release = released_sums(data.rows, np.zeros(users, np.int64), 0.1, 10.0, 300, z, rng)
         floor = max(1.0, release.degree_noise_std)
         degrees = release.degrees[release.items]
-        item_filter = graph_filter(release.gram, degrees, 0.25, 16, 1.0, n, release.items, floor)
-        variants = {"the app's filter": (item_filter, None)}
+        gram = np.maximum(release.gram, 0.0)  # the app's, under secure aggregation
+        item_filter = graph_filter(gram, degrees, 0.25, 16, 1.0, n, release.items, floor)
+        as_released = graph_filter(release.gram, degrees, 0.25, 16, 1.0, n, release.items, floor)
+        variants = {
+            "the app's filter": (item_filter, None),
+            "the Gram as released, negative entries kept (the rule before)": (as_released, None),
+        }
         for ridge in (30, 100, 300, 1000):
             for weight in (0.3, 1.0, 3.0):
-                blended = with_ease(item_filter, release.gram, ridge, weight)
+                blended = with_ease(item_filter, gram, ridge, weight)
                 variants[f"+ EASE of the released Gram, ridge {ridge}, w = {weight}"] = (
                     blended,
                     None,
                 )
         for c in SHARPENING:
             variants[f"sharpened, c = {c}"] = (item_filter, sharpened(item_filter, c))
-        eigenvalues, eigenvectors = np.linalg.eigh(
-            degree_normalised(release.gram, degrees, 0.25, floor)
-        )
+        eigenvalues, eigenvectors = np.linalg.eigh(degree_normalised(gram, degrees, 0.25, floor))
         for tau in (0.02, 0.05, 0.1, 0.2):
             kept = np.maximum(eigenvalues - tau * eigenvalues[-1], 0.0) / eigenvalues[-1]
             shrunk = dataclasses.replace(item_filter, linear=(eigenvectors * kept) @ eigenvectors.T)
             variants[f"eigenvalues shrunk, tau = {tau}"] = (shrunk, None)
+        per_site = released_sums(data.rows, np.arange(users) % 10, 0.1, 10.0, 150, z, rng)
+        floor = max(1.0, per_site.degree_noise_std)
+        degrees = per_site.degrees[per_site.items]
+        for name, per_site_gram in (
+            ("as released (the app's)", per_site.gram),
+            ("negative entries at zero", np.maximum(per_site.gram, 0.0)),
+        ):
+            per_site_filter = graph_filter(
+                per_site_gram, degrees, 0.0, 8, 1.0, n, per_site.items, floor
+            )
+            variants[f"per-site noise, 10 sites, 150 items: the Gram {name}"] = (
+                per_site_filter,
+                None,
+            )
         for name, (variant, change) in variants.items():
             values.setdefault(name, []).append(validation_ndcg(variant, data, change))
         print("ml-dp draw", seed, values["the app's filter"][-1], flush=True)
@@ -259,8 +281,13 @@ def gowalla_dp(seeds: int) -> dict:
         release = released_sums(data.rows, everyone, 0.25, 10.0, 2000, z, rng)
         floor = max(1.0, release.degree_noise_std)
         degrees = release.degrees[release.items]
-        app = graph_filter(release.gram, degrees, 0.25, 1, 0.0, n, release.items, floor)
-        variants = {"the app's filter (the tuned release: 2,000 items, beta 0.25)": app}
+        gram = np.maximum(release.gram, 0.0)  # the app's, under secure aggregation
+        app = graph_filter(gram, degrees, 0.25, 1, 0.0, n, release.items, floor)
+        as_released = graph_filter(release.gram, degrees, 0.25, 1, 0.0, n, release.items, floor)
+        variants = {
+            "the app's filter (the tuned release: 2,000 items, beta 0.25)": app,
+            "the Gram as released, negative entries kept (the rule before)": as_released,
+        }
         eigenvalues, eigenvectors = np.linalg.eigh(app.linear)
         for rank in (128, 512, 1024):
             top = eigenvectors[:, -rank:]

@@ -169,6 +169,30 @@ def test_auto_ranking_filter_is_a_rule_of_the_catalogue_size_and_dp(dp, items, e
     assert ranking_filter(default_config(task="ranking", dp=dp), items) == expected
     keys = default_config(task="ranking", dp=dp, item_graph_items=0, item_graph_rank=8)
     assert ranking_filter(keys, items) == replace(expected, items=None, rank=8)
+    if dp:
+        secure = default_config(task="ranking", dp=True, secure_aggregation=True)
+        assert ranking_filter(secure, items) == replace(expected, nonnegative=True)
+
+
+def test_under_secure_aggregation_the_filter_is_the_released_grams_with_negatives_at_zero():
+    """The noise on the federation's sum makes some Gram entries negative; the Gram of
+    non-negative rows has none, so under secure aggregation the filter is computed from
+    the released Gram with those entries set to zero, and from the Gram as released with
+    per-site noise."""
+    config = default_config(
+        task="ranking", dp=True, synthetic_users=120, synthetic_items=60, item_graph_items=0
+    )
+    site = load_site(config, 0, 2)
+    graph = graph_after_round_1(config, site)
+    total = contribution(config, site, 2, graph)
+    total = total + np.random.default_rng(0).normal(0.0, 0.5, total.shape)
+    gram = symmetric(total)
+    assert (gram < 0).any()
+    for secure, expected_gram in ((False, gram), (True, np.maximum(gram, 0.0))):
+        run = replace(config, secure_aggregation=secure)
+        linear = released(run, site.catalogue, 2, total, graph, 0.5).linear
+        expected = graph_filter(expected_gram, graph.degrees, 0.25, 16, 1.0, 60, floor=1.0)
+        np.testing.assert_allclose(linear, expected.linear)
 
 
 def test_without_dp_round_2_adds_the_co_occurrence_gram_whose_ease_weights_join_the_filter():

@@ -154,6 +154,8 @@ class RankingFilter:
         ease_weight, ease_ridge: the weight :math:`w` of EASE's part in the linear part
             and EASE's ridge :math:`\lambda` (0: no EASE part, and no co-occurrence Gram).
         sharpening: the sharpening's time :math:`T` within the low-pass basis (0: none).
+        nonnegative: set the released Gram's negative entries to zero before the filter
+            is computed from it (post-processing: the Gram of non-negative rows has none).
     """
 
     items: int | None
@@ -164,6 +166,7 @@ class RankingFilter:
     ease_weight: float = 0.0
     ease_ridge: float = 300.0
     sharpening: float = 0.0
+    nonnegative: bool = False
 
 
 SMALL_CATALOGUE = RankingFilter(None, 0.25, 16, 1.0, None)
@@ -193,7 +196,11 @@ def ranking_filter(config: RunConfig, num_items: int) -> RankingFilter:
       :data:`EXACT_EASE_WEIGHT`, from a co-occurrence Gram round 2 adds. Under DP, or
       with a sparse Gram, setting ``item-graph-ease-weight`` raises InputError;
     - the rank is at most the number of covered items (the rule's is cut to it; an
-      ``item-graph-rank`` above it raises InputError).
+      ``item-graph-rank`` above it raises InputError);
+    - under secure aggregation, where the Gram's noise is added once to the federation's
+      sum, its negative entries are set to zero (``nonnegative``). With per-site noise,
+      :math:`\sqrt{\text{sites}}` times larger, it lost on validation, so there the Gram
+      is used as released (``simulations/filter_variants.py --cases ml-dp``).
     """
     covered = num_items
     if config.dp:
@@ -233,7 +240,11 @@ def ranking_filter(config: RunConfig, num_items: int) -> RankingFilter:
             f"{str(config.dp).lower()}, {covered} covered items); set it "
             'to 0 or "auto"'
         )
-    return replace(settings, ease_weight=float(weight))
+    return replace(
+        settings,
+        ease_weight=float(weight),
+        nonnegative=config.dp and config.secure_aggregation,
+    )
 
 
 Total = np.ndarray | sp.csr_matrix
@@ -494,6 +505,8 @@ def released(
         if isinstance(total, np.ndarray)
         else (total,)
     )
+    if ranking.nonnegative:
+        gram = np.maximum(gram, 0.0)
     item_filter = graph_filter(
         gram,
         graph.degrees[graph.items],
