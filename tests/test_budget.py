@@ -123,7 +123,10 @@ def test_privacy_report_json_md_and_html(budget_run):
     assert report["largest-epsilon"] == max(s["epsilon"] for s in report["sites"].values())
     assert [r["key"] for r in report["releases"] if not r["covered"]] == []
     assert report["warnings"] == [] and report["mechanism"]["evaluation"] == "dp"
-    assert report["utility"]["final-round"] == 1 and "val-rmse" in report["utility"]["final"]
+    # a part whose noisy user count falls below 1 gives no metric (about 0.4 % of runs
+    # here: 300 users, noise std 112 on the count), so one of the two parts is required
+    assert report["utility"]["final-round"] == 1
+    assert {"val-rmse", "test-rmse"} & set(report["utility"]["final"])
 
     markdown = (run_dir / "privacy_report.md").read_text()
     for heading in (
