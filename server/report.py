@@ -88,7 +88,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
             "by-round": {str(r): v for r, v in sorted(utility.items())},
             "round-labels": {r: round_label(config, int(r)) for r in sorted(rounds, key=int)},
             "baseline": baseline_name(config),
-            "baseline-from": BASELINES[config.task][1] if config.statistics_rounds else None,
+            "baseline-from": BASELINES[config.task][1] if baseline_name(config) else None,
             "final-round": final_round,
             "final": utility.get(final_round, {}),
         },
