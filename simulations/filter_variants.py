@@ -68,8 +68,8 @@ from common.graph.filters import (
     gram_sum,
     graph_filter,
     item_sum,
+    normalised_spectrum,
     spectral_filter,
-    top_eigenpairs,
     top_items,
     with_ease,
 )
@@ -234,13 +234,7 @@ def gowalla() -> dict:
     data = ranking_data(gowalla_site())
     users = validation_users(data)
     gram, degrees = gram_sum(bounded_rows(data.rows, 0.5, 1.0), dense=False), item_sum(data.rows)
-    normalised = degree_normalised(gram, degrees, 0.5, 1.0)
-    values, vectors = top_eigenpairs(normalised, max(GOWALLA_RANKS))
-    linear, mu, degree_scale = (
-        normalised / values[0],
-        values / values[0],
-        np.maximum(degrees, 1.0) ** 0.5,
-    )
+    linear, mu, vectors, degree_scale = normalised_spectrum(gram, degrees, 0.5, max(GOWALLA_RANKS))
 
     def variant(k: int, alpha: float, time: float) -> ItemFilter:
         return spectral_filter(

@@ -460,17 +460,24 @@ def graph_filter(
     """GF-CF's filter (``exponent`` = 1/2) or its degree-weighted variants, from the
     (released) Gram matrix and degrees over ``items`` (default: the whole catalogue),
     sharpened for a time ``T = sharpening`` within its low-pass basis (0: not at all)."""
+    spectrum = normalised_spectrum(gram, degrees, exponent, k, floor)
+    return spectral_filter(*spectrum, alpha, num_items, items, sharpening)
+
+
+def normalised_spectrum(
+    gram: Matrix, degrees: np.ndarray, exponent: float, k: int, floor: float = 1.0
+) -> tuple[Matrix, np.ndarray, np.ndarray, np.ndarray]:
+    r"""What :func:`spectral_filter` is built from: the linear part :math:`L = D^{-\beta}
+    G D^{-\beta} / \lambda_1` (spectral radius 1), its top ``k`` eigenvalues
+    :math:`\mu = \lambda / \lambda_1` (descending) and eigenvectors :math:`V_k`, and the
+    degree scale :math:`D^\beta`, ``D = diag(max(degrees, floor))``."""
     normalised = degree_normalised(gram, degrees, exponent, floor)
     values, vectors = top_eigenpairs(normalised, max(k, 1))
-    return spectral_filter(
+    return (
         normalised / values[0],
         values[:k] / values[0],
         vectors[:, :k],
         np.maximum(degrees, floor) ** exponent,
-        alpha,
-        num_items,
-        items,
-        sharpening,
     )
 
 
