@@ -126,6 +126,20 @@ def test_the_item_graph_alone_spends_the_whole_target_split_between_its_rounds(s
     assert 0.97 * 8.0 <= spent <= 8.0
 
 
+@pytest.mark.parametrize(
+    ("task", "pipeline", "share"),
+    [("ranking", "filter", 0.1), ("ranking", "filter+gcn", 0.1), ("rating", "filter", 0.75),
+     ("rating", "filter+gcn", 0.95)],
+)  # fmt: skip
+def test_round_1_takes_the_validated_share_of_the_task_and_pipeline(task, pipeline, share):
+    config = default_config(task=task, item_graph=pipeline, target_epsilon=8.0)
+    first, second = site_mechanism(config, 5000).statistics_noise
+    assert (second / first) ** 2 == pytest.approx(share / (1 - share))  # shares of 1/z^2
+    keyed = config.replace(item_graph_degree_share=0.5)
+    first, second = site_mechanism(keyed, 5000).statistics_noise
+    assert first == pytest.approx(second)
+
+
 def test_statistics_and_dp_sgd_compose_to_the_target_and_match_dp_accounting():
     """One target split between the item graph's releases and the DP-SGD steps, composed
     by one accountant (Opacus PRV), within 2 % of dp-accounting's PLD."""
