@@ -192,14 +192,11 @@ class RunConfig:
     @property
     def first_statistics_share(self) -> float:
         """Round 1's share of the item graph's 1/z^2: ``item-graph-degree-share``, or the
-        share validation chose for the task and pipeline (0.1 ranking; rating 0.75 for the
-        filter, 0.95 for the learned model on it, whose learned weights make less of round
-        2's covariance than of round 1's item offsets)."""
+        share validation chose for the task (0.1 ranking; 0.95 rating, where the item
+        offsets of round 1 carry more than round 2's covariance)."""
         if self.item_graph_degree_share is not None:
             return self.item_graph_degree_share
-        if self.task == "ranking":
-            return 0.1
-        return 0.95 if self.item_graph == "filter+gcn" else 0.75
+        return 0.1 if self.task == "ranking" else 0.95
 
     @property
     def aggregation(self) -> str:

@@ -817,7 +817,7 @@ def movielens_rating(seeds: int) -> dict:
         dp_bias, value, (z,), seeds
     )
     by_share = {}
-    for share in (0.25, 0.5, 0.75):
+    for share in (0.25, 0.5, 0.75, 0.9, 0.95):
 
         def noise_of(setting: RatingSetting, share: float = share) -> tuple:
             if setting.co_count_shrinkage is None:
