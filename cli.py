@@ -400,10 +400,12 @@ def main(argv: list[str] | None = None) -> int:
             return submit(app, unknown)
         output = run(args)
         if output:
-            print(output)
+            print(output, flush=True)
     except InputError as error:
         print(f"fedgraphrec: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped early (``| head``): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush at exit
     return 0
 
 

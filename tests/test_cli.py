@@ -57,6 +57,25 @@ def test_an_argument_error_answers_in_under_a_second(arguments):
     assert seconds < LIMIT_S, f"fedgraphrec {' '.join(arguments)} took {seconds:.2f} s"
 
 
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """``fedgraphrec recommend ... | head -3``: the pipe closes before the output is
+    written, which is the reader's choice, not an error."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader has gone before anything is printed
+    with os.fdopen(writer, "w") as closed:
+        done = subprocess.run(
+            [sys.executable, "-m", "cli", "check-data"],
+            cwd=REPO,
+            env=os.environ | {"PYTHONPATH": path},
+            stdout=closed,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+
+
 def test_the_parser_imports_no_heavy_library():
     report = "print(sorted(set(sys.modules) & set(sys.argv[1:])))"
     done, _ = fresh("-c", f"import sys, cli; cli.build_parser(); {report}", *HEAVY)
