@@ -72,6 +72,7 @@ from common.graph.filters import (
     spectral_filter,
     top_items,
     with_ease,
+    without_negative_entries,
 )
 from common.graph.release import ItemGraph, contribution, rating_settings, released
 from simulations.harness import MOVIELENS_IMPLICIT, RESULTS, data_config, write_results
@@ -157,7 +158,7 @@ def movielens_dp(seeds: int) -> dict:
         release = released_sums(data.rows, np.zeros(users, np.int64), 0.1, 10.0, 300, z, rng)
         floor = max(1.0, release.degree_noise_std)
         degrees = release.degrees[release.items]
-        gram = np.maximum(release.gram, 0.0)  # the app's, under secure aggregation
+        gram = without_negative_entries(release.gram)  # the app's, under secure aggregation
         item_filter = graph_filter(gram, degrees, 0.25, 16, 1.0, n, release.items, floor)
         as_released = graph_filter(release.gram, degrees, 0.25, 16, 1.0, n, release.items, floor)
         variants = {
@@ -183,7 +184,7 @@ def movielens_dp(seeds: int) -> dict:
         degrees = per_site.degrees[per_site.items]
         for name, per_site_gram in (
             ("as released (the app's)", per_site.gram),
-            ("negative entries at zero", np.maximum(per_site.gram, 0.0)),
+            ("negative entries at zero", without_negative_entries(per_site.gram)),
         ):
             per_site_filter = graph_filter(
                 per_site_gram, degrees, 0.0, 8, 1.0, n, per_site.items, floor
@@ -275,7 +276,7 @@ def gowalla_dp(seeds: int) -> dict:
         release = released_sums(data.rows, everyone, 0.25, 10.0, 2000, z, rng)
         floor = max(1.0, release.degree_noise_std)
         degrees = release.degrees[release.items]
-        gram = np.maximum(release.gram, 0.0)  # the app's, under secure aggregation
+        gram = without_negative_entries(release.gram)  # the app's, under secure aggregation
         app = graph_filter(gram, degrees, 0.25, 1, 0.0, n, release.items, floor)
         as_released = graph_filter(release.gram, degrees, 0.25, 1, 0.0, n, release.items, floor)
         variants = {

@@ -243,6 +243,13 @@ def top_items(degrees: np.ndarray, count: int) -> np.ndarray:
     return np.sort(order[:count])
 
 
+def without_negative_entries(gram: np.ndarray) -> np.ndarray:
+    """A released (noisy) Gram with its negative entries set to zero: the Gram of
+    non-negative rows has none, and this is the nearest such matrix in Frobenius norm
+    (post-processing; the rule of when it is applied: ``common.graph.release``)."""
+    return np.maximum(gram, 0.0)
+
+
 def degree_normalised(gram: Matrix, degrees: np.ndarray, exponent: float, floor: float) -> Matrix:
     """``D^-b G D^-b`` with ``D = diag(max(degrees, floor))`` and ``b = exponent``."""
     scale = np.maximum(degrees, floor) ** -exponent

@@ -91,6 +91,7 @@ from common.graph.filters import (
     user_means,
     user_rows,
     with_ease,
+    without_negative_entries,
 )
 
 STATISTICS_ROUNDS = 2
@@ -506,7 +507,7 @@ def released(
         else (total,)
     )
     if ranking.nonnegative:
-        gram = np.maximum(gram, 0.0)
+        gram = without_negative_entries(gram)
     item_filter = graph_filter(
         gram,
         graph.degrees[graph.items],
