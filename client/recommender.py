@@ -52,6 +52,7 @@ from common.data.site_folder import load_catalogue_folder, load_site_folder
 from common.errors import InputError
 from common.graph.features import GraphFeatures
 from common.graph.release import ItemGraph, rating_settings
+from common.text import item_text_vectors
 from server.run_directory import RECOMMENDER_FORMAT, RECOMMENDER_VERSION
 
 UserRows = Sequence[str | tuple[str, float]]
@@ -198,7 +199,8 @@ class Recommender:
         settings = rating_settings(self.config)
         n, everyone = self.catalogue.num_items, np.arange(self.catalogue.num_items)
         if self.model is None:
-            features = GraphFeatures(self.graph, site, settings)
+            text = item_text_vectors(self.catalogue, self.config)
+            features = GraphFeatures(self.graph, site, settings, text)
             if not self.rating:
                 return features.scores(np.zeros(1, np.int64))[0]
             return features.predict(Interactions(np.zeros(n, np.int64), everyone, np.ones(n)))

@@ -80,6 +80,7 @@ from common.protocol import (
     STATISTICS_ROWS,
     TRAIN_LOSS,
 )
+from common.text import item_text_vectors
 
 PUBLIC_WEIGHT = 1
 """Every site's weight in the secure sum, and the example count it reports."""
@@ -348,7 +349,14 @@ class SiteRound:
         baseline = config.is_statistics_round(self.server_round) and not self.graph.complete
         if (config.item_graph == "filter" and self.graph.complete) or baseline:
             settings = rating_settings(config)
-            run = partial(evaluate_graph, self.graph, site, top_k=config.top_k, settings=settings)
+            run = partial(
+                evaluate_graph,
+                self.graph,
+                site,
+                top_k=config.top_k,
+                settings=settings,
+                text=item_text_vectors(site.catalogue, config),
+            )
         else:
             run = partial(
                 evaluate,

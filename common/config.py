@@ -99,6 +99,7 @@ class RunConfig:
     item_graph_ease_weight: float | str
     item_graph_ease_ridge: float | str
     item_graph_sharpening: float | str
+    item_graph_text_weight: float | str
     item_graph_degree_bound: float
     item_graph_degree_share: float | None
     item_graph_budget_share: float
@@ -208,9 +209,9 @@ class RunConfig:
 
     @property
     def uses_item_text(self) -> bool:
-        """Whether the GCN takes the item text (``item-text``); with ``item-graph =
-        "filter"`` there is no GCN to take it."""
-        return self.item_text and self.item_graph != "filter"
+        """Whether the run reads the item text (``item-text``): the GCN takes it, and the
+        ranking filter has a text part; ``item-graph = "filter"`` for ratings has neither."""
+        return self.item_text and (self.item_graph != "filter" or self.task == "ranking")
 
     def is_statistics_round(self, server_round: int) -> bool:
         return 1 <= server_round <= self.statistics_rounds
@@ -284,6 +285,7 @@ class RunConfig:
             ("item-graph-ease-weight", self.item_graph_ease_weight, 0),
             ("item-graph-ease-ridge", self.item_graph_ease_ridge, 0),
             ("item-graph-sharpening", self.item_graph_sharpening, 0),
+            ("item-graph-text-weight", self.item_graph_text_weight, 0),
             ("item-graph-top-per-row", self.item_graph_top_per_row, 1),
         ):
             if isinstance(value, str) and value != "auto":

@@ -178,14 +178,16 @@ def evaluate_graph(
     settings: RatingNeighbourhood,
     exclude: Interactions | None = None,
     candidates: np.ndarray | None = None,
+    text: np.ndarray | None = None,
 ) -> RatingErrors | RankingSums:
     """The evaluation of a released item graph on ``heldout`` (the site's local users), as
     :func:`evaluate` does it for a model: each user scored from their own training rows
-    (``settings``: the rating predictor's)."""
+    (``settings``: the rating predictor's; ``text``: the catalogue's text vectors, for the
+    ranking score's text part)."""
     task = "rating" if graph.item_bias is not None else "ranking"
     if len(heldout) == 0:
         return _nothing_held_out(task, top_k, site.catalogue)
-    features = GraphFeatures(graph, site, settings)
+    features = GraphFeatures(graph, site, settings, text)
     if task == "rating":
         levels = site.catalogue.rating_levels
         prediction = np.clip(features.predict(heldout), levels[0], levels[-1])

@@ -65,8 +65,8 @@ a trained parameter):
 "filter+gcn"``): the score adds :math:`\theta^\top \phi_{ui}`, the released graph's
 features of the user and item (``common.graph.features.GraphFeatures``), and the
 rest of the model is a correction of it: :math:`W_d` and the item offsets start at
-zero and :math:`\theta` at :data:`GRAPH_SCALE` (the text neighbours' part at 0), so
-that before training the model scores as the graph; the global bias and the
+zero and :math:`\theta` at :data:`GRAPH_SCALE`, so that before training the model
+scores as the graph (its item text's part included); the global bias and the
 closed-form user bias give way to the graph's own user mean and item offset (rating).
 For ranking, BPR is applied to the whole score and to the correction alone (with the
 text neighbours' part): the graph already orders most pairs, and the second term
@@ -212,12 +212,8 @@ class EgoGraphRecommender(nn.Module):
             nn.init.constant_(self.global_bias.weight, sum(REFERENCE_SCALE) / 2)
         self.graph_weights = nn.Linear(graph_features, 1, bias=False) if graph_features else None
         if self.graph_weights is not None:  # the residual on the graph starts as the graph
-            with torch.no_grad():  # theta: the graph's parts at their scale, text at 0
-                scale = [
-                    0.0 if n == "text neighbours" else GRAPH_SCALE[task]
-                    for n in FEATURE_NAMES[task]
-                ]
-                self.graph_weights.weight.copy_(torch.tensor([scale]))
+            with torch.no_grad():  # theta: the graph's parts at their scale
+                self.graph_weights.weight.fill_(GRAPH_SCALE[task])
             nn.init.zeros_(self.dense.weight)
             nn.init.zeros_(self.dense.bias)
             if self.item_text_projection is not None:

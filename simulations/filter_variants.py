@@ -9,17 +9,21 @@ budget.
 Cases (``--cases``, each writes its own key of the results):
 
 - ``ml-no-dp``: MovieLens-100K implicit without DP: the app's filter (its EASE
-  part included) and BSPM-style sharpening of its score, ``s - c s L``
+  part included) with the item text's part at the weights ``gamma`` of
+  :data:`TEXT_WEIGHTS` (``common.graph.features.GraphFeatures``; 0: none, the rule
+  before) and BSPM-style sharpening of its score, ``s - c s L``
   (Choi et al., SIGIR 2023: one Euler step of ``ds/dt = -s L``).
 - ``ml-dp``: the same data at epsilon 8 (delta 1e-5), noise once on the
   federation's sum (what the secure sum gives), the tuned secure-sum row's
   release (the top 300 items, degree share 0.1), ``--seeds`` noise draws: the
   app's filter (the released Gram's negative entries at zero, as under secure
-  aggregation) and the Gram as released; EASE's weights of the released Gram
+  aggregation) with the item text's part at the weights of :data:`TEXT_WEIGHTS`
+  (the rule's 0.3 is the app's) and the Gram as released; EASE's weights of the released Gram
   added (``common.graph.filters.with_ease``); sharpening; the linear part with
   its eigenvalues shrunk, ``max(lambda - tau lambda_1, 0)``; and with per-site
   noise (10 sites, the tuned per-site release: 150 items, beta 0, rank 8) the
-  Gram as released (the app's) and with its negative entries at zero.
+  Gram as released (the app's) and with its negative entries at zero, and the
+  app's with the text part at each weight.
 - ``u1``: MovieLens-100K u1 ratings without DP: the app's neighbourhood
   predictor, and EASE's regression of the residuals on each other
   (:math:`\\hat e_u = e_u B`, ``B`` from the released covariance) added with
@@ -59,7 +63,7 @@ import scipy.sparse as sp
 from matplotlib.figure import Figure
 
 from common.data import load_site
-from common.graph.features import GraphFeatures
+from common.graph.features import GraphFeatures, covered_text_sums, text_neighbours, text_scales
 from common.graph.filters import (
     ItemFilter,
     bounded_rows,
@@ -75,6 +79,7 @@ from common.graph.filters import (
     without_negative_entries,
 )
 from common.graph.release import ItemGraph, contribution, rating_settings, released
+from common.text import item_text_vectors
 from simulations.harness import MOVIELENS_IMPLICIT, RESULTS, data_config, write_results
 from simulations.item_graph_search import (
     BSPM_GOWALLA,
@@ -91,6 +96,8 @@ from simulations.item_graph_search import (
 
 EPSILON, DELTA = 8.0, 1e-5
 SHARPENING = (0.1, 0.2, 0.3, 0.5)
+TEXT_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
+APP_DP = "the app's filter, text part gamma = 0.3"
 GOWALLA_RANKS = (256, 384, 512, 640)
 
 
@@ -133,12 +140,40 @@ def sharpened(item_filter: ItemFilter, c: float) -> Callable:
     return change
 
 
+def with_text(item_filter: ItemFilter, text: sp.csr_matrix, weight: float) -> Callable:
+    """The filter's score plus the item text's part at weight ``weight`` (the app's
+    ``GraphFeatures.scores``)."""
+    covered = item_filter.items
+
+    def change(values: np.ndarray, rows: sp.csr_matrix) -> np.ndarray:
+        scales = text_scales(item_filter, text, rows, weight)
+        values[:, covered] += scales[:, None] * covered_text_sums(text, rows, covered)
+        return values
+
+    return change
+
+
+def text_graph(site) -> sp.csr_matrix:
+    """The catalogue's text-neighbour graph, as the app's sites build it."""
+    config = data_config("ml-100k", **MOVIELENS_IMPLICIT, item_graph="filter")
+    return text_neighbours(item_text_vectors(site.catalogue, config))
+
+
+def text_variants(item_filter: ItemFilter, text: sp.csr_matrix, name: str) -> dict:
+    """``name`` with the item text's part at each of :data:`TEXT_WEIGHTS`."""
+    return {
+        f"{name}, text part gamma = {weight}": (item_filter, with_text(item_filter, text, weight))
+        for weight in TEXT_WEIGHTS
+    }
+
+
 def movielens_without_dp() -> dict:
     config = data_config("ml-100k", **MOVIELENS_IMPLICIT, dp=False, item_graph="filter")
     graph, site = exact_graph(config)
     data = ranking_data(site)
     item_filter = graph.item_filter(site.catalogue.num_items)
-    results = {"the app's filter": validation_ndcg(item_filter, data)}
+    variants = text_variants(item_filter, text_graph(site), "the app's filter")
+    results = {name: validation_ndcg(f, data, change) for name, (f, change) in variants.items()}
     for c in SHARPENING:
         results[f"sharpened, c = {c}"] = validation_ndcg(
             item_filter, data, sharpened(item_filter, c)
@@ -152,6 +187,7 @@ def movielens_dp(seeds: int) -> dict:
     n = data.num_items
     users = data.rows.shape[0]
     z = one_release(EPSILON, DELTA)
+    text = text_graph(site)
     values: dict[str, list[float]] = {}
     for seed in range(seeds):
         rng = np.random.default_rng(seed)
@@ -161,9 +197,8 @@ def movielens_dp(seeds: int) -> dict:
         gram = without_negative_entries(release.gram)  # the app's, under secure aggregation
         item_filter = graph_filter(gram, degrees, 0.25, 16, 1.0, n, release.items, floor)
         as_released = graph_filter(release.gram, degrees, 0.25, 16, 1.0, n, release.items, floor)
-        variants = {
-            "the app's filter": (item_filter, None),
-            "the Gram as released, negative entries kept (the rule before)": (as_released, None),
+        variants = text_variants(item_filter, text, "the app's filter") | {
+            "the Gram as released, negative entries kept": (as_released, None),
         }
         for ridge in (30, 100, 300, 1000):
             for weight in (0.3, 1.0, 3.0):
@@ -189,13 +224,12 @@ def movielens_dp(seeds: int) -> dict:
             per_site_filter = graph_filter(
                 per_site_gram, degrees, 0.0, 8, 1.0, n, per_site.items, floor
             )
-            variants[f"per-site noise, 10 sites, 150 items: the Gram {name}"] = (
-                per_site_filter,
-                None,
+            variants |= text_variants(
+                per_site_filter, text, f"per-site noise, 10 sites, 150 items: the Gram {name}"
             )
         for name, (variant, change) in variants.items():
             values.setdefault(name, []).append(validation_ndcg(variant, data, change))
-        print("ml-dp draw", seed, values["the app's filter"][-1], flush=True)
+        print("ml-dp draw", seed, values[APP_DP][-1], flush=True)
     return {
         name: {"mean": statistics.mean(v), "spread": statistics.pstdev(v), "runs": v}
         for name, v in values.items()
@@ -319,7 +353,7 @@ CASES: dict[str, Callable[[argparse.Namespace], dict]] = {
 
 
 def figure_of(results: dict) -> Figure:
-    """One panel per case: each variant's validation figure, the app's as a dashed line."""
+    """One panel per case: each variant's validation figure, the first as a dashed line."""
     panels = [case for case in CASES if case in results]
     figure = Figure(figsize=(4.5 * max(len(panels), 1), 5.5))
     axes = figure.subplots(1, max(len(panels), 1), squeeze=False)[0]

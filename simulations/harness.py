@@ -36,6 +36,7 @@ from common.evaluation import evaluate, evaluate_graph
 from common.graph.release import ItemGraph, rating_settings
 from common.model import EgoGraphRecommender, item_side_size
 from common.privacy import site_mechanism
+from common.text import item_text_vectors
 from server.app import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,7 +159,10 @@ def kept_metrics(
     graph = ItemGraph.from_bytes((run_dir / "item_graph.npz").read_bytes())
     if config.item_graph != "filter+gcn":
         settings = rating_settings(config)
-        return evaluate_graph(graph, site, heldout, top_k, settings, exclude=exclude).metrics()
+        text = item_text_vectors(site.catalogue, config)
+        return evaluate_graph(
+            graph, site, heldout, top_k, settings, exclude=exclude, text=text
+        ).metrics()
     best = run_dir / "best-model.pt"
     model = site_model(site.catalogue, config, graph=graph)
     kept = best if best.exists() and not last_round else run_dir / "model.pt"

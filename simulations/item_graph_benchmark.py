@@ -44,7 +44,7 @@ from common.config import RunConfig
 from common.data import load_site
 from common.data.dataset import Interactions
 from common.data.site import SiteData
-from common.evaluation import evaluate, evaluate_graph, ranking_sums, rating_metrics
+from common.evaluation import evaluate, ranking_sums, rating_metrics
 from common.graph.features import GraphFeatures, text_neighbours
 from common.graph.filters import split_noise_multiplier, user_rows
 from common.graph.release import (
@@ -331,8 +331,7 @@ def pipeline_validation(config: RunConfig, site: SiteData) -> dict[str, Any]:
     round it kept (``best-round``; None: its last)."""
     run_dir = federate(config, SITES)
     if config.item_graph == "filter":
-        graph = ItemGraph.from_bytes((run_dir / "item_graph.npz").read_bytes())
-        return evaluate_graph(graph, site, site.val, K, rating_settings(config)).metrics()
+        return kept_metrics(config, run_dir, site, site.val, K)
     graph = None
     if config.item_graph == "filter+gcn":
         graph = ItemGraph.from_bytes((run_dir / "item_graph.npz").read_bytes())

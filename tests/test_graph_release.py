@@ -14,7 +14,7 @@ from common.config import default_config
 from common.data import load_site
 from common.data.site import SiteData
 from common.errors import InputError
-from common.graph.features import GraphFeatures
+from common.graph.features import GraphFeatures, text_neighbours
 from common.graph.filters import bounded_rows, gram_sum, graph_filter, user_rows
 from common.graph.release import (
     NOISY_COUNTS,
@@ -29,6 +29,7 @@ from common.graph.release import (
     sensitivity,
     symmetric,
 )
+from common.text import item_text_vectors
 
 
 def only_user(site: SiteData, local_user: int) -> SiteData:
@@ -140,6 +141,39 @@ def test_the_ranking_filter_scores_only_the_covered_items():
     assert np.isfinite(scores[:, covered]).all() and np.isneginf(scores[:, ~covered]).all()
 
 
+@pytest.mark.parametrize("weight", [0.0, 0.3])
+def test_the_ranking_score_adds_the_item_texts_part_at_a_share_of_the_filters_spread(weight):
+    """The graph's score of a user is the filter's plus the text part c_u r_u T^T over the
+    covered items, c_u = gamma sigma(filter) / sigma(r_u T^T): the text part's spread over
+    the covered items is gamma times the filter's, for every user (none at gamma = 0)."""
+    config = default_config(
+        task="ranking",
+        dp=False,
+        synthetic_users=120,
+        item_graph="filter",
+        item_graph_items=40,
+        item_graph_text_weight=weight,
+    )
+    site = load_site(config, 0, 1)
+    assert config.uses_item_text  # the filter reads the text for its text part
+    graph = graph_after_round_1(config, site)
+    graph = released(config, site.catalogue, 2, contribution(config, site, 2, graph), graph, 0.0)
+    assert graph.text_weight == weight
+    text = item_text_vectors(site.catalogue, config)
+    users = np.arange(8)
+    scores = GraphFeatures(graph, site, rating_settings(config), text).scores(users)
+    rows = user_rows(site.train, site.num_users, site.catalogue.num_items)[users]
+    filter_scores = graph.item_filter(site.catalogue.num_items).scores(rows)
+    text_part = (scores - filter_scores)[:, graph.items]
+    np.testing.assert_array_equal(np.isneginf(scores), np.isneginf(filter_scores))
+    spread = filter_scores[:, graph.items].std(1)
+    np.testing.assert_allclose(text_part.std(1), weight * spread, rtol=1e-4, atol=1e-6)
+    sums = (rows @ text_neighbours(text)[graph.items].T).toarray()  # r_u T^T
+    if weight:
+        correlation = [np.corrcoef(a, b)[0, 1] for a, b in zip(text_part, sums, strict=True)]
+        assert min(correlation) > 0.9999
+
+
 def test_the_graph_ranks_by_released_degrees_after_round_1_and_for_a_user_without_rows():
     """MostPop by the released degrees: the run's baseline (round 1), and the filter's
     score for a new user, whose empty row the filter cannot rank by."""
@@ -158,17 +192,19 @@ def test_the_graph_ranks_by_released_degrees_after_round_1_and_for_a_user_withou
 @pytest.mark.parametrize(
     ("dp", "items", "expected"),
     [
-        (False, 1682, RankingFilter(None, 0.25, 16, 1.0, None, ease_weight=3.0)),
-        (False, 40981, RankingFilter(None, 0.5, 512, 0.2, 1000, sharpening=2.25)),
-        (True, 1682, RankingFilter(400, 0.25, 16, 1.0, None)),
-        (True, 40981, RankingFilter(2000, 0.25, 16, 1.0, None)),
-        (True, 60, RankingFilter(None, 0.25, 16, 1.0, None)),
+        (False, 1682, RankingFilter(None, 0.25, 16, 1.0, None, ease_weight=3.0, text_weight=0.05)),
+        (False, 40981, RankingFilter(None, 0.5, 512, 0.2, 1000, sharpening=2.25, text_weight=0.05)),
+        (True, 1682, RankingFilter(400, 0.25, 16, 1.0, None, text_weight=0.3)),
+        (True, 40981, RankingFilter(2000, 0.25, 16, 1.0, None, text_weight=0.3)),
+        (True, 60, RankingFilter(None, 0.25, 16, 1.0, None, text_weight=0.3)),
     ],
 )
 def test_auto_ranking_filter_is_a_rule_of_the_catalogue_size_and_dp(dp, items, expected):
     assert ranking_filter(default_config(task="ranking", dp=dp), items) == expected
-    keys = default_config(task="ranking", dp=dp, item_graph_items=0, item_graph_rank=8)
-    assert ranking_filter(keys, items) == replace(expected, items=None, rank=8)
+    keys = default_config(
+        task="ranking", dp=dp, item_graph_items=0, item_graph_rank=8, item_graph_text_weight=1
+    )
+    assert ranking_filter(keys, items) == replace(expected, items=None, rank=8, text_weight=1)
     if dp:
         secure = default_config(task="ranking", dp=True, secure_aggregation=True)
         assert ranking_filter(secure, items) == replace(expected, nonnegative=True)

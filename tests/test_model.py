@@ -18,7 +18,7 @@ from client.train import GHOST_ABOVE_ITEMS, make_private, site_graphs, site_mode
 from common.config import default_config
 from common.data import load_site
 from common.evaluation import evaluate
-from common.graph.features import GraphFeatures
+from common.graph.features import TEXT_FEATURE, GraphFeatures
 from common.graph.release import rating_settings
 from common.model import GRAPH_SCALE, EgoBatch
 from common.privacy import site_mechanism
@@ -224,7 +224,8 @@ def test_a_1_to_100_scale_trains_one_weighted_edge_type_on_the_reference_scale()
 def test_the_learned_model_starts_as_the_released_graph(task):
     """With item-graph = "filter+gcn" the score is theta . phi plus a correction that
     starts at zero, so before any training the model scores as the released graph (for
-    ranking at a larger scale, which orders the items the same)."""
+    ranking at a larger scale, which orders the items the same), its item text's part
+    included."""
     config = small_config(item_graph="filter+gcn", task=task, synthetic_users=120)
     site = load_site(config, 0, 1)
     graph = released_graph(config, site)
@@ -236,8 +237,10 @@ def test_the_learned_model_starts_as_the_released_graph(task):
         z, user_bias = model.user_vectors(graphs.context(users))
         if task == "ranking":
             features = torch.as_tensor(graphs.features.of_catalogue(users), dtype=torch.float32)
+            assert graph.text_weight > 0 and features[..., TEXT_FEATURE].abs().max() > 0
             scores = model.score_catalogue(z, features) / GRAPH_SCALE["ranking"]  # same order
-            expected = GraphFeatures(graph, site, rating_settings(config)).scores(users)
+            text = item_text_vectors(site.catalogue, config)
+            expected = GraphFeatures(graph, site, rating_settings(config), text).scores(users)
             np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
             return
         pairs = site.test.select(np.isin(site.test.user, users))
@@ -276,7 +279,7 @@ def test_a_training_targets_features_leave_the_target_out_of_the_users_row(sharp
         rows[0, item] = 0.0  # the row without the target
         candidates = np.array([[item, negatives[k]]])
         expected = features.filter.features(sp.csr_matrix(rows), candidates)[0]
-        text_part = similarity[candidates[0]] @ rows[0] / rows.sum()  # the mean over the row
+        text_part = features.text_scales[user] * similarity[candidates[0]] @ rows[0]
         expected = np.concatenate([expected, text_part[:, None]], 1)
         np.testing.assert_allclose(on_targets[k], expected[0], atol=1e-12)
         np.testing.assert_allclose(on_negatives[k], expected[1], atol=1e-12)

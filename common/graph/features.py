@@ -18,6 +18,8 @@ import scipy.sparse as sp
 from common.data.dataset import Interactions
 from common.data.site import SiteData
 from common.graph.filters import (
+    ItemFilter,
+    Matrix,
     bounded_rows,
     cosine_block,
     neighbour_mean,
@@ -38,7 +40,7 @@ FEATURE_NAMES = {
     "rating": ("user mean", "item offset", "neighbourhood"),
 }
 """The parts of the released graph's score of a user and an item, in :class:`GraphFeatures`'
-order; the graph's score is the sum of all but the text neighbours."""
+order; the graph's score is their sum."""
 
 TEXT_FEATURE = FEATURE_NAMES["ranking"].index("text neighbours")
 
@@ -68,6 +70,30 @@ def text_neighbours(text: np.ndarray, count: int = TEXT_NEIGHBOURS) -> sp.csr_ma
             )
         )
     return sp.vstack(blocks).tocsr() if blocks else sp.csr_matrix((0, 0))
+
+
+def covered_text_sums(text: sp.csr_matrix, rows: Matrix, covered: np.ndarray) -> np.ndarray:
+    r"""``[B, m]``: :math:`\sum_{j \in N(u)} T_{ij}` of users' ``rows`` at the ``covered``
+    items, over the text-neighbour graph ``text``."""
+    sums = rows @ text[covered].T
+    return sums.toarray() if sp.issparse(sums) else np.asarray(sums)
+
+
+def text_scales(
+    item_filter: ItemFilter, text: sp.csr_matrix, rows: Matrix, weight: float
+) -> np.ndarray:
+    r"""``[B]``: :math:`c_u = \gamma \, \sigma_S(s_u) / \sigma_S(r_u T^\top)` of users'
+    ``rows``, the text part's scale (``GraphFeatures``; 0 where the text part does not
+    vary), 1,024 users at a time."""
+    scales = np.zeros(rows.shape[0])
+    for start in range(0, len(scales), 1024):
+        batch = rows[start : start + 1024]
+        graph = item_filter.scores(batch)[:, item_filter.items].std(1)
+        spread = covered_text_sums(text, batch, item_filter.items).std(1)
+        scales[start : start + len(graph)] = np.divide(
+            weight * graph, spread, out=np.zeros(len(graph)), where=spread > 0
+        )
+    return scales
 
 
 _TEXT_GRAPHS: dict[bytes, sp.csr_matrix] = {}
@@ -107,10 +133,18 @@ class GraphFeatures:
     (``common.model``); :math:`\theta = 1` is the graph's own score.
 
     Ranking: the filter's linear and low-pass parts of :math:`s_u` (``ItemFilter``), and
-    the mean text similarity of the item to the user's items,
-    :math:`\frac{1}{|N(u)|}\sum_{j \in N(u)} T_{ij}` over the text-neighbour graph
-    :math:`T` (:func:`text_neighbours`; 0 without item text): not part of the graph's
-    own score (its weight starts at 0), but a score for items the graph has never seen.
+    the item text's part :math:`c_u \sum_{j \in N(u)} T_{ij}` over the text-neighbour
+    graph :math:`T` (:func:`text_neighbours`; 0 without item text), scaled to the
+    spread of the filter's score for the user and weighted by the released
+    :math:`\gamma` (``ItemGraph.text_weight``):
+
+    .. math::
+        c_u = \gamma \, \sigma_S(s_u) / \sigma_S(r_u T^\top),
+
+    :math:`\sigma_S` the standard deviation over the items :math:`S` the filter covers,
+    both from the user's whole training row (0 where the text part does not vary). The
+    text is public, so this part costs no budget; it is also the score of an item the
+    graph has never seen.
     Rating: the user's shrunk mean :math:`m_u`, the item's offset :math:`b_i` and the
     neighbourhood's residual :math:`\hat e_{ui}` (0 before round 2), on the reference
     scale. A user's features are a function of that user's own training row and of the
@@ -143,7 +177,6 @@ class GraphFeatures:
             if graph.complete:
                 self.filter = graph.item_filter(self.num_items)
             self.text = None if text is None else _text_graph(text)
-            self.row_counts = np.maximum(self.rows.getnnz(axis=1), 1).astype(np.float64)
             return
         self.train = train = on_reference_scale(site)
         self.counts = np.bincount(train.user, minlength=site.num_users).astype(np.float64)
@@ -183,8 +216,7 @@ class GraphFeatures:
             features = self.filter.features(self.rows[users], items[:, None])[:, 0]
             if ratings is not None:
                 features = features - self.filter.item_features(items, items[:, None])[:, 0]
-            left = 0 if ratings is None else 1  # the item itself, out of the user's row
-            text = self._text_sums(users, items) / np.maximum(self.row_counts[users] - left, 1)
+            text = self._text_sums(users, items)  # T_ii = 0: the item is out of its own sum
             return np.concatenate([features, text[:, None]], 1)
         means = self.means[users]
         offsets = self.graph.item_bias[items]
@@ -267,8 +299,7 @@ class GraphFeatures:
         features = row.reshape(len(items), 2, 2) - left
         text = self._text_sums(np.full(2 * len(items), user), candidates.ravel()).reshape(-1, 2)
         if self.text is not None:  # the target out of the row: T_ii = 0, T_ji for its negative
-            text[:, 1] -= np.asarray(self.text[negatives, items]).ravel()
-        text /= max(self.row_counts[user] - 1, 1)
+            text[:, 1] -= self.text_scales[user] * np.asarray(self.text[negatives, items]).ravel()
         features = np.concatenate([features, text[..., None]], -1)
         return features[:, 0], features[:, 1]
 
@@ -279,14 +310,23 @@ class GraphFeatures:
         self.filter.catalogue_features(self.rows[users], features)
         if self.text is not None:
             text = (self.rows[users] @ self.text.T).toarray()
-            features[..., TEXT_FEATURE] = text / self.row_counts[users, None]
+            features[..., TEXT_FEATURE] = self.text_scales[users, None] * text
         return features
 
     def _text_sums(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """``sum_{j in N(u)} T_ij`` of each pair ``(users[p], items[p])`` (0 without text)."""
+        """The text part ``c_u sum_{j in N(u)} T_ij`` of each pair ``(users[p], items[p])``
+        (0 without text)."""
         if self.text is None:
             return np.zeros(len(users))
-        return np.asarray(self.rows[users].multiply(self.text[items]).sum(1)).ravel()
+        sums = np.asarray(self.rows[users].multiply(self.text[items]).sum(1)).ravel()
+        return self.text_scales[users] * sums
+
+    @cached_property
+    def text_scales(self) -> np.ndarray:
+        """``[num_users]`` :math:`c_u` (the class docstring)."""
+        if self.text is None or not self.graph.text_weight:
+            return np.zeros(self.rows.shape[0])
+        return text_scales(self.filter, self.text, self.rows, self.graph.text_weight)
 
     def scores(self, users: np.ndarray) -> np.ndarray:
         """Ranking: the graph's own scores ``[len(users), num_items]`` of the site's
@@ -298,6 +338,11 @@ class GraphFeatures:
             return popularity.astype(np.float32)
         rows = self.rows[users]
         scores = self.filter.scores(rows)
+        if self.text is not None and self.graph.text_weight:
+            text = covered_text_sums(self.text, rows, self.filter.items)
+            scores[:, self.filter.items] += (self.text_scales[users, None] * text).astype(
+                np.float32
+            )
         new = rows.getnnz(axis=1) == 0
         scores[new] = popularity[new]
         return scores

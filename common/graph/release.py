@@ -157,6 +157,8 @@ class RankingFilter:
         sharpening: the sharpening's time :math:`T` within the low-pass basis (0: none).
         nonnegative: set the released Gram's negative entries to zero before the filter
             is computed from it (post-processing: the Gram of non-negative rows has none).
+        text_weight: the weight :math:`\gamma` of the item text's part in the graph's
+            score (``common.graph.features.GraphFeatures``; no part without item text).
     """
 
     items: int | None
@@ -168,6 +170,7 @@ class RankingFilter:
     ease_ridge: float = 300.0
     sharpening: float = 0.0
     nonnegative: bool = False
+    text_weight: float = 0.0
 
 
 SMALL_CATALOGUE = RankingFilter(None, 0.25, 16, 1.0, None)
@@ -180,6 +183,11 @@ eigensolver's time)."""
 EXACT_EASE_WEIGHT = 3.0
 """Without DP and with a dense Gram, EASE's part of the linear part (ridge 300): chosen on
 validation (``simulations/item_graph_search.py --cases ml-ranking``, MovieLens-100K)."""
+TEXT_WEIGHT = {"dp": 0.3, "exact": 0.05}
+r"""The text part's weight :math:`\gamma` under DP and without: chosen on validation
+(``simulations/filter_variants.py --cases ml-no-dp ml-dp``, MovieLens-100K implicit: of
+0 to 0.5, 0.05 without DP; under DP 0.2 and 0.3 with noise once on the sum, 0.3 and 0.5
+with per-site noise, where a noisier graph leans more on the text)."""
 COVERED_ITEMS_PER_ROOT = 10
 """Under DP the graph covers about ``10 sqrt(n)`` of ``n`` items: validation chose 300
 (600 within 0.2 %) of MovieLens-100K's 1,682 and 2,000 of Gowalla's 40,981."""
@@ -201,7 +209,8 @@ def ranking_filter(config: RunConfig, num_items: int) -> RankingFilter:
     - under secure aggregation, where the Gram's noise is added once to the federation's
       sum, its negative entries are set to zero (``nonnegative``). With per-site noise,
       :math:`\sqrt{\text{sites}}` times larger, it lost on validation, so there the Gram
-      is used as released (``simulations/filter_variants.py --cases ml-dp``).
+      is used as released (``simulations/filter_variants.py --cases ml-dp``);
+    - the item text's part weighs :data:`TEXT_WEIGHT` (used only with item text).
     """
     covered = num_items
     if config.dp:
@@ -210,6 +219,7 @@ def ranking_filter(config: RunConfig, num_items: int) -> RankingFilter:
     rule = replace(
         LARGE_CATALOGUE if large else SMALL_CATALOGUE,
         items=covered if covered < num_items else None,
+        text_weight=TEXT_WEIGHT["dp" if config.dp else "exact"],
     )
     keys = {
         "items": config.item_graph_items,
@@ -219,6 +229,7 @@ def ranking_filter(config: RunConfig, num_items: int) -> RankingFilter:
         "top_per_row": config.item_graph_top_per_row,
         "ease_ridge": config.item_graph_ease_ridge,
         "sharpening": config.item_graph_sharpening,
+        "text_weight": config.item_graph_text_weight,
     }
     settings = replace(rule, **{name: v for name, v in keys.items() if v != "auto"})
     covered = settings.items or num_items
@@ -267,6 +278,8 @@ class ItemGraph:
         linear, eigenvectors, alpha, input_scale, output_scale, sharpening,
             low_pass_sharpening: the ranking filter (``common.graph.filters.ItemFilter``),
             from round 2.
+        text_weight: the item text's part of the ranking score (``RankingFilter``), from
+            round 2.
         item_shrinkage: the shrinkage the item offsets were released with (rating).
         covariance, co_counts: the residuals' covariance and, without DP, their
             co-rating weights (rating), from round 2, as released.
@@ -289,6 +302,7 @@ class ItemGraph:
     output_scale: np.ndarray | None = None
     sharpening: np.ndarray | None = None
     low_pass_sharpening: np.ndarray | None = None
+    text_weight: float = 0.0
     item_shrinkage: float = 0.0
     covariance: np.ndarray | None = None
     co_counts: np.ndarray | None = None
@@ -535,6 +549,7 @@ def released(
         output_scale=item_filter.output_scale,
         sharpening=item_filter.sharpening,
         low_pass_sharpening=item_filter.low_pass_sharpening,
+        text_weight=ranking.text_weight,
     )
 
 
