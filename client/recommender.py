@@ -27,7 +27,8 @@ scored the same way from the interactions given (fold-in: no training).
 Items the released graph does not cover, and (with ``exclude_seen``) the
 items the user already has, are not recommended. With ``item-graph =
 "filter+gcn"`` and item text, items nobody touched are scored through their
-text; the filter alone cannot score them.
+text; the filter alone scores them by its text part only without DP, where it covers
+every item (under DP it covers the items of largest released degree).
 """
 
 from __future__ import annotations

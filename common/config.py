@@ -391,8 +391,10 @@ class RunConfig:
                 raise InputError(f"{key}: expected a share in (0, 1], got {value}")
         if self.item_graph == "filter" and self.cold_item_fraction > 0:
             raise InputError(
-                "cold-item-fraction: the item graph's filter cannot score items nobody "
-                'touched; use item-graph = "none" or "filter+gcn" (the model with item text)'
+                "cold-item-fraction: the item graph's filter scores items nobody touched by "
+                "its text part alone, and under DP not at all (it covers the items of largest "
+                'released degree); use item-graph = "none" or "filter+gcn" (the model with '
+                "item text)"
             )
         if self.secure_aggregation and not self.dp:
             raise InputError("secure-aggregation: needs dp = true (it sums noised gradients)")

@@ -351,7 +351,7 @@ LEARNED = {
 graph's own round included); under DP the item graph's budget share (0.5, 0.75, 0.9, 0.95),
 the final round's model (validation metrics outside the guarantee choose nothing in a run)."""
 LEARNED_TEST = {
-    "implicit": {"no DP": LEARNED["no DP"] | {"num_server_rounds": 46}},
+    "implicit": {"no DP": LEARNED["no DP"] | {"num_server_rounds": 19}},
     "u1": {
         "no DP": LEARNED["no DP"] | {"num_server_rounds": 26},
         "secure sum": LEARNED["secure sum"],

@@ -156,6 +156,7 @@ def test_the_ranking_score_adds_the_item_texts_part_at_a_share_of_the_filters_sp
     )
     site = load_site(config, 0, 1)
     assert config.uses_item_text  # the filter reads the text for its text part
+    assert not config.replace(task="rating").uses_item_text  # the rating filter has none
     graph = graph_after_round_1(config, site)
     graph = released(config, site.catalogue, 2, contribution(config, site, 2, graph), graph, 0.0)
     assert graph.text_weight == weight
