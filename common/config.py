@@ -207,12 +207,6 @@ class RunConfig:
             return self.item_side_aggregation
         return "mean" if self.secure_aggregation else "trimmed-mean"
 
-    @property
-    def uses_item_text(self) -> bool:
-        """Whether the run reads the item text (``item-text``): the GCN takes it, and the
-        ranking filter has a text part; ``item-graph = "filter"`` for ratings has neither."""
-        return self.item_text and (self.item_graph != "filter" or self.task == "ranking")
-
     def is_statistics_round(self, server_round: int) -> bool:
         return 1 <= server_round <= self.statistics_rounds
 

@@ -63,7 +63,7 @@ def evaluation_parts(config: RunConfig) -> list[Part]:
         parts.append(("test-", "-warm"))
     if config.cold_item_fraction > 0:
         parts.append(("cold-", ""))
-        if config.uses_item_text:
+        if config.item_text:
             parts.append(("cold-", "-without-text"))
     return parts
 

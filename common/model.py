@@ -292,8 +292,9 @@ class EgoGraphRecommender(nn.Module):
         the text disabled, without the text neighbours' part."""
         if self.graph_weights is None:
             return 0.0
-        if self.task == "ranking" and not self.use_text:
-            graph = graph * (torch.arange(graph.shape[-1], device=graph.device) != TEXT_FEATURE)
+        if not self.use_text:
+            text = TEXT_FEATURE[self.task]
+            graph = graph * (torch.arange(graph.shape[-1], device=graph.device) != text)
         return self.graph_weights(graph).squeeze(-1)
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
@@ -350,7 +351,7 @@ class EgoGraphRecommender(nn.Module):
             both = [batch.graph] + ([batch.graph_negatives] if self.task == "ranking" else [])
             if self.task == "ranking":  # and the text neighbours' part alone, for the correction
                 text_only = torch.zeros_like(batch.graph)
-                text_only[..., TEXT_FEATURE] = 1.0
+                text_only[..., TEXT_FEATURE["ranking"]] = 1.0
                 both += [batch.graph * text_only, batch.graph_negatives * text_only]
             scores = self.graph_score(torch.cat(both, 1))
             graph, graph_negative = scores[:, :k], scores[:, k : 2 * k]
@@ -452,7 +453,7 @@ def build_model(
     (``common.text.item_text_vectors``); the server, which only averages
     parameters, need not.
     """
-    uses_text = config.uses_item_text and catalogue.item_text is not None
+    uses_text = config.item_text and catalogue.item_text is not None
     model = EgoGraphRecommender(
         num_items=catalogue.num_items,
         edge_types=catalogue.edge_types,

@@ -90,10 +90,10 @@ class TextEncoder:
 def item_text_vectors(
     catalogue: Catalogue, config: RunConfig, device: torch.device | str = "cpu"
 ) -> np.ndarray | None:
-    """The catalogue's text vectors ``[num_items, dim]``, or None without text, with
-    ``item-text = false`` or without a GCN (``RunConfig.uses_item_text``). Read from
-    the cache when the same model has encoded the same texts before."""
-    if not config.uses_item_text or catalogue.item_text is None:
+    """The catalogue's text vectors ``[num_items, dim]``, or None without text or with
+    ``item-text = false``. Read from the cache when the same model has encoded the same
+    texts before."""
+    if not config.item_text or catalogue.item_text is None:
         return None
     key = hashlib.sha256(json.dumps([config.text_model, catalogue.item_text]).encode()).hexdigest()
     slug = "".join(c if c.isalnum() else "-" for c in config.text_model)[-40:]

@@ -27,7 +27,12 @@ Cases (``--cases``, each writes its own key of the results):
 - ``u1``: MovieLens-100K u1 ratings without DP: the app's neighbourhood
   predictor, and EASE's regression of the residuals on each other
   (:math:`\\hat e_u = e_u B`, ``B`` from the released covariance) added with
-  weights ``a`` (the neighbourhood) and ``b`` (EASE's part).
+  weights ``a`` (the neighbourhood) and ``b`` (EASE's part); and the text
+  neighbourhood (``common.graph.features.GraphFeatures``: the user's residuals
+  weighted by the item texts' similarity) at each weight, neighbours and damping.
+- ``u1-dp``: the same at epsilon 8 (delta 1e-5), noise once on the federation's sum,
+  round 1 at the app's share, ``--seeds`` noise draws: the app's predictor without
+  its text neighbourhood, and with it at each setting.
 - ``gowalla``: Gowalla without DP (5,000 validation users, as the search):
   the app's filter (beta 1/2) sharpened within its top-k eigenvectors by one
   RK4 step of BSPM's ODE over a time T (``common.graph.filters.spectral_filter``,
@@ -54,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import statistics
 from collections.abc import Callable
@@ -74,11 +80,18 @@ from common.graph.filters import (
     item_sum,
     normalised_spectrum,
     spectral_filter,
+    split_noise_multiplier,
     top_items,
     with_ease,
     without_negative_entries,
 )
-from common.graph.release import ItemGraph, contribution, rating_settings, released
+from common.graph.release import (
+    ItemGraph,
+    contribution,
+    rating_settings,
+    released,
+    sensitivity,
+)
 from common.text import item_text_vectors
 from simulations.harness import MOVIELENS_IMPLICIT, RESULTS, data_config, write_results
 from simulations.item_graph_search import (
@@ -97,6 +110,7 @@ from simulations.item_graph_search import (
 EPSILON, DELTA = 8.0, 1e-5
 SHARPENING = (0.1, 0.2, 0.3, 0.5)
 TEXT_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
+RATING_TEXT_WEIGHTS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 APP_DP = "the app's filter, text part gamma = 0.3"
 GOWALLA_RANKS = (256, 384, 512, 640)
 
@@ -104,11 +118,7 @@ GOWALLA_RANKS = (256, 384, 512, 640)
 def exact_graph(config) -> tuple[ItemGraph, object]:
     """The app's item graph released exactly from one site holding every user."""
     site = load_site(config, 0, 1)
-    graph = ItemGraph()
-    for server_round in (1, 2):
-        total = contribution(config, site, server_round, graph)
-        graph = released(config, site.catalogue, server_round, total, graph, 0.0)
-    return graph, site
+    return one_site_graph(config, site, None), site
 
 
 def validation_ndcg(
@@ -236,33 +246,95 @@ def movielens_dp(seeds: int) -> dict:
     }
 
 
+def one_site_graph(config, site, rng: np.random.Generator | None) -> ItemGraph:
+    """The app's item graph from one ``site`` holding every user: exact (``rng`` None),
+    or at epsilon 8 with the noise once on the sum, round 1 at the app's share."""
+    z = one_release(EPSILON, DELTA)
+    share = config.first_statistics_share
+    graph = ItemGraph()
+    multipliers = split_noise_multiplier(z, [share, 1 - share])
+    for server_round, multiplier in zip((1, 2), multipliers, strict=True):
+        total = contribution(config, site, server_round, graph)
+        noise_std = 0.0
+        if rng is not None:
+            noise_std = multiplier * sensitivity(config, site.catalogue, server_round)
+            total = total + rng.normal(0.0, noise_std, total.shape)
+        graph = released(config, site.catalogue, server_round, total, graph, noise_std)
+    return graph
+
+
+def rating_parts(config, site, graph: ItemGraph, **text: float) -> np.ndarray:
+    """``[P, 4]`` the app's rating features of the validation pairs, the text
+    neighbourhood's at weight 1 and the ``text_neighbours`` / ``text_damping`` given."""
+    settings = dataclasses.replace(rating_settings(config), **text)
+    vectors = item_text_vectors(site.catalogue, config)
+    features = GraphFeatures(dataclasses.replace(graph, text_weight=1.0), site, settings, vectors)
+    return features.of_pairs(site.val.user, site.val.item)
+
+
+def validation_rmse(site, reference_scale: np.ndarray) -> float:
+    predicted = site.catalogue.from_reference_scale(reference_scale)
+    levels = site.catalogue.rating_levels
+    error = np.clip(predicted, levels[0], levels[-1]) - site.val.rating
+    return float(np.sqrt(np.mean(error**2)))
+
+
+def text_neighbourhoods(config, site, graphs: list[ItemGraph]) -> dict:
+    """Validation RMSE of the app's rating predictor with its text neighbourhood at each
+    weight of :data:`RATING_TEXT_WEIGHTS`, neighbours and damping, over ``graphs``."""
+    values: dict[str, list[float]] = {}
+    for graph in graphs:
+        for neighbours, damping in itertools.product((20, 50), (2.0, 10.0, 30.0)):
+            parts = rating_parts(
+                config, site, graph, text_neighbours=neighbours, text_damping=damping
+            )
+            for weight in RATING_TEXT_WEIGHTS:
+                name = f"text: {neighbours} neighbours, damping {damping}, weight {weight}"
+                prediction = parts[:, :3].sum(1) + weight * parts[:, 3]
+                values.setdefault(name, []).append(validation_rmse(site, prediction))
+    return {
+        name: {"mean": statistics.mean(v), "spread": statistics.pstdev(v), "runs": v}
+        for name, v in sorted(values.items(), key=lambda item: statistics.mean(item[1]))
+    }
+
+
 def movielens_ratings() -> dict:
     config = data_config("ml-100k", split="u1", dp=False, item_graph="filter")
     graph, site = exact_graph(config)
-    features = GraphFeatures(graph, site, rating_settings(config))
-    val = site.val
-    parts = features.of_pairs(val.user, val.item)  # the mean, the offset, the neighbourhood
-
-    def rmse(reference_scale: np.ndarray) -> float:
-        predicted = site.catalogue.from_reference_scale(reference_scale)
-        levels = site.catalogue.rating_levels
-        return float(
-            np.sqrt(np.mean((np.clip(predicted, levels[0], levels[-1]) - val.rating) ** 2))
+    parts = rating_parts(config, site, graph)  # the mean, the offset, the neighbourhoods
+    results = {
+        "the app's neighbourhood predictor, without text": validation_rmse(
+            site, parts[:, :3].sum(1)
         )
-
-    results = {"the app's neighbourhood predictor": rmse(parts.sum(1))}
-    residuals = features.residuals[val.user]
+    }
+    residuals = GraphFeatures(graph, site, rating_settings(config)).residuals[site.val.user]
     for ridge in (30, 100, 300, 1000, 3000):
         weights = ease_weights(graph.covariance, ridge)
-        ease = np.asarray(residuals.multiply(weights[:, val.item].T).sum(1)).ravel()
+        ease = np.asarray(residuals.multiply(weights[:, site.val.item].T).sum(1)).ravel()
         grid = {
-            (a, b): rmse(parts[:, :2].sum(1) + a * parts[:, 2] + b * ease)
+            (a, b): validation_rmse(site, parts[:, :2].sum(1) + a * parts[:, 2] + b * ease)
             for a in (0.0, 0.5, 0.75, 1.0)
             for b in (0.25, 0.5, 0.75, 1.0, 1.5)
         }
         (a, b), best = min(grid.items(), key=lambda item: item[1])
         results[f"+ EASE of the residuals, ridge {ridge} (best a, b: {a}, {b})"] = best
-    return results
+    return results | text_neighbourhoods(config, site, [graph])
+
+
+def movielens_ratings_dp(seeds: int) -> dict:
+    config = data_config(
+        "ml-100k", split="u1", item_graph="filter", target_epsilon=EPSILON, delta=DELTA
+    )
+    site = load_site(config, 0, 1)
+    graphs = [one_site_graph(config, site, np.random.default_rng(seed)) for seed in range(seeds)]
+    without = [validation_rmse(site, rating_parts(config, site, g)[:, :3].sum(1)) for g in graphs]
+    return {
+        "the app's neighbourhood predictor, without text": {
+            "mean": statistics.mean(without),
+            "spread": statistics.pstdev(without),
+            "runs": without,
+        }
+    } | text_neighbourhoods(config, site, graphs)
 
 
 def gowalla() -> dict:
@@ -346,6 +418,7 @@ CASES: dict[str, Callable[[argparse.Namespace], dict]] = {
     "ml-no-dp": lambda args: movielens_without_dp(),
     "ml-dp": lambda args: movielens_dp(args.seeds),
     "u1": lambda args: movielens_ratings(),
+    "u1-dp": lambda args: movielens_ratings_dp(args.seeds),
     "gowalla": lambda args: gowalla(),
     "bspm": lambda args: bspm(),
     "gowalla-dp": lambda args: gowalla_dp(args.seeds),

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from test_independence import without_user
+from test_independence import released_graph, without_user
 
 from common.config import default_config
 from common.data import load_site
@@ -28,6 +28,7 @@ from common.graph.release import (
     released,
     sensitivity,
     symmetric,
+    text_weight,
 )
 from common.text import item_text_vectors
 
@@ -155,8 +156,6 @@ def test_the_ranking_score_adds_the_item_texts_part_at_a_share_of_the_filters_sp
         item_graph_text_weight=weight,
     )
     site = load_site(config, 0, 1)
-    assert config.uses_item_text  # the filter reads the text for its text part
-    assert not config.replace(task="rating").uses_item_text  # the rating filter has none
     graph = graph_after_round_1(config, site)
     graph = released(config, site.catalogue, 2, contribution(config, site, 2, graph), graph, 0.0)
     assert graph.text_weight == weight
@@ -173,6 +172,53 @@ def test_the_ranking_score_adds_the_item_texts_part_at_a_share_of_the_filters_sp
     if weight:
         correlation = [np.corrcoef(a, b)[0, 1] for a, b in zip(text_part, sums, strict=True)]
         assert min(correlation) > 0.9999
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.5])
+def test_the_rating_prediction_adds_the_text_neighbourhood_of_the_users_residuals(weight):
+    """A rating prediction adds gamma t_ui: the mean of the user's own residuals on their
+    rated items nearest to the item by text, weighted by T, over the 50 largest weights
+    and damped by 10 (the same mean as the covariance neighbourhood's, public weights)."""
+    config = default_config(
+        task="rating", dp=False, synthetic_users=120, item_graph_text_weight=weight
+    )
+    site = load_site(config, 0, 1)
+    graph = released_graph(config, site)
+    assert graph.text_weight == weight
+    text = item_text_vectors(site.catalogue, config)
+    settings = rating_settings(config)
+    features = GraphFeatures(graph, site, settings, text)
+    without_text = GraphFeatures(graph, site, settings)
+    pairs = site.test.select(site.test.user < 6)
+    added = site.catalogue.to_reference_scale(features.predict(pairs)) - (
+        site.catalogue.to_reference_scale(without_text.predict(pairs))
+    )
+    similarity = text_neighbours(text).toarray()
+    for p in range(len(pairs)):
+        residuals = features.residuals[pairs.user[p]]
+        weights = similarity[pairs.item[p], residuals.indices]
+        kept = np.argsort(-np.abs(weights))[: settings.text_neighbours]
+        mean = (
+            weights[kept]
+            @ residuals.data[kept]
+            / (np.abs(weights[kept]).sum() + settings.text_damping)
+        )
+        np.testing.assert_allclose(added[p], weight * mean, rtol=1e-5, atol=1e-7)
+    assert weight == 0 or np.abs(added).max() > 0
+
+
+@pytest.mark.parametrize(
+    ("task", "dp", "expected"),
+    [
+        ("ranking", False, 0.05),
+        ("ranking", True, 0.3),
+        ("rating", False, 1.0),
+        ("rating", True, 1.5),
+    ],
+)
+def test_the_text_parts_weight_is_a_rule_of_the_task_and_dp_or_the_key(task, dp, expected):
+    assert text_weight(default_config(task=task, dp=dp)) == expected
+    assert text_weight(default_config(task=task, dp=dp, item_graph_text_weight=2)) == 2.0
 
 
 def test_the_graph_ranks_by_released_degrees_after_round_1_and_for_a_user_without_rows():

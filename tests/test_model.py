@@ -233,23 +233,26 @@ def test_the_learned_model_starts_as_the_released_graph(task):
     model = site_model(site.catalogue, config, graph=graph).eval()
     graphs = site_graphs(site, config, graph)
     users = np.arange(12)
+    text = item_text_vectors(site.catalogue, config)
+    assert graph.text_weight > 0
     with torch.no_grad():
         z, user_bias = model.user_vectors(graphs.context(users))
         if task == "ranking":
             features = torch.as_tensor(graphs.features.of_catalogue(users), dtype=torch.float32)
-            assert graph.text_weight > 0 and features[..., TEXT_FEATURE].abs().max() > 0
+            assert features[..., TEXT_FEATURE[task]].abs().max() > 0
             scores = model.score_catalogue(z, features) / GRAPH_SCALE["ranking"]  # same order
-            text = item_text_vectors(site.catalogue, config)
             expected = GraphFeatures(graph, site, rating_settings(config), text).scores(users)
             np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
             return
         pairs = site.test.select(np.isin(site.test.user, users))
+        phi = graphs.features.of_pairs(pairs.user, pairs.item)
+        assert np.abs(phi[:, TEXT_FEATURE[task]]).max() > 0
         rows = torch.as_tensor(pairs.user)
-        phi = graphs.features.of_pairs(pairs.user, pairs.item)[:, None, :]
+        phi = phi[:, None, :]
         items = torch.as_tensor(pairs.item)[:, None]
         scores = model.score(z[rows], user_bias[rows], items, torch.as_tensor(phi).float())
     expected = site.catalogue.to_reference_scale(
-        GraphFeatures(graph, site, rating_settings(config)).predict(pairs)
+        GraphFeatures(graph, site, rating_settings(config), text).predict(pairs)
     )
     np.testing.assert_allclose(scores.squeeze(1), expected, rtol=1e-5, atol=1e-5)
 
@@ -294,14 +297,15 @@ def test_a_training_ratings_features_are_those_of_the_graph_released_without_it(
     config = small_config(item_graph="filter+gcn", task="rating", synthetic_users=120)
     site = load_site(config, 0, 1)
     settings = rating_settings(config)
-    features = GraphFeatures(released_graph(config, site), site, settings)
+    text = item_text_vectors(site.catalogue, config)
+    features = GraphFeatures(released_graph(config, site), site, settings, text)
     train = site.train
     left_out, in_sample = [], []
     for row in np.flatnonzero(train.user == 3)[:6]:
         user, item = train.user[row : row + 1], train.item[row : row + 1]
         rating = site.catalogue.to_reference_scale(train.rating[row : row + 1])
         without = dataclasses.replace(site, train=train.select(np.arange(len(train)) != row))
-        truth = GraphFeatures(released_graph(config, without), without, settings)
+        truth = GraphFeatures(released_graph(config, without), without, settings, text)
         expected = truth.of_pairs(user, item)[0]
         left_out.append(np.abs(features.of_pairs(user, item, rating)[0] - expected))
         in_sample.append(np.abs(features.of_pairs(user, item)[0] - expected))

@@ -37,12 +37,13 @@ from common.graph.release import (
 
 FEATURE_NAMES = {
     "ranking": ("linear", "low-pass", "text neighbours"),
-    "rating": ("user mean", "item offset", "neighbourhood"),
+    "rating": ("user mean", "item offset", "neighbourhood", "text neighbourhood"),
 }
 """The parts of the released graph's score of a user and an item, in :class:`GraphFeatures`'
 order; the graph's score is their sum."""
 
-TEXT_FEATURE = FEATURE_NAMES["ranking"].index("text neighbours")
+TEXT_FEATURE = {"ranking": 2, "rating": 3}
+"""Where each task's item text part is in :data:`FEATURE_NAMES`."""
 
 TEXT_NEIGHBOURS = 100
 """How many nearest neighbours by item text an item keeps (:func:`text_neighbours`): 100 of
@@ -145,9 +146,12 @@ class GraphFeatures:
     both from the user's whole training row (0 where the text part does not vary). The
     text is public, so this part costs no budget; it is also the score of an item the
     graph has never seen.
-    Rating: the user's shrunk mean :math:`m_u`, the item's offset :math:`b_i` and the
-    neighbourhood's residual :math:`\hat e_{ui}` (0 before round 2), on the reference
-    scale. A user's features are a function of that user's own training row and of the
+    Rating: the user's shrunk mean :math:`m_u`, the item's offset :math:`b_i`, the
+    neighbourhood's residual :math:`\hat e_{ui}` (0 before round 2) and the text
+    neighbourhood's, :math:`\gamma \hat t_{ui}`: the same mean of the user's own
+    residuals, weighted by :math:`T` instead of the released covariance (public, so
+    free of budget; 0 before round 2 and without item text), on the reference scale. A
+    user's features are a function of that user's own training row and of the
     released graph alone.
 
     Training targets are the user's own training items, so their features leave the
@@ -173,10 +177,10 @@ class GraphFeatures:
         self.num_items = site.catalogue.num_items
         self.rows = user_rows(site.train, site.num_users, self.num_items)
         self.ranking = graph.item_bias is None
+        self.text = None if text is None else _text_graph(text)
         if self.ranking:
             if graph.complete:
                 self.filter = graph.item_filter(self.num_items)
-            self.text = None if text is None else _text_graph(text)
             return
         self.train = train = on_reference_scale(site)
         self.counts = np.bincount(train.user, minlength=site.num_users).astype(np.float64)
@@ -231,7 +235,8 @@ class GraphFeatures:
                     self.settings.neighbours,
                     self.settings.damping,
                 )
-            return np.stack([means, offsets, neighbourhood], 1)
+            text = self._text_neighbourhood(users, items, np.zeros(len(users)))
+            return np.stack([means, offsets, neighbourhood, text], 1)
         shrinkage = self.settings.user_shrinkage
         total = means * (self.counts[users] + shrinkage)
         left_means = (total - (ratings - offsets)) / (self.counts[users] - 1 + shrinkage)
@@ -246,7 +251,8 @@ class GraphFeatures:
                 neighbourhood[pairs] = self._left_out_neighbourhood(
                     user, items[pairs], means[pairs] - left_means[pairs]
                 )
-        return np.stack([left_means, left_offsets, neighbourhood], 1)
+        text = self._text_neighbourhood(users, items, means - left_means)
+        return np.stack([left_means, left_offsets, neighbourhood, text], 1)
 
     def _left_out_neighbourhood(
         self, user: int, items: np.ndarray, mean_shifts: np.ndarray
@@ -284,6 +290,29 @@ class GraphFeatures:
         shifted = values[None, :] + mean_shifts[:, None]
         return neighbour_mean(weights, shifted, self.settings.neighbours, self.settings.damping)
 
+    def _text_neighbourhood(
+        self, users: np.ndarray, items: np.ndarray, mean_shifts: np.ndarray
+    ) -> np.ndarray:
+        r"""Rating: :math:`\gamma \hat t_{ui}` of each pair, the mean of the user's own
+        residuals (shifted by ``mean_shifts``, a training rating's mean without it) on the
+        rated items most similar to the item by text (``T_ii = 0``: an item is not its own
+        neighbour); 0 before round 2 and without item text."""
+        weight = self.graph.text_weight
+        if self.text is None or not weight or not self.graph.complete:
+            return np.zeros(len(users))
+        predicted = np.zeros(len(users))
+        settings = self.settings
+        for user in np.unique(users):
+            pairs = np.flatnonzero(users == user)
+            start, end = self.residuals.indptr[user], self.residuals.indptr[user + 1]
+            rated, values = self.residuals.indices[start:end], self.residuals.data[start:end]
+            weights = self.text[items[pairs]][:, rated].toarray()
+            shifted = values[None, :] + mean_shifts[pairs, None]
+            predicted[pairs] = neighbour_mean(
+                weights, shifted, settings.text_neighbours, settings.text_damping
+            )
+        return weight * predicted
+
     def of_targets(
         self, user: int, items: np.ndarray, ratings: np.ndarray, negatives: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -310,7 +339,7 @@ class GraphFeatures:
         self.filter.catalogue_features(self.rows[users], features)
         if self.text is not None:
             text = (self.rows[users] @ self.text.T).toarray()
-            features[..., TEXT_FEATURE] = self.text_scales[users, None] * text
+            features[..., TEXT_FEATURE["ranking"]] = self.text_scales[users, None] * text
         return features
 
     def _text_sums(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:

@@ -112,6 +112,8 @@ class RatingNeighbourhood:
             of its weights.
         co_count_shrinkage: with co-rating weights (a second Gram, without DP only),
             the shrinkage of each similarity by them; None: no co-rating weights.
+        text_neighbours, text_damping: the same for the text neighbourhood, whose
+            similarities are the item texts' (``common.graph.features``).
     """
 
     bound: float
@@ -121,6 +123,8 @@ class RatingNeighbourhood:
     co_count_shrinkage: float | None
     item_shrinkage: float = 3.0
     user_shrinkage: float = 5.0
+    text_neighbours: int = 50
+    text_damping: float = 10.0
 
 
 RATING_WITH_DP = RatingNeighbourhood(1.0, 0.5, 80, 50.0, None)
@@ -183,11 +187,23 @@ eigensolver's time)."""
 EXACT_EASE_WEIGHT = 3.0
 """Without DP and with a dense Gram, EASE's part of the linear part (ridge 300): chosen on
 validation (``simulations/item_graph_search.py --cases ml-ranking``, MovieLens-100K)."""
-TEXT_WEIGHT = {"dp": 0.3, "exact": 0.05}
-r"""The text part's weight :math:`\gamma` under DP and without: chosen on validation
-(``simulations/filter_variants.py --cases ml-no-dp ml-dp``, MovieLens-100K implicit: of
-0 to 0.5, 0.05 without DP; under DP 0.2 and 0.3 with noise once on the sum, 0.3 and 0.5
-with per-site noise, where a noisier graph leans more on the text)."""
+TEXT_WEIGHT = {"ranking, dp": 0.3, "ranking": 0.05, "rating, dp": 1.5, "rating": 1.0}
+r"""The item text part's weight :math:`\gamma`, chosen on validation on MovieLens-100K
+(``simulations/filter_variants.py``): ranking (``--cases ml-no-dp ml-dp``, implicit), of
+0 to 0.5, 0.05 without DP and 0.3 under DP (0.2 and 0.3 best with noise once on the sum,
+0.3 and 0.5 with per-site noise: a noisier graph leans more on the text); rating
+(``--cases u1 u1-dp``, u1), the text neighbourhood's weight, of 0.5 to 2: 1 without DP,
+1.5 under DP (50 neighbours and damping 10 in both, of 20 and 50, and 2, 10 and 30)."""
+
+
+def text_weight(config: RunConfig) -> float:
+    """``item-graph-text-weight``, or with ``"auto"`` :data:`TEXT_WEIGHT`'s for the task
+    and DP."""
+    if config.item_graph_text_weight != "auto":
+        return float(config.item_graph_text_weight)
+    return TEXT_WEIGHT[config.task + ", dp" * config.dp]
+
+
 COVERED_ITEMS_PER_ROOT = 10
 """Under DP the graph covers about ``10 sqrt(n)`` of ``n`` items: validation chose 300
 (600 within 0.2 %) of MovieLens-100K's 1,682 and 2,000 of Gowalla's 40,981."""
@@ -210,7 +226,7 @@ def ranking_filter(config: RunConfig, num_items: int) -> RankingFilter:
       sum, its negative entries are set to zero (``nonnegative``). With per-site noise,
       :math:`\sqrt{\text{sites}}` times larger, it lost on validation, so there the Gram
       is used as released (``simulations/filter_variants.py --cases ml-dp``);
-    - the item text's part weighs :data:`TEXT_WEIGHT` (used only with item text).
+    - the item text's part weighs :func:`text_weight` (used only with item text).
     """
     covered = num_items
     if config.dp:
@@ -219,7 +235,6 @@ def ranking_filter(config: RunConfig, num_items: int) -> RankingFilter:
     rule = replace(
         LARGE_CATALOGUE if large else SMALL_CATALOGUE,
         items=covered if covered < num_items else None,
-        text_weight=TEXT_WEIGHT["dp" if config.dp else "exact"],
     )
     keys = {
         "items": config.item_graph_items,
@@ -229,7 +244,6 @@ def ranking_filter(config: RunConfig, num_items: int) -> RankingFilter:
         "top_per_row": config.item_graph_top_per_row,
         "ease_ridge": config.item_graph_ease_ridge,
         "sharpening": config.item_graph_sharpening,
-        "text_weight": config.item_graph_text_weight,
     }
     settings = replace(rule, **{name: v for name, v in keys.items() if v != "auto"})
     covered = settings.items or num_items
@@ -256,6 +270,7 @@ def ranking_filter(config: RunConfig, num_items: int) -> RankingFilter:
         settings,
         ease_weight=float(weight),
         nonnegative=config.dp and config.secure_aggregation,
+        text_weight=text_weight(config),
     )
 
 
@@ -278,8 +293,8 @@ class ItemGraph:
         linear, eigenvectors, alpha, input_scale, output_scale, sharpening,
             low_pass_sharpening: the ranking filter (``common.graph.filters.ItemFilter``),
             from round 2.
-        text_weight: the item text's part of the ranking score (``RankingFilter``), from
-            round 2.
+        text_weight: the weight of the item text's part of the score (ranking:
+            ``RankingFilter``; rating: the text neighbourhood's), from round 2.
         item_shrinkage: the shrinkage the item offsets were released with (rating).
         covariance, co_counts: the residuals' covariance and, without DP, their
             co-rating weights (rating), from round 2, as released.
@@ -514,6 +529,7 @@ def released(
             co_counts=co_counts[0] if co_counts else None,
             diagonal_floor=max(1e-12, DIAGONAL_FLOOR * noise_std),
             co_count_shrinkage=settings.co_count_shrinkage or 0.0,
+            text_weight=text_weight(config),
         )
     gram, *cooccurrence = (
         (symmetric(part) for part in np.split(total, len(gram_bounds(config, n))))
