@@ -105,6 +105,8 @@ def test_removing_a_user_leaves_other_users_gradients_identical(task, private, i
     torch.nn.init.normal_(model.dense.weight, std=0.1)  # as after training: every path live
 
     graphs = site_graphs(site, config, graph)
+    if graph is not None:  # the features' item text parts are live (c_u, t_ui: own row only)
+        assert graphs.features.text is not None and graph.text_weight > 0
     graphs.set_epoch(7)
     graphs_without = site_graphs(smaller, config, graph)
     graphs_without.set_epoch(7)
