@@ -42,7 +42,10 @@ FEATURE_NAMES = {
 """The parts of the released graph's score of a user and an item, in :class:`GraphFeatures`'
 order; the graph's score is their sum."""
 
-TEXT_FEATURE = {"ranking": 2, "rating": 3}
+TEXT_FEATURE = {
+    "ranking": FEATURE_NAMES["ranking"].index("text neighbours"),
+    "rating": FEATURE_NAMES["rating"].index("text neighbourhood"),
+}
 """Where each task's item text part is in :data:`FEATURE_NAMES`."""
 
 TEXT_NEIGHBOURS = 100
@@ -297,21 +300,18 @@ class GraphFeatures:
         residuals (shifted by ``mean_shifts``, a training rating's mean without it) on the
         rated items most similar to the item by text (``T_ii = 0``: an item is not its own
         neighbour); 0 before round 2 and without item text."""
-        weight = self.graph.text_weight
+        weight, settings = self.graph.text_weight, self.settings
         if self.text is None or not weight or not self.graph.complete:
             return np.zeros(len(users))
-        predicted = np.zeros(len(users))
-        settings = self.settings
-        for user in np.unique(users):
-            pairs = np.flatnonzero(users == user)
-            start, end = self.residuals.indptr[user], self.residuals.indptr[user + 1]
-            rated, values = self.residuals.indices[start:end], self.residuals.data[start:end]
-            weights = self.text[items[pairs]][:, rated].toarray()
-            shifted = values[None, :] + mean_shifts[pairs, None]
-            predicted[pairs] = neighbour_mean(
-                weights, shifted, settings.text_neighbours, settings.text_damping
-            )
-        return weight * predicted
+        return weight * neighbourhood_residuals(
+            self.text,
+            self.residuals,
+            users,
+            items,
+            settings.text_neighbours,
+            settings.text_damping,
+            mean_shifts,
+        )
 
     def of_targets(
         self, user: int, items: np.ndarray, ratings: np.ndarray, negatives: np.ndarray

@@ -718,22 +718,27 @@ def cosine_block(
 
 
 def neighbourhood_residuals(
-    similarity: np.ndarray,
+    similarity: Matrix,
     residuals: sp.csr_matrix,
     users: np.ndarray,
     items: np.ndarray,
     neighbours: int,
     damping: float,
+    mean_shifts: np.ndarray | None = None,
 ) -> np.ndarray:
     """Predicted residual of each ``(users[j], items[j])``: the similarity-weighted mean
     of the user's own residuals on the ``neighbours`` rated items most similar (in
-    absolute value) to the item (:func:`neighbour_mean`)."""
+    absolute value) to the item (:func:`neighbour_mean`), each shifted by
+    ``mean_shifts[j]`` where given (a user's mean without the pair's own rating)."""
     predicted = np.zeros(len(users))
     for user in np.unique(users):
         pairs = np.flatnonzero(users == user)
         start, end = residuals.indptr[user], residuals.indptr[user + 1]
         rated, values = residuals.indices[start:end], residuals.data[start:end]
-        weights = similarity[np.ix_(items[pairs], rated)]
+        weights = similarity[items[pairs]][:, rated]
+        weights = weights.toarray() if sp.issparse(weights) else weights
+        if mean_shifts is not None:
+            values = values[None, :] + mean_shifts[pairs, None]
         predicted[pairs] = neighbour_mean(weights, values, neighbours, damping)
     return predicted
 
