@@ -104,6 +104,7 @@ from simulations.item_graph_search import (
     one_release,
     ranking_data,
     released_sums,
+    spread,
     validation_users,
 )
 
@@ -240,10 +241,7 @@ def movielens_dp(seeds: int) -> dict:
         for name, (variant, change) in variants.items():
             values.setdefault(name, []).append(validation_ndcg(variant, data, change))
         print("ml-dp draw", seed, values[APP_DP][-1], flush=True)
-    return {
-        name: {"mean": statistics.mean(v), "spread": statistics.pstdev(v), "runs": v}
-        for name, v in values.items()
-    }
+    return {name: spread(v) for name, v in values.items()}
 
 
 def one_site_graph(config, site, rng: np.random.Generator | None) -> ItemGraph:
@@ -293,7 +291,7 @@ def text_neighbourhoods(config, site, graphs: list[ItemGraph]) -> dict:
                 prediction = parts[:, :3].sum(1) + weight * parts[:, 3]
                 values.setdefault(name, []).append(validation_rmse(site, prediction))
     return {
-        name: {"mean": statistics.mean(v), "spread": statistics.pstdev(v), "runs": v}
+        name: spread(v)
         for name, v in sorted(values.items(), key=lambda item: statistics.mean(item[1]))
     }
 
@@ -329,11 +327,7 @@ def movielens_ratings_dp(seeds: int) -> dict:
     graphs = [one_site_graph(config, site, np.random.default_rng(seed)) for seed in range(seeds)]
     without = [validation_rmse(site, rating_parts(config, site, g)[:, :3].sum(1)) for g in graphs]
     return {
-        "the app's neighbourhood predictor, without text": {
-            "mean": statistics.mean(without),
-            "spread": statistics.pstdev(without),
-            "runs": without,
-        }
+        "the app's neighbourhood predictor, without text": spread(without)
     } | text_neighbourhoods(config, site, graphs)
 
 
@@ -399,10 +393,7 @@ def gowalla_dp(seeds: int) -> dict:
         for name, item_filter in variants.items():
             values.setdefault(name, []).append(validation_ndcg(item_filter, data, users=users))
         print("gowalla-dp draw", seed, {k: v[-1] for k, v in values.items()}, flush=True)
-    results = {
-        name: {"mean": statistics.mean(v), "spread": statistics.pstdev(v), "runs": v}
-        for name, v in values.items()
-    }
+    results = {name: spread(v) for name, v in values.items()}
     exact_degrees = item_sum(data.rows)
     for count in (2000, 4000, 8000):
         items = top_items(exact_degrees, count)
