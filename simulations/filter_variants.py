@@ -69,7 +69,7 @@ import scipy.sparse as sp
 from matplotlib.figure import Figure
 
 from common.data import load_site
-from common.graph.features import GraphFeatures, covered_text_sums, text_neighbours, text_scales
+from common.graph.features import GraphFeatures, covered_text_sums, text_neighbours, text_scale
 from common.graph.filters import (
     ItemFilter,
     bounded_rows,
@@ -157,8 +157,8 @@ def with_text(item_filter: ItemFilter, text: sp.csr_matrix, weight: float) -> Ca
     covered = item_filter.items
 
     def change(values: np.ndarray, rows: sp.csr_matrix) -> np.ndarray:
-        scales = text_scales(item_filter, text, rows, weight)
-        values[:, covered] += scales[:, None] * covered_text_sums(text, rows, covered)
+        sums = covered_text_sums(text, rows, covered)
+        values[:, covered] += text_scale(values[:, covered], sums, weight)[:, None] * sums
         return values
 
     return change

@@ -83,19 +83,26 @@ def covered_text_sums(text: sp.csr_matrix, rows: Matrix, covered: np.ndarray) ->
     return sums.toarray() if sp.issparse(sums) else np.asarray(sums)
 
 
+def text_scale(covered_scores: np.ndarray, text_sums: np.ndarray, weight: float) -> np.ndarray:
+    r"""``[B]``: :math:`c_u = \gamma \, \sigma_S(s_u) / \sigma_S(r_u T^\top)`, the text
+    part's scale (``GraphFeatures``), from users' filter scores ``[B, m]`` and text sums
+    ``[B, m]`` at the covered items (0 where the text part does not vary)."""
+    spread = text_sums.std(1)
+    graph = covered_scores.std(1)
+    return np.divide(weight * graph, spread, out=np.zeros(len(graph)), where=spread > 0)
+
+
 def text_scales(
     item_filter: ItemFilter, text: sp.csr_matrix, rows: Matrix, weight: float
 ) -> np.ndarray:
-    r"""``[B]``: :math:`c_u = \gamma \, \sigma_S(s_u) / \sigma_S(r_u T^\top)` of users'
-    ``rows``, the text part's scale (``GraphFeatures``; 0 where the text part does not
-    vary), 1,024 users at a time."""
+    """``[B]`` :func:`text_scale` of users' ``rows``, 1,024 users at a time."""
     scales = np.zeros(rows.shape[0])
+    covered = item_filter.items
     for start in range(0, len(scales), 1024):
         batch = rows[start : start + 1024]
-        graph = item_filter.scores(batch)[:, item_filter.items].std(1)
-        spread = covered_text_sums(text, batch, item_filter.items).std(1)
-        scales[start : start + len(graph)] = np.divide(
-            weight * graph, spread, out=np.zeros(len(graph)), where=spread > 0
+        scores = item_filter.scores(batch)[:, covered]
+        scales[start : start + len(scores)] = text_scale(
+            scores, covered_text_sums(text, batch, covered), weight
         )
     return scales
 
@@ -368,10 +375,10 @@ class GraphFeatures:
         rows = self.rows[users]
         scores = self.filter.scores(rows)
         if self.text is not None and self.graph.text_weight:
-            text = covered_text_sums(self.text, rows, self.filter.items)
-            scores[:, self.filter.items] += (self.text_scales[users, None] * text).astype(
-                np.float32
-            )
+            covered = self.filter.items  # c_u from these scores, not computed again
+            text = covered_text_sums(self.text, rows, covered)
+            scale = text_scale(scores[:, covered], text, self.graph.text_weight)
+            scores[:, covered] += (scale[:, None] * text).astype(np.float32)
         new = rows.getnnz(axis=1) == 0
         scores[new] = popularity[new]
         return scores
