@@ -32,7 +32,10 @@ Cases (``--cases``, each writes its own key of the results):
   weighted by the item texts' similarity) at each weight, neighbours and damping.
 - ``u1-dp``: the same at epsilon 8 (delta 1e-5), noise once on the federation's sum,
   round 1 at the app's share, ``--seeds`` noise draws: the app's predictor without
-  its text neighbourhood, and with it at each setting.
+  its text neighbourhood, and with it at each setting; and the app's predictor with
+  the item offsets' shrinkages ``lambda`` and ``kappa``
+  (``common.graph.release.NOISY_COUNTS``) at each setting and the rule before, the
+  noise once on the sum and at each of 10 sites.
 - ``gowalla``: Gowalla without DP (5,000 validation users, as the search):
   the app's filter (beta 1/2) sharpened within its top-k eigenvectors by one
   RK4 step of BSPM's ODE over a time T (``common.graph.filters.spectral_filter``,
@@ -61,6 +64,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import math
 import statistics
 from collections.abc import Callable
 
@@ -77,6 +81,7 @@ from common.graph.filters import (
     ease_weights,
     gram_sum,
     graph_filter,
+    item_offsets,
     item_sum,
     normalised_spectrum,
     spectral_filter,
@@ -91,6 +96,7 @@ from common.graph.release import (
     rating_settings,
     released,
     sensitivity,
+    text_weight,
 )
 from common.text import item_text_vectors
 from simulations.harness import MOVIELENS_IMPLICIT, RESULTS, data_config, write_results
@@ -114,6 +120,8 @@ TEXT_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
 RATING_TEXT_WEIGHTS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 APP_DP = "the app's filter, text part gamma = 0.3"
 GOWALLA_RANKS = (256, 384, 512, 640)
+OFFSET_SHRINKAGES = tuple(itertools.product((0.0, 0.3, 1.0), (3.0, 4.0, 5.0, 6.0, 8.0)))
+OFFSET_PLACEMENTS = {"noise once on the sum": 1, "noise at each of 10 sites": 10}
 
 
 def exact_graph(config) -> tuple[ItemGraph, object]:
@@ -244,9 +252,18 @@ def movielens_dp(seeds: int) -> dict:
     return {name: spread(v) for name, v in values.items()}
 
 
-def one_site_graph(config, site, rng: np.random.Generator | None) -> ItemGraph:
+def one_site_graph(
+    config,
+    site,
+    rng: np.random.Generator | None,
+    sites: int = 1,
+    offsets: tuple[float, float] | None = None,
+) -> ItemGraph:
     """The app's item graph from one ``site`` holding every user: exact (``rng`` None),
-    or at epsilon 8 with the noise once on the sum, round 1 at the app's share."""
+    or at epsilon 8 with the noise once on the sum (``sites`` 1) or at each of ``sites``
+    sites (a sum whose noise variance is ``sites`` times larger), round 1 at the app's
+    share. ``offsets``: ratings' item offsets with shrinkages ``(lambda, kappa)`` instead
+    of the app's (``common.graph.release.NOISY_COUNTS``), before round 2 is computed."""
     z = one_release(EPSILON, DELTA)
     share = config.first_statistics_share
     graph = ItemGraph()
@@ -255,9 +272,21 @@ def one_site_graph(config, site, rng: np.random.Generator | None) -> ItemGraph:
         total = contribution(config, site, server_round, graph)
         noise_std = 0.0
         if rng is not None:
-            noise_std = multiplier * sensitivity(config, site.catalogue, server_round)
+            noise_std = (
+                math.sqrt(sites) * multiplier * sensitivity(config, site.catalogue, server_round)
+            )
             total = total + rng.normal(0.0, noise_std, total.shape)
         graph = released(config, site.catalogue, server_round, total, graph, noise_std)
+        if offsets is not None and server_round == 1:
+            n, (shrinkage, kappa) = site.catalogue.num_items, offsets
+            noise_shrinkage = kappa * noise_std**2
+            counts = total[n : 2 * n]
+            graph = dataclasses.replace(
+                graph,
+                item_bias=item_offsets(total[:n], counts, shrinkage, noise_shrinkage),
+                item_shrinkage=shrinkage,
+                item_noise_shrinkage=noise_shrinkage,
+            )
     return graph
 
 
@@ -326,9 +355,40 @@ def movielens_ratings_dp(seeds: int) -> dict:
     site = load_site(config, 0, 1)
     graphs = [one_site_graph(config, site, np.random.default_rng(seed)) for seed in range(seeds)]
     without = [validation_rmse(site, rating_parts(config, site, g)[:, :3].sum(1)) for g in graphs]
+    return (
+        {"the app's neighbourhood predictor, without text": spread(without)}
+        | text_neighbourhoods(config, site, graphs)
+        | offset_shrinkages(config, site, seeds)
+    )
+
+
+def offset_shrinkages(config, site, seeds: int) -> dict:
+    """Validation RMSE of the app's predictor (its text neighbourhood at the app's weight)
+    with the item offsets shrunk by ``lambda + kappa sigma^2 / N_i`` for each ``(lambda,
+    kappa)`` of :data:`OFFSET_SHRINKAGES` and by the rule before (``max(3, 3.5 sigma)``),
+    the noise once on the sum and at each of 10 sites, the same draws for every setting."""
+    values: dict[str, list[float]] = {}
+    weight = text_weight(config)
+    share = config.first_statistics_share
+    first = split_noise_multiplier(one_release(EPSILON, DELTA), [share, 1 - share])[0]
+    for placement, sites in OFFSET_PLACEMENTS.items():
+        sigma = math.sqrt(sites) * first * sensitivity(config, site.catalogue, 1)
+        shrinkages = {
+            f"offsets, {placement}: lambda {a}, kappa {k}": (a, k) for a, k in OFFSET_SHRINKAGES
+        }
+        shrinkages[f"offsets, {placement}: the rule before, lambda max(3, 3.5 sigma)"] = (
+            max(3.0, 3.5 * sigma),
+            0.0,
+        )
+        for seed, (name, offsets) in itertools.product(range(seeds), shrinkages.items()):
+            graph = one_site_graph(config, site, np.random.default_rng(seed), sites, offsets)
+            parts = rating_parts(config, site, graph)
+            prediction = parts[:, :3].sum(1) + weight * parts[:, 3]
+            values.setdefault(name, []).append(validation_rmse(site, prediction))
     return {
-        "the app's neighbourhood predictor, without text": spread(without)
-    } | text_neighbourhoods(config, site, graphs)
+        name: spread(v)
+        for name, v in sorted(values.items(), key=lambda item: statistics.mean(item[1]))
+    }
 
 
 def gowalla() -> dict:

@@ -387,17 +387,47 @@ def test_round_1_releases_the_users_mean_rating_that_users_means_shrink_toward()
     assert not np.allclose(users, middle)
 
 
-def test_noisier_counts_shrink_the_item_offsets_more():
-    """The offsets' shrinkage is at least NOISY_COUNTS noise standard deviations."""
-    config = default_config(synthetic_users=120, synthetic_items=60)
+def test_item_offsets_shrink_by_the_noise_on_their_counts():
+    """b_i = sum_i / (N_i + lambda + NOISY_COUNTS sigma^2 / N_i): the noisier the counts,
+    the more every offset shrinks; an item whose released count is not positive has none."""
+    config = default_config(task="rating", synthetic_users=120, synthetic_items=60)
     site = load_site(config, 0, 1)
     n = site.catalogue.num_items
     total = contribution(config, site, 1, ItemGraph())
-    quiet = released(config, site.catalogue, 1, total, ItemGraph(), 0.1).item_bias
-    loud = released(config, site.catalogue, 1, total, ItemGraph(), 4.0).item_bias
-    counts = np.maximum(total[n : 2 * n], 0)
-    np.testing.assert_allclose(quiet, total[:n] / (counts + rating_settings(config).item_shrinkage))
-    np.testing.assert_allclose(loud, total[:n] / (counts + NOISY_COUNTS * 4.0))
+    total[n] = -0.5  # a count the noise took below zero
+    shrinkage = rating_settings(config).item_shrinkage
+    offsets = {}
+    for sigma in (0.1, 4.0):
+        offsets[sigma] = released(config, site.catalogue, 1, total, ItemGraph(), sigma).item_bias
+        counts = total[n : 2 * n]
+        expected = total[:n] / (counts + shrinkage + NOISY_COUNTS * sigma**2 / counts)
+        np.testing.assert_allclose(offsets[sigma][1:], expected[1:])
+        assert offsets[sigma][0] == 0.0
+    assert np.all(np.abs(offsets[4.0][1:]) < np.abs(offsets[0.1][1:]))
+
+
+def test_a_training_ratings_offset_is_the_noisy_release_without_its_term():
+    """The learned model's training features take a rating's own term out of the noisy
+    release: the offset is what the same noisy sums give without the term."""
+    config = default_config(task="rating", synthetic_users=120, synthetic_items=60)
+    site = load_site(config, 0, 1)
+    n, sigma = site.catalogue.num_items, 0.7
+    noisy = contribution(config, site, 1, ItemGraph())
+    noisy += np.random.default_rng(0).normal(0.0, sigma, noisy.shape)
+    graph = released(config, site.catalogue, 1, noisy, ItemGraph(), sigma)
+    features = GraphFeatures(graph, site, rating_settings(config))
+    sent = features.sent
+    for row in (0, 17, 40):
+        user, item = site.train.user[row : row + 1], site.train.item[row : row + 1]
+        rating = site.catalogue.to_reference_scale(site.train.rating[row : row + 1])
+        weight = sent.first_weights[user[0]]
+        without = noisy.copy()
+        without[item[0]] -= weight * (rating[0] - sent.first_means[user[0]])
+        without[n + item[0]] -= weight
+        expected = released(config, site.catalogue, 1, without, ItemGraph(), sigma).item_bias
+        offset = features.of_pairs(user, item, rating)[0, 1]
+        assert offset == pytest.approx(expected[item[0]], abs=1e-12)
+        assert offset != pytest.approx(graph.item_bias[item[0]], abs=1e-6)
 
 
 def test_a_graph_with_parts_this_version_does_not_read_is_refused_by_name():

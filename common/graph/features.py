@@ -22,8 +22,10 @@ from common.graph.filters import (
     Matrix,
     bounded_rows,
     cosine_block,
+    item_offsets,
     neighbour_mean,
     neighbourhood_residuals,
+    offset_denominators,
     offset_weights,
     residual_rows,
     user_rows,
@@ -252,8 +254,11 @@ class GraphFeatures:
         left_means = (total - (ratings - offsets)) / (self.counts[users] - 1 + shrinkage)
         weight = self.sent.first_weights[users]
         sent = weight * (ratings - self.sent.first_means[users])
-        denominator = np.maximum(self.graph.degrees[items], 0.0) + self.graph.item_shrinkage
-        left_offsets = (offsets * denominator - sent) / (denominator - weight)
+        graph = self.graph
+        shrinkages = graph.item_shrinkage, graph.item_noise_shrinkage
+        denominator = offset_denominators(graph.degrees[items], *shrinkages)
+        sums = np.where(np.isfinite(denominator), offsets * denominator, 0.0)  # 0: b_i = 0
+        left_offsets = item_offsets(sums - sent, graph.degrees[items] - weight, *shrinkages)
         neighbourhood = np.zeros(len(users))
         if self.graph.covariance is not None:
             for user in np.unique(users):

@@ -102,15 +102,16 @@ prior: the public middle of the scale). The sites' item sums
 :math:`\sum_u w_u (r_u - m_u)` and counts :math:`\sum_u w_u 1_{N(u)}`, with
 :math:`w_u = \min(1, C / \max(\lVert r_u - m_u \rVert, \sqrt{|N(u)|}))`
 (:func:`item_offset_sums`; the pair changes by at most :math:`\sqrt2 C`), give
-item offsets :math:`b_i = \text{sum}_i / (\text{count}_i + \lambda)`
-(:func:`item_offsets`). The sites then recompute :math:`m_u` against the
-released :math:`b_i`, and the residual rows :math:`e_{ui} = r_{ui} - m_u - b_i`
-(:func:`residual_rows`), bounded as above, enter a released residual Gram
-(covariance) matrix. A user's rating is predicted as :math:`m_u + b_i + \hat
-e_{ui}`, with :math:`\hat e_{ui}` the neighbourhood average of the user's own
-residuals weighted by the cosine similarity of the covariance, optionally
-shrunk by released co-rating weights :math:`\sum_u z_u z_u^\top` of the bounded
-binary rows (:func:`covariance_similarity`, :func:`neighbourhood_residuals`).
+item offsets :math:`b_i = \text{sum}_i / (N_i + \lambda + \lambda_\sigma / N_i)`,
+:math:`N_i` the count (:func:`item_offsets`; :math:`\lambda_\sigma` sized to the counts'
+noise). The sites then recompute :math:`m_u` against the released :math:`b_i`, and
+the residual rows :math:`e_{ui} = r_{ui} - m_u - b_i` (:func:`residual_rows`), bounded
+as above, enter a released residual Gram (covariance) matrix. A user's rating is
+predicted as :math:`m_u + b_i + \hat e_{ui}`, with :math:`\hat e_{ui}` the
+neighbourhood average of the user's own residuals weighted by the cosine similarity of
+the covariance, optionally shrunk by released co-rating weights :math:`\sum_u z_u
+z_u^\top` of the bounded binary rows (:func:`covariance_similarity`,
+:func:`neighbourhood_residuals`).
 """
 
 from __future__ import annotations
@@ -663,9 +664,26 @@ def offset_weights(
     return np.minimum(1.0, bound / np.where(norm > 0, norm, 1.0))
 
 
-def item_offsets(sums: np.ndarray, counts: np.ndarray, shrinkage: float) -> np.ndarray:
-    """Item offsets from users' means, ``b_i = sums_i / (max(counts_i, 0) + shrinkage)``."""
-    return sums / (np.maximum(counts, 0.0) + shrinkage)
+def item_offsets(
+    sums: np.ndarray, counts: np.ndarray, shrinkage: float, noise_shrinkage: float = 0.0
+) -> np.ndarray:
+    r"""Item offsets from users' means, :math:`b_i = \text{sum}_i / d_i`
+    (:func:`offset_denominators`): the mean :math:`\text{sum}_i / N_i` shrunk toward zero."""
+    return sums / offset_denominators(counts, shrinkage, noise_shrinkage)
+
+
+def offset_denominators(
+    counts: np.ndarray, shrinkage: float, noise_shrinkage: float = 0.0
+) -> np.ndarray:
+    r""":math:`d_i = N_i + \lambda + \lambda_\sigma / N_i`, :math:`N_i = \max(\text{count}_i,
+    0)`: the offsets' shrinkage :math:`\lambda` plus :math:`\lambda_\sigma / N_i`, which grows
+    as an item's count falls toward its noise (infinite, an offset of zero, at
+    :math:`N_i = 0` when :math:`\lambda_\sigma > 0`)."""
+    counts = np.maximum(counts, 0.0)
+    if not noise_shrinkage:
+        return counts + shrinkage
+    noisy = np.divide(noise_shrinkage, counts, out=np.full(counts.shape, np.inf), where=counts > 0)
+    return counts + shrinkage + noisy
 
 
 def residual_rows(

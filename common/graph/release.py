@@ -104,8 +104,9 @@ class RatingNeighbourhood:
     ``simulations/item_graph_search.py``), with and without DP.
 
     Attributes:
-        item_shrinkage, user_shrinkage: shrinkage of the item offsets toward zero and of
-            the users' means toward the middle of the scale.
+        item_shrinkage, user_shrinkage: shrinkage of the item offsets toward zero
+            (:math:`\\lambda`; under DP :data:`NOISY_COUNTS` adds the noise's) and of the
+            users' means toward the released global mean.
         bound: each user's bound in both rounds (:math:`C_1 = C_2`; none without DP).
         exponent: the residual rows' degree exponent :math:`\\eta` (``bounded_rows``).
         neighbours, damping: rated items a prediction averages over, and the damping
@@ -127,15 +128,17 @@ class RatingNeighbourhood:
     text_damping: float = 10.0
 
 
-RATING_WITH_DP = RatingNeighbourhood(1.0, 0.5, 80, 50.0, None)
+RATING_WITH_DP = RatingNeighbourhood(1.0, 0.5, 80, 50.0, None, item_shrinkage=0.3)
 RATING_WITHOUT_DP = RatingNeighbourhood(math.inf, 0.0, 20, 0.1, 100.0)
-NOISY_COUNTS = 3.5
-"""The item offsets' shrinkage is at least this many standard deviations of the noise on
-the released counts (public): an item's offset then weighs its noisy sum by how many
-ratings it surely has, so per-site noise, which is larger by the square root of the
-number of sites, shrinks them more. Chosen on validation (MovieLens-100K u1 at epsilon
-8, shrinkages 3, 10 and 30 under noise once on the sum and at each of 10 sites), by an
-exploration whose script is not in the repository."""
+NOISY_COUNTS = 5.0
+r""":math:`\kappa`: the item offsets' noise shrinkage :math:`\lambda_\sigma = \kappa
+\sigma^2` (``common.graph.filters.offset_denominators``), :math:`\sigma` the standard
+deviation of the noise on the released counts (public). An offset is its mean shrunk by
+:math:`\lambda + \kappa \sigma^2 / N_i`: by little where the count is far above its
+noise, by much where it is not, and per-site noise, whose variance is larger by the
+number of sites, shrinks more. With :math:`\lambda` 0.3 under DP, chosen on validation
+(MovieLens-100K u1 at epsilon 8, noise once on the sum and at each of 10 sites;
+``python -m simulations.filter_variants --cases u1-dp``)."""
 DIAGONAL_FLOOR = 3.0
 """The noisy covariance's diagonal is floored at this many standard deviations of its
 noise. (The item offsets are not shrunk further by their counts' noise: on validation,
@@ -280,7 +283,7 @@ Total = np.ndarray | sp.csr_matrix
 
 @dataclass(frozen=True, eq=False)
 class ItemGraph:
-    """What the server has released of the item graph: after round 1, then after round 2.
+    r"""What the server has released of the item graph: after round 1, then after round 2.
 
     Attributes:
         items: the catalogue items the graph covers, ascending.
@@ -295,7 +298,9 @@ class ItemGraph:
             from round 2.
         text_weight: the weight of the item text's part of the score (ranking:
             ``RankingFilter``; rating: the text neighbourhood's), from round 2.
-        item_shrinkage: the shrinkage the item offsets were released with (rating).
+        item_shrinkage, item_noise_shrinkage: the shrinkages :math:`\lambda` and
+            :math:`\lambda_\sigma` the item offsets were released with (rating;
+            ``common.graph.filters.offset_denominators``).
         covariance, co_counts: the residuals' covariance and, without DP, their
             co-rating weights (rating), from round 2, as released.
         diagonal_floor, co_count_shrinkage: how :attr:`similarity` is computed from them.
@@ -319,6 +324,7 @@ class ItemGraph:
     low_pass_sharpening: np.ndarray | None = None
     text_weight: float = 0.0
     item_shrinkage: float = 0.0
+    item_noise_shrinkage: float = 0.0
     covariance: np.ndarray | None = None
     co_counts: np.ndarray | None = None
     diagonal_floor: float = 1e-12
@@ -507,15 +513,16 @@ def released(
         items = np.arange(n) if limit is None or limit >= n else top_items(total, limit)
         return replace(graph, items=items, degrees=total, degree_noise=noise_std)
     if server_round == 1:
-        shrinkage = max(rating_settings(config).item_shrinkage, NOISY_COUNTS * noise_std)
-        offsets = item_offsets(total[:n], total[n : 2 * n], shrinkage)
+        shrinkage = rating_settings(config).item_shrinkage
+        noise_shrinkage = NOISY_COUNTS * noise_std**2
         return replace(
             graph,
             items=np.arange(n),
             degrees=total[n : 2 * n],
             degree_noise=noise_std,
-            item_bias=offsets,
+            item_bias=item_offsets(total[:n], total[n : 2 * n], shrinkage, noise_shrinkage),
             item_shrinkage=shrinkage,
+            item_noise_shrinkage=noise_shrinkage,
             global_mean=global_mean(total[2 * n :]),
         )
     if config.task == "rating":
