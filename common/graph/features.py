@@ -257,7 +257,8 @@ class GraphFeatures:
         graph = self.graph
         shrinkages = graph.item_shrinkage, graph.item_noise_shrinkage
         denominator = offset_denominators(graph.degrees[items], *shrinkages)
-        sums = np.where(np.isfinite(denominator), offsets * denominator, 0.0)  # 0: b_i = 0
+        finite = np.isfinite(denominator)  # elsewhere b_i = 0, whatever the sum
+        sums = np.multiply(offsets, denominator, out=np.zeros(len(items)), where=finite)
         left_offsets = item_offsets(sums - sent, graph.degrees[items] - weight, *shrinkages)
         neighbourhood = np.zeros(len(users))
         if self.graph.covariance is not None:
