@@ -33,9 +33,12 @@ Cases (``--cases``, each writes its own key of the results):
 - ``u1-dp``: the same at epsilon 8 (delta 1e-5), noise once on the federation's sum,
   round 1 at the app's share, ``--seeds`` noise draws: the app's predictor without
   its text neighbourhood, and with it at each setting; and the app's predictor with
-  the item offsets' shrinkages ``lambda`` and ``kappa``
-  (``common.graph.release.NOISY_COUNTS``) at each setting and the rule before, the
-  noise once on the sum and at each of 10 sites.
+  the item offsets' shrinkages ``lambda`` and ``kappa`` and the users' means'
+  (``common.graph.release.RatingNeighbourhood``) at each setting and the rules before,
+  the noise once on the sum and at each of 10 sites.
+- ``synthetic-ratings``: the users' means' shrinkages of ``u1-dp`` on the built-in
+  synthetic ratings at epsilon 8, with and without the text neighbourhood (test RMSE over
+  the global mean's): a check on other data of what u1's validation chose.
 - ``gowalla``: Gowalla without DP (5,000 validation users, as the search):
   the app's filter (beta 1/2) sharpened within its top-k eigenvectors by one
   RK4 step of BSPM's ODE over a time T (``common.graph.filters.spectral_filter``,
@@ -54,7 +57,8 @@ Cases (``--cases``, each writes its own key of the results):
   settings (``simulations.item_graph_search.bspm_scorer``: the whole ``L`` in every
   RK4 product, central), the reference for the app's sharpening within the basis.
 
-    python -m simulations.filter_variants [--cases ml-no-dp ml-dp u1 gowalla gowalla-dp bspm]
+    python -m simulations.filter_variants [--cases ml-no-dp ml-dp u1 u1-dp synthetic-ratings gowalla
+        gowalla-dp bspm]
         [--seeds 3]
 """
 
@@ -72,6 +76,7 @@ import numpy as np
 import scipy.sparse as sp
 from matplotlib.figure import Figure
 
+from common.config import default_config
 from common.data import load_site
 from common.graph.features import GraphFeatures, covered_text_sums, text_neighbours, text_scale
 from common.graph.filters import (
@@ -81,7 +86,6 @@ from common.graph.filters import (
     ease_weights,
     gram_sum,
     graph_filter,
-    item_offsets,
     item_sum,
     normalised_spectrum,
     spectral_filter,
@@ -92,11 +96,11 @@ from common.graph.filters import (
 )
 from common.graph.release import (
     ItemGraph,
+    RatingNeighbourhood,
     contribution,
     rating_settings,
     released,
     sensitivity,
-    text_weight,
 )
 from common.text import item_text_vectors
 from simulations.harness import MOVIELENS_IMPLICIT, RESULTS, data_config, write_results
@@ -121,6 +125,7 @@ RATING_TEXT_WEIGHTS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 APP_DP = "the app's filter, text part gamma = 0.3"
 GOWALLA_RANKS = (256, 384, 512, 640)
 OFFSET_SHRINKAGES = tuple(itertools.product((0.0, 0.3, 1.0), (3.0, 4.0, 5.0, 6.0, 8.0)))
+USER_SHRINKAGES = (2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0)
 OFFSET_PLACEMENTS = {"noise once on the sum": 1, "noise at each of 10 sites": 10}
 
 
@@ -257,36 +262,24 @@ def one_site_graph(
     site,
     rng: np.random.Generator | None,
     sites: int = 1,
-    offsets: tuple[float, float] | None = None,
+    settings: RatingNeighbourhood | None = None,
 ) -> ItemGraph:
     """The app's item graph from one ``site`` holding every user: exact (``rng`` None),
     or at epsilon 8 with the noise once on the sum (``sites`` 1) or at each of ``sites``
     sites (a sum whose noise variance is ``sites`` times larger), round 1 at the app's
-    share. ``offsets``: ratings' item offsets with shrinkages ``(lambda, kappa)`` instead
-    of the app's (``common.graph.release.NOISY_COUNTS``), before round 2 is computed."""
+    share; ratings with the app's settings, or ``settings``."""
     z = one_release(EPSILON, DELTA)
     share = config.first_statistics_share
     graph = ItemGraph()
     multipliers = split_noise_multiplier(z, [share, 1 - share])
     for server_round, multiplier in zip((1, 2), multipliers, strict=True):
-        total = contribution(config, site, server_round, graph)
+        total = contribution(config, site, server_round, graph, settings)
         noise_std = 0.0
         if rng is not None:
-            noise_std = (
-                math.sqrt(sites) * multiplier * sensitivity(config, site.catalogue, server_round)
-            )
+            scale = math.sqrt(sites) * sensitivity(config, site.catalogue, server_round)
+            noise_std = multiplier * scale
             total = total + rng.normal(0.0, noise_std, total.shape)
-        graph = released(config, site.catalogue, server_round, total, graph, noise_std)
-        if offsets is not None and server_round == 1:
-            n, (shrinkage, kappa) = site.catalogue.num_items, offsets
-            noise_shrinkage = kappa * noise_std**2
-            counts = total[n : 2 * n]
-            graph = dataclasses.replace(
-                graph,
-                item_bias=item_offsets(total[:n], counts, shrinkage, noise_shrinkage),
-                item_shrinkage=shrinkage,
-                item_noise_shrinkage=noise_shrinkage,
-            )
+        graph = released(config, site.catalogue, server_round, total, graph, noise_std, settings)
     return graph
 
 
@@ -358,37 +351,65 @@ def movielens_ratings_dp(seeds: int) -> dict:
     return (
         {"the app's neighbourhood predictor, without text": spread(without)}
         | text_neighbourhoods(config, site, graphs)
-        | offset_shrinkages(config, site, seeds)
+        | rating_shrinkages(config, site, seeds)
     )
 
 
-def offset_shrinkages(config, site, seeds: int) -> dict:
+def rating_shrinkages(config, site, seeds: int) -> dict:
     """Validation RMSE of the app's predictor (its text neighbourhood at the app's weight)
     with the item offsets shrunk by ``lambda + kappa sigma^2 / N_i`` for each ``(lambda,
-    kappa)`` of :data:`OFFSET_SHRINKAGES` and by the rule before (``max(3, 3.5 sigma)``),
-    the noise once on the sum and at each of 10 sites, the same draws for every setting."""
-    values: dict[str, list[float]] = {}
-    weight = text_weight(config)
+    kappa)`` of :data:`OFFSET_SHRINKAGES` (the users' means at the app's shrinkage), with
+    the users' means shrunk by each of :data:`USER_SHRINKAGES` (the offsets at the app's),
+    and by the rules before (offsets by ``max(3, 3.5 sigma)``, users' means by 5); the
+    noise once on the sum and at each of 10 sites, the same draws for every setting."""
+    app, text = rating_settings(config), item_text_vectors(site.catalogue, config)
     share = config.first_statistics_share
     first = split_noise_multiplier(one_release(EPSILON, DELTA), [share, 1 - share])[0]
+    values: dict[str, list[float]] = {}
     for placement, sites in OFFSET_PLACEMENTS.items():
         sigma = math.sqrt(sites) * first * sensitivity(config, site.catalogue, 1)
-        shrinkages = {
-            f"offsets, {placement}: lambda {a}, kappa {k}": (a, k) for a, k in OFFSET_SHRINKAGES
-        }
-        shrinkages[f"offsets, {placement}: the rule before, lambda max(3, 3.5 sigma)"] = (
-            max(3.0, 3.5 * sigma),
-            0.0,
-        )
-        for seed, (name, offsets) in itertools.product(range(seeds), shrinkages.items()):
-            graph = one_site_graph(config, site, np.random.default_rng(seed), sites, offsets)
-            parts = rating_parts(config, site, graph)
-            prediction = parts[:, :3].sum(1) + weight * parts[:, 3]
+        before = {"item_shrinkage": max(3.0, 3.5 * sigma), "count_noise_shrinkage": 0.0}
+        settings = {
+            f"{placement}: offsets lambda {a}, kappa {k}": {
+                "item_shrinkage": a,
+                "count_noise_shrinkage": k,
+            }
+            for a, k in OFFSET_SHRINKAGES
+        } | {f"{placement}: users' means {u}": {"user_shrinkage": u} for u in USER_SHRINKAGES}
+        settings[f"{placement}: the rules before"] = before | {"user_shrinkage": 5.0}
+        for seed, (name, changes) in itertools.product(range(seeds), settings.items()):
+            rng = np.random.default_rng(seed)
+            trial = dataclasses.replace(app, **changes)
+            graph = one_site_graph(config, site, rng, sites, trial)
+            features = GraphFeatures(graph, site, trial, text)
+            prediction = features.of_pairs(site.val.user, site.val.item).sum(1)
             values.setdefault(name, []).append(validation_rmse(site, prediction))
     return {
         name: spread(v)
         for name, v in sorted(values.items(), key=lambda item: statistics.mean(item[1]))
     }
+
+
+def synthetic_ratings() -> dict:
+    """The users' means' shrinkage under DP on the built-in synthetic ratings (200 users of
+    about 20 ratings, 60 items; the test split), with and without the text neighbourhood:
+    test RMSE over the global mean's, at epsilon 8 with the noise once on the sum. Data
+    other than u1's, to check a setting u1's validation chose."""
+    config = default_config(
+        task="rating", synthetic_users=200, synthetic_items=60, target_epsilon=EPSILON
+    )
+    site = load_site(config, 0, 1)
+    text = item_text_vectors(site.catalogue, config)
+    mean_rmse = np.sqrt(np.mean((site.train.rating.mean() - site.test.rating) ** 2))
+    results = {}
+    for shrinkage in USER_SHRINKAGES:
+        settings = dataclasses.replace(rating_settings(config), user_shrinkage=shrinkage)
+        graph = one_site_graph(config, site, np.random.default_rng(0), 1, settings)
+        for name, vectors in (("without text", None), ("with text", text)):
+            predicted = GraphFeatures(graph, site, settings, vectors).predict(site.test)
+            rmse = np.sqrt(np.mean((predicted - site.test.rating) ** 2))
+            results[f"users' means {shrinkage}, {name}"] = float(rmse / mean_rmse)
+    return results
 
 
 def gowalla() -> dict:
@@ -470,6 +491,7 @@ CASES: dict[str, Callable[[argparse.Namespace], dict]] = {
     "ml-dp": lambda args: movielens_dp(args.seeds),
     "u1": lambda args: movielens_ratings(),
     "u1-dp": lambda args: movielens_ratings_dp(args.seeds),
+    "synthetic-ratings": lambda args: synthetic_ratings(),
     "gowalla": lambda args: gowalla(),
     "bspm": lambda args: bspm(),
     "gowalla-dp": lambda args: gowalla_dp(args.seeds),
@@ -491,7 +513,8 @@ def figure_of(results: dict) -> Figure:
         spread = max(means) - min(means) or 0.1 * abs(means[0])  # one bar: 10 % around it
         axis.set_ylim(min(means) - spread, max(means) + spread)
         axis.legend(fontsize=6)
-        axis.set(title=case, ylabel="val RMSE" if case == "u1" else "val NDCG@20")
+        metric = {"u1": "val RMSE", "u1-dp": "val RMSE", "synthetic-ratings": "RMSE / mean's"}
+        axis.set(title=case, ylabel=metric.get(case, "val NDCG@20"))
     return figure
 
 

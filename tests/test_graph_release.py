@@ -17,7 +17,6 @@ from common.errors import InputError
 from common.graph.features import GraphFeatures, text_neighbours
 from common.graph.filters import bounded_rows, gram_sum, graph_filter, user_rows
 from common.graph.release import (
-    NOISY_COUNTS,
     ItemGraph,
     RankingFilter,
     contribution,
@@ -388,19 +387,20 @@ def test_round_1_releases_the_users_mean_rating_that_users_means_shrink_toward()
 
 
 def test_item_offsets_shrink_by_the_noise_on_their_counts():
-    """b_i = sum_i / (N_i + lambda + NOISY_COUNTS sigma^2 / N_i): the noisier the counts,
+    """b_i = sum_i / (N_i + lambda + kappa sigma^2 / N_i): the noisier the counts,
     the more every offset shrinks; an item whose released count is not positive has none."""
     config = default_config(task="rating", synthetic_users=120, synthetic_items=60)
     site = load_site(config, 0, 1)
     n = site.catalogue.num_items
     total = contribution(config, site, 1, ItemGraph())
     total[n] = -0.5  # a count the noise took below zero
-    shrinkage = rating_settings(config).item_shrinkage
+    settings = rating_settings(config)
+    shrinkage, kappa = settings.item_shrinkage, settings.count_noise_shrinkage
     offsets = {}
     for sigma in (0.1, 4.0):
         offsets[sigma] = released(config, site.catalogue, 1, total, ItemGraph(), sigma).item_bias
         counts = total[n : 2 * n]
-        expected = total[:n] / (counts + shrinkage + NOISY_COUNTS * sigma**2 / counts)
+        expected = total[:n] / (counts + shrinkage + kappa * sigma**2 / counts)
         np.testing.assert_allclose(offsets[sigma][1:], expected[1:])
         assert offsets[sigma][0] == 0.0
     assert np.all(np.abs(offsets[4.0][1:]) < np.abs(offsets[0.1][1:]))

@@ -105,8 +105,13 @@ class RatingNeighbourhood:
 
     Attributes:
         item_shrinkage, user_shrinkage: shrinkage of the item offsets toward zero
-            (:math:`\\lambda`; under DP :data:`NOISY_COUNTS` adds the noise's) and of the
-            users' means toward the released global mean.
+            (:math:`\\lambda`) and of the users' means toward the released global mean.
+        count_noise_shrinkage: :math:`\\kappa`, the item offsets' further shrinkage
+            :math:`\\kappa \\sigma^2 / N_i` (``common.graph.filters.offset_denominators``),
+            :math:`\\sigma` the standard deviation of the noise on the released counts
+            :math:`N_i` (public): an offset shrinks by little where its count is far above
+            the noise, by much where it is not, and more under per-site noise, whose
+            variance is larger by the number of sites.
         bound: each user's bound in both rounds (:math:`C_1 = C_2`; none without DP).
         exponent: the residual rows' degree exponent :math:`\\eta` (``bounded_rows``).
         neighbours, damping: rated items a prediction averages over, and the damping
@@ -124,21 +129,18 @@ class RatingNeighbourhood:
     co_count_shrinkage: float | None
     item_shrinkage: float = 3.0
     user_shrinkage: float = 5.0
+    count_noise_shrinkage: float = 5.0
     text_neighbours: int = 50
     text_damping: float = 10.0
 
 
 RATING_WITH_DP = RatingNeighbourhood(1.0, 0.5, 80, 50.0, None, item_shrinkage=0.3)
+"""Under DP: the item offsets' shrinkages chosen again on validation, with the text
+neighbourhood (MovieLens-100K u1 at epsilon 8, noise once on the sum and at each of 10
+sites; ``python -m simulations.filter_variants --cases u1-dp``). The users' means'
+shrinkage stays at 5: 30 validated better there, but it lost on synthetic ratings, most
+without item text (the README's *The item graph*)."""
 RATING_WITHOUT_DP = RatingNeighbourhood(math.inf, 0.0, 20, 0.1, 100.0)
-NOISY_COUNTS = 5.0
-r""":math:`\kappa`: the item offsets' noise shrinkage :math:`\lambda_\sigma = \kappa
-\sigma^2` (``common.graph.filters.offset_denominators``), :math:`\sigma` the standard
-deviation of the noise on the released counts (public). An offset is its mean shrunk by
-:math:`\lambda + \kappa \sigma^2 / N_i`: by little where the count is far above its
-noise, by much where it is not, and per-site noise, whose variance is larger by the
-number of sites, shrinks more. With :math:`\lambda` 0.3 under DP, chosen on validation
-(MovieLens-100K u1 at epsilon 8, noise once on the sum and at each of 10 sites;
-``python -m simulations.filter_variants --cases u1-dp``)."""
 DIAGONAL_FLOOR = 3.0
 """The noisy covariance's diagonal is floored at this many standard deviations of its
 noise. (The item offsets are not shrunk further by their counts' noise: on validation,
@@ -466,8 +468,16 @@ def length(config: RunConfig, catalogue: Catalogue, server_round: int, graph: It
     return len(gram_bounds(config, n)) * m * (m + 1) // 2
 
 
-def contribution(config: RunConfig, site: SiteData, server_round: int, graph: ItemGraph) -> Total:
-    """The site's exact sum over its users' training rows for round ``server_round``."""
+def contribution(
+    config: RunConfig,
+    site: SiteData,
+    server_round: int,
+    graph: ItemGraph,
+    settings: RatingNeighbourhood | None = None,
+) -> Total:
+    """The site's exact sum over its users' training rows for round ``server_round``
+    (rating: with the app's :func:`rating_settings` unless ``settings`` are given, as
+    validation tries others)."""
     n = site.catalogue.num_items
     if config.task == "ranking":
         binary = user_rows(site.train, site.num_users, n)
@@ -481,7 +491,7 @@ def contribution(config: RunConfig, site: SiteData, server_round: int, graph: It
             degree_rows = bounded_rows(binary, 0.0, config.item_graph_degree_bound)
             grams.append(gram_sum(degree_rows[:, graph.items]))
         return np.concatenate([isometry(gram) for gram in grams])
-    settings = rating_settings(config)
+    settings = settings or rating_settings(config)
     train = on_reference_scale(site)
     if server_round == 1:
         mean = shrunk_user_means(train, site.num_users, np.zeros(n), settings)
@@ -503,18 +513,21 @@ def released(
     total: Total,
     graph: ItemGraph,
     noise_std: float,
+    settings: RatingNeighbourhood | None = None,
 ) -> ItemGraph:
     """The graph after round ``server_round``'s ``total`` (post-processing only);
-    ``noise_std`` is the standard deviation of the noise on each coordinate of it."""
+    ``noise_std`` is the standard deviation of the noise on each coordinate of it (rating:
+    ``settings`` as for :func:`contribution`)."""
     n = catalogue.num_items
+    settings = settings or rating_settings(config)
     ranking = ranking_filter(config, n)
     if config.task == "ranking" and server_round == 1:
         limit = ranking.items
         items = np.arange(n) if limit is None or limit >= n else top_items(total, limit)
         return replace(graph, items=items, degrees=total, degree_noise=noise_std)
     if server_round == 1:
-        shrinkage = rating_settings(config).item_shrinkage
-        noise_shrinkage = NOISY_COUNTS * noise_std**2
+        shrinkage = settings.item_shrinkage
+        noise_shrinkage = settings.count_noise_shrinkage * noise_std**2
         return replace(
             graph,
             items=np.arange(n),
@@ -526,7 +539,6 @@ def released(
             global_mean=global_mean(total[2 * n :]),
         )
     if config.task == "rating":
-        settings = rating_settings(config)
         covariance, *co_counts = (
             symmetric(part) for part in np.split(total, len(gram_bounds(config, n)))
         )
