@@ -29,7 +29,9 @@ Cases (``--cases``, each writes its own key of the results):
   (:math:`\\hat e_u = e_u B`, ``B`` from the released covariance) added with
   weights ``a`` (the neighbourhood) and ``b`` (EASE's part); and the text
   neighbourhood (``common.graph.features.GraphFeatures``: the user's residuals
-  weighted by the item texts' similarity) at each weight, neighbours and damping.
+  weighted by the item texts' similarity) at each weight, neighbours and damping; and
+  the covariance neighbourhood's neighbours and damping, the text neighbourhood at the
+  app's.
 - ``u1-dp``: the same at epsilon 8 (delta 1e-5), noise once on the federation's sum,
   round 1 at the app's share, ``--seeds`` noise draws: the app's predictor without
   its text neighbourhood, and with it at each setting; and the app's predictor with
@@ -126,6 +128,10 @@ APP_DP = "the app's filter, text part gamma = 0.3"
 GOWALLA_RANKS = (256, 384, 512, 640)
 OFFSET_SHRINKAGES = tuple(itertools.product((0.0, 0.3, 1.0), (3.0, 4.0, 5.0, 6.0, 8.0)))
 USER_SHRINKAGES = (2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0)
+COVARIANCE_NEIGHBOURHOODS = {
+    False: tuple(itertools.product((20, 40, 80, 160, 400), (0.03, 0.1, 0.3))),
+    True: tuple(itertools.product((20, 80, 200), (10.0, 50.0, 200.0, math.inf))),
+}
 OFFSET_PLACEMENTS = {"noise once on the sum": 1, "noise at each of 10 sites": 10}
 
 
@@ -318,6 +324,30 @@ def text_neighbourhoods(config, site, graphs: list[ItemGraph]) -> dict:
     }
 
 
+def covariance_neighbourhoods(config, site, graphs: list[ItemGraph]) -> dict:
+    """Validation RMSE of the app's rating predictor (its text neighbourhood at the app's
+    weight) with the covariance neighbourhood's neighbours and damping at each of
+    :data:`COVARIANCE_NEIGHBOURHOODS` (infinite damping: no covariance neighbourhood),
+    over ``graphs``."""
+    text = item_text_vectors(site.catalogue, config)
+    values: dict[str, list[float]] = {}
+    for graph, (neighbours, damping) in itertools.product(
+        graphs, COVARIANCE_NEIGHBOURHOODS[config.dp]
+    ):
+        settings = dataclasses.replace(
+            rating_settings(config), neighbours=neighbours, damping=damping
+        )
+        prediction = GraphFeatures(graph, site, settings, text).of_pairs(
+            site.val.user, site.val.item
+        )
+        name = f"covariance: {neighbours} neighbours, damping {damping}"
+        values.setdefault(name, []).append(validation_rmse(site, prediction.sum(1)))
+    return {
+        name: spread(v)
+        for name, v in sorted(values.items(), key=lambda item: statistics.mean(item[1]))
+    }
+
+
 def movielens_ratings() -> dict:
     config = data_config("ml-100k", split="u1", dp=False, item_graph="filter")
     graph, site = exact_graph(config)
@@ -338,7 +368,11 @@ def movielens_ratings() -> dict:
         }
         (a, b), best = min(grid.items(), key=lambda item: item[1])
         results[f"+ EASE of the residuals, ridge {ridge} (best a, b: {a}, {b})"] = best
-    return results | text_neighbourhoods(config, site, [graph])
+    return (
+        results
+        | text_neighbourhoods(config, site, [graph])
+        | covariance_neighbourhoods(config, site, [graph])
+    )
 
 
 def movielens_ratings_dp(seeds: int) -> dict:
@@ -351,6 +385,7 @@ def movielens_ratings_dp(seeds: int) -> dict:
     return (
         {"the app's neighbourhood predictor, without text": spread(without)}
         | text_neighbourhoods(config, site, graphs)
+        | covariance_neighbourhoods(config, site, graphs)
         | rating_shrinkages(config, site, seeds)
     )
 

@@ -140,7 +140,10 @@ neighbourhood (MovieLens-100K u1 at epsilon 8, noise once on the sum and at each
 sites; ``python -m simulations.filter_variants --cases u1-dp``). The users' means'
 shrinkage stays at 5: 30 validated better there, but it lost on synthetic ratings, most
 without item text (the README's *The item graph*)."""
-RATING_WITHOUT_DP = RatingNeighbourhood(math.inf, 0.0, 20, 0.1, 100.0)
+RATING_WITHOUT_DP = RatingNeighbourhood(math.inf, 0.0, 80, 0.03, 100.0)
+"""Without DP: the covariance neighbourhood's 80 neighbours and damping 0.03 chosen again
+once the text neighbourhood was added (20 and 0.1 before; ``python -m
+simulations.filter_variants --cases u1``)."""
 DIAGONAL_FLOOR = 3.0
 """The noisy covariance's diagonal is floored at this many standard deviations of its
 noise. (The item offsets are not shrunk further by their counts' noise: on validation,
