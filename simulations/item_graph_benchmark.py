@@ -353,7 +353,7 @@ the final round's model (validation metrics outside the guarantee choose nothing
 LEARNED_TEST = {
     "implicit": {"no DP": LEARNED["no DP"] | {"num_server_rounds": 19}},
     "u1": {
-        "no DP": LEARNED["no DP"] | {"learning_rate": 0.003, "num_server_rounds": 29},
+        "no DP": LEARNED["no DP"] | {"learning_rate": 0.003, "num_server_rounds": 40},
         "secure sum": LEARNED["secure sum"] | {"num_server_rounds": 10},
     },
 }
