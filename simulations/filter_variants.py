@@ -305,6 +305,14 @@ def validation_rmse(site, reference_scale: np.ndarray) -> float:
     return float(np.sqrt(np.mean(error**2)))
 
 
+def lowest_first(values: dict[str, list[float]]) -> dict:
+    """Each setting's :func:`spread` over its draws, the lowest mean (RMSE) first."""
+    return {
+        name: spread(v)
+        for name, v in sorted(values.items(), key=lambda item: statistics.mean(item[1]))
+    }
+
+
 def text_neighbourhoods(config, site, graphs: list[ItemGraph]) -> dict:
     """Validation RMSE of the app's rating predictor with its text neighbourhood at each
     weight of :data:`RATING_TEXT_WEIGHTS`, neighbours and damping, over ``graphs``."""
@@ -318,10 +326,7 @@ def text_neighbourhoods(config, site, graphs: list[ItemGraph]) -> dict:
                 name = f"text: {neighbours} neighbours, damping {damping}, weight {weight}"
                 prediction = parts[:, :3].sum(1) + weight * parts[:, 3]
                 values.setdefault(name, []).append(validation_rmse(site, prediction))
-    return {
-        name: spread(v)
-        for name, v in sorted(values.items(), key=lambda item: statistics.mean(item[1]))
-    }
+    return lowest_first(values)
 
 
 def covariance_neighbourhoods(config, site, graphs: list[ItemGraph]) -> dict:
@@ -342,10 +347,7 @@ def covariance_neighbourhoods(config, site, graphs: list[ItemGraph]) -> dict:
         )
         name = f"covariance: {neighbours} neighbours, damping {damping}"
         values.setdefault(name, []).append(validation_rmse(site, prediction.sum(1)))
-    return {
-        name: spread(v)
-        for name, v in sorted(values.items(), key=lambda item: statistics.mean(item[1]))
-    }
+    return lowest_first(values)
 
 
 def movielens_ratings() -> dict:
@@ -419,10 +421,7 @@ def rating_shrinkages(config, site, seeds: int) -> dict:
             features = GraphFeatures(graph, site, trial, text)
             prediction = features.of_pairs(site.val.user, site.val.item).sum(1)
             values.setdefault(name, []).append(validation_rmse(site, prediction))
-    return {
-        name: spread(v)
-        for name, v in sorted(values.items(), key=lambda item: statistics.mean(item[1]))
-    }
+    return lowest_first(values)
 
 
 def synthetic_ratings() -> dict:

@@ -146,8 +146,7 @@ once the text neighbourhood was added (20 and 0.1 before; ``python -m
 simulations.filter_variants --cases u1``)."""
 DIAGONAL_FLOOR = 3.0
 """The noisy covariance's diagonal is floored at this many standard deviations of its
-noise. (The item offsets are not shrunk further by their counts' noise: on validation,
-MovieLens-100K u1 at epsilon 8, that made the RMSE worse.)"""
+noise."""
 
 
 def rating_settings(config: RunConfig) -> RatingNeighbourhood:
