@@ -398,7 +398,9 @@ def rating_shrinkages(config, site, seeds: int) -> dict:
     kappa)`` of :data:`OFFSET_SHRINKAGES` (the users' means at the app's shrinkage), with
     the users' means shrunk by each of :data:`USER_SHRINKAGES` (the offsets at the app's),
     and by the rules before (offsets by ``max(3, 3.5 sigma)``, users' means by 5); the
-    noise once on the sum and at each of 10 sites, the same draws for every setting."""
+    noise once on the sum and at each of 10 sites, the same draws for every setting. Next
+    to them, the app's user mean and item offset alone, of the same release: the DP
+    baseline the whole predictor must beat, under either noise."""
     app, text = rating_settings(config), item_text_vectors(site.catalogue, config)
     share = config.first_statistics_share
     first = split_noise_multiplier(one_release(EPSILON, DELTA), [share, 1 - share])[0]
@@ -414,13 +416,17 @@ def rating_shrinkages(config, site, seeds: int) -> dict:
             for a, k in OFFSET_SHRINKAGES
         } | {f"{placement}: users' means {u}": {"user_shrinkage": u} for u in USER_SHRINKAGES}
         settings[f"{placement}: the rules before"] = before | {"user_shrinkage": 5.0}
+        settings[f"{placement}: the app's"] = {}
         for seed, (name, changes) in itertools.product(range(seeds), settings.items()):
             rng = np.random.default_rng(seed)
             trial = dataclasses.replace(app, **changes)
             graph = one_site_graph(config, site, rng, sites, trial)
             features = GraphFeatures(graph, site, trial, text)
-            prediction = features.of_pairs(site.val.user, site.val.item).sum(1)
-            values.setdefault(name, []).append(validation_rmse(site, prediction))
+            parts = features.of_pairs(site.val.user, site.val.item)
+            values.setdefault(name, []).append(validation_rmse(site, parts.sum(1)))
+            if not changes:
+                baseline = f"{placement}: the app's user mean + item offset alone"
+                values.setdefault(baseline, []).append(validation_rmse(site, parts[:, :2].sum(1)))
     return lowest_first(values)
 
 
