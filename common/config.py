@@ -102,7 +102,7 @@ class RunConfig:
     item_graph_text_weight: float | str
     item_graph_degree_bound: float
     item_graph_degree_share: float | None
-    item_graph_budget_share: float
+    item_graph_budget_share: float | None
     item_graph_dense_items: int
     item_graph_top_per_row: int | str | None
     gcn_layers: int
@@ -198,6 +198,16 @@ class RunConfig:
         if self.item_graph_degree_share is not None:
             return self.item_graph_degree_share
         return 0.1 if self.task == "ranking" else 0.95
+
+    @property
+    def graph_budget_share(self) -> float:
+        """With ``filter+gcn`` under a target epsilon, the item graph's share of it (the rest
+        to DP-SGD): ``item-graph-budget-share``, or the share validation chose for the task
+        (0.9 ranking; 0.97 rating, where the graph's item offsets gain more from the budget
+        than DP-SGD does)."""
+        if self.item_graph_budget_share is not None:
+            return self.item_graph_budget_share
+        return 0.9 if self.task == "ranking" else 0.97
 
     @property
     def aggregation(self) -> str:
@@ -379,7 +389,7 @@ class RunConfig:
             raise InputError("val-path: needs test-path too (a split of your own has a test file)")
         for key, value in (
             ("item-graph-degree-share", self.first_statistics_share),
-            ("item-graph-budget-share", self.item_graph_budget_share),
+            ("item-graph-budget-share", self.graph_budget_share),
         ):
             if not 0 < value < 1 + (key == "item-graph-budget-share"):
                 raise InputError(f"{key}: expected a share in (0, 1], got {value}")
@@ -421,6 +431,7 @@ OFF_WHEN_ZERO = (
     "item-graph-items",
     "item-graph-top-per-row",
     "item-graph-degree-share",
+    "item-graph-budget-share",
 )
 """Keys that 0 turns off in TOML; ``None`` in :class:`RunConfig`."""
 AUTO_DELTA = object()

@@ -258,7 +258,7 @@ def site_mechanism(config: RunConfig, dimension: int) -> Mechanism:
         # plan on the accountant's scale; the integer code's rounding costs ROUNDING_INFLATION
         before = evaluation_events(config)
         if shares:
-            share = 1.0 if not steps else config.item_graph_budget_share
+            share = 1.0 if not steps else config.graph_budget_share
             planned = Event(0.0, 1.0, 1, discrete=secure)
             statistics = _planned(config, planned, config.target_epsilon * share, before)
             before += [

@@ -160,6 +160,26 @@ def test_statistics_and_dp_sgd_compose_to_the_target_and_match_dp_accounting():
     assert abs(spent - independent_epsilon(events, config.delta, "prv")) / spent < 0.02
 
 
+@pytest.mark.parametrize(("task", "share"), [("ranking", 0.9), ("rating", 0.97), ("rating", 0.5)])
+def test_the_item_graph_takes_the_validated_budget_share_of_the_task(task, share):
+    """``item-graph-budget-share = 0`` is the share validation chose for the task (0.9
+    ranking, 0.97 rating); a share that is set replaces it."""
+    changes = {"item_graph_budget_share": share} if share == 0.5 else {}
+    config = default_config(
+        task=task,
+        item_graph="filter+gcn",
+        target_epsilon=8.0,
+        num_server_rounds=5,
+        delta=1e-5,
+        **changes,
+    )
+    assert config.graph_budget_share == share
+    mechanism = site_mechanism(config, 5000)
+    statistics = [*statistics_events(mechanism), *evaluation_events(config)]
+    alone = epsilon(statistics, config.delta, "prv")
+    assert 0.97 * share * 8.0 <= alone <= share * 8.0
+
+
 def entry(round_, trained=True, sigma=1.0, earlier=(), run="r") -> LedgerEntry:
     mechanism = site_mechanism(
         default_config(item_graph="none", noise_multiplier=sigma, dp=sigma > 0), 1000
