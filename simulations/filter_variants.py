@@ -274,19 +274,25 @@ def one_site_graph(
     or at epsilon 8 with the noise once on the sum (``sites`` 1) or at each of ``sites``
     sites (a sum whose noise variance is ``sites`` times larger), round 1 at the app's
     share; ratings with the app's settings, or ``settings``."""
-    z = one_release(EPSILON, DELTA)
-    share = config.first_statistics_share
     graph = ItemGraph()
-    multipliers = split_noise_multiplier(z, [share, 1 - share])
-    for server_round, multiplier in zip((1, 2), multipliers, strict=True):
+    for server_round in (1, 2):
         total = contribution(config, site, server_round, graph, settings)
         noise_std = 0.0
         if rng is not None:
-            scale = math.sqrt(sites) * sensitivity(config, site.catalogue, server_round)
-            noise_std = multiplier * scale
+            noise_std = release_noise(config, site, server_round, sites)
             total = total + rng.normal(0.0, noise_std, total.shape)
         graph = released(config, site.catalogue, server_round, total, graph, noise_std, settings)
     return graph
+
+
+def release_noise(config, site, server_round: int, sites: int = 1) -> float:
+    """The noise's standard deviation on each coordinate of round ``server_round``'s sum at
+    epsilon 8, round 1 at the app's share, added once (``sites`` 1) or at each of
+    ``sites`` sites."""
+    share = config.first_statistics_share
+    multipliers = split_noise_multiplier(one_release(EPSILON, DELTA), [share, 1 - share])
+    scale = math.sqrt(sites) * sensitivity(config, site.catalogue, server_round)
+    return multipliers[server_round - 1] * scale
 
 
 def rating_parts(config, site, graph: ItemGraph, **text: float) -> np.ndarray:
@@ -402,11 +408,9 @@ def rating_shrinkages(config, site, seeds: int) -> dict:
     to them, the app's user mean and item offset alone, of the same release: the DP
     baseline the whole predictor must beat, under either noise."""
     app, text = rating_settings(config), item_text_vectors(site.catalogue, config)
-    share = config.first_statistics_share
-    first = split_noise_multiplier(one_release(EPSILON, DELTA), [share, 1 - share])[0]
     values: dict[str, list[float]] = {}
     for placement, sites in OFFSET_PLACEMENTS.items():
-        sigma = math.sqrt(sites) * first * sensitivity(config, site.catalogue, 1)
+        sigma = release_noise(config, site, 1, sites)
         before = {"item_shrinkage": max(3.0, 3.5 * sigma), "count_noise_shrinkage": 0.0}
         settings = {
             f"{placement}: offsets lambda {a}, kappa {k}": {
