@@ -31,6 +31,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -211,8 +212,10 @@ def rating_baselines(
     }
 
     def offsets_only(total: np.ndarray, noise_std: float, cfg: RunConfig) -> dict[str, float]:
-        graph = released(cfg, site.catalogue, 1, total, ItemGraph(), noise_std)
-        prediction = GraphFeatures(graph, site, rating_settings(cfg)).predict(heldout)
+        # the bias model: offsets shrunk toward zero, not toward the app's popularity prior
+        settings = replace(rating_settings(cfg), popularity_prior=False)
+        graph = released(cfg, site.catalogue, 1, total, ItemGraph(), noise_std, settings)
+        prediction = GraphFeatures(graph, site, settings).predict(heldout)
         return rating_metrics(np.clip(prediction, levels[0], levels[-1]) - heldout.rating)
 
     exact = config.replace(dp=False, target_epsilon=None)

@@ -22,6 +22,9 @@ from common.graph.filters import (
     item_sum,
     keep_top_per_row,
     neighbourhood_residuals,
+    offset_prior,
+    offset_prior_terms,
+    offset_sums,
     release_symmetric,
     release_vector,
     residual_rows,
@@ -271,6 +274,37 @@ def test_item_offset_sums_have_the_stated_bound_and_exact_offsets_without_it(dat
         change = np.concatenate([sums - without[0], counts - without[1]])
         assert np.linalg.norm(change) <= np.sqrt(2.0) + 1e-12
         assert np.linalg.norm(change[ITEMS:]) == pytest.approx(1.0)  # sqrt(|N|) >= |r - m|
+
+
+def test_the_popularity_prior_is_the_weighted_fit_of_the_means_on_the_log_counts():
+    counts = np.array([0.0, 1.0, 3.0, 10.0, 40.0, -0.5])
+    means = -0.4 + 0.2 * np.log1p(counts)  # rarely rated items rated lower
+    sums = means * counts
+    prior = offset_prior(offset_prior_terms(sums, counts, noise_std=2.0).sum(0))
+    np.testing.assert_allclose(prior, [-0.4, 0.2], atol=1e-12)
+    same = np.full(3, 5.0)  # counts that do not vary: the weighted mean
+    flat = offset_prior(offset_prior_terms(np.array([1.0, 2.0, 6.0]), same, 0.0).sum(0))
+    np.testing.assert_allclose(flat, [0.6, 0.0])
+    nothing = offset_prior(offset_prior_terms(np.ones(2), np.array([0.0, -1.0]), 1.0).sum(0))
+    np.testing.assert_array_equal(nothing, [0.0, 0.0])
+
+
+def test_item_offsets_shrink_toward_the_prior_and_give_back_their_sums():
+    """b_i = p_i + (sum_i - N_i p_i) / d_i: the mean at large N_i, the prior at N_i <= 0."""
+    counts = np.array([-0.5, 0.0, 2.0, 500.0])
+    sums = np.array([3.0, 0.0, 1.0, 150.0])
+    prior = np.array([-0.3, 0.1])
+    offsets = item_offsets(sums, counts, 1.0, 4.0, prior)
+    at_prior = -0.3 + 0.1 * np.log1p(np.maximum(counts, 0.0))
+    np.testing.assert_allclose(offsets[:2], at_prior[:2])
+    d = 2.0 + 1.0 + 4.0 / 2.0
+    assert offsets[2] == pytest.approx(at_prior[2] + (1.0 - 2.0 * at_prior[2]) / d)
+    assert offsets[3] == pytest.approx(0.3, abs=0.002)
+    recovered = offset_sums(offsets, counts, 1.0, 4.0, prior)
+    np.testing.assert_allclose(recovered, [0.0, 0.0, 1.0, 150.0])
+    np.testing.assert_allclose(
+        item_offsets(sums, counts, 1.0, 4.0), [0, 0, 1.0 / d, 150.0 / 501.008]
+    )
 
 
 def test_neighbourhood_prediction_averages_the_users_own_residuals(data):

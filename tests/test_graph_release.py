@@ -15,7 +15,14 @@ from common.data import load_site
 from common.data.site import SiteData
 from common.errors import InputError
 from common.graph.features import GraphFeatures, text_neighbours
-from common.graph.filters import bounded_rows, gram_sum, graph_filter, user_rows
+from common.graph.filters import (
+    bounded_rows,
+    gram_sum,
+    graph_filter,
+    offset_prior,
+    offset_prior_terms,
+    user_rows,
+)
 from common.graph.release import (
     ItemGraph,
     RankingFilter,
@@ -387,23 +394,34 @@ def test_round_1_releases_the_users_mean_rating_that_users_means_shrink_toward()
 
 
 def test_item_offsets_shrink_by_the_noise_on_their_counts():
-    """b_i = sum_i / (N_i + lambda + kappa sigma^2 / N_i): the noisier the counts,
-    the more every offset shrinks; an item whose released count is not positive has none."""
+    """b_i = p_i + (sum_i - N_i p_i) / (N_i + lambda + kappa sigma^2 / N_i): the noisier the
+    counts, the more every offset shrinks toward its prior (the popularity prior, or zero);
+    an item whose released count is not positive has its prior alone."""
     config = default_config(task="rating", synthetic_users=120, synthetic_items=60)
     site = load_site(config, 0, 1)
     n = site.catalogue.num_items
     total = contribution(config, site, 1, ItemGraph())
     total[n] = -0.5  # a count the noise took below zero
-    settings = rating_settings(config)
-    shrinkage, kappa = settings.item_shrinkage, settings.count_noise_shrinkage
-    offsets = {}
-    for sigma in (0.1, 4.0):
-        offsets[sigma] = released(config, site.catalogue, 1, total, ItemGraph(), sigma).item_bias
-        counts = total[n : 2 * n]
-        expected = total[:n] / (counts + shrinkage + kappa * sigma**2 / counts)
-        np.testing.assert_allclose(offsets[sigma][1:], expected[1:])
-        assert offsets[sigma][0] == 0.0
-    assert np.all(np.abs(offsets[4.0][1:]) < np.abs(offsets[0.1][1:]))
+    app = rating_settings(config)
+    shrinkage, kappa = app.item_shrinkage, app.count_noise_shrinkage
+    counts = total[n : 2 * n]
+    for settings in (replace(app, popularity_prior=False), app):
+        spread = {}
+        for sigma in (0.1, 4.0):
+            graph = released(config, site.catalogue, 1, total, ItemGraph(), sigma, settings)
+            prior = np.zeros(2)
+            if settings.popularity_prior:  # the fit on the released sums and counts
+                prior = offset_prior(offset_prior_terms(total[:n], counts, sigma).sum(0))
+                np.testing.assert_array_equal(graph.item_prior, prior)
+                assert prior[1] != 0.0
+            at_prior = prior[0] + prior[1] * np.log1p(np.maximum(counts, 0.0))
+            d = counts + shrinkage + kappa * sigma**2 / counts
+            expected = at_prior + (total[:n] - counts * at_prior) / d
+            np.testing.assert_allclose(graph.item_bias[1:], expected[1:])
+            assert graph.item_bias[0] == prior[0]
+            spread[sigma] = np.abs(graph.item_bias - at_prior)[1:]
+        if not settings.popularity_prior:  # the same prior, zero, under both noises
+            assert np.all(spread[4.0] < spread[0.1])
 
 
 def test_a_training_ratings_offset_is_the_noisy_release_without_its_term():

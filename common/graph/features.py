@@ -25,7 +25,9 @@ from common.graph.filters import (
     item_offsets,
     neighbour_mean,
     neighbourhood_residuals,
-    offset_denominators,
+    offset_prior,
+    offset_prior_terms,
+    offset_sums,
     offset_weights,
     residual_rows,
     user_rows,
@@ -171,7 +173,8 @@ class GraphFeatures:
     scored from the same row): the model is trained on what it will see for an item the
     user has not rated yet. A rating is also taken back out of the release, through the
     rows the site itself sent: the mean without it, the item's offset without the site's
-    term :math:`w_u (r_{ui} - m^{(1)}_u)` of round 1, and the neighbourhood's similarities
+    term :math:`w_u (r_{ui} - m^{(1)}_u)` of round 1 (its popularity prior fitted again
+    without it), and the neighbourhood's similarities
     without the user's terms :math:`x_{ui} x_{uj}` of round 2's covariance (in-sample,
     the release leaks the rating, and weights learned on it fit the leak).
     """
@@ -218,6 +221,13 @@ class GraphFeatures:
             else bounded_rows(self.rows, settings.exponent, settings.bound),
         )
 
+    @cached_property
+    def released_sums(self) -> np.ndarray:
+        """Rating: the item sums of round 1's release, from its offsets (``offset_sums``)."""
+        graph = self.graph
+        shrinkages = graph.item_shrinkage, graph.item_noise_shrinkage
+        return offset_sums(graph.item_bias, graph.degrees, *shrinkages, graph.item_prior)
+
     @property
     def count(self) -> int:
         return len(FEATURE_NAMES["ranking" if self.ranking else "rating"])
@@ -255,11 +265,18 @@ class GraphFeatures:
         weight = self.sent.first_weights[users]
         sent = weight * (ratings - self.sent.first_means[users])
         graph = self.graph
+        sums, counts = self.released_sums[items], graph.degrees[items]
+        left_sums, left_counts = sums - sent, counts - weight
+        prior = graph.item_prior
+        if prior is not None:  # fitted again without the rating's term
+            noise = graph.degree_noise
+            prior = offset_prior(
+                offset_prior_terms(self.released_sums, graph.degrees, noise).sum(0)
+                - offset_prior_terms(sums, counts, noise)
+                + offset_prior_terms(left_sums, left_counts, noise)
+            )
         shrinkages = graph.item_shrinkage, graph.item_noise_shrinkage
-        denominator = offset_denominators(graph.degrees[items], *shrinkages)
-        finite = np.isfinite(denominator)  # elsewhere b_i = 0, whatever the sum
-        sums = np.multiply(offsets, denominator, out=np.zeros(len(items)), where=finite)
-        left_offsets = item_offsets(sums - sent, graph.degrees[items] - weight, *shrinkages)
+        left_offsets = item_offsets(left_sums, left_counts, *shrinkages, prior)
         neighbourhood = np.zeros(len(users))
         if self.graph.covariance is not None:
             for user in np.unique(users):

@@ -102,9 +102,12 @@ prior: the public middle of the scale). The sites' item sums
 :math:`\sum_u w_u (r_u - m_u)` and counts :math:`\sum_u w_u 1_{N(u)}`, with
 :math:`w_u = \min(1, C / \max(\lVert r_u - m_u \rVert, \sqrt{|N(u)|}))`
 (:func:`item_offset_sums`; the pair changes by at most :math:`\sqrt2 C`), give
-item offsets :math:`b_i = \text{sum}_i / (N_i + \lambda + \lambda_\sigma / N_i)`,
-:math:`N_i` the count (:func:`item_offsets`; :math:`\lambda_\sigma` sized to the counts'
-noise). The sites then recompute :math:`m_u` against the released :math:`b_i`, and
+item offsets :math:`b_i = p_i + (\text{sum}_i - N_i p_i) / (N_i + \lambda + \lambda_\sigma
+/ N_i)`, :math:`N_i` the count (:func:`item_offsets`; :math:`\lambda_\sigma` sized to the
+counts' noise): each item's mean shrunk toward a popularity prior :math:`p_i = a + c
+\log(1 + N_i)`, a weighted least-squares fit of the released means on the released counts
+(:func:`offset_prior`), as rarely rated items are often rated lower. The sites then
+recompute :math:`m_u` against the released :math:`b_i`, and
 the residual rows :math:`e_{ui} = r_{ui} - m_u - b_i` (:func:`residual_rows`), bounded
 as above, enter a released residual Gram (covariance) matrix. A user's rating is
 predicted as :math:`m_u + b_i + \hat e_{ui}`, with :math:`\hat e_{ui}` the
@@ -665,11 +668,73 @@ def offset_weights(
 
 
 def item_offsets(
-    sums: np.ndarray, counts: np.ndarray, shrinkage: float, noise_shrinkage: float = 0.0
+    sums: np.ndarray,
+    counts: np.ndarray,
+    shrinkage: float,
+    noise_shrinkage: float = 0.0,
+    prior: np.ndarray | None = None,
 ) -> np.ndarray:
-    r"""Item offsets from users' means, :math:`b_i = \text{sum}_i / d_i`
-    (:func:`offset_denominators`): the mean :math:`\text{sum}_i / N_i` shrunk toward zero."""
-    return sums / offset_denominators(counts, shrinkage, noise_shrinkage)
+    r"""Item offsets from users' means, :math:`b_i = p_i + (\text{sum}_i - N_i p_i) / d_i`
+    (:func:`offset_denominators`): the mean :math:`\text{sum}_i / N_i` shrunk toward the
+    popularity prior :math:`p_i = a + c \log(1 + N_i)` of the coefficients ``prior``
+    ``[..., 2]`` (:func:`offset_prior`; broadcast against the items), or toward zero
+    (``prior`` None). An item whose :math:`d_i` is infinite gets :math:`p_i`."""
+    denominator = offset_denominators(counts, shrinkage, noise_shrinkage)
+    if prior is None:
+        return sums / denominator
+    at_prior = prior_offsets(prior, counts)
+    return at_prior + (sums - np.maximum(counts, 0.0) * at_prior) / denominator
+
+
+def offset_sums(
+    offsets: np.ndarray,
+    counts: np.ndarray,
+    shrinkage: float,
+    noise_shrinkage: float = 0.0,
+    prior: np.ndarray | None = None,
+) -> np.ndarray:
+    """The sums that :func:`item_offsets` turned into ``offsets`` (0 where an offset is its
+    prior alone, whatever the sum)."""
+    denominator = offset_denominators(counts, shrinkage, noise_shrinkage)
+    at_prior = np.zeros(len(offsets)) if prior is None else prior_offsets(prior, counts)
+    sums = (offsets - at_prior) * denominator + np.maximum(counts, 0.0) * at_prior
+    return np.where(np.isfinite(denominator), sums, 0.0)
+
+
+def prior_offsets(prior: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    r""":math:`p_i = a + c \log(1 + N_i)` of ``prior`` :math:`(a, c)` at ``counts``."""
+    return prior[..., 0] + prior[..., 1] * np.log1p(np.maximum(counts, 0.0))
+
+
+def offset_prior_terms(sums: np.ndarray, counts: np.ndarray, noise_std: float) -> np.ndarray:
+    r"""``[n, 5]``: each item's terms :math:`\omega_i (1, x_i, x_i^2, y_i, x_i y_i)` of
+    :func:`offset_prior`'s weighted least squares, :math:`y_i = \text{sum}_i / N_i`
+    (the item's raw mean), :math:`x_i = \log(1 + N_i)` and :math:`\omega_i = N_i^2 / (N_i +
+    \sigma^2)` (its precision, for unit variance per rating and noise of std
+    :math:`\sigma` on the sum); zero where :math:`N_i \le 0`."""
+    positive = np.maximum(counts, 0.0)
+    known = positive > 0
+    mean = np.divide(sums, positive, out=np.zeros(len(sums)), where=known)
+    weight = np.divide(positive**2, positive + noise_std**2, out=np.zeros(len(sums)), where=known)
+    x = np.log1p(positive)
+    return np.stack([weight, weight * x, weight * x * x, weight * mean, weight * x * mean], -1)
+
+
+def offset_prior(terms: np.ndarray) -> np.ndarray:
+    r"""``[..., 2]``: the popularity prior's coefficients :math:`(a, c)`, the weighted
+    least-squares fit of the items' raw means on :math:`\log(1 + N_i)` from their summed
+    :func:`offset_prior_terms` ``[..., 5]``: where items of every popularity are rated
+    alike, :math:`c \approx 0` and the prior is their mean offset; where rarely rated items
+    are rated lower (MovieLens), it says so. The weighted mean (:math:`c = 0`) where the
+    counts do not vary, and :math:`(0, 0)` without any positive count."""
+    w, wx, wxx, wy, wxy = np.moveaxis(terms, -1, 0)
+    determinant = w * wxx - wx**2
+    varies = determinant > 1e-9 * w * wxx
+    safe = np.where(varies, determinant, 1.0)
+    mean = np.divide(wy, w, out=np.zeros(np.shape(w)), where=w > 0)
+    intercept = np.where(varies, (wxx * wy - wx * wxy) / safe, mean)
+    slope = np.where(varies, (w * wxy - wx * wy) / safe, 0.0)
+    return np.stack([intercept, slope], -1)
 
 
 def offset_denominators(

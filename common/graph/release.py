@@ -85,6 +85,8 @@ from common.graph.filters import (
     item_offsets,
     item_sum,
     keep_top_per_row,
+    offset_prior,
+    offset_prior_terms,
     residual_rows,
     symmetric,
     top_items,
@@ -104,8 +106,11 @@ class RatingNeighbourhood:
     ``simulations/item_graph_search.py``), with and without DP.
 
     Attributes:
-        item_shrinkage, user_shrinkage: shrinkage of the item offsets toward zero
+        item_shrinkage, user_shrinkage: shrinkage of the item offsets toward their prior
             (:math:`\\lambda`) and of the users' means toward the released global mean.
+        popularity_prior: shrink the item offsets toward the popularity prior
+            :math:`p_i = a + c \\log(1 + N_i)` fitted on the released sums and counts
+            (``common.graph.filters.offset_prior``; post-processing), not toward zero.
         count_noise_shrinkage: :math:`\\kappa`, the item offsets' further shrinkage
             :math:`\\kappa \\sigma^2 / N_i` (``common.graph.filters.offset_denominators``),
             :math:`\\sigma` the standard deviation of the noise on the released counts
@@ -132,6 +137,7 @@ class RatingNeighbourhood:
     count_noise_shrinkage: float = 5.0
     text_neighbours: int = 50
     text_damping: float = 10.0
+    popularity_prior: bool = True
 
 
 RATING_WITH_DP = RatingNeighbourhood(1.0, 0.5, 80, 50.0, None, item_shrinkage=0.3)
@@ -302,9 +308,10 @@ class ItemGraph:
             from round 2.
         text_weight: the weight of the item text's part of the score (ranking:
             ``RankingFilter``; rating: the text neighbourhood's), from round 2.
-        item_shrinkage, item_noise_shrinkage: the shrinkages :math:`\lambda` and
-            :math:`\lambda_\sigma` the item offsets were released with (rating;
-            ``common.graph.filters.offset_denominators``).
+        item_shrinkage, item_noise_shrinkage, item_prior: the shrinkages :math:`\lambda`
+            and :math:`\lambda_\sigma` the item offsets were released with, and the
+            coefficients of the prior they shrink toward, None: zero (rating;
+            ``common.graph.filters.item_offsets``).
         covariance, co_counts: the residuals' covariance and, without DP, their
             co-rating weights (rating), from round 2, as released.
         diagonal_floor, co_count_shrinkage: how :attr:`similarity` is computed from them.
@@ -329,6 +336,7 @@ class ItemGraph:
     text_weight: float = 0.0
     item_shrinkage: float = 0.0
     item_noise_shrinkage: float = 0.0
+    item_prior: np.ndarray | None = None
     covariance: np.ndarray | None = None
     co_counts: np.ndarray | None = None
     diagonal_floor: float = 1e-12
@@ -528,16 +536,21 @@ def released(
         items = np.arange(n) if limit is None or limit >= n else top_items(total, limit)
         return replace(graph, items=items, degrees=total, degree_noise=noise_std)
     if server_round == 1:
+        sums, counts = total[:n], total[n : 2 * n]
         shrinkage = settings.item_shrinkage
         noise_shrinkage = settings.count_noise_shrinkage * noise_std**2
+        prior = None
+        if settings.popularity_prior:
+            prior = offset_prior(offset_prior_terms(sums, counts, noise_std).sum(0))
         return replace(
             graph,
             items=np.arange(n),
-            degrees=total[n : 2 * n],
+            degrees=counts,
             degree_noise=noise_std,
-            item_bias=item_offsets(total[:n], total[n : 2 * n], shrinkage, noise_shrinkage),
+            item_bias=item_offsets(sums, counts, shrinkage, noise_shrinkage, prior),
             item_shrinkage=shrinkage,
             item_noise_shrinkage=noise_shrinkage,
+            item_prior=prior,
             global_mean=global_mean(total[2 * n :]),
         )
     if config.task == "rating":
