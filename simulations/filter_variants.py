@@ -27,7 +27,8 @@ Cases (``--cases``, each writes its own key of the results):
 - ``u1``: MovieLens-100K u1 ratings without DP: the app's neighbourhood
   predictor, and EASE's regression of the residuals on each other
   (:math:`\\hat e_u = e_u B`, ``B`` from the released covariance) added with
-  weights ``a`` (the neighbourhood) and ``b`` (EASE's part); and the text
+  weights ``a`` (the neighbourhood) and ``b`` (EASE's part); the app's predictor with
+  the item offsets shrunk toward zero instead of the popularity prior; and the text
   neighbourhood (``common.graph.features.GraphFeatures``: the user's residuals
   weighted by the item texts' similarity) at each weight, neighbours and damping; and
   the covariance neighbourhood's neighbours and damping, the text neighbourhood at the
@@ -36,9 +37,10 @@ Cases (``--cases``, each writes its own key of the results):
   round 1 at the app's share, ``--seeds`` noise draws: the app's predictor without
   its text neighbourhood, and with it at each setting; and the app's predictor with
   the item offsets' shrinkages ``lambda`` and ``kappa`` and the users' means'
-  (``common.graph.release.RatingNeighbourhood``) at each setting and the rules before,
-  the noise once on the sum and at each of 10 sites.
-- ``synthetic-ratings``: the users' means' shrinkages of ``u1-dp`` on the built-in
+  (``common.graph.release.RatingNeighbourhood``) at each setting, the rules before, and
+  the offsets shrunk toward zero, the noise once on the sum and at each of 10 sites.
+- ``synthetic-ratings``: the users' means' shrinkages of ``u1-dp``, and the offsets
+  shrunk toward zero instead of the popularity prior, on the built-in
   synthetic ratings at epsilon 8, with and without the text neighbourhood (test RMSE over
   the global mean's): a check on other data of what u1's validation chose.
 - ``gowalla``: Gowalla without DP (5,000 validation users, as the search):
@@ -360,10 +362,22 @@ def movielens_ratings() -> dict:
     config = data_config("ml-100k", split="u1", dp=False, item_graph="filter")
     graph, site = exact_graph(config)
     parts = rating_parts(config, site, graph)  # the mean, the offset, the neighbourhoods
+    toward_zero = dataclasses.replace(rating_settings(config), popularity_prior=False)
     results = {
         "the app's neighbourhood predictor, without text": validation_rmse(
             site, parts[:, :3].sum(1)
-        )
+        ),
+        "the app's, offsets toward zero": validation_rmse(
+            site,
+            GraphFeatures(
+                one_site_graph(config, site, None, 1, toward_zero),
+                site,
+                toward_zero,
+                item_text_vectors(site.catalogue, config),
+            )
+            .of_pairs(site.val.user, site.val.item)
+            .sum(1),
+        ),
     }
     residuals = GraphFeatures(graph, site, rating_settings(config)).residuals[site.val.user]
     for ridge in (30, 100, 300, 1000, 3000):
@@ -403,7 +417,8 @@ def rating_shrinkages(config, site, seeds: int) -> dict:
     with the item offsets shrunk by ``lambda + kappa sigma^2 / N_i`` for each ``(lambda,
     kappa)`` of :data:`OFFSET_SHRINKAGES` (the users' means at the app's shrinkage), with
     the users' means shrunk by each of :data:`USER_SHRINKAGES` (the offsets at the app's),
-    and by the rules before (offsets by ``max(3, 3.5 sigma)``, users' means by 5); the
+    and by the rules before (offsets by ``max(3, 3.5 sigma)``, users' means by 5), and
+    with the offsets shrunk toward zero instead of the popularity prior; the
     noise once on the sum and at each of 10 sites, the same draws for every setting. Next
     to them, the app's user mean and item offset alone, of the same release: the DP
     baseline the whole predictor must beat, under either noise."""
@@ -420,6 +435,7 @@ def rating_shrinkages(config, site, seeds: int) -> dict:
             for a, k in OFFSET_SHRINKAGES
         } | {f"{placement}: users' means {u}": {"user_shrinkage": u} for u in USER_SHRINKAGES}
         settings[f"{placement}: the rules before"] = before | {"user_shrinkage": 5.0}
+        settings[f"{placement}: offsets toward zero"] = {"popularity_prior": False}
         settings[f"{placement}: the app's"] = {}
         for seed, (name, changes) in itertools.product(range(seeds), settings.items()):
             rng = np.random.default_rng(seed)
@@ -435,7 +451,8 @@ def rating_shrinkages(config, site, seeds: int) -> dict:
 
 
 def synthetic_ratings() -> dict:
-    """The users' means' shrinkage under DP on the built-in synthetic ratings (200 users of
+    """The users' means' shrinkage, and the offsets shrunk toward zero instead of the
+    popularity prior, under DP on the built-in synthetic ratings (200 users of
     about 20 ratings, 60 items; the test split), with and without the text neighbourhood:
     test RMSE over the global mean's, at epsilon 8 with the noise once on the sum. Data
     other than u1's, to check a setting u1's validation chose."""
@@ -446,13 +463,15 @@ def synthetic_ratings() -> dict:
     text = item_text_vectors(site.catalogue, config)
     mean_rmse = np.sqrt(np.mean((site.train.rating.mean() - site.test.rating) ** 2))
     results = {}
-    for shrinkage in USER_SHRINKAGES:
-        settings = dataclasses.replace(rating_settings(config), user_shrinkage=shrinkage)
+    trials = {f"users' means {u}": {"user_shrinkage": u} for u in USER_SHRINKAGES}
+    trials["offsets toward zero"] = {"popularity_prior": False}
+    for trial, changes in trials.items():
+        settings = dataclasses.replace(rating_settings(config), **changes)
         graph = one_site_graph(config, site, np.random.default_rng(0), 1, settings)
         for name, vectors in (("without text", None), ("with text", text)):
             predicted = GraphFeatures(graph, site, settings, vectors).predict(site.test)
             rmse = np.sqrt(np.mean((predicted - site.test.rating) ** 2))
-            results[f"users' means {shrinkage}, {name}"] = float(rmse / mean_rmse)
+            results[f"{trial}, {name}"] = float(rmse / mean_rmse)
     return results
 
 
