@@ -369,14 +369,7 @@ def movielens_ratings() -> dict:
         ),
         "the app's, offsets toward zero": validation_rmse(
             site,
-            GraphFeatures(
-                one_site_graph(config, site, None, 1, toward_zero),
-                site,
-                toward_zero,
-                item_text_vectors(site.catalogue, config),
-            )
-            .of_pairs(site.val.user, site.val.item)
-            .sum(1),
+            rating_parts(config, site, one_site_graph(config, site, None, 1, toward_zero)).sum(1),
         ),
     }
     residuals = GraphFeatures(graph, site, rating_settings(config)).residuals[site.val.user]

@@ -228,6 +228,13 @@ class GraphFeatures:
         shrinkages = graph.item_shrinkage, graph.item_noise_shrinkage
         return offset_sums(graph.item_bias, graph.degrees, *shrinkages, graph.item_prior)
 
+    @cached_property
+    def released_prior_terms(self) -> np.ndarray:
+        """Rating: the popularity prior's summed terms over round 1's release
+        (``offset_prior_terms``)."""
+        graph = self.graph
+        return offset_prior_terms(self.released_sums, graph.degrees, graph.degree_noise).sum(0)
+
     @property
     def count(self) -> int:
         return len(FEATURE_NAMES["ranking" if self.ranking else "rating"])
@@ -271,7 +278,7 @@ class GraphFeatures:
         if prior is not None:  # fitted again without the rating's term
             noise = graph.degree_noise
             prior = offset_prior(
-                offset_prior_terms(self.released_sums, graph.degrees, noise).sum(0)
+                self.released_prior_terms
                 - offset_prior_terms(sums, counts, noise)
                 + offset_prior_terms(left_sums, left_counts, noise)
             )
