@@ -27,7 +27,6 @@ from common.graph.filters import (
     neighbourhood_residuals,
     offset_prior,
     offset_prior_terms,
-    offset_sums,
     offset_weights,
     residual_rows,
     user_rows,
@@ -222,18 +221,11 @@ class GraphFeatures:
         )
 
     @cached_property
-    def released_sums(self) -> np.ndarray:
-        """Rating: the item sums of round 1's release, from its offsets (``offset_sums``)."""
-        graph = self.graph
-        shrinkages = graph.item_shrinkage, graph.item_noise_shrinkage
-        return offset_sums(graph.item_bias, graph.degrees, *shrinkages, graph.item_prior)
-
-    @cached_property
     def released_prior_terms(self) -> np.ndarray:
         """Rating: the popularity prior's summed terms over round 1's release
         (``offset_prior_terms``)."""
         graph = self.graph
-        return offset_prior_terms(self.released_sums, graph.degrees, graph.degree_noise).sum(0)
+        return offset_prior_terms(graph.item_sums, graph.degrees, graph.degree_noise).sum(0)
 
     @property
     def count(self) -> int:
@@ -272,7 +264,7 @@ class GraphFeatures:
         weight = self.sent.first_weights[users]
         sent = weight * (ratings - self.sent.first_means[users])
         graph = self.graph
-        sums, counts = self.released_sums[items], graph.degrees[items]
+        sums, counts = graph.item_sums[items], graph.degrees[items]
         left_sums, left_counts = sums - sent, counts - weight
         prior = graph.item_prior
         if prior is not None:  # fitted again without the rating's term

@@ -686,21 +686,6 @@ def item_offsets(
     return at_prior + (sums - np.maximum(counts, 0.0) * at_prior) / denominator
 
 
-def offset_sums(
-    offsets: np.ndarray,
-    counts: np.ndarray,
-    shrinkage: float,
-    noise_shrinkage: float = 0.0,
-    prior: np.ndarray | None = None,
-) -> np.ndarray:
-    """The sums that :func:`item_offsets` turned into ``offsets`` (0 where an offset is its
-    prior alone, whatever the sum)."""
-    denominator = offset_denominators(counts, shrinkage, noise_shrinkage)
-    at_prior = np.zeros(len(offsets)) if prior is None else prior_offsets(prior, counts)
-    sums = (offsets - at_prior) * denominator + np.maximum(counts, 0.0) * at_prior
-    return np.where(np.isfinite(denominator), sums, 0.0)
-
-
 def prior_offsets(prior: np.ndarray, counts: np.ndarray) -> np.ndarray:
     r""":math:`p_i = a + c \log(1 + N_i)` of ``prior`` :math:`(a, c)` at ``counts``."""
     return prior[..., 0] + prior[..., 1] * np.log1p(np.maximum(counts, 0.0))

@@ -308,6 +308,7 @@ class ItemGraph:
             from round 2.
         text_weight: the weight of the item text's part of the score (ranking:
             ``RankingFilter``; rating: the text neighbourhood's), from round 2.
+        item_sums: the released item sums :math:`S_i` of the offsets (rating).
         item_shrinkage, item_noise_shrinkage, item_prior: the shrinkages :math:`\lambda`
             and :math:`\lambda_\sigma` the item offsets were released with, and the
             coefficients of the prior they shrink toward, None: zero (rating;
@@ -336,6 +337,7 @@ class ItemGraph:
     text_weight: float = 0.0
     item_shrinkage: float = 0.0
     item_noise_shrinkage: float = 0.0
+    item_sums: np.ndarray | None = None
     item_prior: np.ndarray | None = None
     covariance: np.ndarray | None = None
     co_counts: np.ndarray | None = None
@@ -550,6 +552,7 @@ def released(
             item_bias=item_offsets(sums, counts, shrinkage, noise_shrinkage, prior),
             item_shrinkage=shrinkage,
             item_noise_shrinkage=noise_shrinkage,
+            item_sums=sums,
             item_prior=prior,
             global_mean=global_mean(total[2 * n :]),
         )
