@@ -198,7 +198,7 @@ def test_a_rating_list_ranks_by_a_lower_bound_so_one_lucky_rating_does_not_top_i
     graph = ItemGraph(
         items=np.arange(3),
         degrees=np.array([100.0, 100.0, 1.0]),
-        item_bias=np.array([0.0, 0.5, 0.8]),
+        item_sums=np.array([0.0, 50.0, 0.8]),  # offsets 0, 0.5 and 0.8 (no shrinkage)
         global_mean=3.0,
         covariance=np.zeros((3, 3)),
     )

@@ -302,7 +302,6 @@ class ItemGraph:
         degrees: released item degrees over the catalogue (ranking), or each item's
             released count of ratings, each user weighted by their bound (rating).
         degree_noise: standard deviation of the noise on ``degrees`` (0 without DP).
-        item_bias: the item offsets :math:`b_i` (rating).
         global_mean: the users' means averaged (rating), the prior of every user's
             shrunk mean after round 1.
         linear, eigenvectors, alpha, input_scale, output_scale, sharpening,
@@ -310,7 +309,8 @@ class ItemGraph:
             from round 2.
         text_weight: the weight of the item text's part of the score (ranking:
             ``RankingFilter``; rating: the text neighbourhood's), from round 2.
-        item_sums: the released item sums :math:`S_i` of the offsets (rating).
+        item_sums: the released item sums :math:`S_i` of the offsets (rating; the offsets
+            themselves are :attr:`item_bias`).
         item_shrinkage, item_noise_shrinkage, item_prior: the shrinkages :math:`\lambda`
             and :math:`\lambda_\sigma` the item offsets were released with, and the
             coefficients of the prior they shrink toward, None: zero (rating;
@@ -327,7 +327,6 @@ class ItemGraph:
     items: np.ndarray | None = None
     degrees: np.ndarray | None = None
     degree_noise: float = 0.0
-    item_bias: np.ndarray | None = None
     global_mean: float | None = None
     linear: np.ndarray | sp.csr_matrix | None = None
     eigenvectors: np.ndarray | None = None
@@ -345,6 +344,15 @@ class ItemGraph:
     co_counts: np.ndarray | None = None
     diagonal_floor: float = 1e-12
     co_count_shrinkage: float = 0.0
+
+    @cached_property
+    def item_bias(self) -> np.ndarray | None:
+        """Rating: the item offsets :math:`b_i` of the released sums and counts
+        (``common.graph.filters.item_offsets``), once round 1 is released."""
+        if self.item_sums is None:
+            return None
+        shrinkages = self.item_shrinkage, self.item_noise_shrinkage
+        return item_offsets(self.item_sums, self.degrees, *shrinkages, self.item_prior)
 
     @cached_property
     def similarity(self) -> np.ndarray | None:
@@ -551,7 +559,6 @@ def released(
             items=np.arange(n),
             degrees=counts,
             degree_noise=noise_std,
-            item_bias=item_offsets(sums, counts, shrinkage, noise_shrinkage, prior),
             item_shrinkage=shrinkage,
             item_noise_shrinkage=noise_shrinkage,
             item_sums=sums,
