@@ -430,12 +430,15 @@ def rating_shrinkages(config, site, seeds: int) -> dict:
         settings[f"{placement}: the rules before"] = before | {"user_shrinkage": 5.0}
         settings[f"{placement}: offsets toward zero"] = {"popularity_prior": False}
         settings[f"{placement}: the app's"] = {}
+        parts_of: dict[tuple[int, RatingNeighbourhood], np.ndarray] = {}  # the app's, once
         for seed, (name, changes) in itertools.product(range(seeds), settings.items()):
-            rng = np.random.default_rng(seed)
             trial = dataclasses.replace(app, **changes)
-            graph = one_site_graph(config, site, rng, sites, trial)
-            features = GraphFeatures(graph, site, trial, text)
-            parts = features.of_pairs(site.val.user, site.val.item)
+            if (seed, trial) not in parts_of:
+                rng = np.random.default_rng(seed)
+                graph = one_site_graph(config, site, rng, sites, trial)
+                features = GraphFeatures(graph, site, trial, text)
+                parts_of[seed, trial] = features.of_pairs(site.val.user, site.val.item)
+            parts = parts_of[seed, trial]
             values.setdefault(name, []).append(validation_rmse(site, parts.sum(1)))
             if not changes:
                 baseline = f"{placement}: the app's user mean + item offset alone"
