@@ -130,6 +130,7 @@ APP_DP = "the app's filter, text part gamma = 0.3"
 GOWALLA_RANKS = (256, 384, 512, 640)
 OFFSET_SHRINKAGES = tuple(itertools.product((0.0, 0.3, 1.0), (3.0, 4.0, 5.0, 6.0, 8.0)))
 USER_SHRINKAGES = (2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0)
+TEXT_PRIOR_COMPONENTS = (0, 4, 16)
 COVARIANCE_NEIGHBOURHOODS = {
     False: tuple(itertools.product((20, 40, 80, 160, 400), (0.03, 0.1, 0.3))),
     True: tuple(itertools.product((20, 80, 200), (10.0, 50.0, 200.0, math.inf))),
@@ -372,6 +373,12 @@ def movielens_ratings() -> dict:
             rating_parts(config, site, one_site_graph(config, site, None, 1, toward_zero)).sum(1),
         ),
     }
+    for count in TEXT_PRIOR_COMPONENTS:
+        trial = dataclasses.replace(rating_settings(config), text_prior_components=count)
+        graph_of_trial = one_site_graph(config, site, None, 1, trial)
+        results[f"the app's, the offsets' prior with {count} text components"] = validation_rmse(
+            site, rating_parts(config, site, graph_of_trial).sum(1)
+        )
     residuals = GraphFeatures(graph, site, rating_settings(config)).residuals[site.val.user]
     for ridge in (30, 100, 300, 1000, 3000):
         weights = ease_weights(graph.covariance, ridge)
@@ -410,8 +417,9 @@ def rating_shrinkages(config, site, seeds: int) -> dict:
     with the item offsets shrunk by ``lambda + kappa sigma^2 / N_i`` for each ``(lambda,
     kappa)`` of :data:`OFFSET_SHRINKAGES` (the users' means at the app's shrinkage), with
     the users' means shrunk by each of :data:`USER_SHRINKAGES` (the offsets at the app's),
-    and by the rules before (offsets by ``max(3, 3.5 sigma)``, users' means by 5), and
-    with the offsets shrunk toward zero instead of the popularity prior; the
+    and by the rules before (offsets by ``max(3, 3.5 sigma)``, users' means by 5),
+    with the offsets shrunk toward zero instead of their prior, and with the prior over
+    each of :data:`TEXT_PRIOR_COMPONENTS` text components (0: popularity alone); the
     noise once on the sum and at each of 10 sites, the same draws for every setting. Next
     to them, the app's user mean and item offset alone, of the same release: the DP
     baseline the whole predictor must beat, under either noise."""
@@ -429,6 +437,9 @@ def rating_shrinkages(config, site, seeds: int) -> dict:
         } | {f"{placement}: users' means {u}": {"user_shrinkage": u} for u in USER_SHRINKAGES}
         settings[f"{placement}: the rules before"] = before | {"user_shrinkage": 5.0}
         settings[f"{placement}: offsets toward zero"] = {"popularity_prior": False}
+        for count in TEXT_PRIOR_COMPONENTS:
+            name = f"{placement}: the prior with {count} text components"
+            settings[name] = {"text_prior_components": count}
         settings[f"{placement}: the app's"] = {}
         parts_of: dict[tuple[int, RatingNeighbourhood], np.ndarray] = {}  # the app's, once
         for seed, (name, changes) in itertools.product(range(seeds), settings.items()):
@@ -447,9 +458,10 @@ def rating_shrinkages(config, site, seeds: int) -> dict:
 
 
 def synthetic_ratings() -> dict:
-    """The users' means' shrinkage, and the offsets shrunk toward zero instead of the
-    popularity prior, under DP on the built-in synthetic ratings (200 users of
-    about 20 ratings, 60 items; the test split), with and without the text neighbourhood:
+    """The users' means' shrinkage, the offsets shrunk toward zero instead of their
+    prior, and the prior of popularity alone (no text components), under DP on the
+    built-in synthetic ratings (200 users of about 20 ratings, 60 items; the test split),
+    with and without the text neighbourhood:
     test RMSE over the global mean's, at epsilon 8 with the noise once on the sum. Data
     other than u1's, to check a setting u1's validation chose."""
     config = default_config(
@@ -461,6 +473,7 @@ def synthetic_ratings() -> dict:
     results = {}
     trials = {f"users' means {u}": {"user_shrinkage": u} for u in USER_SHRINKAGES}
     trials["offsets toward zero"] = {"popularity_prior": False}
+    trials["the prior of popularity alone"] = {"text_prior_components": 0}
     for trial, changes in trials.items():
         settings = dataclasses.replace(rating_settings(config), **changes)
         graph = one_site_graph(config, site, np.random.default_rng(0), 1, settings)

@@ -24,11 +24,14 @@ from common.graph.filters import (
     neighbourhood_residuals,
     offset_prior,
     offset_prior_terms,
+    prior_design,
+    prior_offsets,
     release_symmetric,
     release_vector,
     residual_rows,
     sharpening_damping,
     split_noise_multiplier,
+    text_components,
     top_eigenpairs,
     top_items,
     user_means,
@@ -283,9 +286,32 @@ def test_the_popularity_prior_is_the_weighted_fit_of_the_means_on_the_log_counts
     np.testing.assert_allclose(prior, [-0.4, 0.2], atol=1e-12)
     same = np.full(3, 5.0)  # counts that do not vary: the weighted mean
     flat = offset_prior(offset_prior_terms(np.array([1.0, 2.0, 6.0]), same, 0.0).sum(0))
-    np.testing.assert_allclose(flat, [0.6, 0.0])
+    np.testing.assert_allclose(prior_offsets(flat, same), 0.6)
     nothing = offset_prior(offset_prior_terms(np.ones(2), np.array([0.0, -1.0]), 1.0).sum(0))
     np.testing.assert_array_equal(nothing, [0.0, 0.0])
+
+
+def test_the_prior_fits_the_text_components_too():
+    """With covariates the prior is the weighted fit on (1, log(1 + N_i), z_i): a mean
+    linear in them is recovered exactly, and an item without ratings gets its text's
+    share; the components are the centred text vectors' principal coordinates."""
+    rng = np.random.default_rng(0)
+    text = rng.normal(size=(30, 6))
+    text[:, 0] *= 5.0  # the leading direction
+    components = text_components(text, 2)
+    centred = text - text.mean(0)
+    assert components.shape == (30, 2)
+    np.testing.assert_allclose(components.mean(0), 0.0, atol=1e-12)
+    assert abs(np.corrcoef(components[:, 0], centred[:, 0])[0, 1]) > 0.99
+    counts = rng.integers(0, 50, 30).astype(np.float64)
+    beta = np.array([-0.3, 0.1, 0.05, -0.02])
+    means = prior_design(counts, components) @ beta
+    prior = offset_prior(offset_prior_terms(means * counts, counts, 1.0, components).sum(0))
+    np.testing.assert_allclose(prior, beta, atol=1e-10)
+    offsets = item_offsets(means * counts, counts, 1.0, 4.0, prior, components)
+    unrated = counts == 0
+    assert unrated.any()
+    np.testing.assert_allclose(offsets[unrated], means[unrated])  # the text's share
 
 
 def test_item_offsets_shrink_toward_the_prior():

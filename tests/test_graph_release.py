@@ -21,6 +21,7 @@ from common.graph.filters import (
     graph_filter,
     offset_prior,
     offset_prior_terms,
+    prior_offsets,
     user_rows,
 )
 from common.graph.release import (
@@ -29,6 +30,7 @@ from common.graph.release import (
     contribution,
     isometry,
     length,
+    prior_covariates,
     ranking_filter,
     rating_settings,
     released,
@@ -395,7 +397,8 @@ def test_round_1_releases_the_users_mean_rating_that_users_means_shrink_toward()
 
 def test_item_offsets_shrink_by_the_noise_on_their_counts():
     """b_i = p_i + (sum_i - N_i p_i) / (N_i + lambda + kappa sigma^2 / N_i): the noisier the
-    counts, the more every offset shrinks toward its prior (the popularity prior, or zero);
+    counts, the more every offset shrinks toward its prior (fitted on the released sums,
+    counts and item texts' principal components, or zero);
     an item whose released count is not positive has its prior alone."""
     config = default_config(task="rating", synthetic_users=120, synthetic_items=60)
     site = load_site(config, 0, 1)
@@ -409,16 +412,20 @@ def test_item_offsets_shrink_by_the_noise_on_their_counts():
         spread = {}
         for sigma in (0.1, 4.0):
             graph = released(config, site.catalogue, 1, total, ItemGraph(), sigma, settings)
-            prior = np.zeros(2)
-            if settings.popularity_prior:  # the fit on the released sums and counts
-                prior = offset_prior(offset_prior_terms(total[:n], counts, sigma).sum(0))
+            at_prior = np.zeros(n)
+            if settings.popularity_prior:  # the fit on the released sums, counts and texts
+                covariates = prior_covariates(config, site.catalogue, settings)
+                assert covariates.shape == (n, settings.text_prior_components)
+                np.testing.assert_array_equal(graph.item_covariates, covariates)
+                terms = offset_prior_terms(total[:n], counts, sigma, covariates)
+                prior = offset_prior(terms.sum(0))
                 np.testing.assert_array_equal(graph.item_prior, prior)
                 assert prior[1] != 0.0
-            at_prior = prior[0] + prior[1] * np.log1p(np.maximum(counts, 0.0))
+                at_prior = prior_offsets(prior, counts, covariates)
             d = counts + shrinkage + kappa * sigma**2 / counts
             expected = at_prior + (total[:n] - counts * at_prior) / d
             np.testing.assert_allclose(graph.item_bias[1:], expected[1:])
-            assert graph.item_bias[0] == prior[0]
+            assert graph.item_bias[0] == at_prior[0]
             spread[sigma] = np.abs(graph.item_bias - at_prior)[1:]
         if not settings.popularity_prior:  # the same prior, zero, under both noises
             assert np.all(spread[4.0] < spread[0.1])

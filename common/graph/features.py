@@ -172,7 +172,7 @@ class GraphFeatures:
     scored from the same row): the model is trained on what it will see for an item the
     user has not rated yet. A rating is also taken back out of the release, through the
     rows the site itself sent: the mean without it, the item's offset without the site's
-    term :math:`w_u (r_{ui} - m^{(1)}_u)` of round 1 (its popularity prior fitted again
+    term :math:`w_u (r_{ui} - m^{(1)}_u)` of round 1 (its prior fitted again
     without it), and the neighbourhood's similarities
     without the user's terms :math:`x_{ui} x_{uj}` of round 2's covariance (in-sample,
     the release leaks the rating, and weights learned on it fit the leak).
@@ -222,10 +222,12 @@ class GraphFeatures:
 
     @cached_property
     def released_prior_terms(self) -> np.ndarray:
-        """Rating: the popularity prior's summed terms over round 1's release
+        """Rating: the offsets' prior's summed terms over round 1's release
         (``offset_prior_terms``)."""
         graph = self.graph
-        return offset_prior_terms(graph.item_sums, graph.degrees, graph.degree_noise).sum(0)
+        return offset_prior_terms(
+            graph.item_sums, graph.degrees, graph.degree_noise, graph.item_covariates
+        ).sum(0)
 
     @property
     def count(self) -> int:
@@ -266,16 +268,18 @@ class GraphFeatures:
         graph = self.graph
         sums, counts = graph.item_sums[items], graph.degrees[items]
         left_sums, left_counts = sums - sent, counts - weight
-        prior = graph.item_prior
+        prior, covariates = graph.item_prior, graph.item_covariates
+        if covariates is not None:
+            covariates = covariates[items]
         if prior is not None:  # fitted again without the rating's term
             noise = graph.degree_noise
             prior = offset_prior(
                 self.released_prior_terms
-                - offset_prior_terms(sums, counts, noise)
-                + offset_prior_terms(left_sums, left_counts, noise)
+                - offset_prior_terms(sums, counts, noise, covariates)
+                + offset_prior_terms(left_sums, left_counts, noise, covariates)
             )
         shrinkages = graph.item_shrinkage, graph.item_noise_shrinkage
-        left_offsets = item_offsets(left_sums, left_counts, *shrinkages, prior)
+        left_offsets = item_offsets(left_sums, left_counts, *shrinkages, prior, covariates)
         neighbourhood = np.zeros(len(users))
         if self.graph.covariance is not None:
             for user in np.unique(users):

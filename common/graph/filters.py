@@ -104,9 +104,11 @@ prior: the public middle of the scale). The sites' item sums
 (:func:`item_offset_sums`; the pair changes by at most :math:`\sqrt2 C`), give
 item offsets :math:`b_i = p_i + (\text{sum}_i - N_i p_i) / (N_i + \lambda + \lambda_\sigma
 / N_i)`, :math:`N_i` the count (:func:`item_offsets`; :math:`\lambda_\sigma` sized to the
-counts' noise): each item's mean shrunk toward a popularity prior :math:`p_i = a + c
-\log(1 + N_i)`, a weighted least-squares fit of the released means on the released counts
-(:func:`offset_prior`), as rarely rated items are often rated lower. The sites then
+counts' noise): each item's mean shrunk toward a prior :math:`p_i = a + c \log(1 + N_i) +
+d^\top z_i`, a weighted least-squares fit of the released means on the released counts
+and, with item text, the public text's principal components :math:`z_i`
+(:func:`offset_prior`, :func:`text_components`), as rarely rated items are often rated
+lower and similar texts rated alike. The sites then
 recompute :math:`m_u` against the released :math:`b_i`, and
 the residual rows :math:`e_{ui} = r_{ui} - m_u - b_i` (:func:`residual_rows`), bounded
 as above, enter a released residual Gram (covariance) matrix. A user's rating is
@@ -673,53 +675,75 @@ def item_offsets(
     shrinkage: float,
     noise_shrinkage: float = 0.0,
     prior: np.ndarray | None = None,
+    covariates: np.ndarray | None = None,
 ) -> np.ndarray:
     r"""Item offsets from users' means, :math:`b_i = p_i + (\text{sum}_i - N_i p_i) / d_i`
     (:func:`offset_denominators`): the mean :math:`\text{sum}_i / N_i` shrunk toward the
-    popularity prior :math:`p_i = a + c \log(1 + N_i)` of the coefficients ``prior``
-    ``[..., 2]`` (:func:`offset_prior`; broadcast against the items), or toward zero
-    (``prior`` None). An item whose :math:`d_i` is infinite gets :math:`p_i`."""
+    prior :math:`p_i` of the coefficients ``prior`` ``[..., p]`` (:func:`prior_offsets`,
+    :func:`offset_prior`; broadcast against the items) and the items' ``covariates``, or
+    toward zero (``prior`` None). An item whose :math:`d_i` is infinite gets :math:`p_i`."""
     denominator = offset_denominators(counts, shrinkage, noise_shrinkage)
     if prior is None:
         return sums / denominator
-    at_prior = prior_offsets(prior, counts)
+    at_prior = prior_offsets(prior, counts, covariates)
     return at_prior + (sums - np.maximum(counts, 0.0) * at_prior) / denominator
 
 
-def prior_offsets(prior: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    r""":math:`p_i = a + c \log(1 + N_i)` of ``prior`` :math:`(a, c)` at ``counts``."""
-    return prior[..., 0] + prior[..., 1] * np.log1p(np.maximum(counts, 0.0))
+def prior_design(counts: np.ndarray, covariates: np.ndarray | None = None) -> np.ndarray:
+    r"""``[..., p]``: the prior's regressors :math:`x_i = (1, \log(1 + N_i), z_i)` of items
+    with ``counts`` :math:`N_i` (floored at zero) and ``covariates`` :math:`z_i` ``[..., q]``
+    (none: :math:`p = 2`)."""
+    positive = np.maximum(counts, 0.0)
+    design = np.stack([np.ones_like(positive), np.log1p(positive)], -1)
+    return design if covariates is None else np.concatenate([design, covariates], -1)
 
 
-def offset_prior_terms(sums: np.ndarray, counts: np.ndarray, noise_std: float) -> np.ndarray:
-    r"""``[n, 5]``: each item's terms :math:`\omega_i (1, x_i, x_i^2, y_i, x_i y_i)` of
-    :func:`offset_prior`'s weighted least squares, :math:`y_i = \text{sum}_i / N_i`
-    (the item's raw mean), :math:`x_i = \log(1 + N_i)` and :math:`\omega_i = N_i^2 / (N_i +
-    \sigma^2)` (its precision, for unit variance per rating and noise of std
-    :math:`\sigma` on the sum); zero where :math:`N_i \le 0`."""
+def prior_offsets(
+    prior: np.ndarray, counts: np.ndarray, covariates: np.ndarray | None = None
+) -> np.ndarray:
+    r""":math:`p_i = x_i^\top \beta` (:func:`prior_design`) of the coefficients ``prior``
+    :math:`\beta`: :math:`a + c \log(1 + N_i) + d^\top z_i`."""
+    return np.sum(prior_design(counts, covariates) * prior, -1)
+
+
+def offset_prior_terms(
+    sums: np.ndarray,
+    counts: np.ndarray,
+    noise_std: float,
+    covariates: np.ndarray | None = None,
+) -> np.ndarray:
+    r"""``[n, p, p + 1]``: each item's terms :math:`\omega_i x_i (x_i^\top, y_i)` of
+    :func:`offset_prior`'s weighted least squares, :math:`x_i` its regressors
+    (:func:`prior_design`), :math:`y_i = \text{sum}_i / N_i` its raw mean and
+    :math:`\omega_i = N_i^2 / (N_i + \sigma^2)` its precision (for unit variance per
+    rating and noise of std :math:`\sigma` on the sum); zero where :math:`N_i \le 0`."""
     positive = np.maximum(counts, 0.0)
     known = positive > 0
     mean = np.divide(sums, positive, out=np.zeros(len(sums)), where=known)
     weight = np.divide(positive**2, positive + noise_std**2, out=np.zeros(len(sums)), where=known)
-    x = np.log1p(positive)
-    return np.stack([weight, weight * x, weight * x * x, weight * mean, weight * x * mean], -1)
+    design = prior_design(counts, covariates)
+    targets = np.concatenate([design, mean[:, None]], -1)
+    return weight[:, None, None] * design[:, :, None] * targets[:, None, :]
 
 
 def offset_prior(terms: np.ndarray) -> np.ndarray:
-    r"""``[..., 2]``: the popularity prior's coefficients :math:`(a, c)`, the weighted
-    least-squares fit of the items' raw means on :math:`\log(1 + N_i)` from their summed
-    :func:`offset_prior_terms` ``[..., 5]``: where items of every popularity are rated
-    alike, :math:`c \approx 0` and the prior is their mean offset; where rarely rated items
-    are rated lower (MovieLens), it says so. The weighted mean (:math:`c = 0`) where the
-    counts do not vary, and :math:`(0, 0)` without any positive count."""
-    w, wx, wxx, wy, wxy = np.moveaxis(terms, -1, 0)
-    determinant = w * wxx - wx**2
-    varies = determinant > 1e-9 * w * wxx
-    safe = np.where(varies, determinant, 1.0)
-    mean = np.divide(wy, w, out=np.zeros(np.shape(w)), where=w > 0)
-    intercept = np.where(varies, (wxx * wy - wx * wxy) / safe, mean)
-    slope = np.where(varies, (w * wxy - wx * wy) / safe, 0.0)
-    return np.stack([intercept, slope], -1)
+    r"""``[..., p]``: the prior's coefficients :math:`\beta = (\sum_i \omega_i x_i
+    x_i^\top)^+ \sum_i \omega_i x_i y_i`, the weighted least-squares fit of the items' raw
+    means on their regressors, from their summed :func:`offset_prior_terms` ``[..., p, p +
+    1]``: where items of every popularity are rated alike, :math:`c \approx 0` and the
+    prior is their mean offset; where rarely rated items are rated lower (MovieLens), it
+    says so. The pseudo-inverse gives the least-norm fit where the regressors do not vary
+    (the weighted mean, where no count does), and zero without any positive count."""
+    gram, moments = terms[..., :-1], terms[..., -1:]
+    return (np.linalg.pinv(gram, rtol=1e-9, hermitian=True) @ moments)[..., 0]
+
+
+def text_components(text: np.ndarray, count: int) -> np.ndarray:
+    r"""``[n, count]``: the items' coordinates :math:`z_i` on the top ``count`` principal
+    components of their text vectors (centred), public regressors of :func:`offset_prior`."""
+    centred = text.astype(np.float64) - text.mean(0, dtype=np.float64)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    return centred @ components[:count].T
 
 
 def offset_denominators(

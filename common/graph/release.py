@@ -38,7 +38,9 @@ site.
    \sqrt{|N(u)|}))`, and :math:`c \sum_u \delta_u`, :math:`c \sum_u 1` with
    :math:`\delta_u \in [-1, 1]` the user's mean rating's place on the scale
    (:func:`global_mean_sums`); sensitivity :math:`\sqrt 2 \sqrt{C_1^2 + c^2}`.
-   Released: the item offsets :math:`b_i` and the global mean :math:`\mu`, toward
+   Released: the item offsets :math:`b_i` (shrunk toward a prior fitted on the
+   released sums, counts and, with item text, the texts' principal components, which
+   the server computes from the public catalogue) and the global mean :math:`\mu`, toward
    which every user's mean is shrunk from then on (before it was released, the
    middle of the scale);
 2. round 2: the covariance :math:`\sum_u e_u e_u^\top` of each user's
@@ -89,12 +91,14 @@ from common.graph.filters import (
     offset_prior_terms,
     residual_rows,
     symmetric,
+    text_components,
     top_items,
     user_means,
     user_rows,
     with_ease,
     without_negative_entries,
 )
+from common.text import item_text_vectors
 
 STATISTICS_ROUNDS = 2
 """Rounds 1 and 2 of a run with an item graph; training rounds, if any, follow."""
@@ -108,9 +112,12 @@ class RatingNeighbourhood:
     Attributes:
         item_shrinkage, user_shrinkage: shrinkage of the item offsets toward their prior
             (:math:`\\lambda`) and of the users' means toward the released global mean.
-        popularity_prior: shrink the item offsets toward the popularity prior
-            :math:`p_i = a + c \\log(1 + N_i)` fitted on the released sums and counts
+        popularity_prior: shrink the item offsets toward the prior :math:`p_i = a + c
+            \\log(1 + N_i) + d^\\top z_i` fitted on the released sums and counts
             (``common.graph.filters.offset_prior``; post-processing), not toward zero.
+        text_prior_components: with item text, the prior's :math:`z_i`: the items'
+            coordinates on this many principal components of their text vectors
+            (``common.graph.filters.text_components``; public); 0: popularity alone.
         count_noise_shrinkage: :math:`\\kappa`, the item offsets' further shrinkage
             :math:`\\kappa \\sigma^2 / N_i` (``common.graph.filters.offset_denominators``),
             :math:`\\sigma` the standard deviation of the noise on the released counts
@@ -138,6 +145,7 @@ class RatingNeighbourhood:
     text_neighbours: int = 50
     text_damping: float = 10.0
     popularity_prior: bool = True
+    text_prior_components: int = 8
 
 
 RATING_WITH_DP = RatingNeighbourhood(1.0, 0.5, 80, 50.0, None, item_shrinkage=0.3)
@@ -159,6 +167,18 @@ noise."""
 
 def rating_settings(config: RunConfig) -> RatingNeighbourhood:
     return RATING_WITH_DP if config.dp else RATING_WITHOUT_DP
+
+
+def prior_covariates(
+    config: RunConfig, catalogue: Catalogue, settings: RatingNeighbourhood
+) -> np.ndarray | None:
+    """The item offsets' prior's regressors besides popularity: the catalogue's text
+    vectors' top ``settings.text_prior_components`` principal components (public; None
+    without item text)."""
+    text = item_text_vectors(catalogue, config)
+    if text is None or not settings.text_prior_components:
+        return None
+    return text_components(text, settings.text_prior_components)
 
 
 @dataclass(frozen=True)
@@ -315,6 +335,9 @@ class ItemGraph:
             and :math:`\lambda_\sigma` the item offsets were released with, and the
             coefficients of the prior they shrink toward, None: zero (rating;
             ``common.graph.filters.item_offsets``).
+        item_covariates: the prior's public regressors besides popularity, the item
+            texts' principal components ``[num_items, q]`` (rating, with item text;
+            ``common.graph.filters.text_components``), or None.
         covariance, co_counts: the residuals' covariance and, without DP, their
             co-rating weights (rating), from round 2, as released.
         diagonal_floor, co_count_shrinkage: how :attr:`similarity` is computed from them.
@@ -340,6 +363,7 @@ class ItemGraph:
     item_noise_shrinkage: float = 0.0
     item_sums: np.ndarray | None = None
     item_prior: np.ndarray | None = None
+    item_covariates: np.ndarray | None = None
     covariance: np.ndarray | None = None
     co_counts: np.ndarray | None = None
     diagonal_floor: float = 1e-12
@@ -352,7 +376,9 @@ class ItemGraph:
         if self.item_sums is None:
             return None
         shrinkages = self.item_shrinkage, self.item_noise_shrinkage
-        return item_offsets(self.item_sums, self.degrees, *shrinkages, self.item_prior)
+        return item_offsets(
+            self.item_sums, self.degrees, *shrinkages, self.item_prior, self.item_covariates
+        )
 
     @cached_property
     def similarity(self) -> np.ndarray | None:
@@ -551,9 +577,11 @@ def released(
         sums, counts = total[:n], total[n : 2 * n]
         shrinkage = settings.item_shrinkage
         noise_shrinkage = settings.count_noise_shrinkage * noise_std**2
-        prior = None
+        prior = covariates = None
         if settings.popularity_prior:
-            prior = offset_prior(offset_prior_terms(sums, counts, noise_std).sum(0))
+            covariates = prior_covariates(config, catalogue, settings)
+            terms = offset_prior_terms(sums, counts, noise_std, covariates)
+            prior = offset_prior(terms.sum(0))
         return replace(
             graph,
             items=np.arange(n),
@@ -563,6 +591,7 @@ def released(
             item_noise_shrinkage=noise_shrinkage,
             item_sums=sums,
             item_prior=prior,
+            item_covariates=covariates,
             global_mean=global_mean(total[2 * n :]),
         )
     if config.task == "rating":
