@@ -128,7 +128,7 @@ TEXT_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
 RATING_TEXT_WEIGHTS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 APP_DP = "the app's filter, text part gamma = 0.3"
 GOWALLA_RANKS = (256, 384, 512, 640)
-OFFSET_SHRINKAGES = tuple(itertools.product((0.0, 0.3, 1.0), (3.0, 4.0, 5.0, 6.0, 8.0)))
+OFFSET_SHRINKAGES = tuple(itertools.product((0.0, 0.3, 1.0), (3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0)))
 USER_SHRINKAGES = (2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0)
 TEXT_PRIOR_COMPONENTS = (0, 4, 16)
 COVARIANCE_NEIGHBOURHOODS = {
