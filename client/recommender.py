@@ -18,7 +18,7 @@ scored the same way from the interactions given (fold-in: no training).
   .. math:: \hat r_{ui} - \sqrt{(1 + \sigma^2 / c_i) / c_i}, \qquad c_i \ge 1,
 
   one star of spread per rating plus the noise. The item offsets are already
-  shrunk toward zero (``common.graph.release``), but the largest of 1,682
+  shrunk toward their prior (``common.graph.release``), but the largest of 1,682
   noisy offsets is mostly noise: without the bound an item with one or two
   lucky ratings (or lucky DP noise) tops every list. Predictions shown and
   returned by :meth:`Recommender.predict` are the predicted ratings themselves,
@@ -27,8 +27,9 @@ scored the same way from the interactions given (fold-in: no training).
 Items the released graph does not cover, and (with ``exclude_seen``) the
 items the user already has, are not recommended. With ``item-graph =
 "filter+gcn"`` and item text, items nobody touched are scored through their
-text; the filter alone scores them by its text part only without DP, where it covers
-every item (under DP it covers the items of largest released degree).
+text; for ranking the filter alone scores them by its text part only without DP,
+where it covers every item (under DP it covers the items of largest released degree),
+and for ratings through their offsets' prior and text neighbourhood at any privacy.
 """
 
 from __future__ import annotations

@@ -439,11 +439,13 @@ MIN_SECAGG_BITS, MAX_SECAGG_BITS = 16, 30
 """SecAgg+ holds each site's integers as int32 and the sites' count times 2^bits in 2^32."""
 
 
-def auto_pipeline(dp: bool) -> str:
-    """``item-graph = "auto"``: without DP the learned model on the item graph
-    (``"filter+gcn"``), under DP the filter alone: what validated better for both tasks
-    (``simulations/item_graph_benchmark.py --cases pipelines``, README *Results*)."""
-    return "filter" if dp else "filter+gcn"
+def auto_pipeline(task: str, dp: bool) -> str:
+    """``item-graph = "auto"``: the learned model on the item graph (``"filter+gcn"``),
+    but for ranking under DP, where the filter alone validated better; for ratings under
+    DP the two validate within their runs' spread, the learned model at or below the
+    filter (``simulations/item_graph_benchmark.py --cases pipelines``, README
+    *Results*)."""
+    return "filter" if task == "ranking" and dp else "filter+gcn"
 
 
 def _pipeline(values: Mapping[str, Any]) -> str:
@@ -451,7 +453,8 @@ def _pipeline(values: Mapping[str, Any]) -> str:
     pipeline = _typed("item-graph", values["item-graph"], "str")
     if pipeline != "auto":
         return pipeline
-    return auto_pipeline(_typed("dp", values["dp"], "bool"))
+    task = _typed("task", values["task"], "str")
+    return auto_pipeline(task, _typed("dp", values["dp"], "bool"))
 
 
 def auto_delta(max_users_per_site: int) -> float:
