@@ -29,7 +29,8 @@ items the user already has, are not recommended. With ``item-graph =
 "filter+gcn"`` and item text, items nobody touched are scored through their
 text; for ranking the filter alone scores them by its text part only without DP,
 where it covers every item (under DP it covers the items of largest released degree),
-and for ratings through their offsets' prior and text neighbourhood at any privacy.
+and for ratings through their offsets' prior and text neighbourhood at any privacy
+(too low: the README's *The item graph*, items nobody rated).
 """
 
 from __future__ import annotations
