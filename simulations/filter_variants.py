@@ -45,11 +45,13 @@ Cases (``--cases``, each writes its own key of the results):
   shrunk toward zero instead of their prior, and the prior of popularity alone, on the built-in
   synthetic ratings at epsilon 8, with and without the text neighbourhood (test RMSE over
   the global mean's): a check on other data of what u1's validation chose.
-- ``cold-ratings``: MovieLens-100K u1 with a tenth of the catalogue held out of
-  training (``cold-item-fraction = 0.1``): the app's predictor's RMSE on those items'
-  test ratings, the offsets' prior with and without the text components, and the
-  offsets toward zero, without DP and at epsilon 8 once on the sum (``--seeds``
-  draws). The cold split is test data: measured once, it chooses nothing.
+- ``cold-ratings``: the app's rating predictor on items nobody rated in training
+  (MovieLens-100K u1): a tenth of the items held out of u1.base, scored on their
+  u1.base ratings (validation, which chooses), and a tenth of the catalogue held out
+  of everything (``cold-item-fraction = 0.1``), scored once on its test ratings;
+  unrated items at the rated items' mean popularity or at ``log(1 + 0)`` in the
+  offsets' prior, popularity alone, and the offsets toward zero; without DP and at
+  epsilon 8 once on the sum (``--seeds`` draws).
 - ``gowalla``: Gowalla without DP (5,000 validation users, as the search):
   the app's filter (beta 1/2) sharpened within its top-k eigenvectors by one
   RK4 step of BSPM's ODE over a time T (``common.graph.filters.spectral_filter``,
@@ -492,38 +494,57 @@ def synthetic_ratings() -> dict:
 
 
 def cold_ratings(seeds: int) -> dict:
-    """RMSE of the app's rating predictor on the test ratings of items held out of all
-    training (a tenth of the catalogue), whose offsets are their prior alone: with the
-    item texts' components in it (the app's), of popularity alone, and toward zero;
-    without DP and at epsilon 8 with the noise once on the sum."""
+    """RMSE of the app's rating predictor on items nobody rated in training, whose offsets
+    are their prior alone: an unrated item at the rated items' mean popularity or at
+    ``log(1 + 0)`` (the app's is the first without DP, the second under DP), the prior of
+    popularity alone, and the offsets toward zero; without DP and at epsilon 8 with the
+    noise once on the sum. On validation, which chooses: a tenth of the items held out of
+    u1.base, scored on their u1.base ratings; on test, measured once: a tenth of the
+    catalogue held out of everything (``cold-item-fraction = 0.1``), its test ratings."""
     results: dict[str, list[float]] = {}
     for privacy, changes in (
         ("no DP", {"dp": False}),
         ("epsilon 8", {"target_epsilon": EPSILON, "delta": DELTA}),
     ):
-        config = data_config(  # "filter+gcn" lets the split hold cold items out; the
-            # rows score the graph's own predictor, released as the filter's (one_site_graph)
-            "ml-100k",
-            split="u1",
-            item_graph="filter+gcn",
-            cold_item_fraction=0.1,
-            **changes,
+        config = data_config("ml-100k", split="u1", item_graph="filter", **changes)
+        full = load_site(config, 0, 1)
+        held = np.random.default_rng(100).random(full.catalogue.num_items) < 0.1
+        warm = dataclasses.replace(
+            full,
+            train=full.train.select(~held[full.train.item]),
+            val=full.val.select(~held[full.val.item]),
         )
-        site = load_site(config, 0, 1)
-        text = item_text_vectors(site.catalogue, config)
+        cold = load_site(  # "filter+gcn" lets the split hold cold items out; the rows
+            # score the graph's own predictor, released as the filter's (one_site_graph)
+            config.replace(item_graph="filter+gcn", cold_item_fraction=0.1),
+            0,
+            1,
+        )
+        splits = {
+            "validation": (warm, full.train.select(held[full.train.item])),
+            "test": (cold, cold.cold),
+        }
+        text = item_text_vectors(full.catalogue, config)
         app = rating_settings(config)
         trials = {
-            "the app's": app,
-            "popularity alone": dataclasses.replace(app, text_prior_components=0),
-            "toward zero": dataclasses.replace(app, popularity_prior=False),
+            "unrated at the mean popularity": {"unrated_at_mean_popularity": True},
+            "unrated at log(1 + 0)": {"unrated_at_mean_popularity": False},
+            "popularity alone, unrated at log(1 + 0)": {
+                "unrated_at_mean_popularity": False,
+                "text_prior_components": 0,
+            },
+            "toward zero": {"popularity_prior": False},
         }
-        for name, settings in trials.items():
+        for (split, (site, pairs)), (name, trial) in itertools.product(
+            splits.items(), trials.items()
+        ):
+            settings = dataclasses.replace(app, **trial)
             for seed in range(seeds if config.dp else 1):
                 rng = np.random.default_rng(seed) if config.dp else None
                 graph = one_site_graph(config, site, rng, 1, settings)
-                predicted = GraphFeatures(graph, site, settings, text).predict(site.cold)
-                rmse = float(np.sqrt(np.mean((predicted - site.cold.rating) ** 2)))
-                results.setdefault(f"{privacy}: {name}", []).append(rmse)
+                predicted = GraphFeatures(graph, site, settings, text).predict(pairs)
+                rmse = float(np.sqrt(np.mean((predicted - pairs.rating) ** 2)))
+                results.setdefault(f"{privacy}, {split}: {name}", []).append(rmse)
     return {name: spread(v) for name, v in results.items()}
 
 

@@ -21,6 +21,7 @@ from common.graph.filters import (
     item_offsets,
     item_sum,
     keep_top_per_row,
+    mean_popularity,
     neighbourhood_residuals,
     offset_prior,
     offset_prior_terms,
@@ -312,6 +313,21 @@ def test_the_prior_fits_the_text_components_too():
     unrated = counts == 0
     assert unrated.any()
     np.testing.assert_allclose(offsets[unrated], means[unrated])  # the text's share
+
+
+def test_an_unrated_item_can_take_the_rated_items_mean_popularity():
+    """mean_popularity is the precision-weighted mean of log(1 + N_i) over rated items; an
+    item without a positive count takes it in place of log(1 + 0), a rated one keeps its
+    own."""
+    counts = np.array([-0.5, 0.0, 3.0, 40.0])
+    sums = np.array([0.3, 0.0, 0.6, -4.0])
+    terms = offset_prior_terms(sums, counts, 1.0).sum(0)
+    weights = counts[2:] ** 2 / (counts[2:] + 1.0)
+    expected = np.sum(weights * np.log1p(counts[2:])) / weights.sum()
+    assert mean_popularity(terms) == pytest.approx(expected)
+    assert mean_popularity(np.zeros((2, 3))) == 0.0
+    design = prior_design(counts, unrated_popularity=expected)
+    np.testing.assert_allclose(design[:, 1], [expected, expected, np.log(4.0), np.log(41.0)])
 
 
 def test_item_offsets_shrink_toward_the_prior():

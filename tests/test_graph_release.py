@@ -431,18 +431,24 @@ def test_item_offsets_shrink_by_the_noise_on_their_counts():
             assert np.all(spread[4.0] < spread[0.1])
 
 
-def test_a_training_ratings_offset_is_the_noisy_release_without_its_term():
+@pytest.mark.parametrize("dp", [True, False])
+def test_a_training_ratings_offset_is_the_noisy_release_without_its_term(dp):
     """The learned model's training features take a rating's own term out of the noisy
-    release: the offset is what the same noisy sums give without the term."""
-    config = default_config(task="rating", synthetic_users=120, synthetic_items=60)
+    release: the offset is what the same noisy sums give without the term (without DP
+    the prior gives an unrated item the rated items' mean popularity, refitted too)."""
+    config = default_config(task="rating", synthetic_users=120, synthetic_items=60, dp=dp)
     site = load_site(config, 0, 1)
     n, sigma = site.catalogue.num_items, 0.7
     noisy = contribution(config, site, 1, ItemGraph())
     noisy += np.random.default_rng(0).normal(0.0, sigma, noisy.shape)
     graph = released(config, site.catalogue, 1, noisy, ItemGraph(), sigma)
+    sent = GraphFeatures(graph, site, rating_settings(config)).sent
+    lone = site.train.item[5]  # its count is row 5's weight alone: left out, it is unrated
+    noisy[n + lone] = sent.first_weights[site.train.user[5]]
+    graph = released(config, site.catalogue, 1, noisy, ItemGraph(), sigma)
     features = GraphFeatures(graph, site, rating_settings(config))
-    sent = features.sent
-    for row in (0, 17, 40):
+    assert (graph.item_unrated_popularity is None) == dp
+    for row in (0, 5, 17, 40):
         user, item = site.train.user[row : row + 1], site.train.item[row : row + 1]
         rating = site.catalogue.to_reference_scale(site.train.rating[row : row + 1])
         weight = sent.first_weights[user[0]]

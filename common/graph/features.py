@@ -23,6 +23,7 @@ from common.graph.filters import (
     bounded_rows,
     cosine_block,
     item_offsets,
+    mean_popularity,
     neighbour_mean,
     neighbourhood_residuals,
     offset_prior,
@@ -269,17 +270,21 @@ class GraphFeatures:
         sums, counts = graph.item_sums[items], graph.degrees[items]
         left_sums, left_counts = sums - sent, counts - weight
         prior, covariates = graph.item_prior, graph.item_covariates
+        unrated = graph.item_unrated_popularity
         if covariates is not None:
             covariates = covariates[items]
         if prior is not None:  # fitted again without the rating's term
             noise = graph.degree_noise
-            prior = offset_prior(
+            terms = (
                 self.released_prior_terms
                 - offset_prior_terms(sums, counts, noise, covariates)
                 + offset_prior_terms(left_sums, left_counts, noise, covariates)
             )
+            prior = offset_prior(terms)
+            if unrated is not None:
+                unrated = mean_popularity(terms)
         shrinkages = graph.item_shrinkage, graph.item_noise_shrinkage
-        left_offsets = item_offsets(left_sums, left_counts, *shrinkages, prior, covariates)
+        left_offsets = item_offsets(left_sums, left_counts, *shrinkages, prior, covariates, unrated)
         neighbourhood = np.zeros(len(users))
         if self.graph.covariance is not None:
             for user in np.unique(users):

@@ -676,34 +676,47 @@ def item_offsets(
     noise_shrinkage: float = 0.0,
     prior: np.ndarray | None = None,
     covariates: np.ndarray | None = None,
+    unrated_popularity: float | np.ndarray | None = None,
 ) -> np.ndarray:
     r"""Item offsets from users' means, :math:`b_i = p_i + (\text{sum}_i - N_i p_i) / d_i`
     (:func:`offset_denominators`): the mean :math:`\text{sum}_i / N_i` shrunk toward the
     prior :math:`p_i` of the coefficients ``prior`` ``[..., p]`` (:func:`prior_offsets`,
-    :func:`offset_prior`; broadcast against the items) and the items' ``covariates``, or
-    toward zero (``prior`` None). An item whose :math:`d_i` is infinite gets :math:`p_i`."""
+    :func:`offset_prior`; broadcast against the items), the items' ``covariates`` and
+    ``unrated_popularity``, or toward zero (``prior`` None). An item whose :math:`d_i` is
+    infinite gets :math:`p_i`."""
     denominator = offset_denominators(counts, shrinkage, noise_shrinkage)
     if prior is None:
         return sums / denominator
-    at_prior = prior_offsets(prior, counts, covariates)
+    at_prior = prior_offsets(prior, counts, covariates, unrated_popularity)
     return at_prior + (sums - np.maximum(counts, 0.0) * at_prior) / denominator
 
 
-def prior_design(counts: np.ndarray, covariates: np.ndarray | None = None) -> np.ndarray:
+def prior_design(
+    counts: np.ndarray,
+    covariates: np.ndarray | None = None,
+    unrated_popularity: float | np.ndarray | None = None,
+) -> np.ndarray:
     r"""``[..., p]``: the prior's regressors :math:`x_i = (1, \log(1 + N_i), z_i)` of items
     with ``counts`` :math:`N_i` (floored at zero) and ``covariates`` :math:`z_i` ``[..., q]``
-    (none: :math:`p = 2`)."""
+    (none: :math:`p = 2`); an item without a positive count at ``unrated_popularity`` in
+    place of :math:`\log(1 + N_i) = 0` where given (:func:`mean_popularity`)."""
     positive = np.maximum(counts, 0.0)
-    design = np.stack([np.ones_like(positive), np.log1p(positive)], -1)
+    popularity = np.log1p(positive)
+    if unrated_popularity is not None:
+        popularity = np.where(positive > 0, popularity, unrated_popularity)
+    design = np.stack([np.ones_like(positive), popularity], -1)
     return design if covariates is None else np.concatenate([design, covariates], -1)
 
 
 def prior_offsets(
-    prior: np.ndarray, counts: np.ndarray, covariates: np.ndarray | None = None
+    prior: np.ndarray,
+    counts: np.ndarray,
+    covariates: np.ndarray | None = None,
+    unrated_popularity: float | np.ndarray | None = None,
 ) -> np.ndarray:
     r""":math:`p_i = x_i^\top \beta` (:func:`prior_design`) of the coefficients ``prior``
     :math:`\beta`: :math:`a + c \log(1 + N_i) + d^\top z_i`."""
-    return np.sum(prior_design(counts, covariates) * prior, -1)
+    return np.sum(prior_design(counts, covariates, unrated_popularity) * prior, -1)
 
 
 def offset_prior_terms(
@@ -736,6 +749,15 @@ def offset_prior(terms: np.ndarray) -> np.ndarray:
     (the weighted mean, where no count does), and zero without any positive count."""
     gram, moments = terms[..., :-1], terms[..., -1:]
     return (np.linalg.pinv(gram, rtol=1e-9, hermitian=True) @ moments)[..., 0]
+
+
+def mean_popularity(terms: np.ndarray) -> np.ndarray:
+    r"""``[...]``: the rated items' mean popularity :math:`\sum_i \omega_i \log(1 + N_i) /
+    \sum_i \omega_i` from their summed :func:`offset_prior_terms`, the popularity an item
+    without a positive count is given when its count says it is new rather than rare
+    (zero without any positive count)."""
+    weight, popularity = terms[..., 0, 0], terms[..., 0, 1]
+    return np.divide(popularity, weight, out=np.zeros(np.shape(weight)), where=weight > 0)
 
 
 def text_components(text: np.ndarray, count: int) -> np.ndarray:
