@@ -28,8 +28,9 @@ Cases (``--cases``, each writes its own key of the results):
   predictor, and EASE's regression of the residuals on each other
   (:math:`\\hat e_u = e_u B`, ``B`` from the released covariance) added with
   weights ``a`` (the neighbourhood) and ``b`` (EASE's part); the app's predictor with
-  the item offsets shrunk toward zero instead of their prior, and with the prior over
-  each of :data:`TEXT_PRIOR_COMPONENTS` text components (0: popularity alone); and the text
+  the item offsets shrunk toward zero instead of their prior, with the prior over
+  each of :data:`TEXT_PRIOR_COMPONENTS` text components (0: popularity alone), and with
+  an unrated item at ``log(1 + 0)`` instead of the mean popularity; and the text
   neighbourhood (``common.graph.features.GraphFeatures``: the user's residuals
   weighted by the item texts' similarity) at each weight, neighbours and damping; and
   the covariance neighbourhood's neighbours and damping, the text neighbourhood at the
@@ -382,6 +383,10 @@ def movielens_ratings() -> dict:
             rating_parts(config, site, one_site_graph(config, site, None, 1, toward_zero)).sum(1),
         ),
     }
+    unrated = dataclasses.replace(rating_settings(config), unrated_at_mean_popularity=False)
+    results["the app's, unrated items at log(1 + 0)"] = validation_rmse(
+        site, rating_parts(config, site, one_site_graph(config, site, None, 1, unrated)).sum(1)
+    )
     for count in TEXT_PRIOR_COMPONENTS:
         trial = dataclasses.replace(rating_settings(config), text_prior_components=count)
         graph_of_trial = one_site_graph(config, site, None, 1, trial)
@@ -428,7 +433,8 @@ def rating_shrinkages(config, site, seeds: int) -> dict:
     the users' means shrunk by each of :data:`USER_SHRINKAGES` (the offsets at the app's),
     and by the rules before (offsets by ``max(3, 3.5 sigma)``, users' means by 5),
     with the offsets shrunk toward zero instead of their prior, and with the prior over
-    each of :data:`TEXT_PRIOR_COMPONENTS` text components (0: popularity alone); the
+    each of :data:`TEXT_PRIOR_COMPONENTS` text components (0: popularity alone) and with
+    an unrated item at the rated items' mean popularity in it; the
     noise once on the sum and at each of 10 sites, the same draws for every setting. Next
     to them, the app's user mean and item offset alone, of the same release: the DP
     baseline the whole predictor must beat, under either noise."""
@@ -449,6 +455,9 @@ def rating_shrinkages(config, site, seeds: int) -> dict:
         for count in TEXT_PRIOR_COMPONENTS:
             name = f"{placement}: the prior with {count} text components"
             settings[name] = {"text_prior_components": count}
+        settings[f"{placement}: unrated items at the mean popularity"] = {
+            "unrated_at_mean_popularity": True
+        }
         settings[f"{placement}: the app's"] = {}
         parts_of: dict[tuple[int, RatingNeighbourhood], np.ndarray] = {}  # the app's, once
         for seed, (name, changes) in itertools.product(range(seeds), settings.items()):
@@ -516,7 +525,9 @@ def cold_ratings(seeds: int) -> dict:
         )
         cold = load_site(  # "filter+gcn" lets the split hold cold items out; the rows
             # score the graph's own predictor, released as the filter's (one_site_graph)
-            config.replace(item_graph="filter+gcn", cold_item_fraction=0.1),
+            data_config(
+                "ml-100k", split="u1", item_graph="filter+gcn", cold_item_fraction=0.1, **changes
+            ),
             0,
             1,
         )

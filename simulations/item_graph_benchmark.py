@@ -358,7 +358,7 @@ choose nothing in a run)."""
 LEARNED_TEST = {
     "implicit": {"no DP": LEARNED["no DP"] | {"num_server_rounds": 19}},
     "u1": {
-        "no DP": LEARNED["no DP"] | {"num_server_rounds": 23},
+        "no DP": LEARNED["no DP"] | {"num_server_rounds": 28},
         "secure sum": LEARNED["secure sum"] | {"num_server_rounds": 10},
     },
 }
