@@ -30,7 +30,7 @@ items the user already has, are not recommended. With ``item-graph =
 text; for ranking the filter alone scores them by its text part only without DP,
 where it covers every item (under DP it covers the items of largest released degree),
 and for ratings through their offsets' prior and text neighbourhood at any privacy
-(too low: the README's *The item graph*, items nobody rated).
+(under DP too low: the README's *The item graph*, items nobody rated).
 """
 
 from __future__ import annotations
