@@ -51,8 +51,9 @@ Cases (``--cases``, each writes its own key of the results):
   u1.base ratings (validation, which chooses), and a tenth of the catalogue held out
   of everything (``cold-item-fraction = 0.1``), scored once on its test ratings;
   unrated items at the rated items' mean popularity or at ``log(1 + 0)`` in the
-  offsets' prior, popularity alone, and the offsets toward zero; without DP and at
-  epsilon 8 once on the sum (``--seeds`` draws).
+  offsets' prior, popularity alone, and the offsets toward zero; against the global
+  mean and the same release's user mean + item offset (the bias baseline); without DP
+  and at epsilon 8 once on the sum (``--seeds`` draws).
 - ``gowalla``: Gowalla without DP (5,000 validation users, as the search):
   the app's filter (beta 1/2) sharpened within its top-k eigenvectors by one
   RK4 step of BSPM's ODE over a time T (``common.graph.filters.spectral_filter``,
@@ -92,6 +93,7 @@ from matplotlib.figure import Figure
 
 from common.config import default_config
 from common.data import load_site
+from common.evaluation import rating_metrics
 from common.graph.features import GraphFeatures, covered_text_sums, text_neighbours, text_scale
 from common.graph.filters import (
     ItemFilter,
@@ -553,9 +555,19 @@ def cold_ratings(seeds: int) -> dict:
             for seed in range(seeds if config.dp else 1):
                 rng = np.random.default_rng(seed) if config.dp else None
                 graph = one_site_graph(config, site, rng, 1, settings)
-                predicted = GraphFeatures(graph, site, settings, text).predict(pairs)
-                rmse = float(np.sqrt(np.mean((predicted - pairs.rating) ** 2)))
-                results.setdefault(f"{privacy}, {split}: {name}", []).append(rmse)
+                features = GraphFeatures(graph, site, settings, text)
+                predicted = features.predict(pairs)
+                results.setdefault(f"{privacy}, {split}: {name}", []).append(
+                    rating_metrics(predicted - pairs.rating)["rmse"]
+                )
+                if name == "toward zero":  # the bias model of the same release: the baseline
+                    parts = features.of_pairs(pairs.user, pairs.item)[:, :2].sum(1)
+                    errors = site.catalogue.from_reference_scale(parts) - pairs.rating
+                    baseline = f"{privacy}, {split}: user mean + item offset (bias baseline)"
+                    results.setdefault(baseline, []).append(rating_metrics(errors)["rmse"])
+        for split, (site, pairs) in splits.items():
+            errors = site.train.rating.mean() - pairs.rating
+            results[f"{privacy}, {split}: global mean"] = [rating_metrics(errors)["rmse"]]
     return {name: spread(v) for name, v in results.items()}
 
 
