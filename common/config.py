@@ -99,6 +99,7 @@ class RunConfig:
     item_graph_ease_weight: float | str
     item_graph_ease_ridge: float | str
     item_graph_sharpening: float | str
+    item_graph_alpha_decay: float | str
     item_graph_text_weight: float | str
     item_graph_degree_bound: float
     item_graph_degree_share: float | None
@@ -289,6 +290,7 @@ class RunConfig:
             ("item-graph-ease-weight", self.item_graph_ease_weight, 0),
             ("item-graph-ease-ridge", self.item_graph_ease_ridge, 0),
             ("item-graph-sharpening", self.item_graph_sharpening, 0),
+            ("item-graph-alpha-decay", self.item_graph_alpha_decay, 0),
             ("item-graph-text-weight", self.item_graph_text_weight, 0),
             ("item-graph-top-per-row", self.item_graph_top_per_row, 1),
         ):

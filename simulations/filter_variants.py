@@ -11,8 +11,10 @@ Cases (``--cases``, each writes its own key of the results):
 - ``ml-no-dp``: MovieLens-100K implicit without DP: the app's filter (its EASE
   part included) with the item text's part at the weights ``gamma`` of
   :data:`TEXT_WEIGHTS` (``common.graph.features.GraphFeatures``; 0: none, the rule
-  before) and BSPM-style sharpening of its score, ``s - c s L``
-  (Choi et al., SIGIR 2023: one Euler step of ``ds/dt = -s L``).
+  before), the app's filter with its low-pass weight decaying with the user's number
+  of items (``decayed_variants``, the app's ``item-graph-alpha-decay``), and BSPM-style
+  sharpening of its score, ``s - c s L`` (Choi et al., SIGIR 2023: one Euler step of
+  ``ds/dt = -s L``).
 - ``ml-dp``: the same data at epsilon 8 (delta 1e-5), noise once on the
   federation's sum (what the secure sum gives), the tuned secure-sum row's
   release (the top 300 items, degree share 0.1), ``--seeds`` noise draws: the
@@ -23,7 +25,8 @@ Cases (``--cases``, each writes its own key of the results):
   its eigenvalues shrunk, ``max(lambda - tau lambda_1, 0)``; and with per-site
   noise (10 sites, the tuned per-site release: 150 items, beta 0, rank 8) the
   Gram as released (the app's) and with its negative entries at zero, and the
-  app's with the text part at each weight.
+  app's with the text part at each weight; and the app's filter with its low-pass weight
+  decaying (``decayed_variants``).
 - ``u1``: MovieLens-100K u1 ratings without DP: the app's neighbourhood
   predictor, and EASE's regression of the residuals on each other
   (:math:`\\hat e_u = e_u B`, ``B`` from the released covariance) added with
@@ -60,7 +63,10 @@ Cases (``--cases``, each writes its own key of the results):
   the app's ``item-graph-sharpening``; the full ``s L`` costs a product with a
   36-million-entry matrix per user): the linear part alone (the rule before),
   and the blend of the linear and low-pass parts, as BSPM-EM sharpens, for
-  ranks k up to 640, from one eigendecomposition.
+  ranks k up to 640, from one eigendecomposition; and the blend with its low-pass
+  weight decaying with the user's number of items, ``alpha n_u^-nu``
+  (``ItemFilter.low_pass_weights``, the app's ``item-graph-alpha-decay``), at each
+  decay of :data:`GOWALLA_ALPHA_DECAYS`.
 - ``gowalla-dp``: Gowalla at epsilon 8 (delta 1e-6), noise once on the sum, the
   tuned release (the top 2,000 items by released degree, degree share 0.25, beta
   0.25, the linear part alone), ``--seeds`` draws: the app's filter (the Gram's
@@ -140,6 +146,12 @@ TEXT_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
 RATING_TEXT_WEIGHTS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 APP_DP = "the app's filter, text part gamma = 0.3"
 GOWALLA_RANKS = (256, 384, 512, 640)
+ML_ALPHA_DECAYS = (0.5, 1.0)
+"""The low-pass weight's decays :math:`\nu` tried on MovieLens-100K (``decayed_variants``)."""
+GOWALLA_ALPHA_DECAYS = {0.5: (0.5, 0.75, 1.0), 0.75: (1.25, 1.5, 2.0), 1.0: (3.0, 3.5, 4.0, 5.0)}
+"""The low-pass weight's decays :math:`\nu` tried on Gowalla, each with its weights
+:math:`\alpha` (``alpha n_u^-nu``: at the median user's 18 training items, :math:`\alpha`
+0.2 at :math:`\nu = 0` is 0.85 at 1/2, 1.7 at 3/4 and 3.6 at 1)."""
 OFFSET_SHRINKAGES = tuple(itertools.product((0.0, 0.3, 1.0), (3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0)))
 USER_SHRINKAGES = (2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0)
 TEXT_PRIOR_COMPONENTS = (0, 4, 16)
@@ -212,12 +224,31 @@ def text_variants(item_filter: ItemFilter, text: sp.csr_matrix, name: str) -> di
     }
 
 
+def decayed_variants(
+    item_filter: ItemFilter, data: RankingData, text: sp.csr_matrix, weight: float
+) -> dict:
+    """The filter with its low-pass weight decaying as ``alpha_u = c alpha (m / n_u)^nu``
+    (the app's ``item-graph-alpha-decay``, ``m`` the median user's number of items), at
+    each decay of :data:`ML_ALPHA_DECAYS` and ``c`` of 0.5, 1 and 2, its text part at
+    ``weight``."""
+    median = float(np.median(np.asarray(data.rows.sum(1)).ravel()))
+    variants = {}
+    for decay, factor in itertools.product(ML_ALPHA_DECAYS, (0.5, 1.0, 2.0)):
+        alpha = factor * item_filter.alpha * median**decay
+        decayed = dataclasses.replace(item_filter, alpha=alpha, alpha_decay=decay)
+        name = f"low-pass weight {factor} alpha (median n_u / n_u)^{decay}"
+        variants[name] = (decayed, with_text(decayed, text, weight))
+    return variants
+
+
 def movielens_without_dp() -> dict:
     config = data_config("ml-100k", **MOVIELENS_IMPLICIT, dp=False, item_graph="filter")
     graph, site = exact_graph(config)
     data = ranking_data(site)
     item_filter = graph.item_filter(site.catalogue.num_items)
-    variants = text_variants(item_filter, text_graph(site), "the app's filter")
+    text = text_graph(site)
+    variants = text_variants(item_filter, text, "the app's filter")
+    variants |= decayed_variants(item_filter, data, text, 0.05)
     results = {name: validation_ndcg(f, data, change) for name, (f, change) in variants.items()}
     for c in SHARPENING:
         results[f"sharpened, c = {c}"] = validation_ndcg(
@@ -245,6 +276,7 @@ def movielens_dp(seeds: int) -> dict:
         variants = text_variants(item_filter, text, "the app's filter") | {
             "the Gram as released, negative entries kept": (as_released, None),
         }
+        variants |= decayed_variants(item_filter, data, text, 0.3)
         for ridge in (30, 100, 300, 1000):
             for weight in (0.3, 1.0, 3.0):
                 blended = with_ease(item_filter, gram, ridge, weight)
@@ -577,9 +609,9 @@ def gowalla() -> dict:
     gram, degrees = gram_sum(bounded_rows(data.rows, 0.5, 1.0), dense=False), item_sum(data.rows)
     linear, mu, vectors, degree_scale = normalised_spectrum(gram, degrees, 0.5, max(GOWALLA_RANKS))
 
-    def variant(k: int, alpha: float, time: float) -> ItemFilter:
+    def variant(k: int, alpha: float, time: float, decay: float = 0.0) -> ItemFilter:
         return spectral_filter(
-            linear, mu[:k], vectors[:, :k], degree_scale, alpha, data.num_items, sharpening=time
+            linear, mu[:k], vectors[:, :k], degree_scale, alpha, data.num_items, None, time, decay
         )
 
     before = dataclasses.replace(variant(512, 0.15, 2.5), low_pass_sharpening=None)
@@ -595,6 +627,12 @@ def gowalla() -> dict:
                     validation_ndcg(variant(k, alpha, time), data, users=users)
                 )
         print("gowalla", k, results, flush=True)
+    for decay, alphas in GOWALLA_ALPHA_DECAYS.items():
+        for k, time, alpha in itertools.product((512, 640), (2.0, 2.25), alphas):
+            if (k, time) == (512, 2.25) or (decay == 1.0 and alpha in (3.5, 4.0)):
+                name = f"the blend sharpened, T = {time}, k = {k}, alpha = {alpha} n_u^-{decay}"
+                results[name] = validation_ndcg(variant(k, alpha, time, decay), data, users=users)
+        print("gowalla, decay", decay, results, flush=True)
     return results
 
 

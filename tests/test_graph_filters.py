@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import dp_accounting
 import numpy as np
 import pytest
@@ -148,8 +150,11 @@ def test_split_releases_cost_what_one_release_costs():
         split_noise_multiplier(z, [0.5, 0.6])
 
 
-def _gf_cf_by_hand(binary: sp.csr_matrix, k: int, alpha: float) -> np.ndarray:
-    """GF-CF written out densely: R~ = D_U^-1/2 R D_I^-1/2, P = R~^T R~."""
+def _gf_cf_by_hand(
+    binary: sp.csr_matrix, k: int, alpha: float, alpha_decay: float = 0.0
+) -> np.ndarray:
+    """GF-CF written out densely: R~ = D_U^-1/2 R D_I^-1/2, P = R~^T R~; the low-pass part
+    weighted alpha n_u^-alpha_decay, n_u the user's number of items."""
     r = binary.toarray()
     du, di = r.sum(1), np.maximum(r.sum(0), 1.0)
     normalised = r / np.sqrt(du)[:, None] / np.sqrt(di)[None, :]
@@ -157,15 +162,23 @@ def _gf_cf_by_hand(binary: sp.csr_matrix, k: int, alpha: float) -> np.ndarray:
     values, vectors = np.linalg.eigh(p)
     v = vectors[:, ::-1][:, :k]
     low_pass = (r / np.sqrt(di)) @ v @ v.T * np.sqrt(di)
-    return r @ p / values[-1] + alpha * low_pass
+    weights = alpha * du**-alpha_decay
+    return r @ p / values[-1] + weights[:, None] * low_pass
 
 
-def test_graph_filter_scores_match_gf_cf_computed_by_hand(binary):
+@pytest.mark.parametrize("alpha_decay", [0.0, 1.0])
+def test_graph_filter_scores_match_gf_cf_computed_by_hand(binary, alpha_decay):
     rows = bounded_rows(binary, exponent=0.5, bound=1.0)
     item_filter = graph_filter(
-        gram_sum(rows), item_sum(binary), 0.5, k=8, alpha=0.3, num_items=ITEMS
+        gram_sum(rows),
+        item_sum(binary),
+        0.5,
+        k=8,
+        alpha=0.3,
+        num_items=ITEMS,
+        alpha_decay=alpha_decay,
     )
-    expected = _gf_cf_by_hand(binary, 8, 0.3)
+    expected = _gf_cf_by_hand(binary, 8, 0.3, alpha_decay)
     np.testing.assert_allclose(item_filter.scores(binary, batch_size=7), expected, atol=1e-5)
     np.testing.assert_allclose(item_filter.scores(binary.toarray()), expected, atol=1e-5)
 
@@ -176,7 +189,8 @@ def test_sharpening_is_one_rk4_step_of_bspms_ode_on_the_blend_within_the_basis(b
     alpha (r_u D^-1/2 V) V^T D^1/2``, computed here step by step. With a truncated basis
     ``V_k`` it is the blend times ``I - V_k diag(1 - p_T(mu)) V_k^T``; and what one item of
     a row adds to the scores (``item_features``, how a training target is left out)
-    stays exact."""
+    stays exact, with the low-pass weight decaying with the user's items too (the row
+    without the item has one item fewer)."""
     rows = bounded_rows(binary, exponent=0.5, bound=1.0)
     degrees = item_sum(binary)
     time = 0.7
@@ -202,10 +216,15 @@ def test_sharpening_is_one_rk4_step_of_bspms_ode_on_the_blend_within_the_basis(b
     candidates = np.array([[item, 5, 9]])
     without = row.copy()
     without[0, item] = 0.0
-    left_out = sharpened.features(row, candidates) - sharpened.item_features(
-        np.array([item]), candidates
-    )
-    np.testing.assert_allclose(left_out, sharpened.features(without, candidates), atol=1e-12)
+    for decay in (0.0, 1.0):
+        item_filter = replace(sharpened, alpha_decay=decay)
+        weights = item_filter.low_pass_weights(row, left_out=1)
+        assert weights == pytest.approx(0.3 * (row.sum() - 1) ** -decay)
+        left_out = item_filter.features(row, candidates, left_out=1) - (
+            item_filter.item_features(np.array([item]), candidates, weights)
+        )
+        expected = item_filter.features(without, candidates)
+        np.testing.assert_allclose(left_out, expected, atol=1e-12)
 
 
 def test_a_few_candidates_and_the_whole_catalogue_give_the_same_features(binary):

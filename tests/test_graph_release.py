@@ -248,7 +248,13 @@ def test_the_graph_ranks_by_released_degrees_after_round_1_and_for_a_user_withou
     ("dp", "items", "expected"),
     [
         (False, 1682, RankingFilter(None, 0.25, 16, 1.0, None, ease_weight=3.0, text_weight=0.05)),
-        (False, 40981, RankingFilter(None, 0.5, 512, 0.2, 1000, sharpening=2.25, text_weight=0.05)),
+        (
+            False,
+            40981,
+            RankingFilter(
+                None, 0.5, 512, 3.5, 1000, sharpening=2.25, alpha_decay=1.0, text_weight=0.05
+            ),
+        ),
         (True, 1682, RankingFilter(400, 0.25, 16, 1.0, None, text_weight=0.3)),
         (True, 40981, RankingFilter(2000, 0.25, 16, 1.0, None, text_weight=0.3)),
         (True, 60, RankingFilter(None, 0.25, 16, 1.0, None, text_weight=0.3)),

@@ -257,16 +257,18 @@ def test_the_learned_model_starts_as_the_released_graph(task):
     np.testing.assert_allclose(scores.squeeze(1), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sharpening", [0.0, 0.5])
-def test_a_training_targets_features_leave_the_target_out_of_the_users_row(sharpening):
+@pytest.mark.parametrize(("sharpening", "alpha_decay"), [(0.0, 0.0), (0.5, 0.0), (0.5, 1.0)])
+def test_a_training_targets_features_leave_the_target_out_of_the_users_row(sharpening, alpha_decay):
     """Ranking: the features of a user's own item i (and of the negative paired with it)
-    are those of the user's row without i, so the model learns what it will face for an
-    item the user has not seen; the text neighbours' part too."""
+    are those of the user's row without i (the low-pass weight of a user with one item
+    fewer too), so the model learns what it will face for an item the user has not seen;
+    the text neighbours' part too."""
     config = small_config(
         item_graph="filter+gcn",
         task="ranking",
         synthetic_users=120,
         item_graph_sharpening=sharpening,
+        item_graph_alpha_decay=alpha_decay,
     )
     site = load_site(config, 0, 1)
     graph = released_graph(config, site)

@@ -237,13 +237,12 @@ class GraphFeatures:
     def of_pairs(
         self, users: np.ndarray, items: np.ndarray, ratings: np.ndarray | None = None
     ) -> np.ndarray:
-        """``[P, F]`` for the pairs ``(users[p], items[p])``; with ``ratings`` (the
-        reference-scale training ratings of the pairs) each pair is left out of its
-        user's row, and a rating out of the release (the class docstring)."""
+        """``[P, F]`` for the pairs ``(users[p], items[p])``; with ``ratings`` (rating: the
+        reference-scale training ratings of the pairs) each rating is left out of its
+        user's row and out of the release (the class docstring; ranking leaves a training
+        target out in :meth:`of_targets`)."""
         if self.ranking:
             features = self.filter.features(self.rows[users], items[:, None])[:, 0]
-            if ratings is not None:
-                features = features - self.filter.item_features(items, items[:, None])[:, 0]
             text = self._text_sums(users, items)  # T_ii = 0: the item is out of its own sum
             return np.concatenate([features, text[:, None]], 1)
         means = self.means[users]
@@ -361,8 +360,10 @@ class GraphFeatures:
         if not self.ranking:
             return self.of_pairs(users, items, ratings), np.zeros((len(items), self.count))
         candidates = np.stack([items, negatives], 1)  # [K, 2]
-        row = self.filter.features(self.rows[[user]], candidates.reshape(1, -1))
-        left = self.filter.item_features(items, candidates)  # [K, 2, 2]
+        row = self.rows[[user]]
+        weights = np.repeat(self.filter.low_pass_weights(row, left_out=1), len(items))
+        left = self.filter.item_features(items, candidates, weights)  # [K, 2, 2]
+        row = self.filter.features(row, candidates.reshape(1, -1), left_out=1)
         features = row.reshape(len(items), 2, 2) - left
         text = self._text_sums(np.full(2 * len(items), user), candidates.ravel()).reshape(-1, 2)
         if self.text is not None:  # the target out of the row: T_ii = 0, T_ji for its negative

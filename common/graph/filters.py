@@ -91,10 +91,15 @@ normalisation, :math:`\beta = 0` the plain Gram (PureSVD); under DP a small
 **Scoring** (:meth:`ItemFilter.scores`), at the site, from the user's own row
 :math:`r_u` restricted to :math:`S`:
 
-.. math:: s_u = r_u L + \alpha\, (r_u D^{-\beta} V_k) (V_k^\top D^{\beta} - S V_k^\top)
-   - (r_u V_k) \operatorname{diag}(w) V_k^\top
+.. math:: s_u = r_u L + \alpha_u (r_u D^{-\beta} V_k) (V_k^\top D^{\beta} - S V_k^\top)
+   - (r_u V_k) \operatorname{diag}(w) V_k^\top, \qquad \alpha_u = \alpha\, n_u^{-\nu},
 
-with items outside :math:`S` at :math:`-\infty` (never recommended).
+with items outside :math:`S` at :math:`-\infty` (never recommended), :math:`n_u =
+\max(1, \sum_i r_{ui})` the user's number of items (binary rows) and
+:math:`\nu` the low-pass weight's decay (:meth:`ItemFilter.low_pass_weights`): at :math:`\nu = 0`
+GF-CF's and BSPM's blend; at :math:`\nu = 1` the low-pass part reads the user's mean
+row :math:`r_u / n_u` while the linear part reads their sum, so the global, smooth part
+weighs less the more a user has shown of their own taste.
 
 **Ratings** (after McSherry & Mironov, KDD 2009). Each site computes its
 users' shrunk means :math:`m_u` from their own ratings (:func:`user_means`,
@@ -299,6 +304,8 @@ class ItemFilter:
         sharpening: ``[k]`` what sharpening takes off the linear part, ``w``, or ``None``.
         low_pass_sharpening: ``[k, k]`` what it takes off the low-pass part, ``S``, or
             ``None``.
+        alpha_decay: :math:`\nu`, the low-pass weight's decay with the user's number of
+            items (:meth:`low_pass_weights`; 0: the same ``alpha`` for every user).
     """
 
     num_items: int
@@ -310,6 +317,7 @@ class ItemFilter:
     output_scale: np.ndarray
     sharpening: np.ndarray | None = None
     low_pass_sharpening: np.ndarray | None = None
+    alpha_decay: float = 0.0
 
     @cached_property
     def positions(self) -> np.ndarray:
@@ -318,20 +326,24 @@ class ItemFilter:
         position[self.items] = np.arange(len(self.items))
         return position
 
-    def features(self, rows: Matrix, candidates: np.ndarray) -> np.ndarray:
+    def features(self, rows: Matrix, candidates: np.ndarray, left_out: int = 0) -> np.ndarray:
         """``[B, C, 2]``: the linear and low-pass parts of each user's scores (``scores`` is
         their sum) at ``candidates`` ``[B, C]`` (catalogue items), from the users' ``[B,
-        num_items]`` rows; zero at items the filter does not cover."""
+        num_items]`` rows; zero at items the filter does not cover. The low-pass weight is
+        that of the rows with ``left_out`` items fewer (:meth:`low_pass_weights`): the
+        rows' features less :meth:`item_features` of one of their items at the same
+        weights are the features of the rows without it."""
         position = self.positions[candidates]
         covered = position >= 0
         at = np.where(covered, position, 0)
+        weights = self.low_pass_weights(rows, left_out)
         rows = rows[:, self.items]
         linear = np.zeros(candidates.shape)
         if self.linear is not None:
             linear = np.take_along_axis(self._linear_part(rows), at, axis=1)
         low_pass = np.zeros(candidates.shape)
         if self._has_low_pass:
-            scaled, sharpened = self._low_pass_bases(rows)
+            scaled, sharpened = self._low_pass_bases(rows, weights)
             pairs = [(scaled, self._output_basis)]
             if sharpened is not None:
                 pairs.append((-sharpened, self.eigenvectors))
@@ -344,10 +356,13 @@ class ItemFilter:
             low_pass = sum(parts)
         return np.where(covered[..., None], np.stack([linear, low_pass], -1), 0.0)
 
-    def item_features(self, sources: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    def item_features(
+        self, sources: np.ndarray, targets: np.ndarray, weights: np.ndarray
+    ) -> np.ndarray:
         """``[S, C, 2]``: :meth:`features` at ``targets`` ``[S, C]`` of a row holding the one
-        item ``sources[s]``: what one item of a user's row adds to the scores (a user's
-        scores with item ``i`` left out are theirs minus ``item_features(i, .)``)."""
+        item ``sources[s]``, its low-pass part at the weight ``weights[s]``: what one item
+        of a user's row adds to the scores (a user's features with item ``i`` left out are
+        ``features(row, ., left_out=1) - item_features(i, ., low_pass_weights(row, 1))``)."""
         position = self.positions
         source, target = position[sources][:, None], position[targets]
         covered = (source >= 0) & (target >= 0)
@@ -360,7 +375,8 @@ class ItemFilter:
         low_pass = np.zeros(target.shape)
         if self._has_low_pass:
             source_vectors = self.eigenvectors[source]
-            scaled = self.alpha * self.input_scale[source][..., None] * source_vectors
+            scale = weights[:, None] * self.input_scale[source]
+            scaled = scale[..., None] * source_vectors
             low_pass = np.einsum("sck,sck->sc", scaled, self._output_basis[target])
             if self.sharpening is not None:
                 low_pass -= np.einsum(
@@ -373,7 +389,8 @@ class ItemFilter:
         ``[B, num_items, F >= 2]``, zeros at the items the filter does not cover), computed
         over the covered items at once (no per-candidate gathers)."""
         covered = self._covered(out)
-        linear, low_pass = self._covered_parts(rows[:, self.items])
+        weights = self.low_pass_weights(rows)
+        linear, low_pass = self._covered_parts(rows[:, self.items], weights)
         if linear is not None:
             out[:, covered, 0] = linear
         if low_pass is not None:
@@ -385,8 +402,9 @@ class ItemFilter:
         out = np.full((rows.shape[0], self.num_items), -np.inf, np.float32)
         covered = self._covered(out)
         for start in range(0, rows.shape[0], batch_size):
-            batch = rows[start : start + batch_size][:, self.items]
-            linear, low_pass = self._covered_parts(batch)
+            batch = rows[start : start + batch_size]
+            weights = self.low_pass_weights(batch)
+            linear, low_pass = self._covered_parts(batch[:, self.items], weights)
             scores = np.zeros((batch.shape[0], len(self.items)))
             for part in (linear, low_pass):
                 if part is not None:
@@ -398,13 +416,16 @@ class ItemFilter:
         """The catalogue columns of ``out`` the filter covers: a slice when it covers them all."""
         return slice(None) if len(self.items) == out.shape[1] else self.items
 
-    def _covered_parts(self, rows: Matrix) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def _covered_parts(
+        self, rows: Matrix, weights: np.ndarray
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The linear and low-pass parts ``[B, m]`` at the covered items of users' rows
-        restricted to them (``None`` for a part the filter does not have)."""
+        restricted to them, at the low-pass weights ``weights`` ``[B]`` (``None`` for a part
+        the filter does not have)."""
         linear = None if self.linear is None else self._linear_part(rows)
         low_pass = None
         if self._has_low_pass:
-            scaled, sharpened = self._low_pass_bases(rows)
+            scaled, sharpened = self._low_pass_bases(rows, weights)
             bases = scaled if sharpened is None else np.hstack([scaled, -sharpened])
             low_pass = bases.astype(np.float32) @ self._low_pass_products
         return linear, low_pass
@@ -439,15 +460,25 @@ class ItemFilter:
         product = rows @ self.linear
         return product.toarray() if sp.issparse(product) else np.asarray(product)
 
-    def _low_pass_bases(self, rows: Matrix) -> tuple[np.ndarray, np.ndarray | None]:
-        """``alpha (r_u D^-b) V_k`` and ``(r_u V_k) diag(w)`` (None without sharpening),
+    def low_pass_weights(self, rows: Matrix, left_out: int = 0) -> np.ndarray:
+        r"""``[B]`` :math:`\alpha_u = \alpha\, n_u^{-\nu}` of users' ``[B, num_items]`` rows,
+        :math:`n_u` the row's sum less ``left_out``, at least 1 (the module docstring)."""
+        if not self.alpha_decay:
+            return np.full(rows.shape[0], self.alpha)
+        counts = np.asarray(rows.sum(axis=1), np.float64).ravel() - left_out
+        return self.alpha * np.maximum(counts, 1.0) ** -self.alpha_decay
+
+    def _low_pass_bases(
+        self, rows: Matrix, weights: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``alpha_u (r_u D^-b) V_k`` and ``(r_u V_k) diag(w)`` (None without sharpening),
         ``[B, k]`` each, of rows restricted to the covered items: what ``U^T`` and
         ``-V_k^T`` multiply."""
         scaled = rows @ sp.diags(self.input_scale) if sp.issparse(rows) else rows * self.input_scale
         sharpened = None
         if self.sharpening is not None:
             sharpened = np.asarray(rows @ self.eigenvectors) * self.sharpening
-        return self.alpha * np.asarray(scaled @ self.eigenvectors), sharpened
+        return weights[:, None] * np.asarray(scaled @ self.eigenvectors), sharpened
 
 
 def sharpening_damping(mu: np.ndarray, time: float) -> np.ndarray:
@@ -469,12 +500,14 @@ def graph_filter(
     items: np.ndarray | None = None,
     floor: float = 1.0,
     sharpening: float = 0.0,
+    alpha_decay: float = 0.0,
 ) -> ItemFilter:
     """GF-CF's filter (``exponent`` = 1/2) or its degree-weighted variants, from the
     (released) Gram matrix and degrees over ``items`` (default: the whole catalogue),
-    sharpened for a time ``T = sharpening`` within its low-pass basis (0: not at all)."""
+    sharpened for a time ``T = sharpening`` within its low-pass basis (0: not at all), its
+    low-pass weight decaying as ``alpha n_u^-alpha_decay`` (``ItemFilter.low_pass_weights``)."""
     spectrum = normalised_spectrum(gram, degrees, exponent, k, floor)
-    return spectral_filter(*spectrum, alpha, num_items, items, sharpening)
+    return spectral_filter(*spectrum, alpha, num_items, items, sharpening, alpha_decay)
 
 
 def normalised_spectrum(
@@ -503,12 +536,14 @@ def spectral_filter(
     num_items: int,
     items: np.ndarray | None = None,
     sharpening: float = 0.0,
+    alpha_decay: float = 0.0,
 ) -> ItemFilter:
     r"""The graph filter of a linear part :math:`L` (spectral radius 1), its top
     eigenpairs :math:`(\mu, V_k)` and the degree scale :math:`D^\beta` (``[m]``), the
-    low-pass part of weight ``alpha``, sharpened for a time ``T = sharpening`` within
-    :math:`V_k` (0: not at all): :math:`w = \mu \delta`, :math:`S = (V_k^\top D^\beta
-    V_k) \operatorname{diag}(\delta)`, :math:`\delta` of :func:`sharpening_damping`."""
+    low-pass part of weight :math:`\alpha n_u^{-\nu}` (``alpha``, ``alpha_decay``),
+    sharpened for a time ``T = sharpening`` within :math:`V_k` (0: not at all): :math:`w =
+    \mu \delta`, :math:`S = (V_k^\top D^\beta V_k) \operatorname{diag}(\delta)`,
+    :math:`\delta` of :func:`sharpening_damping`."""
     vectors = np.ascontiguousarray(eigenvectors)  # else scipy copies it per product
     damping = sharpening_damping(mu, sharpening) if sharpening else None
     return ItemFilter(
@@ -523,6 +558,7 @@ def spectral_filter(
         low_pass_sharpening=(
             None if damping is None or not alpha else (vectors.T * degree_scale) @ vectors * damping
         ),
+        alpha_decay=alpha_decay,
     )
 
 

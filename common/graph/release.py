@@ -19,12 +19,13 @@ site.
    isometry :math:`(G_{ii}, \sqrt 2\, G_{ij})_{i<j}` (:func:`isometry`), on
    which Gaussian noise is the symmetric release of
    ``common.graph.filters.release_symmetric``. Released: the filter
-   :math:`s_u = r_u L + \alpha\, (r_u D^{-\beta} V_k) (V_k^\top D^{\beta} - S V_k^\top)
-   - (r_u V_k) \operatorname{diag}(w) V_k^\top` over :math:`S`, :math:`w` and :math:`S`
-   BSPM's sharpening over a time :math:`T` (``common.graph.filters.spectral_filter``)
-   (``item-graph-exponent`` :math:`\beta`, ``item-graph-rank`` :math:`k`,
-   ``item-graph-alpha`` :math:`\alpha`, ``item-graph-sharpening`` :math:`T`), the released degrees
-   floored at the standard deviation of their noise. Without DP and with a
+   :math:`s_u = r_u L + \alpha n_u^{-\nu} (r_u D^{-\beta} V_k) (V_k^\top D^{\beta} - S
+   V_k^\top) - (r_u V_k) \operatorname{diag}(w) V_k^\top` over :math:`S`, :math:`w` and
+   :math:`S` BSPM's sharpening over a time :math:`T`, :math:`n_u` the user's number of
+   items (``common.graph.filters.spectral_filter``) (``item-graph-exponent``
+   :math:`\beta`, ``item-graph-rank`` :math:`k`, ``item-graph-alpha`` :math:`\alpha`,
+   ``item-graph-alpha-decay`` :math:`\nu`, ``item-graph-sharpening`` :math:`T`), the
+   released degrees floored at the standard deviation of their noise. Without DP and with a
    dense Gram, round 2 also sends the co-occurrence Gram :math:`\sum_u y_u
    y_u^\top` of round 1's bounded rows :math:`y_u` (each user within
    :math:`C_d^2`), and the linear part :math:`L` gains EASE's weights of it
@@ -207,6 +208,8 @@ class RankingFilter:
         ease_weight, ease_ridge: the weight :math:`w` of EASE's part in the linear part
             and EASE's ridge :math:`\lambda` (0: no EASE part, and no co-occurrence Gram).
         sharpening: the sharpening's time :math:`T` within the low-pass basis (0: none).
+        alpha_decay: :math:`\nu`, the low-pass weight :math:`\alpha n_u^{-\nu}` of a user
+            with :math:`n_u` items (0: :math:`\alpha` for everyone).
         nonnegative: set the released Gram's negative entries to zero before the filter
             is computed from it (post-processing: the Gram of non-negative rows has none).
         text_weight: the weight :math:`\gamma` of the item text's part in the graph's
@@ -221,17 +224,19 @@ class RankingFilter:
     ease_weight: float = 0.0
     ease_ridge: float = 300.0
     sharpening: float = 0.0
+    alpha_decay: float = 0.0
     nonnegative: bool = False
     text_weight: float = 0.0
 
 
 SMALL_CATALOGUE = RankingFilter(None, 0.25, 16, 1.0, None)
-LARGE_CATALOGUE = RankingFilter(None, 0.5, 512, 0.2, 1000, sharpening=2.25)
+LARGE_CATALOGUE = RankingFilter(None, 0.5, 512, 3.5, 1000, sharpening=2.25, alpha_decay=1.0)
 """The settings chosen on validation (``simulations/item_graph_search.py``) for
 MovieLens-100K (1,682 items, dense Gram) and Gowalla (40,981 items, exact sparse Gram;
-its rank, alpha and sharpening of the blend by ``simulations/filter_variants.py``: 512 of
-the ranks 256 to 640 it tried, within 0.1 % of 640's validation NDCG@20 at 2/3 of its
-eigensolver's time)."""
+its rank, alpha, the low-pass weight's decay and sharpening of the blend by
+``simulations/filter_variants.py``: 512 of the ranks 256 to 640 it tried, within 0.1 % of
+640's validation NDCG@20 at 2/3 of its eigensolver's time; the decay 1, a user's low-pass
+part read from their mean row, +2.7 % over none, where MovieLens-100K gained nothing)."""
 EXACT_EASE_WEIGHT = 3.0
 """Without DP and with a dense Gram, EASE's part of the linear part (ridge 300): chosen on
 validation (``simulations/item_graph_search.py --cases ml-ranking``, MovieLens-100K)."""
@@ -292,6 +297,7 @@ def ranking_filter(config: RunConfig, num_items: int) -> RankingFilter:
         "top_per_row": config.item_graph_top_per_row,
         "ease_ridge": config.item_graph_ease_ridge,
         "sharpening": config.item_graph_sharpening,
+        "alpha_decay": config.item_graph_alpha_decay,
     }
     settings = replace(rule, **{name: v for name, v in keys.items() if v != "auto"})
     covered = settings.items or num_items
@@ -338,8 +344,8 @@ class ItemGraph:
         global_mean: the users' means averaged (rating), the prior of every user's
             shrunk mean after round 1.
         linear, eigenvectors, alpha, input_scale, output_scale, sharpening,
-            low_pass_sharpening: the ranking filter (``common.graph.filters.ItemFilter``),
-            from round 2.
+            low_pass_sharpening, alpha_decay: the ranking filter
+            (``common.graph.filters.ItemFilter``), from round 2.
         text_weight: the weight of the item text's part of the score (ranking:
             ``RankingFilter``; rating: the text neighbourhood's), from round 2.
         item_sums: the released item sums :math:`S_i` of the offsets (rating; the offsets
@@ -374,6 +380,7 @@ class ItemGraph:
     output_scale: np.ndarray | None = None
     sharpening: np.ndarray | None = None
     low_pass_sharpening: np.ndarray | None = None
+    alpha_decay: float = 0.0
     text_weight: float = 0.0
     item_shrinkage: float = 0.0
     item_noise_shrinkage: float = 0.0
@@ -470,6 +477,7 @@ class ItemGraph:
             self.output_scale,
             self.sharpening,
             self.low_pass_sharpening,
+            self.alpha_decay,
         )
 
     def propagation_matrix(self, num_items: int) -> sp.csr_matrix:
@@ -642,6 +650,7 @@ def released(
         graph.items,
         floor=max(1.0, graph.degree_noise),
         sharpening=ranking.sharpening,
+        alpha_decay=ranking.alpha_decay,
     )
     if cooccurrence:
         item_filter = with_ease(
@@ -659,6 +668,7 @@ def released(
         output_scale=item_filter.output_scale,
         sharpening=item_filter.sharpening,
         low_pass_sharpening=item_filter.low_pass_sharpening,
+        alpha_decay=item_filter.alpha_decay,
         text_weight=ranking.text_weight,
     )
 
