@@ -73,21 +73,26 @@ def per_user_gradients(
 
 
 @pytest.mark.parametrize(
-    ("task", "private", "item_graph"),
+    ("task", "private", "item_graph", "alpha_decay"),
     [
-        ("rating", False, "none"),
-        ("ranking", False, "none"),
-        ("rating", True, "none"),
-        ("rating", False, "filter+gcn"),
-        ("ranking", False, "filter+gcn"),
+        ("rating", False, "none", 0.0),
+        ("ranking", False, "none", 0.0),
+        ("rating", True, "none", 0.0),
+        ("rating", False, "filter+gcn", 0.0),
+        ("ranking", False, "filter+gcn", 0.0),
+        ("ranking", False, "filter+gcn", 1.0),
     ],
 )
-def test_removing_a_user_leaves_other_users_gradients_identical(task, private, item_graph):
+def test_removing_a_user_leaves_other_users_gradients_identical(
+    task, private, item_graph, alpha_decay
+):
     """With ``filter+gcn`` the model learns on the released item graph: its features of a
     user and its propagation are functions of that user's own row and of released values,
-    so the property holds there too (the graph is released once, from every user)."""
+    so the property holds there too (the graph is released once, from every user); the
+    filter's low-pass weight of a user, from their own number of items, too."""
     config = default_config(
         item_graph=item_graph,
+        item_graph_alpha_decay=alpha_decay,
         task=task,
         synthetic_users=120,
         synthetic_items=80,

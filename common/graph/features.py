@@ -360,10 +360,10 @@ class GraphFeatures:
         if not self.ranking:
             return self.of_pairs(users, items, ratings), np.zeros((len(items), self.count))
         candidates = np.stack([items, negatives], 1)  # [K, 2]
-        row = self.rows[[user]]
-        weights = np.repeat(self.filter.low_pass_weights(row, left_out=1), len(items))
+        user_row = self.rows[[user]]
+        weights = np.repeat(self.filter.low_pass_weights(user_row, left_out=1), len(items))
         left = self.filter.item_features(items, candidates, weights)  # [K, 2, 2]
-        row = self.filter.features(row, candidates.reshape(1, -1), left_out=1)
+        row = self.filter.features(user_row, candidates.reshape(1, -1), left_out=1)
         features = row.reshape(len(items), 2, 2) - left
         text = self._text_sums(np.full(2 * len(items), user), candidates.ravel()).reshape(-1, 2)
         if self.text is not None:  # the target out of the row: T_ii = 0, T_ji for its negative
