@@ -66,7 +66,9 @@ Cases (``--cases``, each writes its own key of the results):
   ranks k up to 640, from one eigendecomposition; and the blend with its low-pass
   weight decaying with the user's number of items, ``alpha n_u^-nu``
   (``ItemFilter.low_pass_weights``, the app's ``item-graph-alpha-decay``), at each
-  decay of :data:`GOWALLA_ALPHA_DECAYS`.
+  decay of :data:`GOWALLA_ALPHA_DECAYS`; and the rule before and the app's rule with the
+  linear part cut to the entries per row that the app ships
+  (``common.graph.filters.keep_top_per_row``).
 - ``gowalla-dp``: Gowalla at epsilon 8 (delta 1e-6), noise once on the sum, the
   tuned release (the top 2,000 items by released degree, degree share 0.25, beta
   0.25, the linear part alone), ``--seeds`` draws: the app's filter (the Gram's
@@ -109,6 +111,7 @@ from common.graph.filters import (
     gram_sum,
     graph_filter,
     item_sum,
+    keep_top_per_row,
     normalised_spectrum,
     spectral_filter,
     split_noise_multiplier,
@@ -117,6 +120,7 @@ from common.graph.filters import (
     without_negative_entries,
 )
 from common.graph.release import (
+    LARGE_CATALOGUE,
     ItemGraph,
     RatingNeighbourhood,
     contribution,
@@ -633,6 +637,11 @@ def gowalla() -> dict:
                 name = f"the blend sharpened, T = {time}, k = {k}, alpha = {alpha} n_u^-{decay}"
                 results[name] = validation_ndcg(variant(k, alpha, time, decay), data, users=users)
         print("gowalla, decay", decay, results, flush=True)
+    shipped = keep_top_per_row(linear, LARGE_CATALOGUE.top_per_row)
+    for alpha, decay in ((0.2, 0.0), (LARGE_CATALOGUE.alpha, LARGE_CATALOGUE.alpha_decay)):
+        cut = dataclasses.replace(variant(512, alpha, 2.25, decay), linear=shipped)
+        name = f"as shipped (1,000 entries a row), T = 2.25, k = 512, alpha = {alpha} n_u^-{decay}"
+        results[name] = validation_ndcg(cut, data, users=users)
     return results
 
 
