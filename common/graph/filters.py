@@ -389,8 +389,7 @@ class ItemFilter:
         ``[B, num_items, F >= 2]``, zeros at the items the filter does not cover), computed
         over the covered items at once (no per-candidate gathers)."""
         covered = self._covered(out)
-        weights = self.low_pass_weights(rows)
-        linear, low_pass = self._covered_parts(rows[:, self.items], weights)
+        linear, low_pass = self._covered_parts(rows)
         if linear is not None:
             out[:, covered, 0] = linear
         if low_pass is not None:
@@ -403,8 +402,7 @@ class ItemFilter:
         covered = self._covered(out)
         for start in range(0, rows.shape[0], batch_size):
             batch = rows[start : start + batch_size]
-            weights = self.low_pass_weights(batch)
-            linear, low_pass = self._covered_parts(batch[:, self.items], weights)
+            linear, low_pass = self._covered_parts(batch)
             scores = np.zeros((batch.shape[0], len(self.items)))
             for part in (linear, low_pass):
                 if part is not None:
@@ -416,12 +414,11 @@ class ItemFilter:
         """The catalogue columns of ``out`` the filter covers: a slice when it covers them all."""
         return slice(None) if len(self.items) == out.shape[1] else self.items
 
-    def _covered_parts(
-        self, rows: Matrix, weights: np.ndarray
-    ) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """The linear and low-pass parts ``[B, m]`` at the covered items of users' rows
-        restricted to them, at the low-pass weights ``weights`` ``[B]`` (``None`` for a part
-        the filter does not have)."""
+    def _covered_parts(self, rows: Matrix) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The linear and low-pass parts ``[B, m]`` at the covered items of users' ``[B,
+        num_items]`` rows (``None`` for a part the filter does not have)."""
+        weights = self.low_pass_weights(rows)
+        rows = rows[:, self.items]
         linear = None if self.linear is None else self._linear_part(rows)
         low_pass = None
         if self._has_low_pass:
