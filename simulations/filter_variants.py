@@ -157,7 +157,7 @@ ML_ALPHA_DECAYS = (0.5, 1.0)
 """The low-pass weight's decays :math:`\nu` tried on MovieLens-100K (``decayed_variants``)."""
 GOWALLA_ALPHA_DECAYS = {0.5: (0.5, 0.75, 1.0), 0.75: (1.25, 1.5, 2.0), 1.0: (3.0, 3.5, 4.0, 5.0)}
 """The low-pass weight's decays :math:`\nu` tried on Gowalla, each with its weights
-:math:`\alpha` (``alpha n_u^-nu``: at the median user's 18 training items, :math:`\alpha`
+:math:`\alpha` (``alpha n_u^-nu``: at the median validation user's 18 training items, :math:`\alpha`
 0.2 at :math:`\nu = 0` is 0.85 at 1/2, 1.7 at 3/4 and 3.6 at 1)."""
 OFFSET_SHRINKAGES = tuple(itertools.product((0.0, 0.3, 1.0), (3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0)))
 USER_SHRINKAGES = (2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0)
@@ -231,6 +231,13 @@ def text_variants(item_filter: ItemFilter, text: sp.csr_matrix, name: str) -> di
     }
 
 
+def median_items(data: RankingData, users: np.ndarray | None = None) -> float:
+    """The median number of training items of ``users`` (default: every user), by which
+    the alpha grids of the low-pass weight's decays are scaled."""
+    rows = data.rows if users is None else data.rows[users]
+    return float(np.median(np.asarray(rows.sum(1)).ravel()))
+
+
 def decayed_variants(
     item_filter: ItemFilter, data: RankingData, text: sp.csr_matrix, weight: float
 ) -> dict:
@@ -238,7 +245,8 @@ def decayed_variants(
     (the app's ``item-graph-alpha-decay``, ``m`` the median user's number of items), at
     each decay of :data:`ML_ALPHA_DECAYS` and ``c`` of 0.5, 1 and 2, its text part at
     ``weight``."""
-    median = float(np.median(np.asarray(data.rows.sum(1)).ravel()))
+    median = median_items(data)
+    print("the median user's number of training items", median, flush=True)
     variants = {}
     for decay, factor in itertools.product(ML_ALPHA_DECAYS, (0.5, 1.0, 2.0)):
         alpha = factor * item_filter.alpha * median**decay
@@ -638,6 +646,7 @@ def shipped_rules(spectrum: tuple, data: RankingData, users: np.ndarray) -> dict
 def gowalla() -> dict:
     data = ranking_data(gowalla_site())
     users = validation_users(data)
+    print("the validation users' median number of items", median_items(data, users), flush=True)
     spectrum = gowalla_spectrum(data, max(GOWALLA_RANKS))
     linear, mu, vectors, degree_scale = spectrum
 
