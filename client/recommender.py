@@ -128,7 +128,7 @@ class Recommender:
         """Scores of ``items`` for ``user`` (as in :meth:`recommend`): predicted ratings on
         the public scale for ratings; minus infinity for an item the graph does not cover."""
         scores = self._scores(self.person(user))[self.indices(items)]
-        return self._limited(scores) if self.rating else scores
+        return self.catalogue.limited(scores) if self.rating else scores
 
     def similar(self, item: str, k: int = 10) -> list[Recommendation]:
         """The ``k`` items most similar to ``item`` in the released item graph (its filter's
@@ -237,11 +237,6 @@ class Recommender:
         error = np.sqrt((1.0 + self.graph.degree_noise**2 / counts) / counts)
         return error * self.catalogue.reference_unit
 
-    def _limited(self, scores: np.ndarray) -> np.ndarray:
-        """Ratings limited to the public scale."""
-        levels = self.catalogue.rating_levels
-        return np.clip(scores, levels[0], levels[-1])
-
     def _top(
         self, ranking: np.ndarray, k: int, scores: np.ndarray | None = None
     ) -> list[Recommendation]:
@@ -254,7 +249,7 @@ class Recommender:
         best = candidates[np.lexsort((candidates, -ranking[candidates]))]
         values = (ranking if scores is None else scores)[best]
         if self.rating and scores is not None:
-            values = self._limited(values)
+            values = self.catalogue.limited(values)
         text = self.catalogue.item_text
         return [
             Recommendation(self.catalogue.item_ids[i], None if text is None else text[i], float(v))

@@ -189,8 +189,7 @@ def evaluate_graph(
         return _nothing_held_out(task, top_k, site.catalogue)
     features = GraphFeatures(graph, site, settings, text)
     if task == "rating":
-        levels = site.catalogue.rating_levels
-        prediction = np.clip(features.predict(heldout), levels[0], levels[-1])
+        prediction = site.catalogue.limited(features.predict(heldout))
         unit = site.catalogue.reference_unit
         return RatingErrors(heldout.user, prediction - heldout.rating, unit)
     train = site.train

@@ -368,8 +368,7 @@ def rating_parts(config, site, graph: ItemGraph, **text: float) -> np.ndarray:
 
 def validation_rmse(site, reference_scale: np.ndarray) -> float:
     predicted = site.catalogue.from_reference_scale(reference_scale)
-    levels = site.catalogue.rating_levels
-    error = np.clip(predicted, levels[0], levels[-1]) - site.val.rating
+    error = site.catalogue.limited(predicted) - site.val.rating
     return float(np.sqrt(np.mean(error**2)))
 
 

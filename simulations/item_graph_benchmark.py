@@ -205,7 +205,6 @@ def ranking_baselines(
 def rating_baselines(
     config: RunConfig, site: SiteData, runs: int, part: str = "test"
 ) -> dict[str, Any]:
-    levels = site.catalogue.rating_levels
     heldout = site.val if part == "val" else site.test
     mean = float(site.train.rating.mean())
     results: dict[str, Any] = {
@@ -217,7 +216,7 @@ def rating_baselines(
         settings = replace(rating_settings(cfg), popularity_prior=False)
         graph = released(cfg, site.catalogue, 1, total, ItemGraph(), noise_std, settings)
         prediction = GraphFeatures(graph, site, settings).predict(heldout)
-        return rating_metrics(np.clip(prediction, levels[0], levels[-1]) - heldout.rating)
+        return rating_metrics(site.catalogue.limited(prediction) - heldout.rating)
 
     exact = config.replace(dp=False, target_epsilon=None)
     total = contribution(exact, site, 1, ItemGraph())
@@ -543,8 +542,7 @@ def leave_out_check() -> dict[str, Any]:
 
         def val_rmse(scores: np.ndarray) -> float:
             prediction = site.catalogue.from_reference_scale(scores)
-            levels = site.catalogue.rating_levels
-            errors = np.clip(prediction, levels[0], levels[-1]) - site.val.rating
+            errors = site.catalogue.limited(prediction) - site.val.rating
             return rating_metrics(errors)["rmse"]
 
         results[privacy] = {"graph (theta = 1)": {"val-rmse": val_rmse(on_val.sum(1))}}

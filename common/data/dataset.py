@@ -73,6 +73,10 @@ class Catalogue:
         low, unit = self._scale()
         return low + (values - REFERENCE_SCALE[0]) * unit
 
+    def limited(self, ratings: np.ndarray) -> np.ndarray:
+        """Predicted ``ratings`` limited to the public scale (the lowest and highest level)."""
+        return np.clip(ratings, self.rating_levels[0], self.rating_levels[-1])
+
     @property
     def reference_unit(self) -> float:
         """One step of :data:`REFERENCE_SCALE` on the public scale."""
