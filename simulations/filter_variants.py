@@ -79,12 +79,19 @@ Cases (``--cases``, each writes its own key of the results):
   truncated to its top eigenpairs (denoising); and, without noise, the same
   filter over the top 2,000, 4,000 and 8,000 items by exact degree (what covering
   more items would reach).
+- ``gowalla-dp-subspace``: the same release's degrees, and instead of the Gram a noisy
+  subspace iteration (Hardt and Price, NeurIPS 2014) over the top 2,000 or 8,000
+  items: ``L`` releases of ``G V`` (``[M, k]``, one user's change at most 1 in
+  Frobenius norm for an orthonormal ``V``), each at ``sqrt(L)`` times the Gram's noise
+  multiplier so that together they cost what the Gram costs, and the filter ``D^-b Q
+  diag(lambda / lambda_1) Q^T D^-b`` of the last one's Rayleigh-Ritz pairs: what a
+  rank-``k`` release over more items reaches, with and without the noise.
 - ``bspm``: the same 5,000 Gowalla validation users: BSPM-EM itself at its published
   settings (``simulations.item_graph_search.bspm_scorer``: the whole ``L`` in every
   RK4 product, central), the reference for the app's sharpening within the basis.
 
     python -m simulations.filter_variants [--cases ml-no-dp ml-dp u1 u1-dp synthetic-ratings
-        cold-ratings gowalla gowalla-second-draw gowalla-dp bspm]
+        cold-ratings gowalla gowalla-second-draw gowalla-dp gowalla-dp-subspace bspm]
         [--seeds 3]
 """
 
@@ -100,6 +107,7 @@ from collections.abc import Callable
 
 import numpy as np
 import scipy.sparse as sp
+import scipy.sparse.linalg as sla
 from matplotlib.figure import Figure
 
 from common.config import default_config
@@ -731,6 +739,83 @@ def gowalla_dp(seeds: int) -> dict:
     return results
 
 
+SUBSPACE_RELEASES = ((2000, 64, 2), (2000, 256, 3), (8000, 64, 2), (8000, 256, 3))
+"""Covered items ``M``, rank ``k`` and iterations ``L`` of ``gowalla-dp-subspace``."""
+
+
+def subspace_scorer(
+    rows: sp.csr_matrix,
+    items: np.ndarray,
+    degree_scale: np.ndarray,
+    k: int,
+    iterations: int,
+    noise_std: float,
+    rng: np.random.Generator,
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Scores of the filter ``D^-b Q diag(lambda / lambda_1) Q^T D^-b`` over ``items``, from
+    ``iterations`` noisy releases ``W = G V + N`` of the unit-norm rows' Gram ``G``, ``V``
+    the orthonormal basis of the previous ``W`` (a random one first), and the
+    Rayleigh-Ritz pairs ``(lambda, Q)`` of ``sym(V^T W)`` of the last."""
+    x = bounded_rows(rows[:, items], 0.5, 1.0)
+    basis = np.linalg.qr(rng.normal(size=(len(items), k)))[0]
+    for iteration in range(iterations):
+        product = x.T @ (x @ basis) + rng.normal(0.0, noise_std, size=basis.shape)
+        if iteration < iterations - 1:
+            basis = np.linalg.qr(product)[0]
+    ritz = basis.T @ product
+    values, vectors = np.linalg.eigh((ritz + ritz.T) / 2)
+    left = (basis @ vectors) / degree_scale[:, None]
+
+    def scores(batch: np.ndarray) -> np.ndarray:
+        out = np.full((len(batch), rows.shape[1]), -np.inf, np.float32)
+        out[:, items] = ((rows[batch][:, items] @ left) * (values / values[-1])) @ left.T
+        return out
+
+    return scores
+
+
+def gowalla_dp_subspace(seeds: int) -> dict:
+    """Noisy subspace iteration instead of the Gram, at the tuned release's budget split,
+    next to the app's filter of the same draw's release."""
+    data = ranking_data(gowalla_site())
+    users = validation_users(data)
+    everyone = np.zeros(data.rows.shape[0], np.int64)
+    z = one_release(EPSILON, 1e-6)
+    z_gram = split_noise_multiplier(z, [0.25, 0.75])[1]
+    values: dict[str, list[float]] = {}
+    for seed in range(seeds):
+        rng = np.random.default_rng(seed)
+        release = released_sums(data.rows, everyone, 0.25, 10.0, 2000, z, rng)
+        floor = max(1.0, release.degree_noise_std)
+        gram = without_negative_entries(release.gram)
+        app = graph_filter(
+            gram, release.degrees[release.items], 0.25, 1, 0.0, data.num_items, release.items, floor
+        )
+        name = "the app's filter (the Gram of the top 2,000 items), epsilon 8"
+        values.setdefault(name, []).append(validation_ndcg(app, data, users=users))
+        for count, k, iterations in SUBSPACE_RELEASES:
+            items = top_items(release.degrees, count)
+            if seed == 0 and iterations == 2:  # the signal the noise is up against
+                gram = gram_sum(bounded_rows(data.rows[:, items], 0.5, 1.0), dense=False)
+                values_at = -np.sort(-sla.eigsh(gram, k=256, return_eigenvectors=False))
+                print(
+                    f"{count} items: the Gram's eigenvalues at ranks 1, 64, 256",
+                    values_at[[0, 63, 255]].round(1),
+                    flush=True,
+                )
+            degree_scale = np.maximum(release.degrees[items], floor) ** 0.25
+            if seed == 0:
+                print(f"{iterations} releases: noise std {z_gram * np.sqrt(iterations):.2f}")
+            for noise in (z_gram * np.sqrt(iterations), 0.0):
+                scorer = subspace_scorer(data.rows, items, degree_scale, k, iterations, noise, rng)
+                name = f"{count} items, k = {k}, {iterations} releases" + (
+                    ", epsilon 8" if noise else ", without noise"
+                )
+                values.setdefault(name, []).append(evaluate(scorer, data, "val", users)[NDCG])
+        print("gowalla-dp-subspace draw", seed, {k: v[-1] for k, v in values.items()}, flush=True)
+    return {name: spread(v) for name, v in values.items()}
+
+
 CASES: dict[str, Callable[[argparse.Namespace], dict]] = {
     "ml-no-dp": lambda args: movielens_without_dp(),
     "ml-dp": lambda args: movielens_dp(args.seeds),
@@ -742,6 +827,7 @@ CASES: dict[str, Callable[[argparse.Namespace], dict]] = {
     "gowalla-second-draw": lambda args: gowalla_second_draw(),
     "bspm": lambda args: bspm(),
     "gowalla-dp": lambda args: gowalla_dp(args.seeds),
+    "gowalla-dp-subspace": lambda args: gowalla_dp_subspace(args.seeds),
 }
 
 
