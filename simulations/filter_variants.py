@@ -247,14 +247,12 @@ def median_items(data: RankingData, users: np.ndarray | None = None) -> float:
 
 
 def decayed_variants(
-    item_filter: ItemFilter, data: RankingData, text: sp.csr_matrix, weight: float
+    item_filter: ItemFilter, median: float, text: sp.csr_matrix, weight: float
 ) -> dict:
     """The filter with its low-pass weight decaying as ``alpha_u = c alpha (m / n_u)^nu``
-    (the app's ``item-graph-alpha-decay``, ``m`` the median user's number of items), at
-    each decay of :data:`ML_ALPHA_DECAYS` and ``c`` of 0.5, 1 and 2, its text part at
-    ``weight``."""
-    median = median_items(data)
-    print("the median user's number of training items", median, flush=True)
+    (the app's ``item-graph-alpha-decay``, ``m`` the ``median`` user's number of items,
+    :func:`median_items`), at each decay of :data:`ML_ALPHA_DECAYS` and ``c`` of 0.5, 1
+    and 2, its text part at ``weight``."""
     variants = {}
     for decay, factor in itertools.product(ML_ALPHA_DECAYS, (0.5, 1.0, 2.0)):
         alpha = factor * item_filter.alpha * median**decay
@@ -271,7 +269,9 @@ def movielens_without_dp() -> dict:
     item_filter = graph.item_filter(site.catalogue.num_items)
     text = text_graph(site)
     variants = text_variants(item_filter, text, "the app's filter")
-    variants |= decayed_variants(item_filter, data, text, 0.05)
+    median = median_items(data)
+    print("the median user's number of training items", median, flush=True)
+    variants |= decayed_variants(item_filter, median, text, 0.05)
     results = {name: validation_ndcg(f, data, change) for name, (f, change) in variants.items()}
     for c in SHARPENING:
         results[f"sharpened, c = {c}"] = validation_ndcg(
@@ -287,6 +287,8 @@ def movielens_dp(seeds: int) -> dict:
     users = data.rows.shape[0]
     z = one_release(EPSILON, DELTA)
     text = text_graph(site)
+    median = median_items(data)
+    print("the median user's number of training items", median, flush=True)
     values: dict[str, list[float]] = {}
     for seed in range(seeds):
         rng = np.random.default_rng(seed)
@@ -299,7 +301,7 @@ def movielens_dp(seeds: int) -> dict:
         variants = text_variants(item_filter, text, "the app's filter") | {
             "the Gram as released, negative entries kept": (as_released, None),
         }
-        variants |= decayed_variants(item_filter, data, text, 0.3)
+        variants |= decayed_variants(item_filter, median, text, 0.3)
         for ridge in (30, 100, 300, 1000):
             for weight in (0.3, 1.0, 3.0):
                 blended = with_ease(item_filter, gram, ridge, weight)
