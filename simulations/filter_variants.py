@@ -612,13 +612,14 @@ def cold_ratings(seeds: int) -> dict:
                 rng = np.random.default_rng(seed) if config.dp else None
                 graph = one_site_graph(config, site, rng, 1, settings)
                 features = GraphFeatures(graph, site, settings, text)
-                predicted = features.predict(pairs)
+                predicted = site.catalogue.limited(features.predict(pairs))
                 results.setdefault(f"{privacy}, {split}: {name}", []).append(
                     rating_metrics(predicted - pairs.rating)["rmse"]
                 )
                 if name == "toward zero":  # the bias model of the same release: the baseline
                     parts = features.of_pairs(pairs.user, pairs.item)[:, :2].sum(1)
-                    errors = site.catalogue.from_reference_scale(parts) - pairs.rating
+                    bias = site.catalogue.from_reference_scale(parts)
+                    errors = site.catalogue.limited(bias) - pairs.rating
                     baseline = f"{privacy}, {split}: user mean + item offset (bias baseline)"
                     results.setdefault(baseline, []).append(rating_metrics(errors)["rmse"])
         for split, (site, pairs) in splits.items():
