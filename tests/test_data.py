@@ -208,3 +208,9 @@ def test_a_split_of_ones_own_needs_the_canonical_split_and_the_csv_loader(own_sp
     )
     with pytest.raises(InputError, match='test-path: only dataset = "csv"'):
         load_dataset(config)
+
+
+def test_predicted_ratings_are_limited_to_the_public_scale_not_the_reference_one():
+    catalogue = Catalogue(("a", "b"), None, tuple(float(level) for level in range(1, 11)))
+    predicted = np.array([-3.0, 0.5, 7.25, 10.0, 12.0])
+    np.testing.assert_array_equal(catalogue.limited(predicted), [1.0, 1.0, 7.25, 10.0, 10.0])
