@@ -316,7 +316,7 @@ def gowalla(runs: int, dp: bool) -> dict[str, Any]:
     for name in names:
         config = base.replace(**({"min_sites": SITES} | GOWALLA[name]))
         results[f"item graph, {name}"] = federated(name, config, site, runs if dp else 1)
-    return results
+    return results if dp else results | learned_rows(base, site, "gowalla", GOWALLA, runs)
 
 
 def gowalla_bspm() -> dict[str, Any]:
@@ -361,13 +361,17 @@ LEARNED_TEST = {
         "no DP": LEARNED["no DP"] | {"num_server_rounds": 28},
         "secure sum": LEARNED["secure sum"] | {"num_server_rounds": 10},
     },
+    "gowalla": {"no DP": LEARNED["no DP"] | {"learning_rate": 0.001, "num_server_rounds": 2}},
 }
 """The learned model's test rows: refitted on training + validation like every row, so
 the number of training rounds is the one its validation run kept (``pipelines()``'s
 ``best-round`` less the graph's 2), at the learning rate that validated best for the data
 (u1: the app's 0.006, against 0.003 by ``--training '{"learning_rate": 0.003}'``); under
 DP its rounds as validated (u1: 10 of 5, 10 and 20, three runs each, by ``--training
-'{"num_server_rounds": 10}'``)."""
+'{"num_server_rounds": 10}'``); Gowalla: 2 rounds at 0.001, the round its validation run
+kept (``--cases pipelines --pipeline-data gowalla --pipeline-privacy "no DP" --pipelines
+filter+gcn --training '{"learning_rate": 0.001, "num_server_rounds": 5,
+"early_stopping_rounds": 0}'``; at the app's 0.01 training lost from the first round)."""
 COLD_TRAINING = {"num_server_rounds": 12, "learning_rate": 0.003, "early_stopping_rounds": 0}
 """The cold-start row's training (its last round), as measured before the no-DP training
 above was chosen again."""
@@ -376,14 +380,17 @@ above was chosen again."""
 PIPELINE_DATA = (
     ("implicit", data_config("ml-100k", **MOVIELENS_IMPLICIT, **FILTER), f"ndcg@{K}"),
     ("u1 ratings", data_config("ml-100k", split="u1", **FILTER), "rmse"),
+    ("gowalla", data_config("gowalla", task="ranking", **FILTER), f"ndcg@{K}"),
 )
+PIPELINE_SETTINGS = {"implicit": RANKING, "u1 ratings": RATING, "gowalla": GOWALLA}
+"""The item graph's settings of each dataset, as its test rows'."""
 
 
 def pipeline_baselines(runs: int = 2) -> dict[str, Any]:
     """The pipelines table's baselines on the same validation split, by the same code as
     the test tables' (the DP ones at epsilon 8, delta 1e-5)."""
     results: dict[str, Any] = {}
-    for data, base, _ in PIPELINE_DATA:
+    for data, base, _ in (d for d in PIPELINE_DATA if d[0] in PIPELINE_DATASETS):
         site = load_site(base, 0, 1)
         baselines = ranking_baselines if data == "implicit" else rating_baselines
         for name, value in baselines(base.replace(delta=1e-5), site, runs, "val").items():
@@ -392,7 +399,8 @@ def pipeline_baselines(runs: int = 2) -> dict[str, Any]:
 
 
 PIPELINES = ("filter", "filter+gcn", "none")
-PIPELINE_DATASETS = tuple(data for data, _, _ in PIPELINE_DATA)
+PIPELINE_DATASETS = ("implicit", "u1 ratings")
+"""The pipelines table's datasets; Gowalla's runs take minutes each, so only by name."""
 PIPELINE_PRIVACY = ("no DP", "secure sum")
 
 
@@ -404,7 +412,8 @@ def pipelines(
 ) -> dict[str, Any]:
     """The default pipeline's choice, on validation only: the item graph's filter, the
     learned model on it (``filter+gcn``), and the GCN alone, without DP and at epsilon 8
-    through the secure sum (MovieLens-100K implicit and u1 ratings); the baselines with
+    through the secure sum (MovieLens-100K implicit and u1 ratings; Gowalla when named,
+    with its test rows' item-graph settings); the baselines with
     every pipeline (``names``, ``datasets``, ``privacy``: some of them, whose rows replace
     theirs in the results; ``training``: keys that replace :data:`LEARNED`'s, to try
     another setting)."""
@@ -416,7 +425,7 @@ def pipelines(
     results = pipeline_baselines() if everything else {}
     for data, base, metric in (d for d in PIPELINE_DATA if d[0] in datasets):
         site = load_site(base, 0, 1)
-        settings = RANKING if data == "implicit" else RATING
+        settings = PIPELINE_SETTINGS[data]
         for setting in privacy:
             for pipeline in names:
                 changes = settings[setting] | {"item_graph": pipeline, "min_sites": SITES}
@@ -638,7 +647,7 @@ def main() -> None:
     parser.add_argument(
         "--pipeline-data",
         nargs="+",
-        choices=PIPELINE_DATASETS,
+        choices=[data for data, _, _ in PIPELINE_DATA],
         default=PIPELINE_DATASETS,
         help="the pipelines' datasets to (re)run",
     )
