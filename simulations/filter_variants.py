@@ -848,9 +848,9 @@ def gowalla_dp_subspace(seeds: int) -> dict:
         values.setdefault(name, []).append(validation_ndcg(app, data, users=users))
         for count, k, iterations in SUBSPACE_RELEASES:
             items = top_items(release.degrees, count)
-            if seed == 0 and iterations == 2:  # the signal the noise is up against
-                gram = gram_sum(bounded_rows(data.rows[:, items], 0.5, 1.0), dense=False)
-                values_at = -np.sort(-sla.eigsh(gram, k=256, return_eigenvectors=False))
+            if seed == 0 and iterations == 2:  # the signal the noise is up against, once
+                exact = gram_sum(bounded_rows(data.rows[:, items], 0.5, 1.0), dense=False)
+                values_at = -np.sort(-sla.eigsh(exact, k=256, return_eigenvectors=False))
                 print(
                     f"{count} items: the Gram's eigenvalues at ranks 1, 64, 256",
                     values_at[[0, 63, 255]].round(1),
