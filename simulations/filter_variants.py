@@ -636,8 +636,10 @@ def cold_ratings(seeds: int) -> dict:
 
 
 def gowalla_spectrum(data: RankingData, k: int) -> tuple:
-    """``normalised_spectrum`` of Gowalla's exact sparse Gram (beta 1/2), ``k`` eigenpairs."""
-    gram, degrees = gram_sum(bounded_rows(data.rows, 0.5, 1.0), dense=False), item_sum(data.rows)
+    """``normalised_spectrum`` of Gowalla's exact sparse Gram (beta 1/2), ``k`` eigenpairs, with
+    the degrees of the app's round 1 (each user's row bounded to ``item-graph-degree-bound``)."""
+    gram = gram_sum(bounded_rows(data.rows, 0.5, 1.0), dense=False)
+    degrees = item_sum(bounded_rows(data.rows, 0.0, default_config().item_graph_degree_bound))
     return normalised_spectrum(gram, degrees, 0.5, k)
 
 
