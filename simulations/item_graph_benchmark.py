@@ -274,10 +274,12 @@ def movielens_ranking(runs: int, with_lightgcn: bool) -> dict[str, Any]:
 def learned_rows(
     base: RunConfig, site: SiteData, data: str, settings: dict, runs: int
 ) -> dict[str, Any]:
-    """The learned model on the item graph (``filter+gcn``) with its validated rounds."""
+    """The learned model on the item graph (``filter+gcn``) with its validated rounds; a
+    row's name is its privacy setting in ``settings``, then what sets the row apart."""
     rows = {}
     for name, training in LEARNED_TEST[data].items():
-        changes = settings[name] | {"min_sites": SITES, "item_graph": "filter+gcn"} | training
+        privacy = name.partition(",")[0]
+        changes = settings[privacy] | {"min_sites": SITES, "item_graph": "filter+gcn"} | training
         config = base.replace(**changes)
         rows[f"learned model on the item graph, {name}"] = federated(
             name, config, site, 1 if name == "no DP" else runs
@@ -363,7 +365,19 @@ LEARNED_TEST = {
     },
     "gowalla": {
         "no DP": LEARNED["no DP"]
-        | {"learning_rate": 0.001, "sample_rate": 0.25, "num_server_rounds": 7, "evaluate_every": 7}
+        | {
+            "learning_rate": 0.001,
+            "sample_rate": 0.25,
+            "num_server_rounds": 7,
+            "evaluate_every": 7,
+        },
+        "no DP, within 10 minutes": LEARNED["no DP"]
+        | {
+            "learning_rate": 0.002,
+            "sample_rate": 0.25,
+            "num_server_rounds": 4,
+            "evaluate_every": 4,
+        },
     },
 }
 """The learned model's test rows: refitted on training + validation like every row, so
@@ -376,7 +390,10 @@ its validation run kept (``--cases pipelines --pipeline-data gowalla --pipeline-
 DP" --pipelines filter+gcn --training '{"learning_rate": 0.001, "sample_rate": 0.25,
 "num_server_rounds": 10, "early_stopping_rounds": 2}'``; at sample rate 0.1 it kept round 2,
 a little lower; at the app's 0.01 training lost from the first round), evaluated only after
-the last (``evaluate-every``: the run's time is the model's, not the per-round test scores)."""
+the last (``evaluate-every``: the run's time is the model's, not the per-round test scores);
+and within the 10-minute target, 4 rounds at 0.002: the same command at learning rate 0.002
+and 8 rounds kept its fourth, validating as the 7 rounds at 0.001 (0.1250, within 0.00001)
+in about 60 % of the training time. Both rows are reported, whichever scores better."""
 COLD_TRAINING = {"num_server_rounds": 12, "learning_rate": 0.003, "early_stopping_rounds": 0}
 """The cold-start row's training (its last round), as measured before the no-DP training
 above was chosen again."""
