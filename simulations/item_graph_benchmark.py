@@ -282,7 +282,7 @@ def learned_rows(
         changes = settings[privacy] | {"min_sites": SITES, "item_graph": "filter+gcn"} | training
         config = base.replace(**changes)
         rows[f"learned model on the item graph, {name}"] = federated(
-            name, config, site, 1 if name == "no DP" else runs
+            name, config, site, 1 if privacy == "no DP" else runs
         )
     return rows
 
