@@ -93,8 +93,28 @@ class UserEgoGraphs(Dataset):
         """Every item of the user (not capped)."""
         return self.items[self.indptr[user] : self.indptr[user + 1]]
 
-    def sample(self, user: int, epoch: int) -> tuple[torch.Tensor, ...]:
-        """User ``user``'s sample in ``epoch`` (the tuple order of :class:`EgoBatch`)."""
+    def samples(self, users: list[int] | np.ndarray, epoch: int) -> list[tuple[torch.Tensor, ...]]:
+        """The samples of ``users`` in ``epoch`` (the tuple order of :class:`EgoBatch`); the
+        released graph's features of their training targets computed for all of them at
+        once, each user's from that user's own row alone (``GraphFeatures.of_targets``)."""
+        columns = [self._columns(int(user), epoch) for user in users]
+        samples = [
+            [torch.from_numpy(c) for c in user_columns]
+            + [self.user_features[user], torch.tensor(int(user))]
+            for user, user_columns in zip(users, columns, strict=True)
+        ]
+        if self.features is not None and samples:  # the training targets' (an evaluation has none)
+            items, _, ratings, _, _, negatives = (np.stack(c) for c in zip(*columns, strict=True))
+            if epoch == EVALUATION_EPOCH:
+                graph = (np.zeros((*items.shape, self.features.count)),) * 2
+            else:
+                graph = self.features.of_targets(np.asarray(users), items, ratings, negatives)
+            for k, sample in enumerate(samples):
+                sample += [torch.from_numpy(part[k].astype(np.float32)) for part in graph]
+        return [tuple(sample) for sample in samples]
+
+    def _columns(self, user: int, epoch: int) -> list[np.ndarray]:
+        """User ``user``'s ``items, levels, ratings, mask, context, negatives`` in ``epoch``."""
         rng = np.random.default_rng((self.seed, epoch, int(self.user_keys[user])))
         start, end = self.indptr[user], self.indptr[user + 1]
         k = self.degree_cap
@@ -119,21 +139,17 @@ class UserEgoGraphs(Dataset):
         context = mask.copy()
         if epoch != EVALUATION_EPOCH and self.edge_dropout > 0:
             context *= rng.random(k) >= self.edge_dropout
-        columns = [items, levels, ratings, mask, context, negatives]
-        sample = [torch.from_numpy(c) for c in columns]
-        sample += [self.user_features[user], torch.tensor(user)]
-        if self.features is not None:  # the training targets' (an evaluation has none)
-            if epoch == EVALUATION_EPOCH:
-                graph = (np.zeros((k, self.features.count)),) * 2
-            else:
-                graph = self.features.of_targets(user, items, ratings, negatives)
-            sample += [torch.from_numpy(part.astype(np.float32)) for part in graph]
-        return tuple(sample)
+        return [items, levels, ratings, mask, context, negatives]
 
     def __getitem__(self, user: int) -> tuple[torch.Tensor, ...]:
-        return self.sample(user, self.epoch)
+        return self.samples([user], self.epoch)[0]
+
+    def __getitems__(self, users: list[int]) -> list[tuple[torch.Tensor, ...]]:
+        """A batch's samples, as a ``DataLoader`` fetches them: the graph's features in one
+        computation (:meth:`samples`)."""
+        return self.samples(users, self.epoch)
 
     def context(self, users: np.ndarray) -> EgoBatch:
         """The evaluation context of ``users``: a fixed subsample, same for every call."""
-        columns = zip(*(self.sample(int(u), EVALUATION_EPOCH) for u in users), strict=True)
+        columns = zip(*self.samples(users, EVALUATION_EPOCH), strict=True)
         return EgoBatch(*(torch.stack(c) for c in columns))

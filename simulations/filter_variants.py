@@ -273,7 +273,7 @@ def movielens_without_dp() -> dict:
     config = data_config("ml-100k", **MOVIELENS_IMPLICIT, dp=False, item_graph="filter")
     graph, site = exact_graph(config)
     data = ranking_data(site)
-    item_filter = graph.item_filter(site.catalogue.num_items)
+    item_filter = graph.item_filter
     text = text_graph(site)
     variants = text_variants(item_filter, text, "the app's filter")
     median = median_items(data)

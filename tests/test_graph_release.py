@@ -171,7 +171,7 @@ def test_the_ranking_score_adds_the_item_texts_part_at_a_share_of_the_filters_sp
     users = np.arange(8)
     scores = GraphFeatures(graph, site, rating_settings(config), text).scores(users)
     rows = user_rows(site.train, site.num_users, site.catalogue.num_items)[users]
-    filter_scores = graph.item_filter(site.catalogue.num_items).scores(rows)
+    filter_scores = graph.item_filter.scores(rows)
     text_part = (scores - filter_scores)[:, graph.items]
     np.testing.assert_array_equal(np.isneginf(scores), np.isneginf(filter_scores))
     spread = filter_scores[:, graph.items].std(1)

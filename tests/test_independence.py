@@ -17,6 +17,7 @@ from client.train import USERS_PER_CHUNK, fit_private_embeddings, site_graphs, s
 from common.config import default_config
 from common.data import Interactions, load_site
 from common.data.site import SiteData
+from common.graph import features as features_module
 from common.graph.release import ItemGraph, contribution, released
 from common.model import EgoBatch
 
@@ -56,9 +57,10 @@ def released_graph(config, site: SiteData) -> ItemGraph:
 def per_user_gradients(
     model, graphs, users: list[int], private: torch.Tensor | None = None
 ) -> dict[int, dict[str, torch.Tensor]]:
-    """Opacus per-sample gradients of ``users`` (local indices), keyed by user key."""
+    """Opacus per-sample gradients of ``users`` (local indices), keyed by user key, of the
+    batch a ``DataLoader`` fetches (``__getitems__``: the graph's features in one go)."""
     gsm = GradSampleModule(model, loss_reduction="sum")
-    columns = zip(*(graphs[u] for u in users), strict=True)
+    columns = zip(*graphs.__getitems__(users), strict=True)
     batch = EgoBatch(*(torch.stack(c) for c in columns)).with_private(private)
     gsm.zero_grad()
     gsm(batch).sum().backward()
@@ -135,6 +137,26 @@ def test_removing_a_user_leaves_other_users_gradients_identical(
     assert all(
         g.abs().sum() > 0 for name, g in with_a[removed_key].items() if "attributes" not in name
     )
+
+
+@pytest.mark.parametrize("task", ["ranking", "rating"])
+def test_a_batchs_graph_features_are_each_users_alone_bit_for_bit(task, monkeypatch):
+    """The released graph's features of a batch's training targets are computed for the
+    whole batch at once, a few users at a time (``TARGET_USERS``, here 3 so that a batch
+    spans chunks): each user's are what that user alone gives, bit for bit."""
+    monkeypatch.setattr(features_module, "TARGET_USERS", 3)
+    config = default_config(
+        item_graph="filter+gcn", task=task, synthetic_users=120, synthetic_items=80, degree_cap=16
+    )
+    site = load_site(config, 0, 2)
+    graphs = site_graphs(site, config, released_graph(config, site))
+    graphs.set_epoch(7)
+    users = [5, 0, 13, 2, 8, 21, 1]
+    batch = graphs.__getitems__(users)
+    for user, sample in zip(users, batch, strict=True):
+        alone = graphs[user]
+        assert all(torch.equal(a, b) for a, b in zip(alone, sample, strict=True)), user
+    assert any(sample[-2].abs().sum() > 0 for sample in batch)
 
 
 def test_per_sample_gradients_equal_one_user_at_a_time_autograd():

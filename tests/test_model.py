@@ -278,7 +278,12 @@ def test_a_training_targets_features_leave_the_target_out_of_the_users_row(sharp
     user = 3
     items = site.train.item[site.train.user == user][:4]
     negatives = np.array([0, 5, 9, 11])
-    on_targets, on_negatives = features.of_targets(user, items, np.ones(4), negatives)
+    on_targets, on_negatives = (
+        part[0]
+        for part in features.of_targets(
+            np.array([user]), items[None], np.ones((1, 4)), negatives[None]
+        )
+    )
     for k, item in enumerate(items):
         rows = features.rows[[user]].toarray()
         rows[0, item] = 0.0  # the row without the target

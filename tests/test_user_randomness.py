@@ -95,7 +95,7 @@ def per_user(overrides: dict) -> dict[str, dict]:
         }
         for local, user in enumerate(members):
             samples = [
-                tuple(t.numpy().tobytes() for t in graphs.sample(local, epoch)[:-1])
+                tuple(t.numpy().tobytes() for t in graphs.samples([local], epoch)[0][:-1])
                 for epoch in (0, 1, EVALUATION_EPOCH)
             ]
             view[dataset.user_ids[user]] = {

@@ -52,6 +52,10 @@ TEXT_FEATURE = {
 }
 """Where each task's item text part is in :data:`FEATURE_NAMES`."""
 
+TARGET_USERS = 64
+"""How many users' training targets :meth:`GraphFeatures.of_targets` computes at once: on
+Gowalla a user's 2 x 64 candidates gather ``[128, 512]`` of the filter's basis."""
+
 TEXT_NEIGHBOURS = 100
 """How many nearest neighbours by item text an item keeps (:func:`text_neighbours`): 100 of
 5, 10, 20, 50, 100, 200, 400 and all, by validation NDCG@20 of ranking MovieLens-100K
@@ -195,7 +199,7 @@ class GraphFeatures:
         self.text = None if text is None else _text_graph(text)
         if self.ranking:
             if graph.complete:
-                self.filter = graph.item_filter(self.num_items)
+                self.filter = graph.item_filter
             return
         self.train = train = on_reference_scale(site)
         self.counts = np.bincount(train.user, minlength=site.num_users).astype(np.float64)
@@ -351,25 +355,51 @@ class GraphFeatures:
         )
 
     def of_targets(
-        self, user: int, items: np.ndarray, ratings: np.ndarray, negatives: np.ndarray
+        self, users: np.ndarray, items: np.ndarray, ratings: np.ndarray, negatives: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """A training sample's features: ``[K, F]`` of the user's target ``items`` (each
-        left out, ``ratings`` on the reference scale) and ``[K, F]`` of the ``negatives``
-        paired with them (ranking; zeros for rating)."""
-        users = np.full(len(items), user)
+        """Training samples' features: ``[B, K, F]`` of each user's ``[B, K]`` target
+        ``items`` (each left out, ``ratings`` on the reference scale) and ``[B, K, F]`` of
+        the ``negatives`` paired with them (ranking; zeros for rating).
+
+        Many users at once, :data:`TARGET_USERS` at a time, and each user's features are
+        what that user alone gives, bit for bit: every step is row by row (sparse
+        products, gathers, and sums over one user's own row or one pair's vectors), so
+        no user's value depends on who else is in the batch."""
         if not self.ranking:
-            return self.of_pairs(users, items, ratings), np.zeros((len(items), self.count))
-        candidates = np.stack([items, negatives], 1)  # [K, 2]
-        user_row = self.rows[[user]]
-        weights = np.repeat(self.filter.low_pass_weights(user_row, left_out=1), len(items))
-        left = self.filter.item_features(items, candidates, weights)  # [K, 2, 2]
-        row = self.filter.features(user_row, candidates.reshape(1, -1), left_out=1)
-        features = row.reshape(len(items), 2, 2) - left
-        text = self._text_sums(np.full(2 * len(items), user), candidates.ravel()).reshape(-1, 2)
+            shape = items.shape
+            pairs = self.of_pairs(
+                np.repeat(users, shape[1]), items.ravel(), ratings.ravel()
+            ).reshape(*shape, self.count)
+            return pairs, np.zeros_like(pairs)
+        parts = [
+            self._ranking_targets(
+                users[start : start + TARGET_USERS],
+                items[start : start + TARGET_USERS],
+                negatives[start : start + TARGET_USERS],
+            )
+            for start in range(0, len(users), TARGET_USERS)
+        ]
+        features = np.concatenate(parts)
+        return features[:, :, 0], features[:, :, 1]
+
+    def _ranking_targets(
+        self, users: np.ndarray, items: np.ndarray, negatives: np.ndarray
+    ) -> np.ndarray:
+        """``[B, K, 2, F]``: :meth:`of_targets`' features of ``users``' targets (``[..., 0,
+        :]``) and negatives (``[..., 1, :]``), each from the user's row less the target."""
+        num_users, targets = items.shape
+        candidates = np.stack([items, negatives], -1)  # [B, K, 2]
+        rows = self.rows[users]
+        weights = np.repeat(self.filter.low_pass_weights(rows, left_out=1), targets)
+        left = self.filter.item_features(items.ravel(), candidates.reshape(-1, 2), weights)
+        row = self.filter.features(rows, candidates.reshape(num_users, -1), left_out=1)
+        features = (row.reshape(-1, 2, 2) - left).reshape(num_users, targets, 2, 2)
+        text = self._text_sums(np.repeat(users, 2 * targets), candidates.ravel())
+        text = text.reshape(num_users, targets, 2)
         if self.text is not None:  # the target out of the row: T_ii = 0, T_ji for its negative
-            text[:, 1] -= self.text_scales[user] * np.asarray(self.text[negatives, items]).ravel()
-        features = np.concatenate([features, text[..., None]], -1)
-        return features[:, 0], features[:, 1]
+            paired = np.asarray(self.text[negatives.ravel(), items.ravel()])
+            text[..., 1] -= self.text_scales[users, None] * paired.reshape(num_users, targets)
+        return np.concatenate([features, text[..., None]], -1)
 
     def of_catalogue(self, users: np.ndarray) -> np.ndarray:
         """Ranking: ``[B, num_items, F]`` float32 for every catalogue item (filled in place:

@@ -363,25 +363,21 @@ class ItemFilter:
         item ``sources[s]``, its low-pass part at the weight ``weights[s]``: what one item
         of a user's row adds to the scores (a user's features with item ``i`` left out are
         ``features(row, ., left_out=1) - item_features(i, ., low_pass_weights(row, 1))``)."""
-        position = self.positions
-        source, target = position[sources][:, None], position[targets]
-        covered = (source >= 0) & (target >= 0)
-        source, target = np.where(covered, source, 0), np.where(covered, target, 0)
-        source = np.broadcast_to(source, target.shape)
+        source, target = self.positions[sources], self.positions[targets]
+        covered = (source[:, None] >= 0) & (target >= 0)
+        source, target = np.maximum(source, 0), np.where(covered, target, 0)
         linear = np.zeros(target.shape)
         if self.linear is not None:
-            values = self.linear[source.ravel(), target.ravel()]
+            values = self.linear[np.repeat(source, target.shape[1]), target.ravel()]
             linear = np.asarray(values).reshape(target.shape)
         low_pass = np.zeros(target.shape)
         if self._has_low_pass:
-            source_vectors = self.eigenvectors[source]
-            scale = weights[:, None] * self.input_scale[source]
-            scaled = scale[..., None] * source_vectors
-            low_pass = np.einsum("sck,sck->sc", scaled, self._output_basis[target])
+            source_vectors = self.eigenvectors[source]  # [S, k]
+            scaled = (weights * self.input_scale[source])[:, None] * source_vectors
+            low_pass = np.einsum("sk,sck->sc", scaled, self._output_basis[target])
             if self.sharpening is not None:
-                low_pass -= np.einsum(
-                    "sck,k,sck->sc", source_vectors, self.sharpening, self.eigenvectors[target]
-                )
+                sharpened = source_vectors * self.sharpening
+                low_pass -= np.einsum("sk,sck->sc", sharpened, self.eigenvectors[target])
         return np.where(covered[..., None], np.stack([linear, low_pass], -1), 0.0)
 
     def catalogue_features(self, rows: Matrix, out: np.ndarray) -> None:
