@@ -275,6 +275,8 @@ def test_keep_top_per_row_keeps_each_rows_largest_entries():
     np.testing.assert_array_equal(
         kept, [[5.0, 0.0, 3.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 4.5, 6.0]]
     )
+    tied = keep_top_per_row(np.array([[2.0, 3.0, 2.0, 2.0, 1.0]]), 3).toarray()
+    np.testing.assert_array_equal(tied, [[2.0, 3.0, 2.0, 0.0, 0.0]])  # ties: first in the row
 
 
 def test_item_offset_sums_have_the_stated_bound_and_exact_offsets_without_it(data):
