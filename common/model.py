@@ -123,7 +123,7 @@ class EgoBatch:
         features: ``[B, F]`` user attributes (``F`` may be 0).
         users: ``[B]`` the users' local indices at their site.
         graph: ``[B, K, G]`` the released graph's features :math:`\phi` of each edge's
-            item with that edge left out (``common.graph.release.GraphFeatures``), or
+            item with that edge left out (``common.graph.features.GraphFeatures``), or
             ``None`` without an item graph.
         graph_negatives: ``[B, K, G]`` the same for each edge's negative (ranking).
         private: ``[B, d]`` the users' private embeddings :math:`p_u`, or ``None``.
@@ -172,7 +172,7 @@ class EgoGraphRecommender(nn.Module):
             (rating task); ``None`` turns the user bias off.
         text_dim: size of the item text vectors (0: no item text).
         graph_features: :math:`G`, the released item graph's features per user and item
-            (``common.graph.release.GraphFeatures``; 0: no item graph). With them the
+            (``common.graph.features.GraphFeatures``; 0: no item graph). With them the
             model is a residual on the graph: see the module docstring.
     """
 
