@@ -357,6 +357,8 @@ graph's own round included); under DP the item graph's budget share, the app's r
 (``RunConfig.graph_budget_share``: 0.9 ranking of 0.5, 0.75, 0.9 and 0.95; 0.97 rating of
 0.9, 0.95 and 0.97), the final round's model (validation metrics outside the guarantee
 choose nothing in a run)."""
+GOWALLA_TRAINING = LEARNED["no DP"] | {"sample_rate": 0.25}
+"""Both Gowalla test rows' training (``LEARNED_TEST``): a quarter of a site's users a step."""
 LEARNED_TEST = {
     "implicit": {"no DP": LEARNED["no DP"] | {"num_server_rounds": 19}},
     "u1": {
@@ -364,20 +366,10 @@ LEARNED_TEST = {
         "secure sum": LEARNED["secure sum"] | {"num_server_rounds": 10},
     },
     "gowalla": {
-        "no DP": LEARNED["no DP"]
-        | {
-            "learning_rate": 0.001,
-            "sample_rate": 0.25,
-            "num_server_rounds": 7,
-            "evaluate_every": 7,
-        },
-        "no DP, within 10 minutes": LEARNED["no DP"]
-        | {
-            "learning_rate": 0.002,
-            "sample_rate": 0.25,
-            "num_server_rounds": 4,
-            "evaluate_every": 4,
-        },
+        "no DP": GOWALLA_TRAINING
+        | {"learning_rate": 0.001, "num_server_rounds": 7, "evaluate_every": 7},
+        "no DP, within 10 minutes": GOWALLA_TRAINING
+        | {"learning_rate": 0.002, "num_server_rounds": 4, "evaluate_every": 4},
     },
 }
 """The learned model's test rows: refitted on training + validation like every row, so
