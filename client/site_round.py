@@ -71,6 +71,7 @@ from common.protocol import (
     INSTRUCTION_KEYS,
     ITEM_COUNTS,
     ITEM_GRAPH,
+    ITEM_GRAPH_FINGERPRINT,
     NUM_EXAMPLES,
     RUN_NAME,
     SERVER_ROUND,
@@ -126,8 +127,10 @@ class SiteRound:
         """
         values = dict(values)
         instruction = {key: values.pop(key) for key in INSTRUCTION_KEYS}
-        released = values.pop(ITEM_GRAPH, None)
-        graph = ItemGraph() if released is None else released_graph(released)
+        fingerprint, payload = (
+            values.pop(ITEM_GRAPH_FINGERPRINT, None),
+            values.pop(ITEM_GRAPH, None),
+        )
         config = RunConfig.from_mapping(values)
         if "data-path" in node_config:
             folder = Path(str(node_config["data-path"])).expanduser()
@@ -150,6 +153,11 @@ class SiteRound:
                 f"{site.catalogue.fingerprint()[:12]} vs {expected[:12]}); every site "
                 "needs the catalogue the coordinator published"
             )
+        graph = (
+            ItemGraph()
+            if fingerprint is None
+            else released_graph(state.item_graph(str(fingerprint), payload))
+        )
         server_round, run_name = int(instruction[SERVER_ROUND]), str(instruction[RUN_NAME])
         return cls(config, server_round, run_name, site, state, graph)
 
@@ -430,10 +438,11 @@ class SiteRound:
 
 
 @lru_cache(maxsize=1)
-def released_graph(payload: bytes) -> ItemGraph:
-    """The item graph an instruction carries, parsed once per process: every message of a
-    run carries the same release once it is complete."""
-    return ItemGraph.from_bytes(payload)
+def released_graph(path: Path) -> ItemGraph:
+    """The item graph a site keeps in ``path`` (named by the release's fingerprint,
+    ``SiteState.item_graph``), parsed once per process: every instruction of a run names
+    the same release once it is complete."""
+    return ItemGraph.from_bytes(path.read_bytes())
 
 
 def statistics_arrays(total: np.ndarray | sp.csr_matrix) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
-"""A site's persistent state: its privacy ledger and its private user embeddings.
+"""A site's persistent state: its privacy ledger, its private user embeddings, and its
+copy of the released item graph.
 
-Both live on the site's own disk and never leave it:
+The first two live on the site's own disk and never leave it:
 
 - ``ledger.json``: every release the site made (statistics, DP-SGD, metrics),
   across runs (:class:`common.privacy.LedgerEntry`). The site appends an entry
@@ -9,6 +10,12 @@ Both live on the site's own disk and never leave it:
   release recorded twice (the same run, round and release) is one release.
 - ``private-user-embeddings.pt``: the ``p_u`` table keyed by user, so users
   keep their rows when the site's user list changes.
+
+The released item graph (public: the server released it) is kept next to the
+ledger as ``item-graph-<fingerprint>.npz``, so that later instructions need only
+name it (:meth:`SiteState.item_graph`); in simulation the dataset's sites share one
+copy. A copy unused for :data:`STALE_RELEASE_SECONDS` is removed when another is
+written.
 
 Files are replaced atomically (write, then rename) under an exclusive lock,
 and are private to the site's operator (mode 0600, like keys).
@@ -33,6 +40,7 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,7 +51,11 @@ import torch
 from common.data.site import SiteData
 from common.errors import InputError
 from common.files import PRIVATE, replacing, write_json
+from common.graph.release import ItemGraph
 from common.privacy import NEIGHBOURING_RELATION, PRIVACY_UNIT, LedgerEntry
+
+STALE_RELEASE_SECONDS = 3600.0
+"""How long an item graph copy stays unused before a newer one replaces it on disk."""
 
 
 class SiteState:
@@ -108,6 +120,35 @@ class SiteState:
         finally:
             os.close(descriptor)  # releases the lock
 
+    def item_graph(self, fingerprint: str, payload: bytes | None) -> Path:
+        """The file of the item graph release that an instruction names by ``fingerprint``:
+        written from ``payload``, the release's bytes, when the instruction carries them
+        (which must hash to ``fingerprint``), else the copy kept from an earlier
+        instruction. Raises :class:`InputError` when the bytes do not match, or when
+        the site holds no such copy (the server then sends the bytes again with the
+        site's next instruction, ``server.item_graph.GraphRelease``)."""
+        path = self.ledger_path.parent / f"item-graph-{fingerprint}.npz"
+        if payload is not None:
+            if ItemGraph.fingerprint(payload) != fingerprint:
+                raise InputError(
+                    f"instruction: the item graph's bytes do not hash to the fingerprint "
+                    f"{fingerprint[:12]} it names; the release was damaged in transit"
+                )
+            with self._locked():  # simulated sites share the copy
+                if not path.exists():
+                    with replacing(path) as tmp:
+                        tmp.write_bytes(payload)
+                    remove_stale_releases(path)
+        elif not path.exists():
+            raise InputError(
+                f"{path}: missing; the instruction names the item graph release "
+                f"{fingerprint[:12]} without its bytes, and this site holds no copy of it "
+                "(a new or cleared state folder); the server sends the bytes again with "
+                "this site's next instruction"
+            )
+        path.touch()  # in use: not stale
+        return path
+
     @property
     def private_path(self) -> Path:
         return self.folder / "private-user-embeddings.pt"
@@ -139,3 +180,12 @@ class SiteState:
 def dataset_fingerprint(site: SiteData) -> str:
     """Which dataset a simulated site is cut from: a hash of the catalogue's item ids."""
     return hashlib.sha256(json.dumps(list(site.catalogue.item_ids)).encode()).hexdigest()[:12]
+
+
+def remove_stale_releases(kept: Path) -> None:
+    """Remove the item graph copies beside ``kept`` that no run has used for
+    :data:`STALE_RELEASE_SECONDS` (each use touches its copy)."""
+    now = time.time()
+    for path in kept.parent.glob("item-graph-*.npz"):
+        if path != kept and now - path.stat().st_mtime > STALE_RELEASE_SECONDS:
+            path.unlink(missing_ok=True)

@@ -33,9 +33,14 @@ CATALOGUE_FINGERPRINT = "catalogue-fingerprint"
 INSTRUCTION_KEYS = (SERVER_ROUND, RUN_NAME, CATALOGUE_FINGERPRINT)
 """What the server adds to the run configuration in every instruction."""
 
+ITEM_GRAPH_FINGERPRINT = "item-graph-fingerprint"
+"""The SHA-256 of what the server has released of the item graph so far
+(``common.graph.release.ItemGraph.fingerprint``); in every instruction from round 2 of
+a run with an item graph."""
 ITEM_GRAPH = "item-graph-release"
-"""What the server has released of the item graph so far (``common.graph.release``),
-as bytes; in instructions from round 2 of a run with an item graph."""
+"""That release as bytes, in a node's instruction until the node has replied to one
+that carried it (``server.item_graph.GraphRelease.instruction``); the site keeps it
+in its state folder (``client.site_state.SiteState.item_graph``)."""
 
 SITE_ID = "site-id"
 DECLINED = "declined"

@@ -2,8 +2,9 @@
 
 In statistics rounds (``common.graph.release``) the server adds up the sites'
 statistics (or receives their secure sum), releases what the round allows
-(post-processing of the noisy total), and from then on sends the release with
-every instruction. With ``item-graph = "filter+gcn"`` the sites then learn on
+(post-processing of the noisy total), and from then on names the release in
+every instruction: its bytes travel to each site once, and again only after a site
+has failed (it may have lost its copy). With ``item-graph = "filter+gcn"`` the sites then learn on
 it (``common.model``): the model starts as the released graph's own score.
 """
 
@@ -25,7 +26,13 @@ from common.graph.release import (
     sensitivity,
 )
 from common.privacy import Mechanism
-from common.protocol import ITEM_GRAPH, STATISTICS, STATISTICS_COLUMNS, STATISTICS_ROWS
+from common.protocol import (
+    ITEM_GRAPH,
+    ITEM_GRAPH_FINGERPRINT,
+    STATISTICS,
+    STATISTICS_COLUMNS,
+    STATISTICS_ROWS,
+)
 from server.run_directory import RunDirectory
 
 
@@ -44,11 +51,35 @@ class GraphRelease:
         self.mechanism = mechanism
         self.out = out
         self.graph = ItemGraph()
+        self.payload = b""  # the release as it travels, and its fingerprint
+        self.fingerprint = ""
+        self.sent: dict[int, str] = {}  # node id -> the release its last instruction named
+        self.held: dict[int, str] = {}  # node id -> the release it has acknowledged
         self.site_degrees: dict[int, np.ndarray] = {}  # without DP: each site's round 1
 
-    def instruction(self) -> dict[str, bytes]:
-        """What every instruction carries of the graph (nothing before round 1's release)."""
-        return {} if self.graph.items is None else {ITEM_GRAPH: self.graph.to_bytes()}
+    def instruction(self, node_id: int) -> dict[str, str | bytes]:
+        """What node ``node_id``'s instruction carries of the graph: nothing before round
+        1's release; then the release's fingerprint, with its bytes unless the node holds
+        that release already (:meth:`replied`). On Gowalla the bytes are 0.5 GB, which
+        every round would otherwise carry to every site."""
+        if not self.fingerprint:
+            return {}
+        self.sent[node_id] = self.fingerprint
+        named = {ITEM_GRAPH_FINGERPRINT: self.fingerprint}
+        return (
+            named
+            if self.held.get(node_id) == self.fingerprint
+            else named | {ITEM_GRAPH: self.payload}
+        )
+
+    def replied(self, node_id: int, succeeded: bool) -> None:
+        """Note how node ``node_id`` answered its instruction: a success means it holds
+        the release that instruction named; a failure or silence, that the next one
+        carries the bytes again (the site may have lost its copy, or never received it)."""
+        if succeeded and node_id in self.sent:
+            self.held[node_id] = self.sent[node_id]
+        else:
+            self.held.pop(node_id, None)
 
     def expected_length(self, server_round: int) -> int:
         return length(self.config, self.catalogue, server_round, self.graph)
@@ -178,8 +209,10 @@ class GraphRelease:
         self.graph = released(
             self.config, self.catalogue, server_round, total, self.graph, noise_std
         )
+        self.payload = self.graph.to_bytes()
+        self.fingerprint = ItemGraph.fingerprint(self.payload)
         if self.graph.complete:
-            self.out.write_item_graph(self.graph.to_bytes())
+            self.out.write_item_graph(self.payload)
 
 
 def check_exact(

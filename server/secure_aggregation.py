@@ -31,12 +31,15 @@ The threat model is in ``common.privacy.assumptions``.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from logging import INFO, WARNING
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context
 from flwr.common import (
+    EvaluateIns,
     EvaluateRes,
     FitIns,
     FitRes,
@@ -58,12 +61,14 @@ from common.errors import InputError
 from common.graph.release import sensitivity
 from common.model import EgoGraphRecommender
 from common.privacy import Mechanism
-from common.protocol import RUN_NAME, SERVER_ROUND
+from common.protocol import ITEM_GRAPH, RUN_NAME, SERVER_ROUND
 from server.item_graph import GraphRelease, RejectedStatistics
 from server.report_render import round_line
 from server.round_book import NoSiteCompleted, RoundBook, RoundLog, last_line
 from server.run_directory import RunDirectory
 from server.strategy import sites_to_instruct
+
+Ins = TypeVar("Ins", FitIns, EvaluateIns)
 
 
 class SecureSumStrategy(FedAvg):
@@ -92,7 +97,7 @@ class SecureSumStrategy(FedAvg):
         release: GraphRelease,
     ) -> None:
         def with_round(server_round: int) -> dict:
-            return instruction | {SERVER_ROUND: server_round} | release.instruction()
+            return instruction | {SERVER_ROUND: server_round}
 
         super().__init__(
             min_fit_clients=config.min_sites,
@@ -135,9 +140,28 @@ class SecureSumStrategy(FedAvg):
         if self.book.stopped_after is not None:
             return []
         self.wait_for_sites(server_round, client_manager)
-        instructions = super().configure_fit(server_round, parameters, client_manager)
-        self.sampled = [proxy.node_id for proxy, _ in instructions]
-        return instructions
+        return self.with_graph(super().configure_fit(server_round, parameters, client_manager))
+
+    def with_graph(
+        self, instructions: list[tuple[ClientProxy, Ins]]
+    ) -> list[tuple[ClientProxy, Ins]]:
+        """Each instruction with what has been released of the item graph for its node
+        (``GraphRelease.instruction``); the instructed nodes are ``sampled``. Those that
+        carry the release's bytes share one configuration."""
+        configs: dict[bool, dict] = {}
+        with_graph = []
+        for proxy, ins in instructions:
+            graph = self.release.instruction(proxy.node_id)
+            config = configs.setdefault(ITEM_GRAPH in graph, ins.config | graph)
+            with_graph.append((proxy, replace(ins, config=config)))
+        self.sampled = [proxy.node_id for proxy, _ in with_graph]
+        return with_graph
+
+    def replied(self, results: list[tuple[ClientProxy, Any]]) -> None:
+        """Tell the release which instructed nodes answered (``GraphRelease.replied``)."""
+        answered = {proxy.node_id for proxy, _ in results}
+        for node_id in self.sampled:
+            self.release.replied(node_id, node_id in answered)
 
     def aggregate_fit(
         self,
@@ -147,6 +171,7 @@ class SecureSumStrategy(FedAvg):
     ):
         """Step with the secure sum; every result carries the sum's mean over sites."""
         record = self.book.round(server_round)
+        self.replied(results)
         declined = []
         for proxy, fit in results:
             self.book.identify(proxy.node_id, fit.metrics)
@@ -225,7 +250,7 @@ class SecureSumStrategy(FedAvg):
         if self.book.stopped_after is not None or not self.config.evaluates_in(server_round):
             return []
         self.wait_for_sites(server_round, client_manager)
-        return super().configure_evaluate(server_round, parameters, client_manager)
+        return self.with_graph(super().configure_evaluate(server_round, parameters, client_manager))
 
     def aggregate_evaluate(
         self,
@@ -233,6 +258,7 @@ class SecureSumStrategy(FedAvg):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list,
     ):
+        self.replied(results)
         for proxy, res in results:
             self.book.identify(proxy.node_id, res.metrics)
         for failure in failures:

@@ -56,14 +56,23 @@ from collections.abc import Callable, Iterable
 from logging import WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.server.strategy.aggregate import aggregate_median, aggregate_trimmed_avg
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.model import ITEM_ROW_PARAMETERS
-from common.protocol import ARRAYS, DECLINED, ITEM_COUNTS, METRICS, NUM_EXAMPLES, SITE_ID
+from common.protocol import (
+    ARRAYS,
+    CONFIG,
+    DECLINED,
+    ITEM_COUNTS,
+    ITEM_GRAPH,
+    METRICS,
+    NUM_EXAMPLES,
+    SITE_ID,
+)
 from server.item_graph import GraphRelease, RejectedStatistics
 from server.round_book import RoundBook
 
@@ -174,6 +183,10 @@ class ItemSideFedAvg(FedAvg):
         awaited = {m.metadata.dst_node_id for m in self.outbox}
         for node_id in awaited - set(origin.values()):
             self.book.record_failure(server_round, node_id, "no reply within round-timeout")
+        if self.release is not None:
+            succeeded = {origin[id(r)] for r in replies if not r.has_error()}
+            for node_id in awaited:
+                self.release.replied(node_id, node_id in succeeded)
         answered = [r for r in replies if not r.has_error()]
         self.book.check_completed(server_round, len(answered))
         return answered
@@ -186,7 +199,7 @@ class ItemSideFedAvg(FedAvg):
         self.global_arrays = arrays
         self.wait_for_sites(server_round, grid)
         return self.sent(
-            super().configure_train(server_round, arrays, self.with_graph(config), grid)
+            self.with_graph(super().configure_train(server_round, arrays, config, grid))
         )
 
     def configure_evaluate(
@@ -196,7 +209,7 @@ class ItemSideFedAvg(FedAvg):
             return self.sent([])  # nothing awaited: no site can be silent this round
         self.wait_for_sites(server_round, grid)
         return self.sent(
-            super().configure_evaluate(server_round, arrays, self.with_graph(config), grid)
+            self.with_graph(super().configure_evaluate(server_round, arrays, config, grid))
         )
 
     def wait_for_sites(self, server_round: int, grid: Grid) -> None:
@@ -219,13 +232,24 @@ class ItemSideFedAvg(FedAvg):
         )
         self.min_available_nodes = self.min_train_nodes = self.min_evaluate_nodes = count
 
-    def with_graph(self, config: ConfigRecord) -> ConfigRecord:
-        """The instruction with what has been released of the item graph, if any."""
-        return (
-            config
-            if self.release is None
-            else ConfigRecord(dict(config) | self.release.instruction())
-        )
+    def with_graph(self, messages: Iterable[Message]) -> Iterable[Message]:
+        """Each instruction with what has been released of the item graph for its node
+        (``GraphRelease.instruction``). Flower's FedAvg gives every message one shared
+        content; here the instructions that carry the release's bytes share one and the
+        others another, so Flower serialises and hashes each once."""
+        if self.release is None:
+            return messages
+        messages = list(messages)
+        contents: dict[bool, RecordDict] = {}
+        for message in messages:
+            graph = self.release.instruction(message.metadata.dst_node_id)
+            carries = ITEM_GRAPH in graph
+            if carries not in contents:
+                records = dict(message.content.items())
+                config = ConfigRecord(dict(records[CONFIG]) | graph)
+                contents[carries] = RecordDict(records | {CONFIG: config})
+            message.content = contents[carries]
+        return messages
 
     def statistics_round(self, server_round: int) -> bool:
         return self.release is not None and self.release.config.is_statistics_round(server_round)

@@ -65,6 +65,7 @@ always dense, over the covered items.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from dataclasses import dataclass, fields, replace
@@ -441,6 +442,12 @@ class ItemGraph:
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
         return buffer.getvalue()
+
+    @staticmethod
+    def fingerprint(payload: bytes) -> str:
+        """The SHA-256 of a release's bytes (:meth:`to_bytes`): the name it travels and is
+        kept under once a site holds it."""
+        return hashlib.sha256(payload).hexdigest()
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> ItemGraph:
