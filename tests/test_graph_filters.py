@@ -34,6 +34,7 @@ from common.graph.filters import (
     residual_rows,
     sharpening_damping,
     split_noise_multiplier,
+    strongest_neighbours,
     text_components,
     top_eigenpairs,
     top_items,
@@ -277,6 +278,24 @@ def test_keep_top_per_row_keeps_each_rows_largest_entries():
     )
     tied = keep_top_per_row(np.array([[2.0, 3.0, 2.0, 2.0, 1.0]]), 3).toarray()
     np.testing.assert_array_equal(tied, [[2.0, 3.0, 2.0, 0.0, 0.0]])  # ties: first in the row
+    signed = keep_top_per_row(np.array([[-5.0, 1.0, 3.0, -2.0]]), 2, magnitude=True).toarray()
+    np.testing.assert_array_equal(signed, [[-5.0, 0.0, 3.0, 0.0]])
+
+
+def test_strongest_neighbours_keep_each_rows_largest_magnitudes_scaled_to_sum_one():
+    matrix = np.array(
+        [[0.0, -4.0, 1.0, 2.0], [3.0, 0.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, -1.0, 0.0]]
+    )
+    ids, weights = strongest_neighbours(matrix, hops=2, count=2)
+    one = np.zeros((4, 4))
+    np.put_along_axis(one, ids[0], weights[0], axis=1)
+    expected = [[0, -4, 0, 2], [3, 0, 3, 0], [0, 0, 0, 0], [1, 0, -1, 0]]  # ties: first column
+    np.testing.assert_allclose(one, expected / np.maximum(np.abs(expected).sum(1), 1)[:, None])
+    two = np.zeros((4, 4))
+    for row in range(4):  # padding: item 0 at weight 0
+        np.add.at(two[row], ids[1][row], weights[1][row])
+    top = keep_top_per_row(one @ one, 2, magnitude=True).toarray()
+    np.testing.assert_allclose(two, top / np.maximum(np.abs(top).sum(1), 1e-300)[:, None])
 
 
 def test_item_offset_sums_have_the_stated_bound_and_exact_offsets_without_it(data):
