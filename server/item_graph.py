@@ -3,9 +3,10 @@
 In statistics rounds (``common.graph.release``) the server adds up the sites'
 statistics (or receives their secure sum), releases what the round allows
 (post-processing of the noisy total), and from then on names the release in
-every instruction: its bytes travel to each site once, and again only after a site
-has failed (it may have lost its copy). With ``item-graph = "filter+gcn"`` the sites then learn on
-it (``common.model``): the model starts as the released graph's own score.
+every instruction: its bytes travel to each site once, and again only after a
+site has failed (it may have lost its copy). With ``item-graph = "filter+gcn"``
+the sites then learn on it (``common.model``): the model starts as the released
+graph's own score.
 """
 
 from __future__ import annotations
