@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message
+from flwr.common import FitIns, Parameters
 from flwr.supercore.task_identity import TaskIdentity
 from test_malicious_sites import release_for
 from test_strategy import global_arrays, metadata_from, reply_from, site_update
@@ -17,8 +19,10 @@ from test_strategy import global_arrays, metadata_from, reply_from, site_update
 from client.site_state import STALE_RELEASE_SECONDS, SiteState
 from common.errors import InputError
 from common.graph.release import ItemGraph, contribution
+from common.model import build_model
 from common.protocol import ITEM_GRAPH, ITEM_GRAPH_FINGERPRINT
 from server.round_book import RoundBook
+from server.secure_aggregation import SecureSumStrategy
 from server.strategy import ItemSideFedAvg
 
 NODES = (1, 2, 3)
@@ -75,11 +79,41 @@ def test_the_release_travels_once_to_each_site_and_again_after_a_failure(tmp_pat
     assert "server-round" in later[1].content["config"] and "arrays" in later[1].content
     strategy.received(3, [reply_from(n, site_update(1.0), {"site-id": n}) for n in NODES])
     assert not any(carries_bytes(m) for m in instructions(strategy, 4).values())
+    failed = Message(Error(code=0, reason="lost"), metadata=metadata_from(1, reply_to="to-1"))
+    strategy.received(4, [failed] + [reply_from(n, site_update(1.0), {}) for n in (2, 3)])
+    after = instructions(strategy, 5)  # a site that held the release and failed may have lost it
+    assert {n: carries_bytes(m) for n, m in after.items()} == {1: True, 2: False, 3: False}
 
     released(release, 2, sites)  # a new release: every site needs its bytes
-    newest = instructions(strategy, 5)
+    newest = instructions(strategy, 6)
     assert all(carries_bytes(m) for m in newest.values())
     assert newest[1].content["config"][ITEM_GRAPH_FINGERPRINT] != fingerprint
+
+
+def test_the_secure_sum_strategy_sends_the_release_once_to_each_site_too(tmp_path):
+    release, sites = release_for(tmp_path, task="ranking", dp=False)
+    model = build_model(release.catalogue, release.config)
+    strategy = SecureSumStrategy(
+        model,
+        release.config,
+        release.mechanism,
+        {"run-name": "r"},
+        release.out,
+        RoundBook(),
+        release,
+    )
+    released(release, 1, sites)
+    proxies = {n: SimpleNamespace(node_id=n) for n in NODES}
+    every = [(proxy, FitIns(Parameters([], ""), {"server-round": 2})) for proxy in proxies.values()]
+
+    def carrying(instructions) -> dict[int, bool]:
+        return {proxy.node_id: ITEM_GRAPH in ins.config for proxy, ins in instructions}
+
+    assert carrying(strategy.with_graph(every)) == {1: True, 2: True, 3: True}
+    strategy.replied([(proxies[1], None), (proxies[3], None)])  # 2 dropped out
+    later = strategy.with_graph(every)
+    assert carrying(later) == {1: False, 2: True, 3: False}
+    assert all(ins.config["server-round"] == 2 for _, ins in later)
 
 
 def test_a_site_keeps_the_release_and_reads_it_back_by_fingerprint(tmp_path):
